@@ -1,0 +1,1 @@
+"""moeplace.kernels — see DESIGN.md."""

@@ -1,0 +1,187 @@
+"""`Trace`: recorded expert load of an MoE model, and moeplace's own trace file (`.safetensors`).
+
+Dimension letters: W windows (or workloads), L MoE layers, E logical experts, T sampled tokens,
+K top-k. A trace file stores the arrays as tensors and everything else as string metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moeplace.checks import check_array, check_counts, check_positive_int, check_range
+from moeplace.fileio import atomic_write_bytes
+
+TRACE_FORMAT = "moeplace.trace"
+TRACE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Tokens routed to each logical expert, per window and MoE layer.
+
+    counts_WLE:   [W, L, E] float64 >= 0, (token, top-k slot) assignments per expert.
+    layers:       [L] int64, the model layer id of each row (e.g. 3..60 for DeepSeek-V3), increasing.
+    top_k:        experts selected per token.
+    topk_ids_TLK: optional [T, L, K] int sample of per-token selections; -1 means no selection.
+    tokens_W:     optional [W] tokens seen per window.
+    time_W:       optional [W] window start, seconds since the epoch.
+    num_model_layers: layers of the whole model (dense ones included), if known.
+    n_group, topk_group: the model's group-limited routing (DeepSeek-V3: 8 and 4; 1, 1 = none).
+    metadata:     free-form strings: model, engine, source, window names, notes.
+    """
+
+    counts_WLE: np.ndarray
+    layers: np.ndarray
+    top_k: int
+    topk_ids_TLK: np.ndarray | None = None
+    tokens_W: np.ndarray | None = None
+    time_W: np.ndarray | None = None
+    num_model_layers: int | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "Trace"
+
+    def __post_init__(self) -> None:
+        src = self.source
+        counts = check_array(src, "counts_WLE", self.counts_WLE, ndim=3, kind="f")
+        counts = check_counts(src, "counts_WLE", counts)
+        W, L, E = counts.shape
+        if W == 0 or L == 0 or E == 0:
+            raise ValueError(f"{src}: field 'counts_WLE' is empty, shape {list(counts.shape)}")
+        object.__setattr__(self, "counts_WLE", counts)
+        layers = check_array(src, "layers", self.layers, ndim=1, kind="i", shape=(L,)).astype(np.int64)
+        if (layers < 0).any() or (np.diff(layers) <= 0).any():
+            raise ValueError(f"{src}: field 'layers' must be non-negative and increasing, got {layers.tolist()}")
+        object.__setattr__(self, "layers", layers)
+        top_k = check_positive_int(src, "top_k", self.top_k)
+        if top_k > E:
+            raise ValueError(f"{src}: field 'top_k' is {top_k}, more than the {E} experts")
+        if self.num_model_layers is not None:
+            n = check_positive_int(src, "num_model_layers", self.num_model_layers)
+            if layers[-1] >= n:
+                raise ValueError(f"{src}: layer id {int(layers[-1])} is not below num_model_layers {n}")
+        n_group = check_positive_int(src, "n_group", self.n_group)
+        topk_group = check_positive_int(src, "topk_group", self.topk_group)
+        if E % n_group or topk_group > n_group:
+            raise ValueError(f"{src}: n_group {n_group} / topk_group {topk_group} do not fit {E} experts")
+        if self.topk_ids_TLK is not None:
+            ids = check_array(src, "topk_ids_TLK", self.topk_ids_TLK, ndim=3, kind="i", shape=(None, L, top_k))
+            check_range(src, "topk_ids_TLK", ids, -1, E)
+            object.__setattr__(self, "topk_ids_TLK", ids.astype(np.int64))
+        for name in ("tokens_W", "time_W"):
+            value = getattr(self, name)
+            if value is not None:
+                value = check_counts(src, name, check_array(src, name, value, ndim=1, kind="f", shape=(W,)))
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "metadata", {str(k): str(v) for k, v in self.metadata.items()})
+
+    @property
+    def num_windows(self) -> int:
+        return self.counts_WLE.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts_WLE.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_WLE.shape[2]
+
+    def digest(self) -> str:
+        """Short content hash (counts and layer ids), recorded in a placement's provenance."""
+        h = hashlib.sha256(self.counts_WLE.tobytes())
+        h.update(self.layers.tobytes())
+        return h.hexdigest()[:16]
+
+
+def save_trace(trace: Trace, path: str | Path) -> None:
+    """Write `trace` as a moeplace `.safetensors` trace file (atomically)."""
+    from safetensors.numpy import save
+
+    tensors = {"counts_WLE": trace.counts_WLE, "layers": trace.layers}
+    for name in ("topk_ids_TLK", "tokens_W", "time_W"):
+        value = getattr(trace, name)
+        if value is not None:
+            tensors[name] = np.ascontiguousarray(value)
+    meta = {
+        "format": TRACE_FORMAT,
+        "format_version": str(TRACE_FORMAT_VERSION),
+        "top_k": str(trace.top_k),
+        "n_group": str(trace.n_group),
+        "topk_group": str(trace.topk_group),
+        "metadata": json.dumps(trace.metadata, sort_keys=True),
+    }
+    if trace.num_model_layers is not None:
+        meta["num_model_layers"] = str(trace.num_model_layers)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_native_trace(path: str | Path) -> Trace:
+    """Read a moeplace `.safetensors` trace file; `ValueError` naming the file and field otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    src = str(path)
+    data = Path(path).read_bytes()
+    try:
+        tensors = load(data)
+    except (SafetensorError, Exception) as exc:  # safetensors raises several types for corrupt headers
+        raise ValueError(f"{src}: not a readable safetensors file ({exc})") from None
+    meta = _safetensors_metadata(data, src)
+    if meta.get("format") != TRACE_FORMAT:
+        raise ValueError(f"{src}: metadata 'format' is {meta.get('format')!r}, expected {TRACE_FORMAT!r}")
+    version = _int_field(meta, "format_version", src)
+    if version != TRACE_FORMAT_VERSION:
+        raise ValueError(f"{src}: trace format_version {version} is not supported (this moeplace reads 1)")
+    for required in ("counts_WLE", "layers"):
+        if required not in tensors:
+            raise ValueError(f"{src}: tensor '{required}' is missing")
+    try:
+        notes = json.loads(meta.get("metadata", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{src}: metadata 'metadata' is not JSON ({exc})") from None
+    if not isinstance(notes, dict):
+        raise ValueError(f"{src}: metadata 'metadata' must be a JSON object")
+    nml = meta.get("num_model_layers")
+    return Trace(
+        counts_WLE=tensors["counts_WLE"],
+        layers=tensors["layers"],
+        top_k=_int_field(meta, "top_k", src),
+        topk_ids_TLK=tensors.get("topk_ids_TLK"),
+        tokens_W=tensors.get("tokens_W"),
+        time_W=tensors.get("time_W"),
+        num_model_layers=None if nml is None else _int_field(meta, "num_model_layers", src),
+        n_group=_int_field(meta, "n_group", src, default=1),
+        topk_group=_int_field(meta, "topk_group", src, default=1),
+        metadata=notes,
+        source=src,
+    )
+
+
+def _safetensors_metadata(data: bytes, src: str) -> dict[str, str]:
+    """The `__metadata__` block of a safetensors header (safetensors.numpy does not return it)."""
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{src}: safetensors header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{src}: safetensors header is not a JSON object")
+    return header.get("__metadata__") or {}
+
+
+def _int_field(meta: dict[str, str], name: str, src: str, default: int | None = None) -> int:
+    if name not in meta:
+        if default is not None:
+            return default
+        raise ValueError(f"{src}: metadata '{name}' is missing")
+    try:
+        return int(meta[name])
+    except ValueError:
+        raise ValueError(f"{src}: metadata '{name}' is {meta[name]!r}, not an integer") from None

@@ -1,0 +1,276 @@
+"""`solve`: traces + topology -> Placement, one layer at a time, layers spread over processes.
+
+Per layer: workloads -> replica counts (worst workload) -> greedy packing (warm start) -> CP-SAT
+search (placer.cpsat) within the layer's share of the time limit. `Method.greedy` stops after the
+warm start; `Method.eplb` runs DeepSeek EPLB's policy on the mean workload (the baseline engines ship).
+"""
+
+from __future__ import annotations
+
+import enum
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from moeplace.placement import Placement
+from moeplace.placer.cpsat import improve_layer
+from moeplace.placer.greedy import pack_for_scenarios, rebalance_experts, replicate_for_scenarios
+from moeplace.placer.layer import SCALE, LayerProblem, Packing
+from moeplace.placer.workloads import home_nodes, routing_groups, workload_shares
+from moeplace.topology import Topology
+from moeplace.trace import Trace
+
+
+class Method(str, enum.Enum):
+    cpsat = "cpsat"
+    greedy = "greedy"
+    eplb = "eplb"
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    method: Method = Method.cpsat
+    time_limit: float = 20.0  # wall-clock seconds for the whole solve, all layers
+    traffic_weight: float = 0.1  # imbalance traded for all routed tokens leaving their group's node
+    move_weight: float = 0.05  # imbalance traded for moving every expert of a layer (with `old`)
+    seed: int = 0
+    workers: int = 0  # processes; 0 = one per CPU core
+    max_workloads: int = 32
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    hottest: float  # worst workload's max GPU load / mean, equal split
+    off_home: float  # share of routed tokens whose expert is off its group's home node (0: no groups)
+    moved: int  # (expert, GPU) pairs new relative to `old`
+    objective: float
+    greedy_hottest: float
+    bound: float  # lower bound on `hottest` for any placement with these slots
+    status: str  # optimal | improved | greedy | eplb
+    seconds: float
+
+    @property
+    def gap(self) -> float:
+        return self.hottest / self.bound - 1.0
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    placement: Placement
+    reports: tuple[LayerReport, ...]
+    workloads: tuple[str, ...]
+    seconds: float
+
+
+def solve(
+    traces: list[Trace],
+    topology: Topology,
+    options: SolveOptions = SolveOptions(),
+    old: Placement | None = None,
+    on_layer_done: Callable[[int], None] | None = None,
+) -> SolveResult:
+    """Plan a placement for every MoE layer of the traces (all must share layers and experts)."""
+    start = time.monotonic()
+    share_WLE, names = workload_shares(traces, options.max_workloads)
+    first = traces[0]
+    E, L = first.num_experts, first.num_layers
+    _check_request(first, topology, old)
+    group_E = routing_groups(first)
+    if options.method is Method.eplb:
+        rows, reports = _solve_eplb(share_WLE, topology, first)
+    else:
+        budget = max(0.05, options.time_limit - (time.monotonic() - start) - _overhead(L))
+        tasks = [
+            _LayerTask(
+                index=l,
+                layer=int(first.layers[l]),
+                share_WE=share_WLE[:, l],
+                topology=topology,
+                group_E=group_E,
+                old_on_GE=None if old is None else _on_gpu(old.phy2log_LP[l], topology, E),
+                options=options,
+                seconds=budget * _workers(options, L) / L,
+            )
+            for l in range(L)
+        ]
+        results = _run(tasks, _workers(options, L), on_layer_done)
+        rows = np.stack([r[0] for r in results])
+        reports = [r[1] for r in results]
+    if old is not None and options.method is not Method.eplb:
+        rows = np.stack([_keep_slots(r, o.reshape(topology.num_gpus, -1)) for r, o in zip(rows, old.phy2log_LP)])
+    placement = Placement(
+        phy2log_LP=rows.reshape(L, -1),
+        num_experts=E,
+        topology=topology,
+        layers=first.layers,
+        num_model_layers=first.num_model_layers,
+        provenance=_provenance(traces, names, options, reports, old),
+    )
+    return SolveResult(placement, tuple(reports), tuple(names), time.monotonic() - start)
+
+
+def _check_request(trace: Trace, topology: Topology, old: Placement | None) -> None:
+    E = trace.num_experts
+    if topology.num_slots < E:
+        raise ValueError(
+            f"{topology.num_slots} slots ({topology.num_gpus} GPUs x {topology.slots_per_gpu}) are fewer "
+            f"than the {E} experts of {trace.source}: every expert needs a slot"
+        )
+    if topology.num_gpus * E < topology.num_slots:
+        raise ValueError(
+            f"{topology.num_slots} slots exceed {topology.num_gpus} GPUs x {E} experts: "
+            "filling them would put two replicas of one expert on a GPU"
+        )
+    if old is None:
+        return
+    if old.num_experts != E or not np.array_equal(old.layers, trace.layers):
+        raise ValueError(f"{old.source}: placement is for {old.num_experts} experts on layers "
+                         f"{old.layers.tolist()[:3]}..., not the traces' {E} experts")
+    if (old.topology.num_gpus, old.topology.slots_per_gpu) != (topology.num_gpus, topology.slots_per_gpu):
+        raise ValueError(
+            f"{old.source}: placement has {old.topology.num_gpus} GPUs x {old.topology.slots_per_gpu} slots, "
+            f"the request {topology.num_gpus} x {topology.slots_per_gpu}"
+        )
+
+
+@dataclass(frozen=True)
+class _LayerTask:
+    index: int
+    layer: int
+    share_WE: np.ndarray
+    topology: Topology
+    group_E: np.ndarray | None
+    old_on_GE: np.ndarray | None
+    options: SolveOptions
+    seconds: float
+
+
+def _solve_layer(task: _LayerTask) -> tuple[int, np.ndarray, LayerReport]:
+    start = time.monotonic()
+    topo, opts = task.topology, task.options
+    replicas_E = replicate_for_scenarios(task.share_WE, topo.num_slots, max_replicas=topo.num_gpus)
+    problem = LayerProblem(
+        share_WE=task.share_WE,
+        replicas_E=replicas_E,
+        num_gpus=topo.num_gpus,
+        gpus_per_node=topo.gpus_per_node,
+        slots_per_gpu=topo.slots_per_gpu,
+        home_node_E=home_nodes(task.share_WE, task.group_E, topo.num_nodes),
+        old_on_GE=task.old_on_GE,
+        traffic_weight=opts.traffic_weight,
+        move_weight=opts.move_weight,
+    )
+    hint = pack_for_scenarios(problem.share_WE * topo.num_gpus, replicas_E, topo.num_gpus, topo.slots_per_gpu,
+                              _greedy_costs(problem))
+    packing = Packing(problem, hint)
+    greedy_hottest = packing.hottest() / SCALE
+    status = "greedy"
+    if opts.method is Method.cpsat:
+        rng = np.random.default_rng([opts.seed, task.index])
+        status = improve_layer(packing, start + task.seconds, rng).status
+    report = LayerReport(
+        layer=task.layer,
+        hottest=packing.hottest() / SCALE,
+        off_home=packing.off_home_share(),
+        moved=packing.moved(),
+        objective=packing.objective() / SCALE,
+        greedy_hottest=greedy_hottest,
+        bound=problem.lower_bound(),
+        status=status,
+        seconds=time.monotonic() - start,
+    )
+    return task.index, np.sort(packing.gpu_experts, axis=1), report
+
+
+def _greedy_costs(problem: LayerProblem) -> np.ndarray | None:
+    """[G, E] per-replica costs for the greedy, in load units: moving an expert onto a GPU that did
+    not hold it, and putting a replica off its home node (its share of the traffic weight)."""
+    G, E = problem.num_gpus, problem.num_experts
+    cost_GE = np.zeros((G, E))
+    if problem.old_on_GE is not None:
+        cost_GE += problem.move_weight_int() / SCALE * ~problem.old_on_GE
+    if problem.home_node_E is not None:
+        node_G = np.arange(G) // problem.gpus_per_node
+        away_GE = node_G[:, None] != problem.home_node_E[None, :]
+        cost_GE += away_GE * (problem.traffic_weight_E() / SCALE / problem.replicas_E)
+    return cost_GE if cost_GE.any() else None
+
+
+def _run(tasks: list[_LayerTask], workers: int, on_layer_done) -> list[tuple[np.ndarray, LayerReport]]:
+    out: dict[int, tuple[np.ndarray, LayerReport]] = {}
+    if workers <= 1:
+        for task in tasks:
+            i, rows, report = _solve_layer(task)
+            out[i] = (rows, report)
+            if on_layer_done:
+                on_layer_done(i)
+    else:
+        # fork: workers start in milliseconds instead of re-importing numpy and ortools; every task is
+        # submitted before the caller's progress display starts its refresh thread.
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(_solve_layer, t) for t in tasks]
+            for future in as_completed(futures):
+                i, rows, report = future.result()
+                out[i] = (rows, report)
+                if on_layer_done:
+                    on_layer_done(i)
+    return [out[i] for i in range(len(tasks))]
+
+
+def _workers(options: SolveOptions, num_layers: int) -> int:
+    return max(1, min(options.workers or os.cpu_count() or 1, num_layers))
+
+
+def _overhead(num_layers: int) -> float:
+    """Seconds kept back for start-up of workers and assembling the result."""
+    return 0.5 + 0.01 * num_layers
+
+
+def _on_gpu(phy2log_P: np.ndarray, topology: Topology, num_experts: int) -> np.ndarray:
+    on_GE = np.zeros((topology.num_gpus, num_experts), dtype=bool)
+    on_GE[np.arange(topology.num_slots) // topology.slots_per_gpu, phy2log_P] = True
+    return on_GE
+
+
+def _keep_slots(new_GS: np.ndarray, old_GS: np.ndarray) -> np.ndarray:
+    """Order each GPU's experts so that an expert that stays keeps its old slot (a reshard then
+    leaves that slot untouched); new experts fill the freed slots in ascending order."""
+    out = np.full_like(new_GS, -1)
+    for g, (new, old) in enumerate(zip(new_GS, old_GS)):
+        stays = np.isin(old, new)
+        out[g, stays] = old[stays]
+        out[g, ~stays] = np.sort(new[~np.isin(new, old)])[: (~stays).sum()]
+    assert (out >= 0).all()
+    return out
+
+
+def _solve_eplb(share_WLE: np.ndarray, topology: Topology, trace: Trace) -> tuple[np.ndarray, list[LayerReport]]:
+    weight_LE = share_WLE.mean(axis=0)
+    phy2log, _, _ = rebalance_experts(
+        weight_LE, topology.num_slots, max(trace.n_group, 1), topology.num_nodes, topology.num_gpus
+    )
+    reports = [LayerReport(int(layer), float("nan"), 0.0, 0, float("nan"), float("nan"), 1.0, "eplb", 0.0)
+               for layer in trace.layers]
+    return phy2log, reports
+
+
+def _provenance(traces, names, options: SolveOptions, reports, old: Placement | None) -> dict:
+    return {
+        "solver": f"moeplace-{options.method.value}",
+        "traces": [{"file": t.source, "sha256_16": t.digest()} for t in traces],
+        "workloads": list(names),
+        "options": {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(options).items()},
+        "from": None if old is None else old.source,
+        "layers": {
+            "hottest": [round(r.hottest, 5) for r in reports],
+            "bound": [round(r.bound, 5) for r in reports],
+            "status": [r.status for r in reports],
+        },
+    }

@@ -1,0 +1,1 @@
+"""moeplace.profiler — see DESIGN.md."""

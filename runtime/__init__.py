@@ -1,0 +1,1 @@
+"""moeplace.runtime — see DESIGN.md."""

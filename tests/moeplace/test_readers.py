@@ -1,0 +1,379 @@
+"""Trace readers: real SGLang dumps from ../shared, engine formats written here, and every bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from moeplace.readers import DEEPSEEK_V3_GUESS, load_trace, normalize_layers
+from moeplace.trace import Trace, save_trace
+
+REPO = Path(__file__).resolve().parents[2]
+TRACES = REPO.parent / "shared" / "traces"
+EXAMPLE = REPO / "examples" / "olmoe_routing.safetensors"
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    if not TRACES.is_dir():
+        pytest.skip(f"real traces not found at {TRACES} (the shared folder beside the repository)")
+    return TRACES
+
+
+def raises_for(path: Path, problem: str):
+    """The error must name the file, then the problem."""
+    return pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + problem)
+
+
+def deepseek_counts(windows: int) -> np.ndarray:
+    """[windows, 61, 256] random counts with the 3 dense layers zero, like SGLang's dumps."""
+    counts = RNG.integers(1, 1000, size=(windows, 61, 256)).astype(np.int32)
+    counts[:, :3] = 0
+    return counts
+
+
+# ---------------------------------------------------------------- SGLang stat dumps
+
+
+def test_all_sglang_json_files_read_as_58_moe_layers(shared_traces):
+    files = sorted((shared_traces / "sglang-dsv3-ep-statistics").glob("*.json"))
+    assert len(files) == 8
+    for file in files:
+        trace = load_trace(file)
+        raw = np.array(json.loads(file.read_text())["logical_count"])
+        assert trace.counts_WLE.shape == (1, 58, 256)
+        assert trace.layers.tolist() == list(range(3, 61))
+        np.testing.assert_array_equal(trace.counts_WLE[0], raw[3:])
+        assert (trace.n_group, trace.topk_group, trace.top_k, trace.num_model_layers) == (8, 4, 8, 61)
+        assert trace.metadata["engine"] == "sglang"
+        assert trace.metadata["model"] == DEEPSEEK_V3_GUESS
+        assert trace.metadata["source"] == file.name
+
+
+def test_sglang_stat_pt_reads_one_window_per_step(tmp_path):
+    torch = pytest.importorskip("torch")
+    counts = deepseek_counts(4)
+    path = tmp_path / "expert_distribution_recorder_1.pt"
+    torch.save({"rank": 0, "logical_count": torch.from_numpy(counts), "average_utilization_rate_over_window": None}, path)
+    trace = load_trace(path)
+    assert trace.counts_WLE.shape == (4, 58, 256)
+    np.testing.assert_array_equal(trace.counts_WLE, counts[:, 3:])
+    assert trace.layers.tolist() == list(range(3, 61)) and trace.n_group == 8
+
+
+def test_sglang_pt_nested_list_and_unfilled_ring_steps(tmp_path):
+    torch = pytest.importorskip("torch")
+    counts = deepseek_counts(3)
+    counts[1] = 0  # a ring-buffer step never written
+    path = tmp_path / "ring.pt"
+    torch.save({"logical_count": counts.tolist()}, path)
+    trace = load_trace(path)
+    assert trace.num_windows == 2
+    np.testing.assert_array_equal(trace.counts_WLE, counts[[0, 2], 3:])
+    assert "1 all-zero windows dropped" in trace.metadata["notes"]
+
+
+def test_vllm_style_moe_rows_are_the_last_layers(tmp_path):
+    path = tmp_path / "vllm.json"
+    path.write_text(json.dumps({"logical_count": RNG.integers(1, 9, size=(58, 16)).tolist()}))
+    trace = load_trace(path, num_model_layers=61, top_k=4)
+    assert trace.layers.tolist() == list(range(3, 61))
+    assert (trace.n_group, trace.num_model_layers) == (1, 61)
+
+
+def test_normalize_layers_conventions():
+    sglang = RNG.random((2, 61, 256))
+    sglang[:, :3] = 0
+    assert normalize_layers(sglang).layers.tolist() == list(range(3, 61))
+    vllm = normalize_layers(RNG.random((1, 58, 8)), num_model_layers=61)
+    assert vllm.layers.tolist() == list(range(3, 61)) and vllm.rows.tolist() == list(range(58))
+    trt = normalize_layers(RNG.random((1, 3, 8)), layer_ids=[60, 3, 4])
+    assert trt.layers.tolist() == [3, 4, 60] and trt.rows.tolist() == [1, 2, 0] and trt.num_model_layers == 61
+    with pytest.raises(ValueError, match="5 layer rows, more than num_model_layers 4"):
+        normalize_layers(RNG.random((1, 5, 8)), num_model_layers=4)
+
+
+def test_deepseek_moe_rows_without_layer_count_are_inferred(tmp_path):
+    path = tmp_path / "eplb.json"
+    path.write_text(json.dumps({"logical_count": RNG.integers(1, 9, size=(58, 256)).tolist()}))
+    trace = load_trace(path)
+    assert trace.layers.tolist() == list(range(3, 61)) and trace.n_group == 8
+    assert "inferred from shape" in trace.metadata["notes"]
+
+
+# ---------------------------------------------------------------- SGLang per-pass / per-token dumps
+
+
+def per_token_dump(tokens_per_pass: list[int], with_ids: bool = True) -> tuple[dict, list[np.ndarray]]:
+    """Records as SGLang's per_token mode writes them: 4 layer rows (row 0 dense), 16 experts, 20 slots."""
+    import torch
+
+    p2l = np.tile(np.concatenate([np.arange(16), [0, 1, 2, 3]]), (4, 1))  # experts 0..3 have 2 replicas
+    records, logical = [], []
+    for pass_id, T in enumerate(tokens_per_pass):
+        log_TRK = np.stack([np.stack([RNG.permutation(16)[:8] for _ in range(4)]) for _ in range(T)])
+        log_TRK[:, 0] = -1
+        phys_TRK = np.where((log_TRK < 4) & (RNG.random(log_TRK.shape) < 0.5), log_TRK + 16, log_TRK)
+        phys_TRK[:, 0] = -1
+        count_RP = np.zeros((4, 20), dtype=np.int64)
+        for r in range(1, 4):
+            count_RP[r] = np.bincount(phys_TRK[:, r].ravel(), minlength=20)
+        record = {"forward_pass_id": pass_id, "rank": 0, "gatherer_key": "primary",
+                  "global_physical_count": torch.from_numpy(count_RP)}
+        if with_ids:
+            record |= {"input_ids": list(range(T)), "positions": list(range(T)), "extend_seq_lens": [T],
+                       "forward_mode": 1, "misc_objects": [],
+                       "topk_ids_of_layer": torch.from_numpy(phys_TRK.transpose(1, 0, 2).astype(np.int32))}
+        records.append(record)
+        logical.append(log_TRK)
+    return {"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)}, logical
+
+
+def test_sglang_per_token_dump_folds_slots_to_experts(tmp_path):
+    torch = pytest.importorskip("torch")
+    dump, logical = per_token_dump([5, 3])
+    path = tmp_path / "expert_distribution_recorder_1_0.pt"
+    torch.save(dump, path)
+    trace = load_trace(path)
+    assert trace.layers.tolist() == [1, 2, 3] and trace.top_k == 8
+    np.testing.assert_array_equal(trace.topk_ids_TLK, np.concatenate(logical)[:, 1:])
+    for w, log_TRK in enumerate(logical):
+        expected = [np.bincount(log_TRK[:, r].ravel(), minlength=16) for r in range(1, 4)]
+        np.testing.assert_array_equal(trace.counts_WLE[w], expected)
+    assert trace.tokens_W.tolist() == [5, 3]
+    assert json.loads(trace.metadata["window_names"]) == ["0", "1"]
+
+
+def test_sglang_per_pass_dump_has_counts_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    dump, logical = per_token_dump([4, 6], with_ids=False)
+    path = tmp_path / "per_pass.pt"
+    torch.save(dump, path)
+    trace = load_trace(path, top_k=8)
+    assert trace.topk_ids_TLK is None and trace.counts_WLE.shape == (2, 3, 16)
+    assert trace.counts_WLE.sum() == (4 + 6) * 3 * 8
+
+
+# ---------------------------------------------------------------- TensorRT-LLM statistic folders
+
+
+def write_trtllm(folder: Path, counts_RILE: np.ndarray, iters: list[int], layers: list[int], top_k: int) -> None:
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": counts_RILE.shape[-1], "num_experts_per_token": top_k}))
+    for rank, per_rank in enumerate(counts_RILE):
+        tensors = {f"{it}_{layer}": per_rank[i, l] for i, it in enumerate(iters) for l, layer in enumerate(layers)}
+        save_file(tensors, str(folder / f"rank{rank}.safetensors"))
+
+
+def test_trtllm_statistic_sums_ranks_and_maps_layer_ids(tmp_path):
+    counts = RNG.integers(0, 50, size=(2, 3, 4, 16)).astype(np.int64)  # ranks, iterations, layers, experts
+    folder = tmp_path / "expert_statistic"
+    write_trtllm(folder, counts, iters=[100, 101, 102], layers=[3, 4, 5, 60], top_k=4)
+    save_file({"100_3": np.zeros((7, 4), dtype=np.int64)}, str(folder / "rank0_raw.safetensors"))  # not counts
+    trace = load_trace(folder)
+    np.testing.assert_array_equal(trace.counts_WLE, counts.sum(axis=0))
+    assert trace.layers.tolist() == [3, 4, 5, 60] and trace.num_model_layers == 61 and trace.top_k == 4
+    assert trace.metadata["engine"] == "tensorrt-llm" and trace.metadata["ranks"] == "2"
+    assert load_trace(folder / "meta_info.json").counts_WLE.shape == (3, 4, 16)
+
+
+# ---------------------------------------------------------------- moeplace files and the example
+
+
+def test_native_round_trip_with_topk_tokens_and_time(tmp_path):
+    trace = Trace(
+        counts_WLE=RNG.random((3, 2, 8)) * 100, layers=np.array([1, 5]), top_k=2,
+        topk_ids_TLK=RNG.integers(-1, 8, size=(10, 2, 2)), tokens_W=np.array([4.0, 5.0, 1.0]),
+        time_W=np.array([1.7e9, 1.7e9 + 60, 1.7e9 + 120]), num_model_layers=6, metadata={"model": "tiny"},
+    )
+    path = tmp_path / "trace.safetensors"
+    save_trace(trace, path)
+    back = load_trace(path)
+    for name in ("counts_WLE", "layers", "topk_ids_TLK", "tokens_W", "time_W"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(trace, name))
+    assert (back.top_k, back.num_model_layers, back.metadata) == (2, 6, {"model": "tiny"})
+
+
+def test_example_trace_loads_with_shapes_and_attribution():
+    trace = load_trace(EXAMPLE)
+    assert trace.counts_WLE.shape == (6, 3, 64)
+    assert trace.layers.tolist() == [0, 7, 15] and trace.num_model_layers == 16 and trace.top_k == 8
+    assert json.loads(trace.metadata["window_names"]) == ["arxiv", "book", "c4", "github", "wikipedia", "tulu"]
+    np.testing.assert_allclose(trace.tokens_W, trace.counts_WLE[:, 0].sum(axis=1) / 8)
+    assert trace.tokens_W[0] == 208_896
+    assert trace.metadata["model"] == "allenai/OLMoE-1B-7B-0924"
+    assert trace.metadata["engine"] == "transformers (offline)"
+    assert trace.metadata["source_commit"] == "357454f4f647385839c0ff6b99a688dc7cd9c13f"
+    assert "Apache-2.0" in trace.metadata["licence"]
+
+
+def test_example_script_rebuilds_the_embedded_trace(shared_traces, tmp_path):
+    spec = importlib.util.spec_from_file_location("make_olmoe_trace", REPO / "examples" / "make_olmoe_trace.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--output", str(tmp_path / "olmoe.safetensors")])
+    rebuilt, shipped = load_trace(tmp_path / "olmoe.safetensors"), load_trace(EXAMPLE)
+    np.testing.assert_array_equal(rebuilt.counts_WLE, shipped.counts_WLE)
+    assert rebuilt.metadata == shipped.metadata
+
+
+def test_reading_json_does_not_import_torch(tmp_path):
+    path = tmp_path / "stat.json"
+    path.write_text(json.dumps({"logical_count": deepseek_counts(1)[0].tolist()}))
+    code = f"import sys; from moeplace.readers import load_trace; load_trace({str(path)!r}); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- bad input: one test per case
+
+
+def write_json(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "not JSON"),
+        ('[1, 2]', "expected a dict"),
+        ('{"counts": [[1]]}', "key 'logical_count' is missing"),
+        ('{"logical_count": [1, 2, 3]}', r"'logical_count' must be \[layers, experts\]"),
+        ('{"logical_count": [[[[1]]]]}', r"'logical_count' must be \[layers, experts\]"),
+        ('{"logical_count": [[1, 2], [3]]}', "'logical_count' is ragged"),
+        ('{"logical_count": [[1, NaN], [3, 4]]}', "'logical_count' holds nan at index .*NaN/inf"),
+        ('{"logical_count": [[1, Infinity], [3, 4]]}', "'logical_count' holds inf"),
+        ('{"logical_count": [[1, -2], [3, 4]]}', "'logical_count' holds negative count -2"),
+        ('{"logical_count": [["a", "b"]]}', "'logical_count' must hold numbers"),
+        ('{"logical_count": [[0, 0], [0, 0]]}', "all 2 layer rows are zero"),
+        ('{"logical_count": [[5, 1], [3, 4]]}', "pass top_k"),
+    ],
+)
+def test_bad_sglang_json(tmp_path, text, problem):
+    path = write_json(tmp_path, "dump.json", text)
+    with raises_for(path, problem):
+        load_trace(path)
+
+
+def test_missing_file(tmp_path):
+    with raises_for(tmp_path / "missing.json", "file not found"):
+        load_trace(tmp_path / "missing.json")
+
+
+def test_unknown_extension(tmp_path):
+    path = write_json(tmp_path, "trace.csv", "layer,expert,count\n")
+    with raises_for(path, "unknown trace format '.csv'"):
+        load_trace(path)
+
+
+def test_zero_layers(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "empty.pt"
+    torch.save({"logical_count": torch.zeros(2, 0, 8)}, path)
+    with raises_for(path, r"empty, shape \[2, 0, 8\]"):
+        load_trace(path)
+
+
+def test_safetensors_without_moeplace_metadata(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": np.zeros(3, dtype=np.float32)}, str(path))
+    with raises_for(path, "without moeplace trace metadata"):
+        load_trace(path)
+
+
+def test_trtllm_rank_file_alone_points_to_its_folder(tmp_path):
+    write_trtllm(tmp_path / "stat", np.ones((1, 1, 1, 8), dtype=np.int64), [0], [3], 2)
+    path = tmp_path / "stat" / "rank0.safetensors"
+    with raises_for(path, "pass its folder"):
+        load_trace(path)
+
+
+def test_pt_of_garbage_bytes(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x00\x01 not a torch file")
+    with raises_for(path, "not a readable torch file"):
+        load_trace(path)
+
+
+class _Payload:
+    """Pickles as a call to open(marker, "w"): the file appears only if unpickling runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pt_with_pickled_object_is_refused_not_executed(tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    torch.save({"logical_count": _Payload(marker)}, path)
+    with raises_for(path, "refused: it pickles"):
+        load_trace(path)
+    assert not marker.exists()
+
+
+def test_pt_holding_a_bare_tensor(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "bare.pt"
+    torch.save(torch.ones(61, 256), path)
+    with raises_for(path, "expected a dict with key 'logical_count'"):
+        load_trace(path)
+
+
+def test_per_token_dump_without_slot_map(tmp_path):
+    torch = pytest.importorskip("torch")
+    dump, _ = per_token_dump([2])
+    del dump["last_physical_to_logical_map"]
+    path = tmp_path / "no_map.pt"
+    torch.save(dump, path)
+    with raises_for(path, "'last_physical_to_logical_map' is missing"):
+        load_trace(path)
+
+
+def test_per_token_ids_outside_the_slots(tmp_path):
+    torch = pytest.importorskip("torch")
+    dump, _ = per_token_dump([2])
+    dump["records"][0]["topk_ids_of_layer"][1, 0, 0] = 99
+    path = tmp_path / "bad_ids.pt"
+    torch.save(dump, path)
+    with raises_for(path, r"records\[0\].topk_ids_of_layer' holds 99"):
+        load_trace(path)
+
+
+def test_trtllm_folder_without_meta_info(tmp_path):
+    with raises_for(tmp_path, "no meta_info.json"):
+        load_trace(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("meta", "tensors", "problem"),
+    [
+        ({"num_experts_per_token": 2}, {"0_3": np.ones(8, np.int64)}, "'num_experts' must be a positive integer"),
+        ({"num_experts": 8, "num_experts_per_token": 2}, {"0-3": np.ones(8, np.int64)}, "'0-3' is not named"),
+        ({"num_experts": 8, "num_experts_per_token": 2}, {"0_3": np.ones(5, np.int64)}, "'0_3' has shape \\[5\\]"),
+        ({"num_experts": 8, "num_experts_per_token": 2}, {"0_3": -np.ones(8, np.int64)}, "'0_3' holds negative"),
+        (
+            {"num_experts": 8, "num_experts_per_token": 2},
+            {"0_3": np.ones(8, np.int64), "1_4": np.ones(8, np.int64)},
+            "no rank file holds tensor '0_4'",
+        ),
+    ],
+)
+def test_bad_trtllm_folder(tmp_path, meta, tensors, problem):
+    (tmp_path / "meta_info.json").write_text(json.dumps(meta))
+    save_file(tensors, str(tmp_path / "rank0.safetensors"))
+    with raises_for(tmp_path, problem):
+        load_trace(tmp_path)
