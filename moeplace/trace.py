@@ -93,6 +93,26 @@ class Trace:
     def num_experts(self) -> int:
         return self.counts_WLE.shape[2]
 
+    def select_windows(self, windows: list[int], source: str | None = None) -> Trace:
+        """A trace of the given windows only (per-token samples cannot be split by window: dropped)."""
+        names = json.loads(self.metadata.get("window_names", "null")) or None
+        metadata = dict(self.metadata)
+        if names is not None and len(names) == self.num_windows:
+            metadata["window_names"] = json.dumps([names[w] for w in windows])
+        pick = lambda a: None if a is None else a[windows]  # noqa: E731
+        return Trace(
+            counts_WLE=self.counts_WLE[windows],
+            layers=self.layers,
+            top_k=self.top_k,
+            tokens_W=pick(self.tokens_W),
+            time_W=pick(self.time_W),
+            num_model_layers=self.num_model_layers,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            metadata=metadata,
+            source=source or self.source,
+        )
+
     def digest(self) -> str:
         """Short content hash (counts and layer ids), recorded in a placement's provenance."""
         h = hashlib.sha256(self.counts_WLE.tobytes())

@@ -1,0 +1,148 @@
+"""moeplace command line: a thin shell over the library (parse, call, print)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from moeplace.placement import load_placement, save_placement
+from moeplace.placer.evaluate import evaluate as score_trace
+from moeplace.placer.evaluate import moves
+from moeplace.placer.export import FORMATS, export_placement
+from moeplace.placer.solve import Method, SolveOptions, solve as solve_placement
+from moeplace.readers import load_trace
+from moeplace.tables import moves_line, score_table, solve_table
+from moeplace.topology import DEEPSEEK_V3_EXPERT_BYTES, Topology
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Expert placement and load balancing for Mixture-of-Experts inference.")
+console = Console()
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input ends in one line on stderr and exit status 1, never a traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def solve(
+    traces: Annotated[list[Path], typer.Argument(help="Trace files: moeplace .safetensors, SGLang .json/.pt, TensorRT-LLM folders.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Placement JSON to write.")],
+    gpus: Annotated[int, typer.Option(help="GPUs (expert-parallel ranks).")],
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")],
+    slots_per_gpu: Annotated[Optional[int], typer.Option(help="Expert slots per GPU.")] = None,
+    redundant: Annotated[Optional[int], typer.Option(help="Redundant slots in all (instead of --slots-per-gpu).")] = None,
+    from_: Annotated[Optional[Path], typer.Option("--from", help="Current placement: plan an incremental move from it.")] = None,
+    time_limit: Annotated[float, typer.Option(help="Wall-clock seconds for the whole solve.")] = 20.0,
+    traffic_weight: Annotated[float, typer.Option(help="Weight of cross-node traffic (share of routed tokens off their group's node).")] = 0.1,
+    move_weight: Annotated[float, typer.Option(help="With --from: weight of moving every expert of a layer.")] = 0.05,
+    method: Annotated[Method, typer.Option(help="cpsat (moeplace), greedy (its warm start) or eplb (DeepSeek EPLB).")] = Method.cpsat,
+    memory_budget_gb: Annotated[Optional[float], typer.Option(help="GPU memory for expert slots, GB.")] = None,
+    expert_bytes: Annotated[int, typer.Option(help="Bytes of one expert (default: DeepSeek-V3 FP8).")] = DEEPSEEK_V3_EXPERT_BYTES,
+    workers: Annotated[int, typer.Option(help="Processes solving layers in parallel (0 = CPU cores).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the search.")] = 0,
+    per_layer: Annotated[bool, typer.Option(help="Print every layer, not only the summary.")] = True,
+) -> None:
+    """Compute an expert -> GPU placement with redundant replicas from expert-load traces."""
+    with user_errors():
+        loaded = [load_trace(t) for t in traces]
+        topology = Topology.build(
+            gpus, gpus_per_node, loaded[0].num_experts, slots_per_gpu, redundant,
+            expert_bytes=expert_bytes,
+            gpu_memory_budget=None if memory_budget_gb is None else int(memory_budget_gb * 1e9),
+        )
+        old = None if from_ is None else load_placement(from_)
+        options = SolveOptions(method=method, time_limit=time_limit, traffic_weight=traffic_weight,
+                               move_weight=move_weight, seed=seed, workers=workers)
+        _check_output(output)
+        with _progress() as progress:
+            task = progress.add_task("solving layers", total=loaded[0].num_layers)
+            result = solve_placement(loaded, topology, options, old, lambda _: progress.advance(task))
+        save_placement(result.placement, output)
+    console.print(solve_table(result, per_layer))
+    if old is not None:
+        console.print(moves_line(moves(old, result.placement)))
+    console.print(f"wrote {output}")
+
+
+@app.command()
+def evaluate(
+    placement: Annotated[Path, typer.Argument(help="Placement JSON.")],
+    traces: Annotated[list[Path], typer.Argument(help="Traces to score it on.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with per-layer numbers.")] = False,
+    baseline: Annotated[Optional[Path], typer.Option(help="Another placement: experts/bytes to move from it.")] = None,
+) -> None:
+    """Score a placement: per-layer imbalance (equal and best split), balancedness, nodes per token."""
+    with user_errors():
+        plan = load_placement(placement)
+        scores = [score_trace(plan, load_trace(t)) for t in traces]
+        moved = None if baseline is None else moves(load_placement(baseline), plan)
+    if as_json:
+        out = {"placement": str(placement), "traces": [_score_json(s) for s in scores]}
+        if moved is not None:
+            out["moves"] = {"experts": moved.experts, "bytes": moved.bytes, "experts_per_layer": moved.experts_L.tolist()}
+        typer.echo(json.dumps(out, indent=1))
+        return
+    console.print(score_table(scores, f"{placement}: {plan.topology.num_gpus} GPUs, {plan.topology.num_slots} slots"))
+    if plan.duplicate_replicas():
+        console.print(f"[yellow]{plan.duplicate_replicas()} replicas share a GPU with a copy of the same expert[/]")
+    if moved is not None:
+        console.print(moves_line(moved))
+
+
+@app.command()
+def export(
+    placement: Annotated[Path, typer.Argument(help="Placement JSON.")],
+    fmt: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(FORMATS)}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    num_model_layers: Annotated[Optional[int], typer.Option(help="Model layers (SGLang rows) if the placement lacks it.")] = None,
+) -> None:
+    """Write a placement in an engine's format (SGLang, TensorRT-LLM, vLLM, DeepSeek EPLB)."""
+    with user_errors():
+        export_placement(load_placement(placement), fmt, output, num_model_layers=num_model_layers)
+    console.print(f"wrote {output} ({fmt})")
+
+
+@app.command()
+def demo(
+    time_limit: Annotated[float, typer.Option(help="Seconds for each CP-SAT solve.")] = 5.0,
+) -> None:
+    """Plan on five text domains of the embedded OLMoE trace, score on the held-out sixth."""
+    from moeplace.demo import run_demo
+
+    with user_errors():
+        run_demo(console, time_limit)
+
+
+def _check_output(path: Path) -> None:
+    if not path.parent.exists():
+        raise ValueError(f"{path}: output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a file name")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+def _score_json(score) -> dict:
+    out = score.summary()
+    out["imbalance_per_layer"] = score.imbalance_equal_L.round(5).tolist()
+    out["best_split_per_layer"] = score.imbalance_best_L.round(5).tolist()
+    return out
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,201 @@
+"""Solver-agnostic scoring of a placement on traces: the specification every solver is held to.
+
+Imbalance = max GPU load / mean GPU load (1.0 is perfect); balancedness = its inverse (SGLang's and
+vLLM's metric). "equal" splits each expert's tokens equally across its replicas (what static
+dispatch in SGLang/vLLM does); "best" splits them to minimise the hottest GPU (a linear program:
+what a runtime that splits each batch by load can reach).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from ortools.linear_solver import pywraplp
+
+from moeplace.placement import Placement
+from moeplace.trace import Trace
+
+
+@dataclass(frozen=True)
+class TraceScore:
+    """Scores of one placement on one trace; arrays are per MoE layer [L]."""
+
+    name: str
+    imbalance_equal_L: np.ndarray
+    imbalance_best_L: np.ndarray
+    worst_window_L: np.ndarray | None  # worst window's equal-split imbalance, when the trace has several
+    distinct_nodes_L: np.ndarray | None  # mean distinct nodes per sampled token, when it has samples
+
+    def summary(self) -> dict:
+        out = {
+            "trace": self.name,
+            "imbalance_mean": float(self.imbalance_equal_L.mean()),
+            "imbalance_worst_layer": float(self.imbalance_equal_L.max()),
+            "balancedness_mean": float((1 / self.imbalance_equal_L).mean()),
+            "best_split_imbalance_mean": float(self.imbalance_best_L.mean()),
+            "best_split_imbalance_worst_layer": float(self.imbalance_best_L.max()),
+        }
+        if self.worst_window_L is not None:
+            out["worst_window_imbalance_mean"] = float(self.worst_window_L.mean())
+        if self.distinct_nodes_L is not None:
+            out["distinct_nodes_per_token"] = float(self.distinct_nodes_L.mean())
+        return out
+
+
+@dataclass(frozen=True)
+class MoveReport:
+    """Experts that must be copied to go from one placement to another, per layer [L]."""
+
+    experts_L: np.ndarray
+    intra_node_L: np.ndarray  # a copy of the expert already sits on the receiving node
+    expert_bytes: int
+
+    @property
+    def experts(self) -> int:
+        return int(self.experts_L.sum())
+
+    @property
+    def bytes(self) -> int:
+        return self.experts * self.expert_bytes
+
+
+def gpu_load_LG(placement: Placement, load_LE: np.ndarray, split_LP: np.ndarray | None = None) -> np.ndarray:
+    """[L, G] load of each GPU. load_LE [L, E]; split_LP [L, P] share of its expert per replica
+    (None: equal split)."""
+    rows = np.arange(placement.num_layers)[:, None]
+    if split_LP is None:
+        split_LP = 1.0 / placement.replica_count_LE[rows, placement.phy2log_LP]
+    per_slot_LP = load_LE[rows, placement.phy2log_LP] * split_LP
+    topo = placement.topology
+    return per_slot_LP.reshape(placement.num_layers, topo.num_gpus, topo.slots_per_gpu).sum(axis=2)
+
+
+def imbalance(load_LG: np.ndarray) -> np.ndarray:
+    """[L] max / mean; a layer with no load counts as perfectly balanced."""
+    mean = load_LG.mean(axis=1)
+    return np.where(mean > 0, load_LG.max(axis=1) / np.where(mean > 0, mean, 1), 1.0)
+
+
+def best_split(placement: Placement, load_LE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, split each expert's load across its replicas to minimise the hottest GPU.
+
+    Returns imbalance_L [L] and split_LP [L, P] (share of its expert each replica takes)."""
+    imb, split = np.ones(placement.num_layers), np.zeros(placement.phy2log_LP.shape)
+    for l in range(placement.num_layers):
+        imb[l], split[l] = _best_split_layer(placement, l, load_LE[l])
+    return imb, split
+
+
+def _best_split_layer(placement: Placement, l: int, load_E: np.ndarray) -> tuple[float, np.ndarray]:
+    phy2log = placement.phy2log_LP[l]
+    P, S = len(phy2log), placement.topology.slots_per_gpu
+    equal = 1.0 / placement.replica_count_LE[l, phy2log]
+    mean = load_E.sum() / placement.topology.num_gpus
+    if mean == 0:
+        return 1.0, equal
+    scaled = load_E / mean  # keeps the LP well conditioned whatever the token counts
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    # f[p] = tokens slot p takes from its expert; hot >= every GPU's total.
+    f = [solver.NumVar(0.0, float(scaled[phy2log[p]]), f"f{p}") for p in range(P)]
+    hot = solver.NumVar(0.0, solver.infinity(), "hot")
+    for e in np.unique(phy2log):
+        solver.Add(sum(f[p] for p in np.nonzero(phy2log == e)[0]) == float(scaled[e]))
+    for g in range(placement.topology.num_gpus):
+        solver.Add(sum(f[g * S : (g + 1) * S]) <= hot)
+    solver.Minimize(hot)
+    status = solver.Solve()
+    assert status == pywraplp.Solver.OPTIMAL, f"best-split LP of layer {l} ended with status {status}"
+    flows = np.array([v.solution_value() for v in f])
+    share = np.where(scaled[phy2log] > 0, flows / np.where(scaled[phy2log] > 0, scaled[phy2log], 1), equal)
+    return hot.solution_value(), share
+
+
+def distinct_nodes(placement: Placement, topk_ids_TLK: np.ndarray) -> np.ndarray:
+    """[L] mean distinct nodes a sampled token's experts are served from, choosing replicas the way
+    the runtime does: nodes of single-node experts first, then a replica on a node the token already
+    visits, else the node that serves most of its remaining experts."""
+    topo = placement.topology
+    node_P = np.arange(topo.num_slots) // topo.slots_per_gpu // topo.gpus_per_node
+    out = np.zeros(placement.num_layers)
+    for l in range(placement.num_layers):
+        mask_E = np.zeros(placement.num_experts, dtype=np.int64)
+        np.bitwise_or.at(mask_E, placement.phy2log_LP[l], 1 << node_P)
+        ids = topk_ids_TLK[:, l]
+        masks = np.where(ids >= 0, mask_E[np.maximum(ids, 0)], 0)  # [T, K] bit n = node n has a replica
+        out[l] = _greedy_cover(masks, topo.num_nodes).mean() if len(ids) else 0.0
+    return out
+
+
+def _greedy_cover(masks_TK: np.ndarray, num_nodes: int) -> np.ndarray:
+    single = (masks_TK & (masks_TK - 1)) == 0
+    visited = np.bitwise_or.reduce(np.where(single, masks_TK, 0), axis=1)
+    bits = 1 << np.arange(num_nodes)
+    for _ in range(masks_TK.shape[1]):
+        open_TK = (masks_TK & visited[:, None]) == 0
+        open_TK &= masks_TK != 0
+        if not open_TK.any():
+            break
+        serves_TN = ((masks_TK[:, :, None] & bits) != 0) & open_TK[:, :, None]
+        best = np.argmax(serves_TN.sum(axis=1), axis=1)
+        visited |= np.where(open_TK.any(axis=1), bits[best], 0)
+    return np.array([bin(v).count("1") for v in visited])
+
+
+def moves(old: Placement, new: Placement) -> MoveReport:
+    """Experts each GPU must receive: (expert, GPU) pairs in `new` whose GPU lacked that expert in `old`."""
+    if old.phy2log_LP.shape != new.phy2log_LP.shape or old.num_experts != new.num_experts:
+        raise ValueError(
+            f"{new.source}: cannot compare with {old.source}: shapes {list(new.phy2log_LP.shape)} "
+            f"and {list(old.phy2log_LP.shape)}, {new.num_experts} and {old.num_experts} experts"
+        )
+    topo = new.topology
+    G, N, E = topo.num_gpus, topo.num_nodes, new.num_experts
+    experts, intra = np.zeros(new.num_layers, dtype=np.int64), np.zeros(new.num_layers, dtype=np.int64)
+    for l in range(new.num_layers):
+        old_GE, new_GE = _on_gpu(old, l), _on_gpu(new, l)
+        incoming_GE = new_GE & ~old_GE
+        on_node_NE = old_GE.reshape(N, G // N, E).any(axis=1)
+        experts[l] = incoming_GE.sum()
+        intra[l] = (incoming_GE & np.repeat(on_node_NE, G // N, axis=0)).sum()
+    return MoveReport(experts, intra, topo.expert_bytes)
+
+
+def _on_gpu(placement: Placement, l: int) -> np.ndarray:
+    topo = placement.topology
+    on_GE = np.zeros((topo.num_gpus, placement.num_experts), dtype=bool)
+    on_GE[np.arange(topo.num_slots) // topo.slots_per_gpu, placement.phy2log_LP[l]] = True
+    return on_GE
+
+
+def align(placement: Placement, trace: Trace) -> np.ndarray:
+    """Rows of `trace` for the placement's layers; ValueError when they do not describe the same model."""
+    if trace.num_experts != placement.num_experts:
+        raise ValueError(
+            f"{trace.source}: has {trace.num_experts} experts, the placement {placement.source} {placement.num_experts}"
+        )
+    rows = np.searchsorted(trace.layers, placement.layers)
+    rows = np.minimum(rows, trace.num_layers - 1)
+    missing = placement.layers[trace.layers[rows] != placement.layers]
+    if len(missing):
+        raise ValueError(f"{trace.source}: has no counts for layer(s) {missing.tolist()[:5]} of the placement")
+    return rows
+
+
+def evaluate(placement: Placement, trace: Trace) -> TraceScore:
+    rows = align(placement, trace)
+    counts_WLE = trace.counts_WLE[:, rows]
+    total_LE = counts_WLE.sum(axis=0)
+    worst = None
+    if trace.num_windows > 1:
+        worst = np.max([imbalance(gpu_load_LG(placement, c)) for c in counts_WLE], axis=0)
+    nodes = None
+    if trace.topk_ids_TLK is not None:
+        nodes = distinct_nodes(placement, trace.topk_ids_TLK[:, rows])
+    return TraceScore(
+        name=trace.source,
+        imbalance_equal_L=imbalance(gpu_load_LG(placement, total_LE)),
+        imbalance_best_L=best_split(placement, total_LE)[0],
+        worst_window_L=worst,
+        distinct_nodes_L=nodes,
+    )
