@@ -22,7 +22,11 @@ from moeplace.topology import DEEPSEEK_V3_EXPERT_BYTES, Topology
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Expert placement and load balancing for Mixture-of-Experts inference.")
-console = Console()
+
+
+def stdout() -> Console:
+    """A console per command, so the width follows the terminal (and COLUMNS) at run time."""
+    return Console()
 
 
 @contextlib.contextmanager
@@ -70,10 +74,10 @@ def solve(
             task = progress.add_task("solving layers", total=loaded[0].num_layers)
             result = solve_placement(loaded, topology, options, old, lambda _: progress.advance(task))
         save_placement(result.placement, output)
-    console.print(solve_table(result, per_layer))
+    stdout().print(solve_table(result, per_layer))
     if old is not None:
-        console.print(moves_line(moves(old, result.placement)))
-    console.print(f"wrote {output}")
+        stdout().print(moves_line(moves(old, result.placement)))
+    stdout().print(f"wrote {output}")
 
 
 @app.command()
@@ -94,11 +98,11 @@ def evaluate(
             out["moves"] = {"experts": moved.experts, "bytes": moved.bytes, "experts_per_layer": moved.experts_L.tolist()}
         typer.echo(json.dumps(out, indent=1))
         return
-    console.print(score_table(scores, f"{placement}: {plan.topology.num_gpus} GPUs, {plan.topology.num_slots} slots"))
+    stdout().print(score_table(scores, f"{placement}: {plan.topology.num_gpus} GPUs, {plan.topology.num_slots} slots"))
     if plan.duplicate_replicas():
-        console.print(f"[yellow]{plan.duplicate_replicas()} replicas share a GPU with a copy of the same expert[/]")
+        stdout().print(f"[yellow]{plan.duplicate_replicas()} replicas share a GPU with a copy of the same expert[/]")
     if moved is not None:
-        console.print(moves_line(moved))
+        stdout().print(moves_line(moved))
 
 
 @app.command()
@@ -111,7 +115,7 @@ def export(
     """Write a placement in an engine's format (SGLang, TensorRT-LLM, vLLM, DeepSeek EPLB)."""
     with user_errors():
         export_placement(load_placement(placement), fmt, output, num_model_layers=num_model_layers)
-    console.print(f"wrote {output} ({fmt})")
+    stdout().print(f"wrote {output} ({fmt})")
 
 
 @app.command()
@@ -122,7 +126,7 @@ def demo(
     from moeplace.demo import run_demo
 
     with user_errors():
-        run_demo(console, time_limit)
+        run_demo(stdout(), time_limit)
 
 
 def _check_output(path: Path) -> None:

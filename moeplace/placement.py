@@ -135,7 +135,8 @@ def placement_to_json(placement: Placement) -> str:
     rows("phy2log", placement.phy2log_LP, str)
     if placement.split_LP is not None:
         lines[-1] += ","
-        rows("split", placement.split_LP, lambda v: f"{v:.6g}")
+        # Shortest repr that reads back to the same float: the file round-trips exactly.
+        rows("split", placement.split_LP, lambda v: repr(float(v)))
     return "\n".join(lines) + "\n}\n"
 
 
@@ -189,7 +190,10 @@ def _as_array(value: object, src: str, name: str) -> np.ndarray:
         array = np.array(value)
     except ValueError:
         raise ValueError(f"{src}: field '{name}' is ragged (rows of different lengths)") from None
-    if array.dtype == object or array.dtype.kind not in "iuf":
+    # numpy turns [0, true, 2] into integers: look at the JSON values themselves for booleans.
+    if array.dtype == object or array.dtype.kind not in "iuf" or any(
+        isinstance(v, bool) for v in np.array(value, dtype=object).ravel()
+    ):
         raise ValueError(f"{src}: field '{name}' must hold only numbers")
     if name != "split" and array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):

@@ -167,9 +167,42 @@ def pack_for_scenarios(
             worst_after = worst_after + extra_cost_GE[:, e]
         cost = np.where((filled_G < slots_per_gpu) & ~has_GE[:, e], worst_after, np.inf)
         g = int(np.argmin(cost))
-        assert np.isfinite(cost[g]), f"no GPU can take a replica of expert {e}"
+        if not np.isfinite(cost[g]):
+            g = _make_room(e, gpu_experts, filled_G, has_GE, load_WG, per_replica_WE)
         gpu_experts[g, filled_G[g]] = e
         filled_G[g] += 1
         has_GE[g, e] = True
         load_WG[:, g] += per_replica_WE[:, e]
     return gpu_experts
+
+
+def _make_room(
+    e: int,
+    gpu_experts: np.ndarray,
+    filled_G: np.ndarray,
+    has_GE: np.ndarray,
+    load_WG: np.ndarray,
+    per_replica_WE: np.ndarray,
+) -> int:
+    """Every GPU with a free slot already holds e (heavier replicas filled the others first): move
+    one expert f from a full GPU g without e to such a GPU h, and return g, which now has room.
+
+    Such an f always exists: g holds S distinct experts, h at most S - 2 besides e."""
+    S = gpu_experts.shape[1]
+    worst_G = load_WG.max(axis=0)
+    free = np.flatnonzero(filled_G < S)
+    without = np.flatnonzero(~has_GE[:, e])
+    assert len(free) and len(without), f"no GPU can take a replica of expert {e}"
+    h = int(free[np.argmin(worst_G[free])])
+    g = int(without[np.argmin(worst_G[without])])
+    i = next(i for i, f in enumerate(gpu_experts[g]) if not has_GE[h, f])
+    f = gpu_experts[g, i]
+    gpu_experts[h, filled_G[h]] = f
+    filled_G[h] += 1
+    has_GE[h, f], has_GE[g, f] = True, False
+    load_WG[:, h] += per_replica_WE[:, f]
+    load_WG[:, g] -= per_replica_WE[:, f]
+    filled_G[g] -= 1
+    gpu_experts[g, i] = gpu_experts[g, filled_G[g]]
+    gpu_experts[g, filled_G[g]] = -1
+    return g

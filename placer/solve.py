@@ -2,7 +2,8 @@
 
 Per layer: workloads -> replica counts (worst workload) -> greedy packing (warm start) -> CP-SAT
 search (placer.cpsat) within the layer's share of the time limit. `Method.greedy` stops after the
-warm start; `Method.eplb` runs DeepSeek EPLB's policy on the mean workload (the baseline engines ship).
+warm start; `Method.eplb` runs DeepSeek EPLB's policy on the mean workload (the baseline engines ship:
+hierarchical when the routing groups divide over the nodes), `Method.eplb_global` its global policy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from moeplace.placement import Placement
 from moeplace.placer.cpsat import improve_layer
 from moeplace.placer.greedy import pack_for_scenarios, rebalance_experts, replicate_for_scenarios
 from moeplace.placer.layer import SCALE, LayerProblem, Packing
-from moeplace.placer.workloads import home_nodes, routing_groups, workload_shares
+from moeplace.placer.affinity import coactivation, coactivation_homes, group_homes
+from moeplace.placer.workloads import routing_groups, token_samples, workload_shares
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
@@ -30,6 +32,7 @@ class Method(str, enum.Enum):
     cpsat = "cpsat"
     greedy = "greedy"
     eplb = "eplb"
+    eplb_global = "eplb-global"
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,10 @@ def solve(
     E, L = first.num_experts, first.num_layers
     _check_request(first, topology, old)
     group_E = routing_groups(first)
-    if options.method is Method.eplb:
-        rows, reports = _solve_eplb(share_WLE, topology, first)
+    samples_TLK = token_samples(traces)
+    if options.method in (Method.eplb, Method.eplb_global):
+        groups = max(first.n_group, 1) if options.method is Method.eplb else 1
+        rows, reports = _solve_eplb(share_WLE, topology, first, groups)
     else:
         budget = max(0.05, options.time_limit - (time.monotonic() - start) - _overhead(L))
         tasks = [
@@ -93,6 +98,7 @@ def solve(
                 share_WE=share_WLE[:, l],
                 topology=topology,
                 group_E=group_E,
+                topk_ids_TK=None if samples_TLK is None else samples_TLK[:, l],
                 old_on_GE=None if old is None else _on_gpu(old.phy2log_LP[l], topology, E),
                 options=options,
                 seconds=budget * _workers(options, L) / L,
@@ -102,7 +108,7 @@ def solve(
         results = _run(tasks, _workers(options, L), on_layer_done)
         rows = np.stack([r[0] for r in results])
         reports = [r[1] for r in results]
-    if old is not None and options.method is not Method.eplb:
+    if old is not None and options.method in (Method.cpsat, Method.greedy):
         rows = np.stack([_keep_slots(r, o.reshape(topology.num_gpus, -1)) for r, o in zip(rows, old.phy2log_LP)])
     placement = Placement(
         phy2log_LP=rows.reshape(L, -1),
@@ -146,6 +152,7 @@ class _LayerTask:
     share_WE: np.ndarray
     topology: Topology
     group_E: np.ndarray | None
+    topk_ids_TK: np.ndarray | None
     old_on_GE: np.ndarray | None
     options: SolveOptions
     seconds: float
@@ -161,7 +168,7 @@ def _solve_layer(task: _LayerTask) -> tuple[int, np.ndarray, LayerReport]:
         num_gpus=topo.num_gpus,
         gpus_per_node=topo.gpus_per_node,
         slots_per_gpu=topo.slots_per_gpu,
-        home_node_E=home_nodes(task.share_WE, task.group_E, topo.num_nodes),
+        home_node_E=_home_nodes(task),
         old_on_GE=task.old_on_GE,
         traffic_weight=opts.traffic_weight,
         move_weight=opts.move_weight,
@@ -186,6 +193,20 @@ def _solve_layer(task: _LayerTask) -> tuple[int, np.ndarray, LayerReport]:
         seconds=time.monotonic() - start,
     )
     return task.index, np.sort(packing.gpu_experts, axis=1), report
+
+
+def _home_nodes(task: _LayerTask) -> np.ndarray | None:
+    """Home node per expert for the traffic term: from sampled co-activation when the traces have
+    per-token samples, else from the model's routing groups; None on one node or without either."""
+    topo = task.topology
+    if topo.num_nodes == 1 or task.options.traffic_weight == 0:
+        return None
+    if task.topk_ids_TK is not None:
+        together = coactivation(task.topk_ids_TK, len(task.share_WE[0]))
+        return coactivation_homes(together, task.share_WE.mean(axis=0), topo.num_nodes)
+    if task.group_E is not None:
+        return group_homes(task.share_WE, task.group_E, topo.num_nodes)
+    return None
 
 
 def _greedy_costs(problem: LayerProblem) -> np.ndarray | None:
@@ -244,18 +265,22 @@ def _keep_slots(new_GS: np.ndarray, old_GS: np.ndarray) -> np.ndarray:
     leaves that slot untouched); new experts fill the freed slots in ascending order."""
     out = np.full_like(new_GS, -1)
     for g, (new, old) in enumerate(zip(new_GS, old_GS)):
-        stays = np.isin(old, new)
+        # Only the first old copy of an expert stays: an old layout (EPLB's) may hold two copies of
+        # one expert on a GPU, and the second slot must go to a new expert.
+        first = np.zeros(len(old), dtype=bool)
+        first[np.unique(old, return_index=True)[1]] = True
+        stays = np.isin(old, new) & first
         out[g, stays] = old[stays]
-        out[g, ~stays] = np.sort(new[~np.isin(new, old)])[: (~stays).sum()]
+        out[g, ~stays] = np.sort(new[~np.isin(new, old)])
     assert (out >= 0).all()
+    assert sorted(out.ravel().tolist()) == sorted(new_GS.ravel().tolist()), "not a reordering of the new rows"
     return out
 
 
-def _solve_eplb(share_WLE: np.ndarray, topology: Topology, trace: Trace) -> tuple[np.ndarray, list[LayerReport]]:
+def _solve_eplb(share_WLE: np.ndarray, topology: Topology, trace: Trace, groups: int) -> tuple[np.ndarray, list[LayerReport]]:
     weight_LE = share_WLE.mean(axis=0)
-    phy2log, _, _ = rebalance_experts(
-        weight_LE, topology.num_slots, max(trace.n_group, 1), topology.num_nodes, topology.num_gpus
-    )
+    nodes = topology.num_nodes if groups > 1 else 1
+    phy2log, _, _ = rebalance_experts(weight_LE, topology.num_slots, groups, nodes, topology.num_gpus)
     reports = [LayerReport(int(layer), float("nan"), 0.0, 0, float("nan"), float("nan"), 1.0, "eplb", 0.0)
                for layer in trace.layers]
     return phy2log, reports

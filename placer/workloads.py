@@ -67,19 +67,9 @@ def routing_groups(trace: Trace) -> np.ndarray | None:
     return np.arange(trace.num_experts) // (trace.num_experts // trace.n_group)
 
 
-def home_nodes(share_WE: np.ndarray, group_E: np.ndarray | None, num_nodes: int) -> np.ndarray | None:
-    """[E] home node of each expert's routing group: groups, heaviest first, onto the least loaded
-    node with room (at most ceil(groups / nodes) each), as EPLB's step 1 packs groups to nodes.
-    None when there are no groups or a single node (nothing to keep local)."""
-    if group_E is None or num_nodes == 1:
+def token_samples(traces: list[Trace]) -> np.ndarray | None:
+    """[T, L, K] every trace's sampled per-token top-k, concatenated; None when no trace has samples."""
+    samples = [t.topk_ids_TLK for t in traces if t.topk_ids_TLK is not None and len(t.topk_ids_TLK)]
+    if not samples or len({s.shape[2] for s in samples}) > 1:
         return None
-    load_J = np.bincount(group_E, weights=share_WE.max(axis=0))
-    room = -(-len(load_J) // num_nodes)
-    node_load, node_groups = np.zeros(num_nodes), np.zeros(num_nodes, dtype=np.int64)
-    home_J = np.empty(len(load_J), dtype=np.int64)
-    for j in np.argsort(-load_J, kind="stable"):
-        n = int(np.argmin(np.where(node_groups < room, node_load, np.inf)))
-        home_J[j] = n
-        node_load[n] += load_J[j]
-        node_groups[n] += 1
-    return home_J[group_E]
+    return np.concatenate(samples)

@@ -1,0 +1,80 @@
+"""Leave-one-workload-out scoring: plan on every trace but one, score on the one left out.
+
+This is how a placement's robustness to workload shift is measured (benchmarks/solver.py): a
+deployment is planned on the traffic seen so far and must hold on traffic it has not seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeplace.placer.evaluate import best_split, gpu_load_LG, imbalance
+from moeplace.placer.solve import SolveOptions, solve
+from moeplace.topology import Topology
+from moeplace.trace import Trace
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One fold: the placement planned without `name`, scored on it (arrays per layer [L])."""
+
+    name: str
+    imbalance_equal_L: np.ndarray
+    imbalance_best_L: np.ndarray
+    planning_hottest_L: np.ndarray  # worst planning workload, equal split (what the solver minimised)
+    greedy_hottest_L: np.ndarray  # the same for the greedy warm start (nan for eplb)
+    duplicates: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    folds: tuple[HeldOut, ...]
+
+    def mean_imbalance(self) -> float:
+        """Mean over folds of the mean-over-layers held-out imbalance (equal split)."""
+        return float(np.mean([f.imbalance_equal_L.mean() for f in self.folds]))
+
+    def worst_layer_imbalance(self) -> float:
+        """Mean over folds of the worst layer's held-out imbalance (equal split)."""
+        return float(np.mean([f.imbalance_equal_L.max() for f in self.folds]))
+
+    def mean_best_split(self) -> float:
+        return float(np.mean([f.imbalance_best_L.mean() for f in self.folds]))
+
+    def worst_best_split(self) -> float:
+        return float(np.mean([f.imbalance_best_L.max() for f in self.folds]))
+
+    def layers_worse_than_greedy(self, tolerance: float = 1e-9) -> int:
+        """Layers (over all folds) where the plan's worst planning workload is hotter than greedy's."""
+        return int(sum((f.planning_hottest_L > f.greedy_hottest_L + tolerance).sum() for f in self.folds))
+
+    def mean_seconds(self) -> float:
+        return float(np.mean([f.seconds for f in self.folds]))
+
+
+def leave_one_out(traces: list[Trace], topology: Topology, options: SolveOptions) -> CrossValidation:
+    """Needs at least two traces; each fold plans on all traces but one."""
+    if len(traces) < 2:
+        raise ValueError("leave-one-out needs at least two traces")
+    folds = []
+    for k, held in enumerate(traces):
+        plan = [t for i, t in enumerate(traces) if i != k]
+        result = solve(plan, topology, options)
+        placement = result.placement
+        total_LE = held.counts_WLE.sum(axis=0)
+        planning = np.max([imbalance(gpu_load_LG(placement, t.counts_WLE.sum(0))) for t in plan], axis=0)
+        folds.append(
+            HeldOut(
+                name=held.source.rsplit("/", 1)[-1],
+                imbalance_equal_L=imbalance(gpu_load_LG(placement, total_LE)),
+                imbalance_best_L=best_split(placement, total_LE)[0],
+                planning_hottest_L=planning,
+                greedy_hottest_L=np.array([r.greedy_hottest for r in result.reports]),
+                duplicates=placement.duplicate_replicas(),
+                seconds=result.seconds,
+            )
+        )
+    return CrossValidation(tuple(folds))

@@ -1,0 +1,401 @@
+"""The data model: Topology, Placement (and its JSON file), Trace. Each constraint has a feasible and
+an infeasible case, and every error message is pinned: it must name the quantity and its value."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeplace import fileio
+from moeplace.placement import (
+    Placement,
+    load_placement,
+    placement_from_dict,
+    placement_to_json,
+    save_placement,
+    trivial_placement,
+)
+from moeplace.topology import Topology
+from moeplace.trace import Trace
+
+RNG = np.random.default_rng(11)
+
+
+def raises(message: str):
+    return pytest.raises(ValueError, match=re.escape(message))
+
+
+# ---------------------------------------------------------------- Topology
+
+
+def test_topology_gpus_must_fill_whole_nodes():
+    topo = Topology(num_gpus=8, gpus_per_node=4, slots_per_gpu=2)
+    assert (topo.num_nodes, topo.num_slots) == (2, 16)
+    with raises("topology: num_gpus 6 is not a multiple of gpus_per_node 4"):
+        Topology(num_gpus=6, gpus_per_node=4, slots_per_gpu=2)
+
+
+def test_topology_memory_budget_feasible_and_infeasible():
+    Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=3, expert_bytes=100, gpu_memory_budget=300)
+    with raises(
+        "topology: 3 slots per GPU x 100 bytes per expert = 300 bytes exceeds the GPU memory budget "
+        "of 299 bytes (it fits 2 slots)"
+    ):
+        Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=3, expert_bytes=100, gpu_memory_budget=299)
+
+
+@pytest.mark.parametrize("field", ["num_gpus", "gpus_per_node", "slots_per_gpu", "expert_bytes"])
+@pytest.mark.parametrize("bad", [0, -2, True, 2.0])
+def test_topology_counts_must_be_positive_integers(field, bad):
+    args = {"num_gpus": 4, "gpus_per_node": 2, "slots_per_gpu": 3, field: bad}
+    with raises(f"topology: field '{field}' must be a positive integer, got {bad!r}"):
+        Topology(**args)
+
+
+@pytest.mark.parametrize("field", ["nvlink_gbps", "network_gbps"])
+def test_topology_bandwidth_must_be_positive(field):
+    with raises(f"topology: field '{field}' must be positive, got 0.0"):
+        Topology(num_gpus=4, gpus_per_node=2, slots_per_gpu=3, **{field: 0.0})
+
+
+def test_topology_build_from_redundant_count():
+    topo = Topology.build(num_gpus=32, gpus_per_node=8, num_experts=256, redundant=32)
+    assert (topo.slots_per_gpu, topo.num_slots, topo.num_nodes) == (9, 288, 4)
+    with raises("256 experts + 30 redundant = 286 slots do not divide over 32 GPUs"):
+        Topology.build(num_gpus=32, gpus_per_node=8, num_experts=256, redundant=30)
+    with raises("--redundant must be >= 0, got -1"):
+        Topology.build(num_gpus=32, gpus_per_node=8, num_experts=256, redundant=-1)
+
+
+def test_topology_build_needs_a_slot_per_expert():
+    assert Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16, slots_per_gpu=4).num_slots == 16
+    with raises("12 slots (4 GPUs x 3) are fewer than the 16 experts: every expert needs at least one slot"):
+        Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16, slots_per_gpu=3)
+
+
+def test_topology_build_takes_exactly_one_of_slots_and_redundant():
+    with raises("give exactly one of --slots-per-gpu and --redundant"):
+        Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16)
+    with raises("give exactly one of --slots-per-gpu and --redundant"):
+        Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16, slots_per_gpu=4, redundant=0)
+
+
+def test_topology_dict_round_trip_and_errors():
+    topo = Topology(num_gpus=4, gpus_per_node=2, slots_per_gpu=3, gpu_memory_budget=10**12)
+    assert Topology.from_dict(topo.to_dict()) == topo
+    with raises("f.json: unknown topology field(s) ['gpus']"):
+        Topology.from_dict({**topo.to_dict(), "gpus": 4}, "f.json")
+    data = topo.to_dict()
+    del data["slots_per_gpu"]
+    with raises("f.json: topology field 'slots_per_gpu' is missing"):
+        Topology.from_dict(data, "f.json")
+    with raises("f.json: topology: num_gpus 3 is not a multiple of gpus_per_node 2"):
+        Topology.from_dict({**topo.to_dict(), "num_gpus": 3}, "f.json")
+    with raises("f.json: 'topology' must be an object, got list"):
+        Topology.from_dict([4, 2, 3], "f.json")
+
+
+# ---------------------------------------------------------------- Placement
+
+TOPO = Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=2)
+
+
+def test_placement_every_expert_needs_a_replica():
+    ok = Placement(np.array([[0, 1, 2, 0], [2, 1, 0, 1]]), 3, TOPO, np.array([3, 5]))
+    assert ok.replica_count_LE.tolist() == [[2, 1, 1], [1, 2, 1]]
+    with raises("placement: layer 5 has no replica of expert 2 (1 expert(s) missing in all)"):
+        Placement(np.array([[0, 1, 2, 0], [0, 1, 1, 1]]), 3, TOPO, np.array([3, 5]))
+    with raises("placement: layer 3 has no replica of expert 1 (3 expert(s) missing in all)"):
+        Placement(np.array([[0, 0, 0, 0], [0, 0, 0, 2]]), 3, TOPO, np.array([3, 5]))
+
+
+@pytest.mark.parametrize("bad, where", [(3, [0, 3]), (-1, [0, 3])])
+def test_placement_expert_ids_in_range(bad, where):
+    with raises(f"placement: field 'phy2log' holds {bad} at index {where}, outside [0, 3)"):
+        Placement(np.array([[0, 1, 2, bad]]), 3, TOPO, np.array([0]))
+
+
+def test_placement_needs_one_expert_per_slot():
+    with raises("placement: field 'phy2log' has shape [1, 5], expected 4 along axis 1"):
+        Placement(np.array([[0, 1, 2, 0, 1]]), 3, TOPO, np.array([0]))
+    with raises("placement: field 'phy2log' must have 2 dimensions, got shape [4]"):
+        Placement(np.array([0, 1, 2, 0]), 3, TOPO, np.array([0]))
+
+
+def test_placement_layers_increasing_and_below_model_layers():
+    phy2log = np.array([[0, 1, 2, 0], [0, 1, 2, 2]])
+    Placement(phy2log, 3, TOPO, np.array([3, 4]), num_model_layers=5)
+    with raises("placement: field 'layers' must be non-negative and increasing, got [4, 4]"):
+        Placement(phy2log, 3, TOPO, np.array([4, 4]))
+    with raises("placement: layer id 4 is not below num_model_layers 4"):
+        Placement(phy2log, 3, TOPO, np.array([3, 4]), num_model_layers=4)
+
+
+def test_placement_split_sums_to_one_per_expert():
+    phy2log = np.array([[0, 1, 2, 0]])
+    ok = Placement(phy2log, 3, TOPO, np.array([3]), split_LP=np.array([[0.25, 1.0, 1.0, 0.75]]))
+    assert ok.split_LP.dtype == np.float64
+    with raises("placement: split of expert 0 in layer 3 sums to 0.900000, not 1"):
+        Placement(phy2log, 3, TOPO, np.array([3]), split_LP=np.array([[0.25, 1.0, 1.0, 0.65]]))
+    with raises("placement: field 'split' holds negative count -0.25 at index [0, 0]"):
+        Placement(phy2log, 3, TOPO, np.array([3]), split_LP=np.array([[-0.25, 1.0, 1.0, 1.25]]))
+
+
+def test_duplicate_replicas_counts_copies_sharing_a_gpu():
+    p = Placement(np.array([[0, 0, 1, 2], [0, 1, 2, 0]]), 3, TOPO, np.array([0, 1]))
+    assert p.duplicate_replicas() == 1
+    assert p.gpu_of_slot().tolist() == [0, 0, 1, 1]
+
+
+def random_placement(rng: np.random.Generator, with_split: bool) -> Placement:
+    E, L = int(rng.integers(3, 20)), int(rng.integers(1, 5))
+    G = int(rng.integers(1, 5))
+    topo = Topology(num_gpus=G * 2, gpus_per_node=2, slots_per_gpu=int(rng.integers(-(-E // (G * 2)), E + 1)))
+    P = topo.num_slots
+    phy2log = np.stack([rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, P - E)])) for _ in range(L)])
+    split = None
+    if with_split:
+        split = rng.random((L, P)) + 0.01
+        sums = np.zeros((L, E))
+        np.add.at(sums, (np.arange(L)[:, None], phy2log), split)
+        split = split / np.take_along_axis(sums, phy2log, axis=1)
+    layers = np.sort(rng.choice(60, L, replace=False)) + 1
+    return Placement(phy2log, E, topo, layers, 61, split, provenance={"solver": "random", "seed": 3})
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), with_split=st.booleans())
+def test_log2phy_and_replica_count_agree_with_phy2log(seed, with_split):
+    p = random_placement(np.random.default_rng(seed), with_split)
+    L, E = p.num_layers, p.num_experts
+    assert p.log2phy_LER.shape == (L, E, p.replica_count_LE.max())
+    for l in range(L):
+        for e in range(E):
+            slots = np.flatnonzero(p.phy2log_LP[l] == e)
+            assert p.replica_count_LE[l, e] == len(slots) >= 1
+            row = p.log2phy_LER[l, e]
+            assert row[: len(slots)].tolist() == slots.tolist()
+            assert (row[len(slots):] == -1).all()
+
+
+def assert_same_placement(a: Placement, b: Placement) -> None:
+    np.testing.assert_array_equal(a.phy2log_LP, b.phy2log_LP)
+    np.testing.assert_array_equal(a.layers, b.layers)
+    assert (a.num_experts, a.num_model_layers, a.topology, a.provenance) == (
+        b.num_experts, b.num_model_layers, b.topology, b.provenance)
+    if a.split_LP is None:
+        assert b.split_LP is None
+    else:
+        np.testing.assert_array_equal(a.split_LP, b.split_LP)  # exact, not approximately
+
+
+@pytest.mark.parametrize("with_split", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_placement_json_round_trip_is_exact(tmp_path, with_split, seed):
+    p = random_placement(np.random.default_rng(100 + seed), with_split)
+    path = tmp_path / "placement.json"
+    save_placement(p, path)
+    back = load_placement(path)
+    assert_same_placement(p, back)
+    assert back.source == str(path)
+    assert json.loads(path.read_text())["format"] == "moeplace.placement"
+    assert path.read_text() == placement_to_json(back)
+
+
+def test_placement_json_is_one_line_per_layer(tmp_path):
+    p = trivial_placement(3, TOPO, np.array([3, 4, 5]))
+    text = placement_to_json(p)
+    assert "  [0, 1, 2, 0],\n  [0, 1, 2, 0],\n  [0, 1, 2, 0]\n" in text
+
+
+def valid_dict() -> dict:
+    p = Placement(np.array([[0, 1, 2, 0], [2, 1, 0, 1]]), 3, TOPO, np.array([3, 4]), 5,
+                  split_LP=np.array([[0.5, 1.0, 1.0, 0.5], [1.0, 0.5, 1.0, 0.5]]))
+    return json.loads(placement_to_json(p))
+
+
+def test_placement_from_dict_accepts_a_valid_object():
+    p = placement_from_dict(valid_dict(), "x.json")
+    assert p.phy2log_LP.dtype == np.int64 and p.split_LP.tolist()[0] == [0.5, 1.0, 1.0, 0.5]
+    data = valid_dict()
+    data["phy2log"] = [[0.0, 1.0, 2.0, 0.0], [2.0, 1.0, 0.0, 1.0]]  # integral floats are integers
+    assert placement_from_dict(data, "x.json").phy2log_LP.tolist() == [[0, 1, 2, 0], [2, 1, 0, 1]]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(format="sglang"), "x.json: field 'format' is 'sglang', expected 'moeplace.placement'"),
+        (lambda d: d.pop("format"), "x.json: field 'format' is None, expected 'moeplace.placement'"),
+        (lambda d: d.update(format_version=2), "x.json: format_version 2 is not supported (reads 1)"),
+        (lambda d: d.update(format_version="1"), "x.json: format_version '1' is not supported (reads 1)"),
+        (lambda d: d.pop("num_experts"), "x.json: field 'num_experts' is missing"),
+        (lambda d: d.pop("layers"), "x.json: field 'layers' is missing"),
+        (lambda d: d.pop("topology"), "x.json: field 'topology' is missing"),
+        (lambda d: d.pop("phy2log"), "x.json: field 'phy2log' is missing"),
+        (lambda d: d.update(phy2log=[[0, 1, 2, 0], [2, 1, 0]]), "x.json: field 'phy2log' is ragged (rows of different lengths)"),
+        (lambda d: d.update(phy2log=[[0, 1, 2, 0], [2, 1, 0, 1.5]]), "x.json: field 'phy2log' must hold integers"),
+        (lambda d: d.update(phy2log=[[0, 1, 2, 0], [2, 1, 0, "1"]]), "x.json: field 'phy2log' must hold only numbers"),
+        (lambda d: d.update(phy2log=[[0, 1, 2, 0], [2, 1, 0, None]]), "x.json: field 'phy2log' must hold only numbers"),
+        (lambda d: d.update(phy2log=[[0, 1, 2, 0], [2, True, 0, 1]]), "x.json: field 'phy2log' must hold only numbers"),
+        (lambda d: d.update(phy2log=[[False, True, True, False]] * 2), "x.json: field 'phy2log' must hold only numbers"),
+        (lambda d: d.update(layers=[3, True]), "x.json: field 'layers' must hold only numbers"),
+        (lambda d: d.update(split=[[0.5, 1, 1, 0.5], [1, 0.5, 1, True]]), "x.json: field 'split' must hold only numbers"),
+        (lambda d: d.update(split=[[0.5, 1, 1, 0.5], [1, 0.5, 1]]), "x.json: field 'split' is ragged"),
+        (lambda d: d.update(num_experts=True), "x.json: field 'num_experts' must be a positive integer, got True"),
+        (lambda d: d.update(num_experts="3"), "x.json: field 'num_experts' must be a positive integer, got '3'"),
+        (lambda d: d.update(num_model_layers=2.5), "x.json: field 'num_model_layers' must be a positive integer, got 2.5"),
+        (lambda d: d.update(provenance=[1]), "x.json: field 'provenance' must be an object"),
+        (lambda d: d["topology"].pop("num_gpus"), "x.json: topology field 'num_gpus' is missing"),
+        (lambda d: d["topology"].update(slots_per_gpu=True), "x.json: topology: field 'slots_per_gpu' must be a positive integer, got True"),
+        (lambda d: d["topology"].update(slots_per_gpu=3), "x.json: field 'phy2log' has shape [2, 4], expected 6 along axis 1"),
+        (lambda d: d.update(phy2log=[[0, 1, 1, 0], [2, 1, 0, 1]]), "x.json: layer 3 has no replica of expert 2"),
+    ],
+)
+def test_placement_from_dict_errors(change, message):
+    data = valid_dict()
+    change(data)
+    with raises(message):
+        placement_from_dict(data, "x.json")
+
+
+def test_placement_from_dict_needs_an_object():
+    with raises("x.json: a placement must be a JSON object"):
+        placement_from_dict([1, 2], "x.json")
+
+
+def test_load_placement_bad_files(tmp_path):
+    missing = tmp_path / "missing.json"
+    with raises(f"{missing}: no such file"):
+        load_placement(missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": ')
+    with pytest.raises(ValueError, match=re.escape(f"{broken}: not valid JSON")):
+        load_placement(broken)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=re.escape(f"{binary}: cannot read")):
+        load_placement(binary)
+
+
+def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
+    target = tmp_path / "placement.json"
+    good = trivial_placement(3, TOPO, np.array([0]))
+    save_placement(good, target)
+    before = target.read_text()
+
+    # A placement that cannot be serialised never touches the file system.
+    bad = good.with_provenance(note=object())
+    with pytest.raises(TypeError):
+        save_placement(bad, tmp_path / "new.json")
+    assert sorted(os.listdir(tmp_path)) == ["placement.json"]
+
+    # A write that fails before the rename leaves the old file whole and no temporary behind.
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fileio.os, "replace", failing_replace)
+    other = Placement(np.array([[2, 1, 0, 0]]), 3, TOPO, np.array([0]))
+    with pytest.raises(OSError, match="disk full"):
+        save_placement(other, target)
+    assert sorted(os.listdir(tmp_path)) == ["placement.json"]
+    assert target.read_text() == before
+
+
+def test_write_into_a_missing_folder_names_it(tmp_path):
+    target = tmp_path / "nope" / "p.json"
+    with raises(f"{target}: output folder {target.parent} does not exist"):
+        save_placement(trivial_placement(3, TOPO, np.array([0])), target)
+    assert not target.parent.exists()
+
+
+def test_saved_file_has_the_default_mode(tmp_path):
+    target = tmp_path / "p.json"
+    save_placement(trivial_placement(3, TOPO, np.array([0])), target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------- Trace
+
+
+def counts(W=2, L=3, E=8) -> np.ndarray:
+    return RNG.integers(1, 100, size=(W, L, E)).astype(np.float64)
+
+
+def test_trace_feasible():
+    c = counts()
+    ids = RNG.integers(-1, 8, size=(5, 3, 2))
+    trace = Trace(c, np.array([3, 4, 7]), top_k=2, topk_ids_TLK=ids, tokens_W=np.array([10, 20]),
+                  num_model_layers=8, n_group=4, topk_group=2)
+    assert (trace.num_windows, trace.num_layers, trace.num_experts) == (2, 3, 8)
+    assert trace.counts_WLE.dtype == np.float64 and trace.topk_ids_TLK.dtype == np.int64
+    assert trace.digest() == Trace(c.copy(), np.array([3, 4, 7]), top_k=2).digest()
+    c2 = c.copy()
+    c2[0, 0, 0] += 1
+    assert trace.digest() != Trace(c2, np.array([3, 4, 7]), top_k=2).digest()
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (np.nan, "Trace: field 'counts_WLE' holds nan at index [1, 2, 5] (NaN/inf)"),
+        (np.inf, "Trace: field 'counts_WLE' holds inf at index [1, 2, 5] (NaN/inf)"),
+        (-np.inf, "Trace: field 'counts_WLE' holds -inf at index [1, 2, 5] (NaN/inf)"),
+        (-3.0, "Trace: field 'counts_WLE' holds negative count -3.0 at index [1, 2, 5]"),
+    ],
+)
+def test_trace_counts_finite_and_non_negative(value, text):
+    c = counts()
+    c[1, 2, 5] = value
+    with raises(text):
+        Trace(c, np.array([3, 4, 5]), top_k=2)
+
+
+@pytest.mark.parametrize("bad", [8, -2])
+def test_trace_topk_ids_in_range(bad):
+    ids = RNG.integers(-1, 8, size=(4, 3, 2))
+    Trace(counts(), np.array([3, 4, 5]), top_k=2, topk_ids_TLK=ids)
+    ids[2, 1, 0] = bad
+    with raises(f"Trace: field 'topk_ids_TLK' holds {bad} at index [2, 1, 0], outside [-1, 8)"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=2, topk_ids_TLK=ids)
+
+
+def test_trace_topk_ids_shape_follows_top_k():
+    with raises("Trace: field 'topk_ids_TLK' has shape [4, 3, 3], expected 2 along axis 2"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=2, topk_ids_TLK=np.zeros((4, 3, 3), dtype=np.int64))
+
+
+@pytest.mark.parametrize("layers", [[3, 3, 4], [5, 4, 6], [-1, 0, 1]])
+def test_trace_layers_increasing(layers):
+    with raises(f"Trace: field 'layers' must be non-negative and increasing, got {layers}"):
+        Trace(counts(), np.array(layers), top_k=2)
+
+
+def test_trace_other_fields():
+    with raises("my.pt: field 'layers' has shape [2], expected 3 along axis 0"):
+        Trace(counts(), np.array([3, 4]), top_k=2, source="my.pt")
+    with raises("Trace: field 'top_k' is 9, more than the 8 experts"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=9)
+    with raises("Trace: field 'top_k' must be a positive integer, got 0"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=0)
+    with raises("Trace: layer id 5 is not below num_model_layers 5"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=2, num_model_layers=5)
+    with raises("Trace: n_group 3 / topk_group 1 do not fit 8 experts"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=2, n_group=3)
+    with raises("Trace: n_group 2 / topk_group 4 do not fit 8 experts"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=2, n_group=2, topk_group=4)
+    with raises("Trace: field 'counts_WLE' is empty, shape [0, 3, 8]"):
+        Trace(np.zeros((0, 3, 8)), np.array([3, 4, 5]), top_k=2)
+    with raises("Trace: field 'tokens_W' holds negative count -1.0 at index [1]"):
+        Trace(counts(), np.array([3, 4, 5]), top_k=2, tokens_W=np.array([1.0, -1.0]))
+    with raises("Trace: field 'layers' must be integers, got dtype float64"):
+        Trace(counts(), np.array([3.0, 4.0, 5.0]), top_k=2)
