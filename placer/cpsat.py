@@ -75,6 +75,9 @@ def swap_descent(packing: Packing, deadline: float) -> int:
         new_h = load_WG[:, None, :, None] + la[:, :, None, None] - lb[:, None]
         pair = np.maximum(new_g.max(0), new_h.max(0))  # [S, G, S]
         cost = np.maximum(pair, _max_excluding(hot_G, g)[None, :, None])
+        # The deltas change the current traffic and move terms: add those, or `cost` undercuts
+        # objective() by them and worse swaps look better (the descent then cycles to the deadline).
+        cost += packing.traffic() + packing.move_int * packing.moved()
         cost += _traffic_delta(packing, g, a) + packing.move_int * _moved_delta(packing, g, a)
         forbidden = packing.on_GE[:, a].T[:, :, None] | packing.on_GE[g][rows][None]  # duplicates
         forbidden[:, g, :] = True
