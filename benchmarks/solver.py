@@ -69,6 +69,7 @@ def run(traces: list[Trace], configs: list[str], options: SolveOptions) -> list[
                 "layers_worse_than_greedy": cv.layers_worse_than_greedy(1e-4),
                 "duplicates": int(sum(f.duplicates for f in cv.folds)),
                 "solve_seconds": cv.mean_seconds(),
+                "group_node_span": cv.mean_group_span(),
                 "per_file": {f.name: round(float(f.imbalance_equal_L.mean()), 4) for f in cv.folds},
                 "target": TARGETS.get(name),
             }
@@ -98,7 +99,7 @@ def _line(row: dict) -> str:
     return (f"{row['config']:>10} {row['method']:>11}  imbalance {row['imbalance_mean']:.4f} "
             f"(worst layer {row['imbalance_worst_layer']:.4f})  best split {row['best_split_mean']:.4f} "
             f"({row['best_split_worst_layer']:.4f})  worse-than-greedy layers {row['layers_worse_than_greedy']}  "
-            f"dups {row['duplicates']}  solve {row['solve_seconds']:.1f} s")
+            f"dups {row['duplicates']}  group span {row['group_node_span']:.2f}  solve {row['solve_seconds']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ def solve(
     redundant: Annotated[Optional[int], typer.Option(help="Redundant slots in all (instead of --slots-per-gpu).")] = None,
     from_: Annotated[Optional[Path], typer.Option("--from", help="Current placement: plan an incremental move from it.")] = None,
     time_limit: Annotated[float, typer.Option(help="Wall-clock seconds for the whole solve.")] = 20.0,
-    traffic_weight: Annotated[float, typer.Option(help="Weight of cross-node traffic (share of routed tokens off their group's node).")] = 0.1,
+    traffic_weight: Annotated[float, typer.Option(help="Weight of cross-node traffic (share of routed tokens off their group's node).")] = 0.05,
     move_weight: Annotated[float, typer.Option(help="With --from: weight of moving every expert of a layer.")] = 0.05,
     method: Annotated[Method, typer.Option(help="cpsat (moeplace), greedy (its warm start) or eplb (DeepSeek EPLB).")] = Method.cpsat,
     memory_budget_gb: Annotated[Optional[float], typer.Option(help="GPU memory for expert slots, GB.")] = None,

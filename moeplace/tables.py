@@ -43,7 +43,7 @@ def solve_table(result: SolveResult, per_layer: bool) -> Table:
 def score_table(scores: list[TraceScore], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name in ("trace", "imbalance mean", "worst layer", "balancedness", "best split", "worst window",
-                 "nodes/token"):
+                 "nodes/token", "group span"):
         table.add_column(name, justify="right" if name != "trace" else "left")
     for s in scores:
         table.add_row(
@@ -54,6 +54,7 @@ def score_table(scores: list[TraceScore], title: str) -> Table:
             f"{s.imbalance_best_L.mean():.4f}",
             "-" if s.worst_window_L is None else f"{s.worst_window_L.mean():.4f}",
             "-" if s.distinct_nodes_L is None else f"{s.distinct_nodes_L.mean():.2f}",
+            "-" if s.group_span_L is None else f"{s.group_span_L.mean():.2f}",
         )
     table.caption = "imbalance = max / mean GPU load per layer (equal split across replicas unless 'best split')"
     return table

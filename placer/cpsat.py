@@ -110,7 +110,9 @@ def _traffic_delta(packing: Packing, g: int, a: np.ndarray) -> np.ndarray:
 def _max_excluding(hot_G: np.ndarray, g: int) -> np.ndarray:
     """[G]: for each h, the largest hot_G over GPUs other than g and h."""
     others = hot_G.copy()
-    others[g] = np.iinfo(np.int64).min
+    # -1, not iinfo.min: the descending sort below negates, and -iinfo.min overflows to itself
+    # (GPU g then sorted first and the true largest other load was lost). Loads are >= 0.
+    others[g] = -1
     order = np.argsort(-others, kind="stable")
     first, second = order[0], order[1] if len(order) > 1 else order[0]
     out = np.full(len(hot_G), others[first])

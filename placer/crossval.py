@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeplace.placer.evaluate import best_split, gpu_load_LG, imbalance
+from moeplace.placer.evaluate import best_split, gpu_load_LG, group_span, imbalance
 from moeplace.placer.solve import SolveOptions, solve
 from moeplace.topology import Topology
 from moeplace.trace import Trace
@@ -27,6 +27,7 @@ class HeldOut:
     greedy_hottest_L: np.ndarray  # the same for the greedy warm start (nan for eplb)
     duplicates: int
     seconds: float
+    group_span_L: np.ndarray | None = None  # nodes a routing group spans (traces with n_group > 1)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class CrossValidation:
     def layers_worse_than_greedy(self, tolerance: float = 1e-9) -> int:
         """Layers (over all folds) where the plan's worst planning workload is hotter than greedy's."""
         return int(sum((f.planning_hottest_L > f.greedy_hottest_L + tolerance).sum() for f in self.folds))
+
+    def mean_group_span(self) -> float:
+        spans = [f.group_span_L.mean() for f in self.folds if f.group_span_L is not None]
+        return float(np.mean(spans)) if spans else float("nan")
 
     def mean_seconds(self) -> float:
         return float(np.mean([f.seconds for f in self.folds]))
@@ -75,6 +80,7 @@ def leave_one_out(traces: list[Trace], topology: Topology, options: SolveOptions
                 greedy_hottest_L=np.array([r.greedy_hottest for r in result.reports]),
                 duplicates=placement.duplicate_replicas(),
                 seconds=result.seconds,
+                group_span_L=group_span(placement, total_LE, held.n_group) if held.n_group > 1 else None,
             )
         )
     return CrossValidation(tuple(folds))

@@ -26,6 +26,7 @@ class TraceScore:
     imbalance_best_L: np.ndarray
     worst_window_L: np.ndarray | None  # worst window's equal-split imbalance, when the trace has several
     distinct_nodes_L: np.ndarray | None  # mean distinct nodes per sampled token, when it has samples
+    group_span_L: np.ndarray | None = None  # nodes a routing group spans, weighted by its load (n_group > 1)
 
     def summary(self) -> dict:
         out = {
@@ -40,6 +41,8 @@ class TraceScore:
             out["worst_window_imbalance_mean"] = float(self.worst_window_L.mean())
         if self.distinct_nodes_L is not None:
             out["distinct_nodes_per_token"] = float(self.distinct_nodes_L.mean())
+        if self.group_span_L is not None:
+            out["group_node_span"] = float(self.group_span_L.mean())
         return out
 
 
@@ -142,6 +145,23 @@ def _greedy_cover(masks_TK: np.ndarray, num_nodes: int) -> np.ndarray:
     return np.array([bin(v).count("1") for v in visited])
 
 
+def group_span(placement: Placement, load_LE: np.ndarray, n_group: int) -> np.ndarray:
+    """[L] nodes holding experts of a routing group, averaged over groups weighted by their load.
+    With group-limited routing (a token uses topk_group of n_group groups) this bounds the nodes a
+    token reaches per group: 1.0 means every group lives on one node."""
+    topo = placement.topology
+    E = placement.num_experts
+    group_E = np.arange(E) // (E // n_group)
+    node_P = np.arange(topo.num_slots) // topo.slots_per_gpu // topo.gpus_per_node
+    out = np.zeros(placement.num_layers)
+    for l in range(placement.num_layers):
+        on_JN = np.zeros((n_group, topo.num_nodes), dtype=bool)
+        on_JN[group_E[placement.phy2log_LP[l]], node_P] = True
+        load_J = np.bincount(group_E, weights=load_LE[l], minlength=n_group)
+        out[l] = on_JN.sum(1) @ load_J / max(load_J.sum(), 1e-300)
+    return out
+
+
 def moves(old: Placement, new: Placement) -> MoveReport:
     """Experts each GPU must receive: (expert, GPU) pairs in `new` whose GPU lacked that expert in `old`."""
     if old.phy2log_LP.shape != new.phy2log_LP.shape or old.num_experts != new.num_experts:
@@ -198,4 +218,5 @@ def evaluate(placement: Placement, trace: Trace) -> TraceScore:
         imbalance_best_L=best_split(placement, total_LE)[0],
         worst_window_L=worst,
         distinct_nodes_L=nodes,
+        group_span_L=group_span(placement, total_LE, trace.n_group) if trace.n_group > 1 else None,
     )

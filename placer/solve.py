@@ -39,7 +39,7 @@ class Method(str, enum.Enum):
 class SolveOptions:
     method: Method = Method.cpsat
     time_limit: float = 20.0  # wall-clock seconds for the whole solve, all layers
-    traffic_weight: float = 0.1  # imbalance traded for all routed tokens leaving their group's node
+    traffic_weight: float = 0.05  # imbalance traded for all routed tokens leaving their group's node
     move_weight: float = 0.05  # imbalance traded for moving every expert of a layer (with `old`)
     seed: int = 0
     workers: int = 0  # processes; 0 = one per CPU core
@@ -199,7 +199,7 @@ def _home_nodes(task: _LayerTask) -> np.ndarray | None:
     """Home node per expert for the traffic term: from sampled co-activation when the traces have
     per-token samples, else from the model's routing groups; None on one node or without either."""
     topo = task.topology
-    if topo.num_nodes == 1 or task.options.traffic_weight == 0:
+    if topo.num_nodes == 1:
         return None
     if task.topk_ids_TK is not None:
         together = coactivation(task.topk_ids_TK, len(task.share_WE[0]))
