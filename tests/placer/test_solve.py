@@ -195,7 +195,8 @@ def raises(message: str):
 
 def test_fewer_slots_than_experts():
     topo = Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=7)
-    with raises("14 slots (2 GPUs x 7) are fewer than the 16 experts of /data/chat.safetensors: every expert needs a slot"):
+    with raises("14 slots (2 GPUs x 7) are fewer than the 16 experts of /data/chat.safetensors: "
+                "every expert needs a slot"):
         solve(TRACES, topo, FAST)
     assert solve(TRACES, Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=8), replace(FAST, method=Method.greedy))
 
@@ -226,7 +227,8 @@ def test_old_placement_for_other_experts_or_layers():
 def test_traces_must_agree_on_experts_and_layers():
     with raises("/data/small.safetensors: has 8 experts, but /data/chat.safetensors has 16"):
         solve([TRACES[0], synthetic_trace(3, "small", E=8)], TOPO, FAST)
-    with raises("/data/short.safetensors: MoE layers 3..4 (2 layers) differ from /data/chat.safetensors's 3..5 (3 layers)"):
+    with raises("/data/short.safetensors: MoE layers 3..4 (2 layers) differ from "
+                "/data/chat.safetensors's 3..5 (3 layers)"):
         solve([TRACES[0], synthetic_trace(3, "short", L=2)], TOPO, FAST)
 
 
@@ -235,8 +237,8 @@ def test_traces_must_agree_on_experts_and_layers():
 
 @pytest.fixture(scope="module")
 def sglang_traces() -> list[Trace]:
-    if not SHARED.is_dir():
-        pytest.skip(f"real traces not found: {SHARED} (the shared folder beside the repository) is absent")
+    if not SGLANG.is_dir():
+        pytest.skip(f"real traces not found: {SGLANG} is absent (the shared folder beside the repository)")
     from moeplace.readers import load_trace
 
     traces = []
