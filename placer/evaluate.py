@@ -173,7 +173,7 @@ def moves(old: Placement, new: Placement) -> MoveReport:
     G, N, E = topo.num_gpus, topo.num_nodes, new.num_experts
     experts, intra = np.zeros(new.num_layers, dtype=np.int64), np.zeros(new.num_layers, dtype=np.int64)
     for l in range(new.num_layers):
-        old_GE, new_GE = _on_gpu(old, l), _on_gpu(new, l)
+        old_GE, new_GE = experts_on_gpus(old, l), experts_on_gpus(new, l)
         incoming_GE = new_GE & ~old_GE
         on_node_NE = old_GE.reshape(N, G // N, E).any(axis=1)
         experts[l] = incoming_GE.sum()
@@ -181,7 +181,8 @@ def moves(old: Placement, new: Placement) -> MoveReport:
     return MoveReport(experts, intra, topo.expert_bytes)
 
 
-def _on_gpu(placement: Placement, l: int) -> np.ndarray:
+def experts_on_gpus(placement: Placement, l: int) -> np.ndarray:
+    """[G, E] bool: GPU g holds a replica of expert e in layer row l."""
     topo = placement.topology
     on_GE = np.zeros((topo.num_gpus, placement.num_experts), dtype=bool)
     on_GE[np.arange(topo.num_slots) // topo.slots_per_gpu, placement.phy2log_LP[l]] = True

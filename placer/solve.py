@@ -20,6 +20,7 @@ import numpy as np
 
 from moeplace.placement import Placement
 from moeplace.placer.cpsat import improve_layer
+from moeplace.placer.evaluate import experts_on_gpus
 from moeplace.placer.greedy import pack_for_scenarios, rebalance_experts, replicate_for_scenarios
 from moeplace.placer.layer import SCALE, LayerProblem, Packing
 from moeplace.placer.affinity import coactivation, coactivation_homes, group_homes
@@ -99,7 +100,7 @@ def solve(
                 topology=topology,
                 group_E=group_E,
                 topk_ids_TK=None if samples_TLK is None else samples_TLK[:, l],
-                old_on_GE=None if old is None else _on_gpu(old.phy2log_LP[l], topology, E),
+                old_on_GE=None if old is None else experts_on_gpus(old, l),
                 options=options,
                 seconds=budget * _workers(options, L) / L,
             )
@@ -252,12 +253,6 @@ def _workers(options: SolveOptions, num_layers: int) -> int:
 def _overhead(num_layers: int) -> float:
     """Seconds kept back for start-up of workers and assembling the result."""
     return 0.5 + 0.01 * num_layers
-
-
-def _on_gpu(phy2log_P: np.ndarray, topology: Topology, num_experts: int) -> np.ndarray:
-    on_GE = np.zeros((topology.num_gpus, num_experts), dtype=bool)
-    on_GE[np.arange(topology.num_slots) // topology.slots_per_gpu, phy2log_P] = True
-    return on_GE
 
 
 def _keep_slots(new_GS: np.ndarray, old_GS: np.ndarray) -> np.ndarray:
