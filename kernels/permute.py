@@ -1,0 +1,204 @@
+"""Token permutation for grouped expert GEMMs.
+
+The (token, k) rows of a routing decision are sorted by expert into one contiguous layout: expert e owns
+rows [expert_offsets_E1[e], expert_offsets_E1[e + 1]), and within an expert rows keep token order (a
+stable sort). Permuting quantises the activations to FP8 on the way (each token once, stored K times);
+unpermuting sums each token's K expert outputs with its routing weights.
+Dimensions: T = tokens, K = top-k, E = experts, D = hidden, M = T*K sorted rows (an upper bound: rows
+from expert_offsets_E1[E] on belong to no expert, which is where -1 ids would have gone).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from moeplace.kernels._triton import require_triton, tl, triton
+from moeplace.kernels.fp8_quant import EPS, FP8, FP8_MAX, GROUP, check_activations, per_token_group_quant_fp8_ref, quant_rows
+from moeplace.kernels.histogram import check_topk_ids
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPlan:
+    """Where each routed (token, k) row sits once rows are sorted by expert; lives on the ids' device."""
+
+    expert_offsets_E1: torch.Tensor  # [E + 1] int32, offsets[0] = 0, offsets[E] = rows with a valid id
+    row_pos_TK: torch.Tensor  # [T, K] int32 sorted row of (token, k); -1 where the id was -1
+
+    def __post_init__(self):
+        assert self.expert_offsets_E1.dim() == 1 and self.expert_offsets_E1.dtype == torch.int32, \
+            f"expert_offsets_E1 must be [E + 1] int32, got {tuple(self.expert_offsets_E1.shape)} {self.expert_offsets_E1.dtype}"
+        assert self.row_pos_TK.dim() == 2 and self.row_pos_TK.dtype == torch.int32 and self.row_pos_TK.is_contiguous(), \
+            f"row_pos_TK must be contiguous [T, K] int32, got {tuple(self.row_pos_TK.shape)} {self.row_pos_TK.dtype}"
+
+    @property
+    def num_rows(self) -> int:  # M, the rows every sorted buffer has
+        return self.row_pos_TK.numel()
+
+
+# ---------------------------------------------------------------- routing plan
+
+
+@triton.jit
+def _block_count_kernel(ids_ptr, block_counts_ptr, n, E, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
+    tl.atomic_add(block_counts_ptr + b * E + ids, 1, mask=(ids >= 0) & (ids < E))
+
+
+@triton.jit
+def _row_pos_kernel(ids_ptr, block_base_ptr, row_pos_ptr, n, E, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    offs = b * BLOCK + i
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
+    valid = (ids >= 0) & (ids < E)
+    # rank inside the block = earlier rows with the same id; a [BLOCK, BLOCK] compare, whatever E is
+    earlier_same = (ids[None, :] == ids[:, None]) & (i[None, :] < i[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+    base = tl.load(block_base_ptr + b * E + ids, mask=valid, other=0)
+    tl.store(row_pos_ptr + offs, tl.where(valid, base + rank, -1), mask=offs < n)
+
+
+def moe_routing_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """topk_ids_TK: [T, K] int32/int64, -1 = no selection → RoutingPlan (stable sort by expert), no host sync."""
+    require_triton()
+    check_topk_ids(topk_ids_TK)
+    assert num_experts > 0, f"num_experts must be positive, got {num_experts}"
+    n, E, dev = topk_ids_TK.numel(), num_experts, topk_ids_TK.device
+    BLOCK = 128
+    NB = max(triton.cdiv(n, BLOCK), 1)
+    # Step 1: per-block expert counts
+    block_counts_BE = torch.zeros(NB, E, dtype=torch.int32, device=dev)
+    _block_count_kernel[(NB,)](topk_ids_TK, block_counts_BE, n, E, BLOCK=BLOCK)
+    # Step 2: a row's slot = its expert's offset + rows of that expert in earlier blocks + its rank in the block
+    inclusive_BE = block_counts_BE.cumsum(0, dtype=torch.int32)
+    expert_offsets_E1 = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(inclusive_BE[-1], 0, out=expert_offsets_E1[1:])
+    block_base_BE = expert_offsets_E1[:-1] + inclusive_BE - block_counts_BE
+    # Step 3: row positions
+    row_pos_TK = torch.empty(topk_ids_TK.shape, dtype=torch.int32, device=dev)
+    _row_pos_kernel[(NB,)](topk_ids_TK, block_base_BE, row_pos_TK, n, E, BLOCK=BLOCK)
+    return RoutingPlan(expert_offsets_E1, row_pos_TK)
+
+
+def moe_routing_plan_ref(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """Plain-torch reference: a stable argsort of the flattened ids, invalid ids sorted last."""
+    check_topk_ids(topk_ids_TK)
+    ids = topk_ids_TK.flatten().long()
+    valid = (ids >= 0) & (ids < num_experts)
+    order = torch.argsort(torch.where(valid, ids, num_experts), stable=True)
+    pos = torch.empty_like(ids)
+    pos[order] = torch.arange(ids.numel(), device=ids.device)
+    pos[~valid] = -1
+    counts = torch.bincount(ids[valid], minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return RoutingPlan(offsets, pos.to(torch.int32).view(topk_ids_TK.shape))
+
+
+# ---------------------------------------------------------------- permute with FP8 quantisation
+
+
+@triton.jit
+def _permute_quant_kernel(x_ptr, row_pos_ptr, q_ptr, s_ptr, NG, stride_xt, stride_qm, stride_sm,
+                          K: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+                          FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # program (t, j): token t, channel groups [j*GROUPS, (j+1)*GROUPS); quantised once, stored K times
+    t = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    gmask = g < NG
+    x = tl.load(x_ptr + t.to(tl.int64) * stride_xt + cols, mask=gmask[:, None], other=0.0).to(tl.float32)
+    q, s = quant_rows(x, FP8_MAX, EPS)
+    for k in tl.static_range(K):
+        pos = tl.load(row_pos_ptr + t * K + k).to(tl.int64)
+        keep = g < tl.where(pos >= 0, NG, 0)  # not `gmask & (pos >= 0)`: the interpreter rejects that mask
+        tl.store(q_ptr + pos * stride_qm + cols, q, mask=keep[:, None])
+        tl.store(s_ptr + pos * stride_sm + g, s, mask=keep)
+
+
+def _check_plan(plan: RoutingPlan, T: int, device: torch.device) -> None:
+    assert plan.row_pos_TK.shape[0] == T, f"plan has {plan.row_pos_TK.shape[0]} tokens, activations have {T}"
+    assert plan.row_pos_TK.device == device, f"plan on {plan.row_pos_TK.device}, activations on {device}"
+
+
+def permute_quant(x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_TD: [T, D] bf16/fp16/fp32 → (a_MD [M, D] float8_e4m3fn, a_scale_MG [M, D // 128] float32) in the
+    sorted layout, M = T*K. Rows from expert_offsets_E1[E] on are left unwritten."""
+    require_triton()
+    check_activations(x_TD)
+    T, D = x_TD.shape
+    _check_plan(plan, T, x_TD.device)
+    M, K, NG = plan.num_rows, plan.row_pos_TK.shape[1], D // GROUP
+    a_MD = torch.empty(M, D, dtype=FP8, device=x_TD.device)
+    a_scale_MG = torch.empty(M, NG, dtype=torch.float32, device=x_TD.device)
+    GROUPS = 8  # 1024 channels a program: enough bytes in flight, and 7168 / 1024 programs per token
+    grid = (T, triton.cdiv(NG, GROUPS))
+    if T > 0:
+        _permute_quant_kernel[grid](x_TD, plan.row_pos_TK, a_MD, a_scale_MG, NG, x_TD.stride(0), a_MD.stride(0),
+                                    a_scale_MG.stride(0), K=K, GROUPS=GROUPS, GROUP=GROUP, FP8_MAX=FP8_MAX, EPS=EPS)
+    return a_MD, a_scale_MG
+
+
+def permute_quant_ref(x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch reference of `permute_quant`; rows that no (token, k) maps to are zero."""
+    q_TD, s_TG = per_token_group_quant_fp8_ref(x_TD)
+    T, K = plan.row_pos_TK.shape
+    pos = plan.row_pos_TK.flatten().long()
+    src = torch.arange(T, device=x_TD.device).repeat_interleave(K)[pos >= 0]
+    a = torch.zeros(plan.num_rows, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    s = torch.zeros(plan.num_rows, s_TG.shape[1], dtype=torch.float32, device=x_TD.device)
+    a[pos[pos >= 0]] = q_TD[src].float()
+    s[pos[pos >= 0]] = s_TG[src]
+    return a.to(FP8), s
+
+
+# ---------------------------------------------------------------- unpermute with weighted combine
+
+
+@triton.jit
+def _unpermute_kernel(y_ptr, row_pos_ptr, w_ptr, out_ptr, D, stride_ym, stride_ot,
+                      K: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(K):  # fixed k order: the sum is deterministic, unlike atomics
+        pos = tl.load(row_pos_ptr + t * K + k).to(tl.int64)
+        w = tl.load(w_ptr + t * K + k).to(tl.float32)
+        y = tl.load(y_ptr + pos * stride_ym + cols, mask=cols < tl.where(pos >= 0, D, 0), other=0.0).to(tl.float32)
+        acc += tl.where(pos >= 0, w, 0.0) * y
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def _check_combine(y_MD: torch.Tensor, plan: RoutingPlan, topk_weights_TK: torch.Tensor) -> None:
+    assert y_MD.dim() == 2 and y_MD.shape[0] == plan.num_rows, \
+        f"y_MD must be [M={plan.num_rows}, D], got {tuple(y_MD.shape)}"
+    assert y_MD.stride(1) == 1, f"y_MD: channels must be contiguous, strides {y_MD.stride()}"
+    assert topk_weights_TK.shape == plan.row_pos_TK.shape, \
+        f"topk_weights_TK {tuple(topk_weights_TK.shape)} != row_pos_TK {tuple(plan.row_pos_TK.shape)}"
+    assert topk_weights_TK.is_contiguous() and topk_weights_TK.is_floating_point(), \
+        f"topk_weights_TK must be contiguous floats, got {topk_weights_TK.dtype} strides {topk_weights_TK.stride()}"
+    assert y_MD.device == plan.row_pos_TK.device == topk_weights_TK.device, "y_MD, plan and weights on different devices"
+
+
+def unpermute_combine(y_MD: torch.Tensor, plan: RoutingPlan, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_MD: [M, D] expert outputs in the sorted layout, topk_weights_TK: [T, K] → out_TD [T, D], y's dtype:
+    out[t] = Σ_k w[t, k] · y[row_pos[t, k]] over k with a valid id (a token with none gets zeros)."""
+    require_triton()
+    _check_combine(y_MD, plan, topk_weights_TK)
+    (T, K), D = plan.row_pos_TK.shape, y_MD.shape[1]
+    out_TD = torch.empty(T, D, dtype=y_MD.dtype, device=y_MD.device)
+    BLOCK_D = 1024
+    if T > 0:
+        _unpermute_kernel[(T, triton.cdiv(D, BLOCK_D))](y_MD, plan.row_pos_TK, topk_weights_TK, out_TD, D,
+                                                         y_MD.stride(0), out_TD.stride(0), K=K, BLOCK_D=BLOCK_D)
+    return out_TD
+
+
+def unpermute_combine_ref(y_MD: torch.Tensor, plan: RoutingPlan, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    """Plain-torch reference in float64: [T, D]."""
+    _check_combine(y_MD, plan, topk_weights_TK)
+    pos = plan.row_pos_TK.long()
+    y = torch.where((pos >= 0)[..., None], y_MD.double()[pos.clamp_min(0)], 0.0)  # [T, K, D]
+    w = torch.where(pos >= 0, topk_weights_TK.double(), 0.0)
+    return (w[..., None] * y).sum(dim=1)

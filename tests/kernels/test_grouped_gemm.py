@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from moeplace.kernels.fp8_quant import quant_weight_blocks_ref
+from moeplace.kernels.grouped_gemm import (GemmConfig, grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8,
+                                          grouped_gemm_swiglu_ref)
+from moeplace.kernels.permute import moe_routing_plan_ref, permute_quant_ref
+
+
+def block_weights(E, N, K, gen):
+    """Random weights whose 128×128 blocks differ in magnitude (so a wrong block scale shows)."""
+    mag = 10.0 ** (torch.rand(E, N // 128, 1, K // 128, 1, generator=gen) * 2 - 1)
+    w = (torch.randn(E, N // 128, 128, K // 128, 128, generator=gen) * mag).view(E, N, K) / K**0.5
+    return w, *quant_weight_blocks_ref(w)
+
+
+def sorted_activations(ids, E, K_dim, gen, device):
+    """Routed rows of random tokens in the sorted layout; rows past the last expert are NaN, so a kernel
+    that reads them (or writes them) is caught."""
+    plan = moe_routing_plan_ref(ids, E)
+    x = (torch.randn(ids.shape[0], K_dim, generator=gen) * 2).to(torch.bfloat16).to(device)
+    a, s = permute_quant_ref(x, plan)
+    used = plan.expert_offsets_E1[-1].item()
+    a.view(torch.uint8)[used:] = 0x7F
+    s[used:] = float("nan")
+    return x, plan, a, s, used
+
+
+CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}g{c.group_m}")
+@pytest.mark.parametrize("T, K, E, local", [(40, 8, 12, None), (9, 4, 16, 8)])
+def test_grouped_gemm_matches_float64(cfg, T, K, E, local, routing, gen, device, poisoned, rel_err, gemm_tol):
+    ids, _ = routing(T, K, E, local)
+    E_w = local or E
+    _, b, b_s = block_weights(E_w, 256, 384, gen)
+    _, plan, a, a_s, used = sorted_activations(ids, E_w, 384, gen, device)
+    c = grouped_gemm_fp8(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1, torch.float32, cfg)
+    ref = grouped_gemm_ref(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1)
+    err = rel_err(c[:used], ref[:used])
+    assert err < gemm_tol, f"relative error {err} (see gemm_tol)"
+    assert c[used:].isnan().all(), "rows past the last expert must stay unwritten"
+
+
+def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, rel_err):
+    # every row on one expert of six (E not a power of two): many m-tiles for it, none for the others
+    E, N, K_dim = 6, 128, 256
+    ids = torch.full((70, 2), 4, dtype=torch.int32, device=device)
+    ids[:, 1] = -1
+    w, b, b_s = block_weights(E, N, K_dim, gen)
+    x, plan, a, a_s, used = sorted_activations(ids, E, K_dim, gen, device)
+    c = grouped_gemm_fp8(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1, torch.bfloat16, GemmConfig(16, 64, 2, 4, 2))
+    ref = grouped_gemm_ref(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1)
+    assert c.dtype == torch.bfloat16 and rel_err(c[:used], ref[:used]) < 5e-3
+    exact = x.double().cpu() @ w[4].double().T  # the product before any FP8 rounding
+    assert rel_err(c[plan.row_pos_TK[:, 0].long()], exact) < 0.06, "beyond FP8 (e4m3) input error"
+
+
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2), GemmConfig(64, 128, 4, 4, 3)], ids=["m16", "m64"])
+def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
+    ids, _ = routing(30, 8, 16, local=10)
+    _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row
+    _, plan, a, a_s, used = sorted_activations(ids, 10, 256, gen, device)
+    q, s = grouped_gemm_swiglu_fp8(a, a_s, w13.to(device), w13_s.to(device), plan.expert_offsets_E1, cfg)
+    q_ref, s_ref = grouped_gemm_swiglu_ref(a, a_s, w13.to(device), w13_s.to(device), plan.expert_offsets_E1)
+    assert s[used:].isnan().all() and q[used:].float().isnan().all(), "rows past the last expert must stay unwritten"
+    # fp32 (kernel) and float64 (reference) products can round to neighbouring fp8 values now and then
+    same = (q[:used].view(torch.uint8) == q_ref[:used].view(torch.uint8)).float().mean().item()
+    assert same > 0.98, f"only {same:.3f} of the fp8 bytes agree"
+    assert rel_err(s[:used], s_ref[:used]) < gemm_tol
+    back = q[:used].double().view(used, 2, 128) * s[:used, :, None]
+    back_ref = q_ref[:used].double().view(used, 2, 128) * s_ref[:used, :, None]
+    assert rel_err(back, back_ref) < 1e-2
+
+
+def test_grouped_gemm_rejects_bad_operands(device):
+    a = torch.randn(8, 256, device=device).to(torch.float8_e4m3fn)
+    a_s = torch.rand(8, 2, device=device)
+    b = torch.randn(2, 128, 256, device=device).to(torch.float8_e4m3fn)
+    b_s = torch.rand(2, 1, 2, device=device)
+    off = torch.tensor([0, 4, 8], dtype=torch.int32, device=device)
+    with pytest.raises(AssertionError, match="K of a_MK \\(256\\) != K of b_ENK \\(128\\)"):
+        grouped_gemm_fp8(a, a_s, b[..., :128], b_s[..., :1], off)
+    with pytest.raises(AssertionError, match="b_scale_ENbKb must be \\[2, 1, 2\\] float32"):
+        grouped_gemm_fp8(a, a_s, b, b_s.double(), off)
+    with pytest.raises(AssertionError, match="expert_offsets_E1 must be \\[3\\] int32"):
+        grouped_gemm_fp8(a, a_s, b, b_s, off.long())
+    with pytest.raises(AssertionError, match="not a multiple of block_n=256"):
+        grouped_gemm_fp8(a, a_s, b, b_s, off, config=GemmConfig(block_n=256))
+    with pytest.raises(AssertionError, match="one 128-channel group per tile: block_n=64"):
+        grouped_gemm_swiglu_fp8(a, a_s, torch.cat([b, b], 1), torch.cat([b_s, b_s], 1), off, GemmConfig(block_n=64))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_grouped_gemm_deepseek_shapes(routing, gen, device, poisoned, rel_err, gemm_tol):
+    ids, _ = routing(512, 8, 256, local=32)  # one EP8 rank's rows of a 512-token batch
+    _, b, b_s = block_weights(32, 4096, 7168, gen)
+    _, plan, a, a_s, used = sorted_activations(ids, 32, 7168, gen, device)
+    c = grouped_gemm_fp8(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1, torch.float32)
+    ref = grouped_gemm_ref(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1)
+    assert rel_err(c[:used], ref[:used]) < gemm_tol and c[used:].isnan().all()
