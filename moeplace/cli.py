@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -127,6 +128,37 @@ def demo(
 
     with user_errors():
         run_demo(stdout(), time_limit)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    nproc: Annotated[int, typer.Option(help="Ranks (GPUs) on this node.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node (0: all ranks on one node).")] = 0,
+    model: Annotated[Optional[Path], typer.Option(help="DeepSeek-V3-family checkpoint folder (default: the embedded tiny model).")] = None,
+    placement: Annotated[Optional[Path], typer.Option(help="Placement JSON to serve with (default: trivial).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless --api-key is given).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port of rank 0.")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL).")] = "cpu",
+    api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="Required to bind off loopback.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Sequences batched per step.")] = 8,
+) -> None:
+    """Serve a DeepSeek-V3-family FP8 model with expert parallelism over `--nproc` ranks (torchrun).
+    Extra arguments are passed to torchrun (multi-node: --nnodes, --node-rank, --rdzv-endpoint ...)."""
+    import subprocess
+
+    from moeplace.runtime.launch import ServeConfig, torchrun_command
+    from moeplace.runtime.tiny import default_model_dir
+
+    with user_errors():
+        if placement is not None:
+            load_placement(placement)  # fail here, in one line, rather than in every rank
+        config = ServeConfig(model, placement, host, port, device, gpus_per_node, api_key, max_batch)
+        command = torchrun_command(config, nproc, list(ctx.args))
+        if model is None:
+            default_model_dir()  # generate the embedded model once, before the ranks start
+    env = dict(os.environ, MOEPLACE_API_KEY=api_key or "")
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 def _check_output(path: Path) -> None:

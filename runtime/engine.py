@@ -1,0 +1,176 @@
+"""Continuous-batching generation over an `EPModel` spread across ranks.
+
+Rank 0 owns the request queue (fed by the HTTP server) and runs `Engine.run` in a thread: each step
+it takes the running sequences plus newly arrived ones (up to `max_batch`), broadcasts the batch on
+a gloo control group, and every rank runs the model's forward together (`worker_loop` on ranks
+1..P-1). The model recomputes the whole sequence each step (no KV cache): the embedded model is
+tiny, and recomputation keeps a sequence's logits independent of what it was batched with.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moeplace.runtime.batch import pad_right
+
+
+class QueueFull(Exception):
+    """The request queue is at its limit: the server answers 503 with Retry-After."""
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_batch: int = 8
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 256
+    queue_limit: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "queue_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine: '{name}' must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "length" | "stop"
+
+
+@dataclass
+class _Sequence:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    future: Future
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last step did, for /metrics."""
+
+    seconds: float
+    batch: int
+    tokens: int
+
+
+class Engine:
+    """Rank 0's scheduler. `submit` is thread-safe; `run` loops until `stop`."""
+
+    def __init__(self, model, config: EngineConfig, control_group, eos_id: int, pad_id: int = 0) -> None:
+        self.model = model
+        self.config = config
+        self.control_group = control_group
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self._incoming: queue.Queue[_Sequence] = queue.Queue(maxsize=config.queue_limit)
+        self._running: list[_Sequence] = []
+        self._stopping = threading.Event()
+        self.on_step = None  # optional callback(StepStats), set by the server for metrics
+        self.steps = 0
+
+    # -- API used by the server (any thread) ---------------------------------------------------
+    def submit(self, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None = None) -> Future:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}")
+        if not 1 <= max_tokens <= self.config.max_new_tokens:
+            raise ValueError(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {max_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        seq = _Sequence(list(prompt_ids), max_tokens, float(temperature), seed, Future())
+        if temperature > 0:
+            seq.generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % 2**31)
+        try:
+            self._incoming.put_nowait(seq)
+        except queue.Full:
+            raise QueueFull(f"{self.config.queue_limit} requests are waiting") from None
+        return seq.future
+
+    def queued(self) -> int:
+        return self._incoming.qsize() + len(self._running)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # -- the loop (one thread on rank 0) -------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._admit()
+                if self._running:
+                    self.step()
+        finally:
+            _broadcast(("stop",), self.control_group)
+            for seq in self._running:
+                seq.future.set_exception(RuntimeError("server is shutting down"))
+
+    def _admit(self) -> None:
+        block = not self._running
+        while len(self._running) < self.config.max_batch:
+            try:
+                seq = self._incoming.get(timeout=0.05) if block else self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            if seq.future.set_running_or_notify_cancel():
+                self._running.append(seq)
+            block = False
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        batch = self._running
+        ids_BT, mask_BT = pad_right([s.prompt_ids + s.generated for s in batch], self.pad_id)
+        _broadcast(("step", ids_BT, mask_BT), self.control_group)
+        logits_BTV = self.model.forward(ids_BT, mask_BT)
+        last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
+        still = []
+        for seq, logits_V in zip(batch, last_BV):
+            token = _sample(logits_V, seq.temperature, seq.generator)
+            seq.generated.append(token)
+            if token == self.eos_id or len(seq.generated) >= seq.max_tokens:
+                reason = "stop" if token == self.eos_id else "length"
+                tokens = seq.generated[:-1] if token == self.eos_id else seq.generated
+                seq.future.set_result(Completion(tokens, len(seq.prompt_ids), reason))
+            else:
+                still.append(seq)
+        self._running = still
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(StepStats(time.perf_counter() - start, len(batch), int(mask_BT.sum())))
+
+
+def worker_loop(model, control_group) -> None:
+    """Ranks 1..P-1: run every step rank 0 broadcasts, until it says stop."""
+    while True:
+        message = _broadcast(None, control_group)
+        if message[0] == "stop":
+            return
+        _, ids_BT, mask_BT = message
+        model.forward(ids_BT, mask_BT)
+
+
+def _sample(logits_V: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    if temperature == 0:
+        return int(torch.argmax(logits_V))
+    probs = torch.softmax(logits_V.double() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _broadcast(message, group):
+    """Rank 0 sends `message` to every rank of the control group; others return what it sent."""
+    if group is None:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]

@@ -1,0 +1,197 @@
+"""`EPModel`: a DeepSeek-V3-family checkpoint served expert-parallel across the ranks of a process group.
+
+Attention, norms, embeddings and head are transformers' DeepseekV3ForCausalLM modules; each MoE
+block is replaced by moeplace's `EPMoE`. Multi-rank use (every rank runs the same calls):
+
+    dist.init_process_group("gloo")            # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    model = EPModel.load(model_dir, placement, group=dist.group.WORLD, device=torch.device("cpu"))
+    logits_BTV = model.forward(input_ids_BT, attention_mask_BT)   # identical inputs on every rank
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeplace.placement import Placement, trivial_placement
+from moeplace.runtime.checkpoint import Checkpoint
+from moeplace.runtime.comm import Comm
+from moeplace.runtime.config import ModelConfig
+from moeplace.runtime.moe import EPMoE
+from moeplace.topology import Topology
+
+
+class EPModel:
+    """config: ModelConfig; placement: the live Placement; moe_layers: EPMoE per MoE layer (placement row order).
+
+    After each forward, on every rank (one small all_reduce per step provides them):
+      routed_counts_LE [L, E] int64 (token, expert) assignments per logical expert, all ranks' tokens;
+      gpu_load_LG [L, G] int64 (token, expert) rows each rank's experts computed.
+    """
+
+    def __init__(self, hf_model: nn.Module, config: ModelConfig, placement: Placement, moe_layers: list[EPMoE],
+                 comm: Comm, device: torch.device):
+        self.hf_model, self.config, self.placement = hf_model, config, placement
+        self.moe_layers, self.comm, self.device = moe_layers, comm, device
+        L, E, G = len(moe_layers), config.n_routed_experts, comm.world_size
+        self.routed_counts_LE = torch.zeros(L, E, dtype=torch.int64, device=device)
+        self.gpu_load_LG = torch.zeros(L, G, dtype=torch.int64, device=device)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        placement: Placement | None,
+        *,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        gpus_per_node: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> EPModel:
+        """Load this rank's part of the model: non-MoE weights in full, routed experts of its slots only.
+
+        placement None: the trivial placement (slot p holds expert p % E) over the group's ranks,
+        ceil(E / world) slots per rank, `gpus_per_node` ranks per node (default: all on one node).
+        group: the ranks that serve together (dist.group.WORLD under torchrun); None: this process alone.
+        dtype: activations and non-expert weights (default float32 on CPU, bfloat16 on CUDA).
+        A collective: every rank of the group must call it. ValueError (on every rank, so none hangs)
+        when the checkpoint is bad or the placement does not fit the model or the group.
+        """
+        comm = Comm.of(group)
+        dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        error = None
+        try:
+            with Checkpoint(model_dir) as ckpt:
+                config = ckpt.config
+                if placement is None:
+                    placement = default_placement(config, comm.world_size, gpus_per_node or comm.world_size)
+                check_placement(placement, config, comm.world_size, str(model_dir))
+                model = cls._build(ckpt, placement, comm, torch.device(device), dtype)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = exc
+        if not comm.all_ok(error is None):
+            raise error or ValueError(f"{model_dir}: another rank failed to load the model (see its error)")
+        return model
+
+    @classmethod
+    def _build(cls, ckpt: Checkpoint, placement: Placement, comm: Comm, device: torch.device, dtype) -> EPModel:
+        config = ckpt.config
+        hf_model, hf_config = build_dense_model(config, device, dtype)
+        moe_layers = []
+        for row, layer_id in enumerate(config.moe_layers):
+            moe = EPMoE(config, hf_config, layer_id, row, placement, comm, device, dtype)
+            hf_model.model.layers[layer_id].mlp = moe
+            moe_layers.append(moe)
+        ckpt.load_module(hf_model)
+        for moe in moe_layers:
+            moe.load_slots(ckpt)
+        return cls(hf_model, config, placement, moe_layers, comm, device)
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """Logits of every position: logits_BTV float32 [B, T, vocab_size].
+
+        input_ids_BT int64 [B, T]; attention_mask_BT int64 [B, T], 1 = real token, 0 = padding on the
+        right (each row 1...1 0...0, at least one real token). Padding gets no expert compute, and the
+        real tokens' logits are those of the unpadded sequence. A collective: every rank calls it with
+        identical inputs.
+        """
+        check_inputs(input_ids_BT, attention_mask_BT, self.config.vocab_size)
+        input_ids_BT = input_ids_BT.to(self.device)
+        attention_mask_BT = attention_mask_BT.to(self.device)
+        with torch.no_grad(), self._routing_mask(attention_mask_BT.bool()):
+            out = self.hf_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
+            self._gather_step_stats()
+        return out.logits.float()
+
+    __call__ = forward
+
+    def last_gpu_loads(self) -> dict[int, np.ndarray]:
+        """{model layer id: [G] int64 rows each rank computed} in the last forward (local: no collective)."""
+        loads = self.gpu_load_LG.cpu().numpy()
+        return {moe.layer_id: loads[row] for row, moe in enumerate(self.moe_layers)}
+
+    def _gather_step_stats(self) -> None:
+        # Each rank knows only its own tokens' routing and its own slots' load; one all_reduce of an
+        # [L, E + G] tensor gives every rank the whole step, so rank 0 can serve /metrics alone.
+        E, rank = self.config.n_routed_experts, self.comm.rank
+        stats = torch.zeros(len(self.moe_layers), E + self.comm.world_size, dtype=torch.int64, device=self.device)
+        for row, moe in enumerate(self.moe_layers):
+            stats[row, :E] = moe.routed_counts_E
+            stats[row, E + rank] = moe.slot_tokens_S.sum()
+        self.comm.all_reduce_sum(stats)
+        self.routed_counts_LE, self.gpu_load_LG = stats[:, :E], stats[:, E:]
+
+    @contextmanager
+    def _routing_mask(self, mask_BT: torch.Tensor):
+        # transformers' decoder layer calls mlp(hidden) with no mask: hand it to the MoE layers for this call.
+        for moe in self.moe_layers:
+            moe.token_mask_BT = mask_BT
+        try:
+            yield
+        finally:
+            for moe in self.moe_layers:
+                moe.token_mask_BT = None
+
+
+def build_dense_model(config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """transformers DeepseekV3ForCausalLM with every MoE block removed (nn.Identity), weights uninitialised.
+
+    Built on the meta device first so the MoE blocks' full expert tensors (11 GB per DeepSeek-V3
+    layer) are never allocated. Returns (model, transformers config).
+    """
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    hf_config = config.to_hf()
+    with torch.device("meta"):
+        hf_model = DeepseekV3ForCausalLM(hf_config)
+    for layer_id in config.moe_layers:
+        hf_model.model.layers[layer_id].mlp = nn.Identity()
+    hf_model = hf_model.to_empty(device=device).to(dtype).eval()
+    # The rotary tables are computed in __init__, which ran on meta: compute them again for real.
+    hf_model.model.rotary_emb = DeepseekV3RotaryEmbedding(hf_config).to(device)
+    return hf_model, hf_config
+
+
+def default_placement(config: ModelConfig, world_size: int, gpus_per_node: int) -> Placement:
+    E = config.n_routed_experts
+    topology = Topology(num_gpus=world_size, gpus_per_node=gpus_per_node, slots_per_gpu=-(-E // world_size))
+    return trivial_placement(E, topology, np.array(config.moe_layers), config.num_hidden_layers)
+
+
+def check_placement(placement: Placement, config: ModelConfig, world_size: int, model: str) -> None:
+    """ValueError unless `placement` is for this model (experts, MoE layer ids) and this many ranks."""
+    src = placement.source
+    if placement.num_experts != config.n_routed_experts:
+        raise ValueError(f"{src}: placement has {placement.num_experts} experts, model {model} has {config.n_routed_experts}")
+    if placement.layers.tolist() != config.moe_layers:
+        raise ValueError(
+            f"{src}: placement layers {_span(placement.layers.tolist())} are not the MoE layers "
+            f"{_span(config.moe_layers)} of model {model}"
+        )
+    if placement.num_model_layers not in (None, config.num_hidden_layers):
+        raise ValueError(f"{src}: placement is for a {placement.num_model_layers}-layer model, {model} has {config.num_hidden_layers}")
+    if placement.topology.num_gpus != world_size:
+        raise ValueError(f"{src}: placement is for {placement.topology.num_gpus} GPUs, but {world_size} rank(s) serve")
+
+
+def check_inputs(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, vocab_size: int) -> None:
+    if input_ids_BT.dim() != 2 or input_ids_BT.shape != attention_mask_BT.shape or input_ids_BT.numel() == 0:
+        raise ValueError(f"input_ids {list(input_ids_BT.shape)} and attention_mask {list(attention_mask_BT.shape)} "
+                         f"must both be [batch, tokens], non-empty")
+    if input_ids_BT.dtype != torch.int64 or attention_mask_BT.dtype != torch.int64:
+        raise ValueError(f"input_ids and attention_mask must be int64, got {input_ids_BT.dtype}, {attention_mask_BT.dtype}")
+    if input_ids_BT.min() < 0 or input_ids_BT.max() >= vocab_size:
+        raise ValueError(f"input_ids hold ids outside [0, {vocab_size})")
+    mask = attention_mask_BT
+    if not ((mask == 0) | (mask == 1)).all() or (mask[:, 1:] > mask[:, :-1]).any() or (mask[:, 0] == 0).any():
+        raise ValueError("attention_mask must be right padding: each row 1...1 0...0 with at least one 1")
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers else "[]"

@@ -1,0 +1,125 @@
+"""The HTTP API on rank 0 (FastAPI): OpenAI-style completions, health, Prometheus metrics, placement.
+
+Every error a client can cause is a 4xx with a JSON `{"error": reason}`; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from moeplace.placement import placement_to_json
+from moeplace.runtime.engine import Engine, QueueFull, StepStats
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class CompletionRequest(BaseModel):
+    prompt: str
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    seed: int | None = None
+    model: str | None = None
+
+
+class Metrics:
+    """Prometheus series of one server (own registry: no process-global state)."""
+
+    def __init__(self, model) -> None:
+        self.registry = CollectorRegistry()
+        self.step_seconds = Histogram("moeplace_step_seconds", "Wall time of one engine step", registry=self.registry)
+        self.requests = Counter("moeplace_requests", "Completion requests by outcome", ["outcome"], registry=self.registry)
+        self.tokens = Counter("moeplace_generated_tokens", "Tokens generated", registry=self.registry)
+        self.balancedness = Gauge("moeplace_layer_balancedness", "Mean / max GPU load of each MoE layer over the "
+                                  "last step", ["layer"], registry=self.registry)
+        self.rank_tokens = Counter("moeplace_rank_routed_tokens", "Routed (token, expert) pairs served per rank",
+                                   ["rank"], registry=self.registry)
+        self.model = model
+
+    def observe_step(self, stats: StepStats) -> None:
+        self.step_seconds.observe(stats.seconds)
+        self.tokens.inc(stats.batch)
+        for layer, load_G in self.model.last_gpu_loads().items():
+            total = float(load_G.sum())
+            if total > 0:
+                self.balancedness.labels(layer=str(layer)).set(float(load_G.mean() / load_G.max()))
+            for rank, value in enumerate(load_G.tolist()):
+                self.rank_tokens.labels(rank=str(rank)).inc(value)
+
+
+def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="moeplace", docs_url=None, redoc_url=None)
+    metrics = Metrics(model)
+    engine.on_step = metrics.observe_step
+    app.state.ready = True
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        # Every endpoint but /health needs the key once one is set (binding off loopback needs one).
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key (Authorization: Bearer ...)")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"} if app.state.ready else _error(503, "starting")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt_ids = tokenizer.encode(body.prompt)
+        try:
+            future = engine.submit(prompt_ids, body.max_tokens, body.temperature, body.seed)
+        except QueueFull as exc:
+            metrics.requests.labels(outcome="rejected").inc()
+            return _error(503, f"server busy: {exc}", headers={"Retry-After": "1"})
+        except ValueError as exc:
+            metrics.requests.labels(outcome="invalid").inc()
+            return _error(400, str(exc))
+        done = await asyncio.wrap_future(future)
+        metrics.requests.labels(outcome="ok").inc()
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:16]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model or model_name,
+            "choices": [{"index": 0, "text": tokenizer.decode(done.token_ids), "finish_reason": done.finish_reason}],
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.token_ids),
+                      "total_tokens": done.prompt_tokens + len(done.token_ids)},
+        }
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/moeplace/placement")
+    async def placement():
+        return PlainTextResponse(placement_to_json(model.placement), media_type="application/json")
+
+    return app
+
+
+def _error(status: int, reason: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)

@@ -1,0 +1,44 @@
+"""Fixtures of the runtime tests: the tiny model, generated once per session into a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeplace.runtime.tiny import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    write_tiny_model(out, seed=0)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The runtime tests push tiny tensors, where a second OpenMP thread costs more than it saves.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_dir, tmp_path_factory):
+    """make(edit, name) -> a copy of the tiny model with `edit(tensors)` applied to its tensor dict."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def make(edit, name: str = "variant") -> Path:
+        out = tmp_path_factory.mktemp(name)
+        shutil.copy(tiny_dir / "config.json", out)
+        tensors = load_file(tiny_dir / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, out / "model.safetensors")
+        return out
+
+    return make
