@@ -147,16 +147,12 @@ def serve(
     Extra arguments are passed to torchrun (multi-node: --nnodes, --node-rank, --rdzv-endpoint ...)."""
     import subprocess
 
-    from moeplace.runtime.launch import ServeConfig, torchrun_command
-    from moeplace.runtime.tiny import default_model_dir
+    from moeplace.runtime.launch import ServeConfig, preflight, torchrun_command
 
     with user_errors():
-        if placement is not None:
-            load_placement(placement)  # fail here, in one line, rather than in every rank
         config = ServeConfig(model, placement, host, port, device, gpus_per_node, api_key, max_batch)
         command = torchrun_command(config, nproc, list(ctx.args))
-        if model is None:
-            default_model_dir()  # generate the embedded model once, before the ranks start
+        preflight(config, None if ctx.args else nproc)
     env = dict(os.environ, MOEPLACE_API_KEY=api_key or "")
     raise typer.Exit(subprocess.call(command, env=env))
 

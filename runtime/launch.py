@@ -82,6 +82,26 @@ def torchrun_command(config: ServeConfig, nproc: int, torchrun_args: list[str]) 
     return args
 
 
+def preflight(config: ServeConfig, world_size: int | None) -> None:
+    """Check the model folder and the placement against each other before any rank starts, so a bad
+    input is one line from `moeplace serve` instead of an error in every rank. world_size None
+    (multi-node: torchrun decides) skips the rank-count check. Generates the embedded model if needed."""
+    from moeplace.placement import load_placement
+    from moeplace.runtime.config import ModelConfig
+    from moeplace.runtime.model import check_placement
+    from moeplace.runtime.tiny import default_model_dir
+
+    model_dir = config.model or default_model_dir()
+    model_config = ModelConfig.load(model_dir)
+    if config.placement is None:
+        return
+    placement = load_placement(config.placement)
+    check_placement(placement, model_config, world_size or placement.topology.num_gpus, str(model_dir))
+    if config.gpus_per_node and placement.topology.gpus_per_node != config.gpus_per_node:
+        raise ValueError(f"{config.placement}: placement has {placement.topology.gpus_per_node} GPUs per node, "
+                         f"--gpus-per-node is {config.gpus_per_node}")
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -92,7 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     # Control messages (the batch of each step) travel on gloo whatever the data backend.
     control = dist.new_group(backend="gloo")
     try:
-        model, tokenizer = load_model(config, world, device)
+        try:
+            model, tokenizer = load_model(config, world, device)
+        except ValueError as exc:  # raised on every rank (the load is collective): one line, from rank 0
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         if rank == 0:
             serve(config, model, tokenizer, control)
         else:

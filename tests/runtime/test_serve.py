@@ -149,3 +149,38 @@ def test_malformed_json_body(server):
     r = httpx.post(f"{server['url']}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
     assert complete(server["url"], "ok", 1)["choices"]
+
+
+# -- bad input to `moeplace serve`: one line, exit 1, before any rank starts ---------------------
+
+def serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moeplace.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, COLUMNS="200"))
+
+
+def one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    text = " ".join(done.stderr.split())
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_serve_rejects_placement_for_other_rank_count(server, tmp_path):
+    one_line_error(serve_cli("--nproc", "4", "--placement", str(server["placement"])), "2 GPUs", "4 rank(s)")
+
+
+def test_serve_rejects_placement_for_other_model(server, tmp_path):
+    olmoe = load_trace(EXAMPLE)
+    wrong = Trace(olmoe.counts_WLE, np.array([0, 7, 15]), 8, source="olmoe")
+    path = tmp_path / "wrong.json"
+    save_placement(solve([wrong], Topology(2, 1, 36), SolveOptions(method=Method.greedy, workers=1)).placement, path)
+    one_line_error(serve_cli("--nproc", "2", "--placement", str(path)), "wrong.json", "not the MoE layers")
+
+
+def test_serve_rejects_non_loopback_without_key():
+    one_line_error(serve_cli("--host", "0.0.0.0"), "requires --api-key")
+
+
+def test_serve_rejects_folder_that_is_not_a_model(tmp_path):
+    one_line_error(serve_cli("--model", str(tmp_path)), "not a model folder")
