@@ -68,8 +68,10 @@ class StepStats:
 class Engine:
     """Rank 0's scheduler. `submit` is thread-safe; `run` loops until `stop`."""
 
-    def __init__(self, model, config: EngineConfig, control_group, eos_id: int, pad_id: int = 0) -> None:
+    def __init__(self, model, config: EngineConfig, control_group, eos_id: int, pad_id: int = 0,
+                 resharder=None) -> None:
         self.model = model
+        self.resharder = resharder
         self.config = config
         self.control_group = control_group
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -111,6 +113,8 @@ class Engine:
                 self._admit()
                 if self._running:
                     self.step()
+                else:
+                    self._tick()
         finally:
             _broadcast(("stop",), self.control_group)
             for seq in self._running:
@@ -127,11 +131,20 @@ class Engine:
                 self._running.append(seq)
             block = False
 
+    def _tick(self) -> None:
+        """No sequence to step: still hand pending reshard actions (layer swaps) to every rank."""
+        actions = self.resharder.due_actions() if self.resharder else []
+        if actions:
+            _broadcast(("tick", actions), self.control_group)
+            _apply(self.resharder, actions)
+
     def step(self) -> None:
         start = time.perf_counter()
         batch = self._running
         ids_BT, mask_BT = pad_right([s.prompt_ids + s.generated for s in batch], self.pad_id)
-        _broadcast(("step", ids_BT, mask_BT), self.control_group)
+        actions = self.resharder.due_actions() if self.resharder else []
+        _broadcast(("step", actions, ids_BT, mask_BT), self.control_group)
+        _apply(self.resharder, actions)
         logits_BTV = self.model.forward(ids_BT, mask_BT)
         last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
         still = []
@@ -150,14 +163,21 @@ class Engine:
             self.on_step(StepStats(time.perf_counter() - start, len(batch), int(mask_BT.sum())))
 
 
-def worker_loop(model, control_group) -> None:
-    """Ranks 1..P-1: run every step rank 0 broadcasts, until it says stop."""
+def worker_loop(model, control_group, resharder=None) -> None:
+    """Ranks 1..P-1: apply the actions and run every step rank 0 broadcasts, until it says stop."""
     while True:
         message = _broadcast(None, control_group)
         if message[0] == "stop":
             return
-        _, ids_BT, mask_BT = message
-        model.forward(ids_BT, mask_BT)
+        _apply(resharder, message[1])
+        if message[0] == "step":
+            model.forward(message[2], message[3])
+
+
+def _apply(resharder, actions: list) -> None:
+    """Reshard actions take effect between two steps, on every rank in the same order."""
+    for action in actions:
+        resharder.apply(action)
 
 
 def _sample(logits_V: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:

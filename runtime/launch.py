@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # Control messages (the batch of each step) travel on gloo whatever the data backend.
+    # Control messages (the batch of each step) travel on gloo whatever the data backend; a live
+    # reshard moves weights on a group of its own so its transfers never queue behind a step's.
     control = dist.new_group(backend="gloo")
+    reshard_group = dist.new_group(backend="gloo" if device.type == "cpu" else "nccl")
     try:
         try:
             model, tokenizer = load_model(config, world, device)
@@ -118,12 +120,15 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
+        from moeplace.runtime.reshard import Resharder
+
+        resharder = Resharder(model, reshard_group, rank)
         if rank == 0:
-            serve(config, model, tokenizer, control)
+            serve(config, model, tokenizer, control, resharder)
         else:
             from moeplace.runtime.engine import worker_loop
 
-            worker_loop(model, control)
+            worker_loop(model, control, resharder)
     finally:
         dist.destroy_process_group()
 
@@ -141,16 +146,16 @@ def load_model(config: ServeConfig, world: int, device: torch.device):
     return model, ByteTokenizer()
 
 
-def serve(config: ServeConfig, model, tokenizer, control) -> None:
+def serve(config: ServeConfig, model, tokenizer, control, resharder) -> None:
     import uvicorn
 
     from moeplace.runtime.engine import Engine, EngineConfig
     from moeplace.runtime.server import create_app
 
     engine = Engine(model, EngineConfig(max_batch=config.max_batch), control, eos_id=tokenizer.eos_id,
-                    pad_id=tokenizer.pad_id)
+                    pad_id=tokenizer.pad_id, resharder=resharder)
     app = create_app(engine, model, tokenizer, model_name=str(config.model or "moeplace-tiny-dsv3"),
-                     api_key=config.api_key)
+                     api_key=config.api_key, resharder=resharder)
     loop = threading.Thread(target=engine.run, name="engine", daemon=True)
     loop.start()
     try:

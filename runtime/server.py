@@ -16,8 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from moeplace.placement import placement_to_json
+from moeplace.placement import placement_from_dict, placement_to_json
 from moeplace.runtime.engine import Engine, QueueFull, StepStats
+from moeplace.runtime.model import check_placement
+from moeplace.runtime.reshard import ReshardBusy
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -55,7 +57,8 @@ class Metrics:
                 self.rank_tokens.labels(rank=str(rank)).inc(value)
 
 
-def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str | None = None,
+               resharder=None) -> FastAPI:
     app = FastAPI(title="moeplace", docs_url=None, redoc_url=None)
     metrics = Metrics(model)
     engine.on_step = metrics.observe_step
@@ -117,6 +120,29 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
     @app.get("/moeplace/placement")
     async def placement():
         return PlainTextResponse(placement_to_json(model.placement), media_type="application/json")
+
+    @app.put("/moeplace/placement")
+    async def reshard(request: Request):
+        if resharder is None:
+            return _error(404, "live reshard is not enabled on this server")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        try:
+            new = placement_from_dict(body, "request body")
+            check_placement(new, model.config, model.placement.topology.num_gpus, "the served model")
+            job = resharder.submit(new)
+        except ReshardBusy as exc:
+            return _error(409, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return JSONResponse(job.to_json(), status_code=202, headers={"Location": f"/moeplace/reshard/{job.id}"})
+
+    @app.get("/moeplace/reshard/{job_id}")
+    async def reshard_status(job_id: str):
+        job = resharder.jobs.get(job_id) if resharder else None
+        return job.to_json() if job else _error(404, f"no reshard job {job_id!r}")
 
     return app
 

@@ -1,0 +1,272 @@
+"""Live reshard: run a `ReshardPlan` on the serving model, layer by layer, while it keeps serving.
+
+Each rank runs the plan in a worker thread on a gloo group of its own, so transfers never wait for
+serving steps and steps never wait for transfers. Only writing a staged layer into its slots and
+swapping its routing table happen on the serving thread, between two steps, one layer per step
+boundary: no step is held up longer than one layer's swap.
+
+Per layer row (numbers as in the plan's execution contract, runtime/reshard_plan.py):
+  1. stage: LOCAL copies and this rank's outgoing experts are read from the old slots (weights and
+     their weight_scale_inv together) and checksummed;
+     agree: every rank all-reduces "prepared"; one failure makes all skip the transfer;
+  2. transfer: one batch_isend_irecv per rank, per peer one uint8 buffer (its experts in plan order)
+     plus their checksums, waited on with a timeout; every received expert's checksum is verified;
+     agree: every rank all-reduces "staged";
+  3.+4. the serving thread writes the staged experts into their slots and swaps the layer's table at
+     the next step boundary; the worker waits for that before staging the next layer, so a rank stages
+     at most one layer: `ReshardPlan.staging_slots_LG[l, rank]` experts.
+Any failure (an exception on a rank, a timeout, a checksum mismatch) stops every rank at the next
+agreement; layers already swapped are moved back with the reverse plan and swapped back, so the old
+layout serves again, never a mix. The job then reports "rolled_back" and why.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moeplace.placement import Placement
+from moeplace.runtime.reshard_plan import Link, ReshardPlan, plan_reshard
+from moeplace.runtime.routing import SlotTable
+
+SLOT_TENSORS = ("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf")
+
+
+@dataclass
+class JobStatus:
+    """Rank 0's record of one reshard, served by GET /moeplace/reshard/{id}."""
+
+    id: str
+    layers_total: int
+    experts_to_move: int
+    bytes_to_move: int
+    state: str = "pending"  # pending | running | done | rolling_back | rolled_back | failed
+    layers_done: int = 0
+    experts_moved: int = 0
+    bytes_moved: int = 0
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        out = dict(self.__dict__)
+        out["bandwidth_gbps"] = self.bytes_moved / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return out
+
+
+class ReshardBusy(Exception):
+    """A reshard is already running (HTTP 409)."""
+
+
+class Resharder:
+    """One per rank. Rank 0 also keeps the jobs and decides when layers swap (`due_actions`)."""
+
+    def __init__(self, model, group, rank: int, timeout_s: float = 60.0, fault: str | None = None) -> None:
+        self.model, self.group, self.rank, self.timeout_s = model, group, rank, timeout_s
+        self.expert_bytes = _pack(model.moe_layers[0], 0).numel()  # weights + scales of one expert
+        # Fault injection for tests: "corrupt:LAYER" flips a byte in every send of that layer,
+        # "fail:LAYER:RANK" makes that rank raise while staging it; comma-separated, one per job in order.
+        spec = fault if fault is not None else os.environ.get("MOEPLACE_FAULT", "")
+        self.faults = [f for f in spec.split(",") if f]
+        self._started = 0
+        self.jobs: dict[str, JobStatus] = {}
+        self._actions: queue.Queue = queue.Queue()  # rank 0: broadcast with the next step
+        self._swapped = threading.Semaphore(0)  # worker waits for its layer's swap
+        self._staged: dict[int, dict[int, list[torch.Tensor]]] = {}  # row -> local dst slot -> tensors
+        self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
+        self._active: str | None = None
+        self._lock = threading.Lock()
+
+    # -- rank 0: requests ----------------------------------------------------------------------
+    def submit(self, new: Placement) -> JobStatus:
+        """Validate and plan (ValueError for a placement that does not fit), then queue the start."""
+        plan = plan_reshard(self.model.placement, new)
+        with self._lock:
+            if self._active is not None:
+                raise ReshardBusy(f"reshard {self._active} is still running")
+            moved = int(plan.experts_moved_L.sum())
+            job = JobStatus(uuid.uuid4().hex[:12], plan.num_layers, moved, moved * self.expert_bytes)
+            self.jobs[job.id] = job
+            self._active = job.id
+        self._actions.put(("start", job.id, new, plan))
+        return job
+
+    def due_actions(self) -> list[tuple]:
+        """Rank 0's serving loop broadcasts these with its next step (or an idle tick)."""
+        out = []
+        while True:
+            try:
+                out.append(self._actions.get_nowait())
+            except queue.Empty:
+                return out
+
+    # -- every rank: actions from the step broadcast (serving thread, between steps) -----------
+    def apply(self, action: tuple) -> None:
+        if action[0] == "start":
+            _, job_id, new, plan = action
+            fault = self.faults[self._started] if self._started < len(self.faults) else None
+            self._started += 1
+            threading.Thread(target=self._run, args=(job_id, new, plan, fault), name=f"reshard-{job_id}",
+                             daemon=True).start()
+        elif action[0] == "swap":
+            self._swap(action[1], action[2])
+            self._swapped.release()
+
+    def _swap(self, row: int, new_row_P: np.ndarray) -> None:
+        """Steps 3 and 4 of one layer: staged experts into their slots, then the routing table."""
+        moe = self.model.moe_layers[row]
+        staged = self._staged.pop(row, {})
+        for slot, tensors in staged.items():
+            for name, value in zip(SLOT_TENSORS, tensors):
+                getattr(moe, name)[slot].copy_(value)
+        self._phy2log[row] = new_row_P
+        current = _with_rows(self.model.placement, self._phy2log)
+        S = current.topology.slots_per_gpu
+        # A new tensor, not copy_: the loaded buffer may share memory with the placement's array.
+        moe.slot_experts_S = torch.tensor(new_row_P[self.rank * S: (self.rank + 1) * S], device=moe.slot_experts_S.device)
+        moe.table = SlotTable.from_placement(current, row, moe.slot_experts_S.device)
+
+    # -- every rank: the worker thread ---------------------------------------------------------
+    def _run(self, job_id: str, new: Placement, plan: ReshardPlan, fault: str | None) -> None:
+        job = self.jobs.get(job_id)
+        old = self.model.placement
+        start = time.monotonic()
+        if job is not None:
+            job.state = "running"
+        done_rows: list[int] = []
+        error = self._execute(plan, new.phy2log_LP, done_rows, job, fault)
+        if error is None:
+            self.model.placement = new
+        else:
+            # Rank 0 plans the way back and sends it: every rank must post the same transfers, and
+            # the planner's tie-breaking is not promised to be the same in every process.
+            box = [plan_reshard(_with_rows(old, self._phy2log), old) if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            back = box[0]
+            if job is not None:
+                job.state, job.error = "rolling_back", error
+            second = self._execute(back, old.phy2log_LP, [], None, None)
+            if second is not None:
+                error += f"; rollback failed too: {second}"
+        if job is not None:
+            job.seconds = time.monotonic() - start
+            job.state = "done" if error is None else ("rolled_back" if "rollback failed" not in error else "failed")
+            with self._lock:
+                self._active = None
+
+    def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, done_rows: list, job, fault: str | None) -> str | None:
+        """Run every layer of `plan`; None on success, else the first failure (after all ranks agreed)."""
+        for row in range(plan.num_layers):
+            if not len(plan.layer_X) or not (plan.layer_X == row).any():
+                continue
+            error = self._agree(self._stage(plan, row, fault))
+            if error is None:
+                error = self._agree(self._transfer(plan, row, fault))
+            if error is not None:
+                self._staged.pop(row, None)
+                return f"layer {int(plan.layers[row])}: {error}"
+            if self.rank == 0:
+                self._actions.put(("swap", row, target_LP[row]))
+            self._swapped.acquire()  # the serving thread has swapped this layer
+            done_rows.append(row)
+            if job is not None:
+                job.layers_done += 1
+                job.experts_moved += int(plan.experts_moved_L[row])
+                job.bytes_moved += int(plan.experts_moved_L[row]) * self.expert_bytes
+        return None
+
+    def _stage(self, plan: ReshardPlan, row: int, fault: str | None) -> str | None:
+        """Step 1: LOCAL copies of this rank into staging, read from the untouched old slots."""
+        try:
+            if fault == f"fail:{int(plan.layers[row])}:{self.rank}":
+                raise RuntimeError(f"injected failure on rank {self.rank}")
+            moe, S = self.model.moe_layers[row], plan.topology.slots_per_gpu
+            staged = self._staged.setdefault(row, {})
+            copies = plan.copies_of(self.rank, row)
+            for src, dst, kind in zip(copies.src_slot_X, copies.dst_slot_X, copies.kind_X):
+                if kind == Link.LOCAL:
+                    staged[int(dst) % S] = [getattr(moe, n)[int(src) % S].clone() for n in SLOT_TENSORS]
+            return None
+        except Exception as exc:  # noqa: BLE001 - reported to every rank through the agreement
+            return f"rank {self.rank}: {exc}"
+
+    def _transfer(self, plan: ReshardPlan, row: int, fault: str | None) -> str | None:
+        """Step 2: sends from old slots, receives into staging, checksums verified."""
+        try:
+            moe, S = self.model.moe_layers[row], plan.topology.slots_per_gpu
+            sends, recvs = plan.sends_of(self.rank, row), plan.receives_of(self.rank, row)
+            ops, inbound = [], []
+            for peer in np.unique(sends.peer_X):
+                slots = sends.src_slot_X[sends.peer_X == peer] % S
+                payload = torch.cat([_pack(moe, int(s)) for s in slots])
+                sums = torch.tensor([_checksum(_pack(moe, int(s))) for s in slots], dtype=torch.int64)
+                if fault == f"corrupt:{int(plan.layers[row])}":
+                    payload[len(payload) // 2] ^= 0x5A  # a byte flipped on the wire
+                ops += [dist.P2POp(dist.isend, payload, int(peer), self.group), dist.P2POp(dist.isend, sums, int(peer), self.group)]
+            size = _pack(moe, 0).numel()
+            for peer in np.unique(recvs.peer_X):
+                dst = recvs.dst_slot_X[recvs.peer_X == peer] % S
+                payload = torch.empty(len(dst) * size, dtype=torch.uint8)
+                sums = torch.empty(len(dst), dtype=torch.int64)
+                ops += [dist.P2POp(dist.irecv, payload, int(peer), self.group), dist.P2POp(dist.irecv, sums, int(peer), self.group)]
+                inbound.append((dst, payload, sums))
+            for work in dist.batch_isend_irecv(ops) if ops else []:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            staged = self._staged.setdefault(row, {})
+            for dst, payload, sums in inbound:
+                for i, slot in enumerate(dst):
+                    chunk = payload[i * size: (i + 1) * size]
+                    if _checksum(chunk) != int(sums[i]):
+                        return f"rank {self.rank}: checksum mismatch for slot {int(slot) + self.rank * S}"
+                    staged[int(slot)] = _unpack(moe, chunk)
+            for src, dst, kind in zip(*(plan.copies_of(self.rank, row).__dict__[k] for k in ("src_slot_X", "dst_slot_X", "kind_X"))):
+                if kind == Link.LOCAL_FROM_RECEIVED:
+                    staged[int(dst) % S] = [t.clone() for t in staged[int(src) % S]]
+            return None
+        except Exception as exc:  # noqa: BLE001 - reported to every rank through the agreement
+            return f"rank {self.rank}: {exc}"
+
+    def _agree(self, error: str | None) -> str | None:
+        """All ranks learn whether every rank succeeded; the failing rank's message travels along."""
+        flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if int(flag) == 0:
+            return None
+        box = [error]
+        dist.broadcast_object_list(box, src=int(flag) - 1, group=self.group)
+        return box[0]
+
+
+def _pack(moe, slot: int) -> torch.Tensor:
+    """One expert's weights and scales as one uint8 vector (they always move together)."""
+    return torch.cat([getattr(moe, n)[slot].contiguous().view(torch.uint8).reshape(-1) for n in SLOT_TENSORS])
+
+
+def _unpack(moe, payload: torch.Tensor) -> list[torch.Tensor]:
+    out, start = [], 0
+    for name in SLOT_TENSORS:
+        like = getattr(moe, name)[0]
+        n = like.numel() * like.element_size()
+        out.append(payload[start: start + n].clone().view(like.dtype).view(like.shape))
+        start += n
+    return out
+
+
+def _checksum(payload: torch.Tensor) -> int:
+    """Position-weighted byte sum: catches flipped, swapped or missing bytes (not an adversary)."""
+    weights = torch.arange(payload.numel(), dtype=torch.int64) % 65521 + 1
+    return int((payload.to(torch.int64) * weights).sum())
+
+
+def _with_rows(placement: Placement, phy2log_LP: np.ndarray) -> Placement:
+    return Placement(phy2log_LP.copy(), placement.num_experts, placement.topology, placement.layers,
+                     placement.num_model_layers, None, placement.provenance, placement.source)

@@ -1,0 +1,194 @@
+"""Live reshard on 4 gloo ranks (2 nodes x 2) behind a real HTTP server: answers identical before,
+during and after; requests during the reshard all succeed; injected faults roll back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from moeplace.placement import load_placement, placement_from_dict, placement_to_json, save_placement
+from moeplace.placer.solve import Method, SolveOptions, solve
+from moeplace.readers import load_trace
+from moeplace.runtime.tiny import default_model_dir
+from moeplace.topology import Topology
+from moeplace.trace import Trace
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "olmoe_routing.safetensors"
+PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
+# first job: a byte corrupted in layer 2's transfers; second: rank 3 fails while staging layer 3.
+FAULTS = "corrupt:2,fail:3:3"
+
+
+def placement_for(windows: list[int], method: Method, path: Path) -> Path:
+    olmoe = load_trace(EXAMPLE).select_windows(windows)
+    trace = Trace(olmoe.counts_WLE, np.array([1, 2, 3]), 8, num_model_layers=4, n_group=8, topk_group=4, source="w")
+    save_placement(solve([trace], Topology(4, 2, 18), SolveOptions(method=method, time_limit=2, workers=1)).placement,
+                   path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reshard")
+    os.environ["MOEPLACE_CACHE"] = str(root / "cache")
+    default_model_dir()
+    old = placement_for([0, 1, 2], Method.greedy, root / "old.json")
+    new = placement_for([3, 4, 5], Method.cpsat, root / "new.json")
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULTS)
+    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "4", "--gpus-per-node", "2",
+           "--placement", str(old), "--port", str(port), "--max-batch", "4"]
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, proc, root / "serve.log")
+    yield {"url": url, "old": old, "new": new, "log": root / "serve.log"}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+
+
+def answers(url: str) -> list[str]:
+    out = []
+    for prompt in PROMPTS:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 6}, timeout=120)
+        assert r.status_code == 200, r.text
+        out.append(r.json()["choices"][0]["text"])
+    return out
+
+
+def live_phy2log(url: str) -> np.ndarray:
+    return placement_from_dict(httpx.get(f"{url}/moeplace/placement").json(), "live").phy2log_LP
+
+
+def submit(url: str, path: Path) -> httpx.Response:
+    return httpx.put(f"{url}/moeplace/placement", content=Path(path).read_bytes(), timeout=30)
+
+
+def wait_job(url: str, job_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/moeplace/reshard/{job_id}").json()
+        if status["state"] in ("done", "rolled_back", "failed"):
+            return status
+        time.sleep(0.2)
+    pytest.fail(f"reshard {job_id} did not finish: {status}")
+
+
+class Load:
+    """Completion requests in a loop on a thread until stopped; counts failures."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.sent, self.failed, self.texts = url, 0, 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        i = 0
+        while not self._stop.is_set() and self.sent < 200:
+            prompt = PROMPTS[i % len(PROMPTS)]
+            r = httpx.post(f"{self.url}/v1/completions", json={"prompt": prompt, "max_tokens": 6}, timeout=120)
+            self.sent += 1
+            if r.status_code != 200:
+                self.failed += 1
+            else:
+                self.texts.setdefault(prompt, set()).add(r.json()["choices"][0]["text"])
+            i += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=180)
+
+
+def test_faults_roll_back_then_reshard_goes_live(server):
+    url = server["url"]
+    before = answers(url)
+    old = load_placement(server["old"]).phy2log_LP
+    assert np.array_equal(live_phy2log(url), old)
+
+    # 1. a corrupted byte in layer 2 (after layer 1 was swapped): checksum -> every layer back to old
+    for expected in ("checksum mismatch", "injected failure on rank 3"):
+        r = submit(url, server["new"])
+        assert r.status_code == 202, r.text
+        status = wait_job(url, r.json()["id"])
+        assert status["state"] == "rolled_back", status
+        assert expected in status["error"]
+        assert np.array_equal(live_phy2log(url), old)
+        assert answers(url) == before
+
+    # 2. no fault left: the new layout goes live while requests keep coming
+    with Load(url) as load:
+        time.sleep(0.5)
+        r = submit(url, server["new"])
+        assert r.status_code == 202, r.text
+        busy = submit(url, server["new"])
+        status = wait_job(url, r.json()["id"])
+        time.sleep(0.5)
+    assert busy.status_code == 409 and "still running" in busy.json()["error"]
+    assert status["state"] == "done", status
+    assert status["layers_done"] == 3 and status["experts_moved"] == status["experts_to_move"] > 0
+    assert np.array_equal(live_phy2log(url), load_placement(server["new"]).phy2log_LP)
+    assert load.sent > 0 and load.failed == 0
+    assert all(len(texts) == 1 for texts in load.texts.values()), load.texts  # same answer during the reshard
+    assert answers(url) == before
+
+
+@pytest.mark.parametrize("mutate, status, fragment", [
+    (lambda d: d.update(phy2log=[[0] * 72] * 3), 400, "no replica of expert 1"),
+    (lambda d: d["topology"].update(num_gpus=2, slots_per_gpu=36), 400, "4"),
+    (lambda d: d.update(layers=[0, 1, 2]), 400, "not the MoE layers"),
+    (lambda d: d.update(format="nope"), 400, "format"),
+])
+def test_bad_placements_are_refused_before_any_byte_moves(server, mutate, status, fragment):
+    body = json.loads(placement_to_json(load_placement(server["new"])))
+    mutate(body)
+    before = live_phy2log(server["url"])
+    r = httpx.put(f"{server['url']}/moeplace/placement", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]
+    assert np.array_equal(live_phy2log(server["url"]), before)
+
+
+def test_not_json_and_unknown_job(server):
+    r = httpx.put(f"{server['url']}/moeplace/placement", content=b"{nope", timeout=30)
+    assert r.status_code == 400 and "error" in r.json()
+    assert httpx.get(f"{server['url']}/moeplace/reshard/unknown").status_code == 404
