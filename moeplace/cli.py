@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import numpy as np
 
 from moeplace.placement import load_placement, save_placement
 from moeplace.placer.evaluate import evaluate as score_trace
@@ -20,6 +23,7 @@ from moeplace.placer.solve import Method, SolveOptions, solve as solve_placement
 from moeplace.readers import load_trace
 from moeplace.tables import moves_line, score_table, solve_table
 from moeplace.topology import DEEPSEEK_V3_EXPERT_BYTES, Topology
+from moeplace.trace import save_trace
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Expert placement and load balancing for Mixture-of-Experts inference.")
@@ -121,13 +125,21 @@ def export(
 
 @app.command()
 def demo(
+    offline: Annotated[bool, typer.Option(help="Only the solver on the embedded OLMoE trace (no server).")] = False,
     time_limit: Annotated[float, typer.Option(help="Seconds for each CP-SAT solve.")] = 5.0,
 ) -> None:
-    """Plan on five text domains of the embedded OLMoE trace, score on the held-out sixth."""
-    from moeplace.demo import run_demo
-
+    """The whole loop on the embedded tiny model: serve (4 ranks), profile, solve, apply live, compare.
+    With --offline: plan on five text domains of the OLMoE trace, score on the held-out sixth."""
     with user_errors():
-        run_demo(stdout(), time_limit)
+        if offline:
+            from moeplace.demo import run_demo
+
+            run_demo(stdout(), time_limit)
+            return
+        from moeplace.live_demo import run_live_demo
+
+        ok = run_live_demo(stdout(), solve_seconds=time_limit)
+    raise typer.Exit(0 if ok else 1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -155,6 +167,53 @@ def serve(
         preflight(config, None if ctx.args else nproc)
     env = dict(os.environ, MOEPLACE_API_KEY=api_key or "")
     raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def profile(
+    url: Annotated[str, typer.Option(help="A running `moeplace serve`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Trace file to write (.safetensors).")],
+    duration: Annotated[float, typer.Option(help="Seconds to record.")] = 10.0,
+    window_seconds: Annotated[float, typer.Option(help="Length of one recorded window.")] = 1.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="The server's API key.")] = None,
+) -> None:
+    """Record per-layer expert load from a running moeplace server into a trace file."""
+    from moeplace.client import ServerClient
+
+    with user_errors():
+        _check_output(output)
+        if duration <= 0:
+            raise ValueError(f"--duration must be positive, got {duration}")
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = ServerClient(url, api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors")
+        save_trace(trace, output)
+    stdout().print(f"wrote {output}: {trace.num_windows} windows x {trace.num_layers} layers x "
+                   f"{trace.num_experts} experts, {int(trace.tokens_W.sum())} tokens")
+
+
+@app.command()
+def apply(
+    placement: Annotated[Path, typer.Argument(help="Placement JSON to make live.")],
+    url: Annotated[str, typer.Option(help="A running `moeplace serve`.")],
+    api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="The server's API key.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reshard.")] = 3600.0,
+) -> None:
+    """Reshard a running server to PLACEMENT while it keeps serving; exit 0 only when it is live."""
+    from moeplace.client import ServerClient
+
+    with user_errors():
+        plan = load_placement(placement)
+        client = ServerClient(url, api_key)
+        job = client.submit(plan)
+        with _progress() as progress:
+            task = progress.add_task(f"reshard {job['id']}", total=job["layers_total"])
+            status = client.wait(job["id"], lambda s: progress.update(task, completed=s["layers_done"]), timeout)
+        if status["state"] != "done":
+            raise ValueError(f"{url}: reshard {status['id']} {status['state']}: {status['error']}")
+        if not np.array_equal(client.placement().phy2log_LP, plan.phy2log_LP):
+            raise ValueError(f"{url}: reshard reported done but the live placement differs from {placement}")
+    stdout().print(f"live: {status['experts_moved']} experts moved ({status['bytes_moved'] / 1e6:.1f} MB) "
+                   f"in {status['seconds']:.2f} s, {status['bandwidth_gbps']:.3f} GB/s")
 
 
 def _check_output(path: Path) -> None:

@@ -122,6 +122,11 @@ class Trace:
 
 def save_trace(trace: Trace, path: str | Path) -> None:
     """Write `trace` as a moeplace `.safetensors` trace file (atomically)."""
+    atomic_write_bytes(path, trace_to_bytes(trace))
+
+
+def trace_to_bytes(trace: Trace) -> bytes:
+    """The bytes of a moeplace `.safetensors` trace file."""
     from safetensors.numpy import save
 
     tensors = {"counts_WLE": trace.counts_WLE, "layers": trace.layers}
@@ -139,7 +144,7 @@ def save_trace(trace: Trace, path: str | Path) -> None:
     }
     if trace.num_model_layers is not None:
         meta["num_model_layers"] = str(trace.num_model_layers)
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return save(tensors, metadata=meta)
 
 
 def load_native_trace(path: str | Path) -> Trace:

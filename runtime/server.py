@@ -19,7 +19,9 @@ from pydantic import BaseModel, Field
 from moeplace.placement import placement_from_dict, placement_to_json
 from moeplace.runtime.engine import Engine, QueueFull, StepStats
 from moeplace.runtime.model import check_placement
+from moeplace.runtime.recorder import Recorder
 from moeplace.runtime.reshard import ReshardBusy
+from moeplace.trace import trace_to_bytes
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -32,10 +34,14 @@ class CompletionRequest(BaseModel):
     model: str | None = None
 
 
+class ProfileRequest(BaseModel):
+    window_seconds: float = Field(1.0, gt=0, le=3600)
+
+
 class Metrics:
     """Prometheus series of one server (own registry: no process-global state)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, recorder: Recorder | None = None) -> None:
         self.registry = CollectorRegistry()
         self.step_seconds = Histogram("moeplace_step_seconds", "Wall time of one engine step", registry=self.registry)
         self.requests = Counter("moeplace_requests", "Completion requests by outcome", ["outcome"], registry=self.registry)
@@ -45,8 +51,11 @@ class Metrics:
         self.rank_tokens = Counter("moeplace_rank_routed_tokens", "Routed (token, expert) pairs served per rank",
                                    ["rank"], registry=self.registry)
         self.model = model
+        self.recorder = recorder
 
     def observe_step(self, stats: StepStats) -> None:
+        if self.recorder is not None and self.recorder.recording:
+            self.recorder.add(self.model.routed_counts_LE.cpu().numpy(), stats.tokens)
         self.step_seconds.observe(stats.seconds)
         self.tokens.inc(stats.batch)
         for layer, load_G in self.model.last_gpu_loads().items():
@@ -60,7 +69,10 @@ class Metrics:
 def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str | None = None,
                resharder=None) -> FastAPI:
     app = FastAPI(title="moeplace", docs_url=None, redoc_url=None)
-    metrics = Metrics(model)
+    cfg = model.config
+    recorder = Recorder(cfg.moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers,
+                        cfg.n_group, cfg.topk_group)
+    metrics = Metrics(model, recorder)
     engine.on_step = metrics.observe_step
     app.state.ready = True
 
@@ -120,6 +132,25 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
     @app.get("/moeplace/placement")
     async def placement():
         return PlainTextResponse(placement_to_json(model.placement), media_type="application/json")
+
+    @app.post("/moeplace/profile/start")
+    async def profile_start(body: ProfileRequest | None = None):
+        recorder.start((body or ProfileRequest()).window_seconds)
+        return {"recording": True, "window_seconds": recorder.window_seconds}
+
+    @app.post("/moeplace/profile/stop")
+    async def profile_stop():
+        recorder.stop()
+        return {"recording": False}
+
+    @app.get("/moeplace/profile/dump")
+    async def profile_dump():
+        try:
+            trace = recorder.trace({"engine": "moeplace", "model": model_name,
+                                    "placement": placement_to_json(model.placement)})
+        except ValueError as exc:
+            return _error(409, str(exc))
+        return Response(trace_to_bytes(trace), media_type="application/octet-stream")
 
     @app.put("/moeplace/placement")
     async def reshard(request: Request):

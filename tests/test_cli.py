@@ -107,7 +107,7 @@ def test_export_each_format(solved, tmp_path, fmt):
 
 
 def test_demo_runs():
-    result = run("demo", "--time-limit", "1")
+    result = run("demo", "--offline", "--time-limit", "1")
     assert result.exit_code == 0, result.output
     for name in ("trivial", "eplb", "greedy", "cpsat", "held-out"):
         assert name in result.output

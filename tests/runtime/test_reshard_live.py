@@ -192,3 +192,27 @@ def test_not_json_and_unknown_job(server):
     r = httpx.put(f"{server['url']}/moeplace/placement", content=b"{nope", timeout=30)
     assert r.status_code == 400 and "error" in r.json()
     assert httpx.get(f"{server['url']}/moeplace/reshard/unknown").status_code == 404
+
+
+def test_profile_and_apply_cli(server, tmp_path):
+    """`moeplace profile` records a trace from the live server; `moeplace apply` makes a placement live."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moeplace.cli", *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300, env=dict(os.environ, COLUMNS="200"))
+    with Load(server["url"]):
+        trace_path = tmp_path / "live.safetensors"
+        done = run("profile", "--url", server["url"], "--duration", "2", "--window-seconds", "0.5", "-o", str(trace_path))
+        assert done.returncode == 0, done.stderr
+        trace = load_trace(trace_path)
+        assert trace.layers.tolist() == [1, 2, 3] and trace.counts_WLE.sum() > 0
+        # top-8: every token a step routes is counted 8 times in every MoE layer
+        assert (trace.counts_WLE.sum(axis=2) == trace.tokens_W[:, None] * 8).all()
+        done = run("apply", str(server["old"]), "--url", server["url"])
+        assert done.returncode == 0, done.stderr
+        assert "experts moved" in done.stdout
+    assert np.array_equal(live_phy2log(server["url"]), load_placement(server["old"]).phy2log_LP)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    done = run("apply", str(bad), "--url", server["url"])
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "format" in done.stderr
+    done = run("apply", str(server["old"]), "--url", "http://127.0.0.1:9")
+    assert done.returncode == 1 and "cannot reach the server" in done.stderr

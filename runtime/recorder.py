@@ -1,0 +1,66 @@
+"""Expert-load recorder on rank 0: the model's per-step logical counts, accumulated into windows.
+
+Each forward already all-reduces its [L, E] routed counts (EPModel.routed_counts_LE), so rank 0
+holds the global counts of every step; the recorder adds them up into windows of `window_seconds`
+with their start time and token count, and hands them out as a moeplace `Trace` — physical slots
+never appear: counts are per logical expert whatever placement was live.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from moeplace.trace import Trace
+
+
+class Recorder:
+    def __init__(self, layers: list[int], num_experts: int, top_k: int, num_model_layers: int,
+                 n_group: int = 1, topk_group: int = 1) -> None:
+        self.layers, self.E, self.top_k = np.asarray(layers), num_experts, top_k
+        self.num_model_layers, self.n_group, self.topk_group = num_model_layers, n_group, topk_group
+        self.window_seconds = 1.0
+        self.recording = False
+        self._lock = threading.Lock()
+        self._windows: list[tuple[float, float, np.ndarray]] = []  # (start, tokens, counts [L, E])
+
+    def start(self, window_seconds: float = 1.0) -> None:
+        if not 0 < window_seconds <= 3600:
+            raise ValueError(f"window_seconds must be in (0, 3600], got {window_seconds}")
+        with self._lock:
+            self.window_seconds, self.recording, self._windows = window_seconds, True, []
+
+    def stop(self) -> None:
+        self.recording = False
+
+    def add(self, counts_LE: np.ndarray, tokens: int) -> None:
+        """One step's global counts (serving thread)."""
+        if not self.recording:
+            return
+        now = time.time()
+        with self._lock:
+            if not self._windows or now - self._windows[-1][0] >= self.window_seconds:
+                self._windows.append((now, 0.0, np.zeros((len(self.layers), self.E))))
+            start, seen, counts = self._windows[-1]
+            self._windows[-1] = (start, seen + tokens, counts + counts_LE)
+
+    def trace(self, metadata: dict[str, str]) -> Trace:
+        """The recorded windows; ValueError when nothing was recorded."""
+        with self._lock:
+            windows = list(self._windows)
+        if not windows:
+            raise ValueError("nothing recorded: POST /moeplace/profile/start, send requests, then dump")
+        return Trace(
+            counts_WLE=np.stack([w[2] for w in windows]),
+            layers=self.layers,
+            top_k=self.top_k,
+            tokens_W=np.array([w[1] for w in windows]),
+            time_W=np.array([w[0] for w in windows]),
+            num_model_layers=self.num_model_layers,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            metadata=metadata,
+            source="live profile",
+        )
