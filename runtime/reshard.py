@@ -73,6 +73,7 @@ class Resharder:
     def __init__(self, model, group, rank: int, timeout_s: float = 60.0, fault: str | None = None) -> None:
         self.model, self.group, self.rank, self.timeout_s = model, group, rank, timeout_s
         self.expert_bytes = _pack(model.moe_layers[0], 0).numel()  # weights + scales of one expert
+        self.device = model.moe_layers[0].w13_SFD.device
         # Fault injection for tests: "corrupt:LAYER" flips a byte in every send of that layer,
         # "fail:LAYER:RANK" makes that rank raise while staging it; comma-separated, one per job in order.
         spec = fault if fault is not None else os.environ.get("MOEPLACE_FAULT", "")
@@ -165,6 +166,15 @@ class Resharder:
 
     def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, done_rows: list, job, fault: str | None) -> str | None:
         """Run every layer of `plan`; None on success, else the first failure (after all ranks agreed)."""
+        if self.device.type != "cuda":
+            return self._execute_layers(plan, target_LP, done_rows, job, fault)
+        # Copies and transfers on a side stream: serving kernels on the default stream never queue
+        # behind them (NCCL's own streams carry the bytes).
+        torch.cuda.set_device(self.device)
+        with torch.cuda.stream(torch.cuda.Stream(self.device)):
+            return self._execute_layers(plan, target_LP, done_rows, job, fault)
+
+    def _execute_layers(self, plan: ReshardPlan, target_LP: np.ndarray, done_rows: list, job, fault) -> str | None:
         for row in range(plan.num_layers):
             if not len(plan.layer_X) or not (plan.layer_X == row).any():
                 continue
@@ -176,6 +186,8 @@ class Resharder:
                 return f"layer {int(plan.layers[row])}: {error}"
             if self.rank == 0:
                 self._actions.put(("swap", row, target_LP[row]))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # staged copies done before the swap reads them
             self._swapped.acquire()  # the serving thread has swapped this layer
             done_rows.append(row)
             if job is not None:
@@ -206,21 +218,23 @@ class Resharder:
             sends, recvs = plan.sends_of(self.rank, row), plan.receives_of(self.rank, row)
             ops, inbound = [], []
             for peer in np.unique(sends.peer_X):
-                slots = sends.src_slot_X[sends.peer_X == peer] % S
-                payload = torch.cat([_pack(moe, int(s)) for s in slots])
-                sums = torch.tensor([_checksum(_pack(moe, int(s))) for s in slots], dtype=torch.int64)
+                packs = [_pack(moe, int(s)) for s in sends.src_slot_X[sends.peer_X == peer] % S]
+                sums = torch.tensor([_checksum(p) for p in packs], dtype=torch.int64, device=self.device)
+                payload = torch.cat(packs)
                 if fault == f"corrupt:{int(plan.layers[row])}":
                     payload[len(payload) // 2] ^= 0x5A  # a byte flipped on the wire
                 ops += [dist.P2POp(dist.isend, payload, int(peer), self.group), dist.P2POp(dist.isend, sums, int(peer), self.group)]
             size = _pack(moe, 0).numel()
             for peer in np.unique(recvs.peer_X):
                 dst = recvs.dst_slot_X[recvs.peer_X == peer] % S
-                payload = torch.empty(len(dst) * size, dtype=torch.uint8)
-                sums = torch.empty(len(dst), dtype=torch.int64)
+                payload = torch.empty(len(dst) * size, dtype=torch.uint8, device=self.device)
+                sums = torch.empty(len(dst), dtype=torch.int64, device=self.device)
                 ops += [dist.P2POp(dist.irecv, payload, int(peer), self.group), dist.P2POp(dist.irecv, sums, int(peer), self.group)]
                 inbound.append((dst, payload, sums))
             for work in dist.batch_isend_irecv(ops) if ops else []:
                 work.wait(timeout=timedelta(seconds=self.timeout_s))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # received bytes are complete before use
             staged = self._staged.setdefault(row, {})
             for dst, payload, sums in inbound:
                 for i, slot in enumerate(dst):
@@ -237,7 +251,7 @@ class Resharder:
 
     def _agree(self, error: str | None) -> str | None:
         """All ranks learn whether every rank succeeded; the failing rank's message travels along."""
-        flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64)
+        flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if int(flag) == 0:
             return None
@@ -263,7 +277,7 @@ def _unpack(moe, payload: torch.Tensor) -> list[torch.Tensor]:
 
 def _checksum(payload: torch.Tensor) -> int:
     """Position-weighted byte sum: catches flipped, swapped or missing bytes (not an adversary)."""
-    weights = torch.arange(payload.numel(), dtype=torch.int64) % 65521 + 1
+    weights = torch.arange(payload.numel(), dtype=torch.int64, device=payload.device) % 65521 + 1
     return int((payload.to(torch.int64) * weights).sum())
 
 
