@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from ortools.linear_solver import pywraplp
 
 from moeplace.placement import Placement
 from moeplace.trace import Trace
@@ -97,6 +96,8 @@ def _best_split_layer(placement: Placement, l: int, load_E: np.ndarray) -> tuple
     mean = load_E.sum() / placement.topology.num_gpus
     if mean == 0:
         return 1.0, equal
+    from ortools.linear_solver import pywraplp  # here, so importing the scorer needs no ortools
+
     scaled = load_E / mean  # keeps the LP well conditioned whatever the token counts
     solver = pywraplp.Solver.CreateSolver("GLOP")
     # f[p] = tokens slot p takes from its expert; hot >= every GPU's total.
