@@ -192,6 +192,21 @@ def profile(
 
 
 @app.command()
+def report(
+    trace: Annotated[Path, typer.Argument(help="Trace to show.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML page to write (PNGs go beside it).")],
+    placement: Annotated[Optional[Path], typer.Option(help="Placement to show against the trivial layout.")] = None,
+) -> None:
+    """Write a self-contained HTML report: expert load, per-GPU load before/after, replicas, nodes per token."""
+    from moeplace.profiler.report import write_report
+
+    with user_errors():
+        plan = None if placement is None else load_placement(placement)
+        written = write_report(load_trace(trace), output, plan)
+    stdout().print(f"wrote {output} and {len(written) - 1} figure(s)")
+
+
+@app.command()
 def apply(
     placement: Annotated[Path, typer.Argument(help="Placement JSON to make live.")],
     url: Annotated[str, typer.Option(help="A running `moeplace serve`.")],

@@ -210,3 +210,19 @@ def test_evaluate_trace_for_other_model(tmp_path, solved):
 def test_output_folder_missing(tmp_path):
     result = run(*solve_args(tmp_path / "no" / "such" / "p.json", "--method", "greedy"))
     assert_one_line_error(result, "does not exist")
+
+
+def test_report(solved, tmp_path):
+    out = tmp_path / "report.html"
+    result = run("report", EXAMPLE, "--placement", solved, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "data:image/png;base64" in out.read_text()
+    assert len(list(tmp_path.glob("report_*.png"))) >= 3
+
+
+def test_report_placement_for_other_model(tmp_path):
+    other = tmp_path / "other.json"
+    save_placement(trivial_placement(32, Topology(4, 2, 8), np.array([0, 7, 15]), 16), other)
+    out = tmp_path / "r.html"
+    assert_one_line_error(run("report", EXAMPLE, "--placement", other, "-o", out), "other.json", "32")
+    assert not out.exists()
