@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import tempfile
@@ -169,26 +170,62 @@ def serve(
     raise typer.Exit(subprocess.call(command, env=env))
 
 
+class Engine(str, enum.Enum):
+    moeplace = "moeplace"
+    sglang = "sglang"
+
+
 @app.command()
 def profile(
-    url: Annotated[str, typer.Option(help="A running `moeplace serve`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Trace file to write (.safetensors).")],
+    url: Annotated[Optional[str], typer.Option(help="A running engine's HTTP address.")] = None,
+    engine: Annotated[Engine, typer.Option(help="What runs at --url.")] = Engine.moeplace,
     duration: Annotated[float, typer.Option(help="Seconds to record.")] = 10.0,
-    window_seconds: Annotated[float, typer.Option(help="Length of one recorded window.")] = 1.0,
+    window_seconds: Annotated[float, typer.Option(help="moeplace: length of one recorded window.")] = 1.0,
+    dump_dir: Annotated[Optional[Path], typer.Option(help="sglang: the server's dump folder, seen from here.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="sglang: experts per token, for count dumps of non-DeepSeek models.")] = None,
+    hf_model: Annotated[Optional[Path], typer.Option(help="A local Hugging Face MoE model folder to run offline.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="--hf-model: prompt file (one per line, JSON or JSONL).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="--hf-model: tokens to generate after each prompt.")] = 0,
+    sample_rate: Annotated[float, typer.Option(help="--hf-model: share of tokens whose top-k ids are kept.")] = 0.0,
+    device: Annotated[str, typer.Option(help="--hf-model: cpu or cuda.")] = "cpu",
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="The server's API key.")] = None,
 ) -> None:
-    """Record per-layer expert load from a running moeplace server into a trace file."""
-    from moeplace.client import ServerClient
-
+    """Record per-layer expert load: from a running moeplace or SGLang server (--url), or by running a
+    Hugging Face MoE model on a prompt file (--hf-model, --prompts)."""
     with user_errors():
         _check_output(output)
-        if duration <= 0:
+        if (url is None) == (hf_model is None):
+            raise ValueError("give exactly one of --url (a running engine) and --hf-model (an offline model)")
+        if hf_model is None and duration <= 0:
             raise ValueError(f"--duration must be positive, got {duration}")
-        with tempfile.TemporaryDirectory() as tmp:
-            trace = ServerClient(url, api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors")
+        trace = _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts,
+                        max_tokens, sample_rate, device, api_key)
         save_trace(trace, output)
     stdout().print(f"wrote {output}: {trace.num_windows} windows x {trace.num_layers} layers x "
-                   f"{trace.num_experts} experts, {int(trace.tokens_W.sum())} tokens")
+                   f"{trace.num_experts} experts" + ("" if trace.tokens_W is None else f", {int(trace.tokens_W.sum())} tokens"))
+
+
+def _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts, max_tokens,
+            sample_rate, device, api_key):
+    if hf_model is not None:
+        from moeplace.profiler.hf import profile_hf_model, read_prompt_file
+
+        if prompts is None:
+            raise ValueError("--hf-model needs --prompts FILE")
+        texts = read_prompt_file(prompts)
+        with _progress() as progress:
+            task = progress.add_task("profiling", total=None)
+            return profile_hf_model(hf_model, texts, max_tokens=max_tokens, device=device, sample_rate=sample_rate,
+                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if engine is Engine.sglang:
+        from moeplace.profiler.sglang import record_sglang
+
+        return record_sglang(url, duration, dump_dir=dump_dir, api_key=api_key, top_k=top_k)
+    from moeplace.client import ServerClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return ServerClient(url, api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors")
 
 
 @app.command()

@@ -31,7 +31,8 @@ class ServerClient:
             raise ValueError(f"{self.url}{path}: cannot reach the server ({exc.__class__.__name__}: {exc})") from None
         if response.status_code >= 400:
             try:
-                reason = response.json().get("error", response.text)
+                body = response.json()
+                reason = body.get("error", response.text) if isinstance(body, dict) else response.text[:200]
             except ValueError:
                 reason = response.text[:200]
             raise ValueError(f"{self.url}{path}: HTTP {response.status_code}: {reason}")

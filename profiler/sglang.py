@@ -1,0 +1,343 @@
+"""SGLang client: record a `Trace` from a running SGLang server through its expert-distribution recorder.
+
+What SGLang offers (read in sgl-project/sglang, summarised in our words):
+
+- `python/sglang/srt/entrypoints/http_server.py` (commit 0025436e): `/start_expert_distribution_record`,
+  `/stop_expert_distribution_record` and `/dump_expert_distribution_record`, each registered for GET and
+  POST (SGLang's own `test/srt/test_expert_distribution.py` uses POST). Each answers 200 with a one-line
+  plain-text body once the schedulers have acted; no data comes back over HTTP. Start clears any earlier
+  record; dump writes the record to files and clears it. An exception in the HTTP process is FastAPI's
+  plain-text 500; SGLang's own errors are JSON `{"object": "error", "message": ..., "code": ...}`; with
+  `--api-key` every path but `/health*` wants `Authorization: Bearer KEY`, else 401
+  `{"error": "Unauthorized"}` (`add_api_key_middleware` in sglang.srt.utils). `GET /get_server_info` (renamed
+  `/server_info` in newer versions, the old path kept as deprecated) returns the server args, among them
+  `expert_distribution_recorder_mode`, `tp_size` and `model_path`.
+- `--expert-distribution-recorder-mode` is one of stat, stat_approx, per_pass, per_token and defaults to
+  none (`python/sglang/srt/server_args.py`; `--enable-eplb` and `--enable-expert-distribution-metrics`
+  turn on stat). Without it the recorder is a no-op whose start/stop/dump raise inside the scheduler
+  process instead of answering an HTTP error (`python/sglang/srt/eplb/expert_distribution.py`, commit
+  02295fe5), so we read the mode from the server info first and refuse before touching the recorder.
+- The dump goes to the server's own disk: `_dump_to_file` in that file `torch.save`s into
+  `SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR` (`python/sglang/srt/environ.py`, default `/tmp`), created if
+  missing. stat/stat_approx: rank 0 writes `expert_distribution_recorder_{time}.pt`, counts already summed
+  over ranks. per_pass/per_token: every rank writes `expert_distribution_recorder_{time}_{rank}.pt`, rank
+  being the TP rank (`python/sglang/srt/model_executor/model_runner.py`), each file holding that rank's
+  forward passes. The formats are described in `moeplace.readers`, which reads a single file.
+
+So the client must see the server's dump folder (`dump_dir`: the same machine, or a shared folder that
+every rank writes to). It notes which dump files exist before the start, and after the dump waits for new
+ones (the ranks other than the one answering HTTP may still be writing). Files are told apart by name, not
+by clock, so a shared folder with skewed clocks works. SGLang's files stay where SGLang wrote them.
+
+Merging per-rank files: a window is one forward pass; records of different ranks with the same
+`forward_pass_id` (each rank's scheduler counts its passes, and the ranks of an EP deployment step
+together) are taken as one step: counts summed over ranks, per-token samples concatenated. When every rank
+holds identical records, the ranks saw the same tokens (tensor-parallel MoE routes every token on every
+rank) and one rank is read, so tokens are not counted tp_size times.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from moeplace.checks import check_array, check_range
+from moeplace.readers import _build_trace, _fold_physical, _fold_topk, _load_dict, _numeric, read_sglang_dump
+from moeplace.trace import Trace
+
+STAT_MODES = ("stat", "stat_approx")
+PER_RANK_MODES = ("per_pass", "per_token")
+DEFAULT_DUMP_DIR = "/tmp"  # SGLang's default for SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR
+_DUMP_FILE = re.compile(r"expert_distribution_recorder_(\d+(?:\.\d+)?)(?:_(\d+))?\.pt")
+_POLL_SECONDS = 0.05
+
+
+def record_sglang(
+    url: str,
+    duration: float,
+    *,
+    dump_dir: Path | None = None,
+    api_key: str | None = None,
+    timeout: float = 30,
+    top_k: int | None = None,
+) -> Trace:
+    """Record `duration` seconds of expert load on the SGLang server at `url` and return it as a `Trace`.
+
+    dump_dir: the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR as seen from here (default: that
+        variable in this environment, else /tmp). timeout: seconds per HTTP call and for the dump files
+        to appear. top_k: the model's top-k, needed for stat dumps of models other than DeepSeek-V3
+        (per-token dumps show it). Every failure is a `ValueError` naming the URL or the file.
+    """
+    if not (math.isfinite(duration) and duration >= 0):
+        raise ValueError(f"duration must be a non-negative number of seconds, got {duration}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url}: the URL must start with http:// or https://")
+    url = url.rstrip("/")
+    folder = Path(dump_dir or os.environ.get("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", DEFAULT_DUMP_DIR))
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: dump_dir is a file, not the folder SGLang dumps into")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as http:
+        # 1. what the server records, before touching the recorder
+        info = _server_info(http, url)
+        mode = _recorder_mode(info, url)
+        if mode in PER_RANK_MODES and info.get("pp_size", 1) != 1:
+            # each pipeline stage numbers its files by TP rank, so the stages' files cannot be told apart
+            raise ValueError(f"{url}: {mode} dumps of a pipeline-parallel server (pp_size {info['pp_size']}) "
+                             "are not supported; record with --expert-distribution-recorder-mode stat")
+        before = _dump_files(folder)
+        # 2. record; stop is sent even when the wait is interrupted, so the server does not record on
+        started = time.time()
+        _call(http, url, "/start_expert_distribution_record")
+        try:
+            time.sleep(duration)
+        finally:
+            _call(http, url, "/stop_expert_distribution_record")
+        stopped = time.time()
+        _call(http, url, "/dump_expert_distribution_record")
+    # 3. read what the dump wrote
+    ranks = 1 if mode in STAT_MODES else _positive_int(info.get("tp_size", 1), "tp_size", url)
+    files = _wait_for_dump(folder, before, mode, ranks, timeout, url)
+    trace = read_sglang_dump(files[0], top_k=top_k) if mode in STAT_MODES else read_sglang_rank_dumps(files, top_k=top_k)
+    metadata = dict(trace.metadata)
+    metadata.update(
+        engine="sglang",
+        url=url,
+        recorder_mode=mode,
+        recorded_from=_iso(started),
+        recorded_until=_iso(stopped),
+        duration_s=f"{stopped - started:.3f}",
+        dump_files=", ".join(f.name for f in files),
+    )
+    if info.get("model_path"):
+        metadata["model"] = str(info["model_path"])
+    return replace(trace, metadata=metadata, source=f"{url} ({folder})")
+
+
+def read_sglang_rank_dumps(paths: list[Path], *, top_k: int | None = None) -> Trace:
+    """Read the per-rank files of one SGLang per_pass/per_token dump as one trace (one window per pass).
+
+    top_k defaults to the most top-k slots any token used (SGLang pads every token to 8 slots with -1).
+    """
+    assert paths, "no files to read"
+    # 1. per file: fold every record to logical experts, keyed by forward pass
+    per_rank, p2l_RP = [], None
+    for path in paths:
+        passes, file_p2l = _rank_passes(path)
+        if p2l_RP is not None and not np.array_equal(file_p2l, p2l_RP):
+            raise ValueError(f"{path}: last_physical_to_logical_map differs from that of {paths[0].name}")
+        p2l_RP = file_p2l
+        per_rank.append(passes)
+    # 2. ranks that saw the same tokens are one observation, not several
+    notes = []
+    if len(per_rank) > 1 and all(_same_passes(per_rank[0], other) for other in per_rank[1:]):
+        notes.append(f"the {len(per_rank)} ranks hold identical records (every rank routed every token); read once")
+        per_rank = per_rank[:1]
+    # 3. merge: sum counts over ranks per pass, concatenate the per-token samples
+    pass_ids = sorted(set().union(*per_rank))
+    if not pass_ids:
+        raise ValueError(f"{paths[0].parent}: the dump holds no forward passes; was the server idle while recording?")
+    counts_WRE = np.stack([sum(rank[p][0] for rank in per_rank if p in rank) for p in pass_ids])
+    with_topk = {rank[p][1] is not None for rank in per_rank for p in rank}
+    if len(with_topk) > 1:
+        raise ValueError(f"{paths[0].parent}: some records have 'topk_ids_of_layer' and some do not")
+    topk_TRK = tokens_W = None
+    if with_topk == {True}:
+        samples = [[rank[p][1] for rank in per_rank if p in rank] for p in pass_ids]
+        tokens_W = np.array([sum(s.shape[0] for s in pass_samples) for pass_samples in samples], dtype=np.float64)
+        topk_TRK = np.concatenate([s for pass_samples in samples for s in pass_samples], axis=0)
+        if top_k is None and topk_TRK.size:
+            top_k = max(int((topk_TRK >= 0).sum(axis=2).max()), 1)
+    mode = "per_token" if topk_TRK is not None else "per_pass"
+    meta = {"engine": "sglang", "format": f"sglang expert_distribution {mode} dump", "ranks": str(len(paths))}
+    source = paths[0] if len(paths) == 1 else paths[0].parent
+    trace = _build_trace(source, counts_WRE, meta, window_names=[str(p) for p in pass_ids],
+                         topk_ids_TRK=topk_TRK, tokens_W=tokens_W, top_k=top_k)
+    if notes:  # _build_trace writes its own notes (dropped windows) into metadata["notes"]
+        notes += [trace.metadata["notes"]] if "notes" in trace.metadata else []
+        trace = replace(trace, metadata=dict(trace.metadata, notes="; ".join(notes)))
+    return trace
+
+
+def _rank_passes(path: Path) -> tuple[dict[int, tuple[np.ndarray, np.ndarray | None]], np.ndarray]:
+    """One rank file → ({forward_pass_id: (logical counts [R, E], logical top-k [T, R, K] or None)}, map [R, P])."""
+    src = str(path)
+    data = _load_dict(path)
+    for key in ("records", "last_physical_to_logical_map"):
+        if key not in data:
+            raise ValueError(f"{src}: key '{key}' is missing; not an SGLang per_pass/per_token dump")
+    records = data["records"]
+    if not isinstance(records, list):
+        raise ValueError(f"{src}: field 'records' must be a list of forward passes, got {type(records).__name__}")
+    field = "last_physical_to_logical_map"
+    p2l_RP = check_array(src, field, _numeric(src, field, data[field]), ndim=2, kind="i")
+    check_range(src, field, p2l_RP, 0, p2l_RP.shape[1])
+    num_experts = int(p2l_RP.max()) + 1 if p2l_RP.size else 0  # every logical expert has a slot
+    passes: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or "global_physical_count" not in record:
+            raise ValueError(f"{src}: records[{i}] has no 'global_physical_count'")
+        pass_id = record.get("forward_pass_id", i)
+        if isinstance(pass_id, bool) or not isinstance(pass_id, int):
+            raise ValueError(f"{src}: records[{i}].forward_pass_id must be an integer, got {pass_id!r}")
+        counts_RE = _fold_physical(src, f"records[{i}].global_physical_count", record["global_physical_count"],
+                                   p2l_RP, num_experts)
+        topk_TRK = None
+        if "topk_ids_of_layer" in record:
+            topk_TRK = _fold_topk(src, f"records[{i}].topk_ids_of_layer", record["topk_ids_of_layer"], p2l_RP)
+        if pass_id in passes:  # one pass split over several gatherers: add them up
+            old_counts, old_topk = passes[pass_id]
+            counts_RE = counts_RE + old_counts
+            topk_TRK = None if topk_TRK is None or old_topk is None else np.concatenate([old_topk, topk_TRK])
+        passes[pass_id] = (counts_RE, topk_TRK)
+    return passes, p2l_RP
+
+
+def _same_passes(a: dict, b: dict) -> bool:
+    def same(x, y):
+        return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+
+    return a.keys() == b.keys() and all(same(a[p][0], b[p][0]) and same(a[p][1], b[p][1]) for p in a)
+
+
+def _wait_for_dump(folder: Path, before: dict[str, tuple], mode: str, ranks: int, timeout: float, url: str) -> list[Path]:
+    """The dump files written since `before`: the newest stat file, or the newest file of each rank 0..ranks-1.
+
+    Waits until they are all there and their size stopped changing (torch.save writes in place).
+    """
+    deadline = time.monotonic() + timeout
+    previous: dict[str, tuple] | None = None
+    while True:
+        new = {name: stamp for name, stamp in _dump_files(folder).items() if before.get(name) != stamp}
+        chosen = _choose(new, mode, ranks)
+        current = {name: new[name] for name in chosen}
+        if len(chosen) == ranks and current == previous:
+            return [folder / name for name in chosen]
+        previous = current
+        if time.monotonic() > deadline:
+            break
+        time.sleep(_POLL_SECONDS)
+    if not chosen:
+        raise ValueError(
+            f"{url}: no dump file expert_distribution_recorder_*.pt appeared in {folder} within {timeout:g} s "
+            "of /dump_expert_distribution_record; dump_dir must be the server's "
+            "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (default /tmp) as seen from this machine"
+        )
+    if len(chosen) < ranks:
+        got = sorted(int(_DUMP_FILE.fullmatch(name).group(2)) for name in chosen)
+        raise ValueError(
+            f"{url}: only ranks {got} of the {ranks} tensor-parallel ranks wrote a dump file in {folder} within "
+            f"{timeout:g} s; the folder must receive every rank's file (shared across nodes)"
+        )
+    raise ValueError(f"{url}: dump files in {folder} were still being written after {timeout:g} s")
+
+
+def _choose(new: dict[str, tuple], mode: str, ranks: int) -> list[str]:
+    """Names to read among the new dump files: the newest per rank (stat: one file, rank 0's)."""
+    newest: dict[int, tuple[float, str]] = {}
+    for name in new:
+        match = _DUMP_FILE.fullmatch(name)
+        has_rank = match.group(2) is not None
+        if has_rank != (mode in PER_RANK_MODES):
+            continue  # a file of the other format, from an earlier server run
+        rank = int(match.group(2)) if has_rank else 0
+        stamp = float(match.group(1))
+        if rank < ranks and stamp >= newest.get(rank, (-1.0, ""))[0]:
+            newest[rank] = (stamp, name)
+    return [newest[rank][1] for rank in sorted(newest)]
+
+
+def _dump_files(folder: Path) -> dict[str, tuple]:
+    """{name: (size, mtime_ns)} of the SGLang dump files in `folder` (none if it does not exist yet)."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot list the dump folder ({exc.strerror})") from None
+    files = {}
+    for entry in entries:
+        if _DUMP_FILE.fullmatch(entry.name) and entry.is_file():
+            stat = entry.stat()
+            files[entry.name] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def _server_info(http: httpx.Client, url: str) -> dict:
+    """The server args (newer SGLang: /server_info; older: /get_server_info)."""
+    response = _call(http, url, "/server_info", method="GET", missing_ok=True)
+    path = "/server_info"
+    if response is None:
+        path = "/get_server_info"
+        response = _call(http, url, path, method="GET")
+    try:
+        info = response.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ValueError(f"{url}{path}: expected a JSON object of server args; is this an SGLang server?")
+    return info
+
+
+def _recorder_mode(info: dict, url: str) -> str:
+    if "expert_distribution_recorder_mode" not in info:
+        raise ValueError(f"{url}: the server info has no 'expert_distribution_recorder_mode'; "
+                         "not an SGLang server with the expert-distribution recorder")
+    mode = info["expert_distribution_recorder_mode"]
+    if mode is None:
+        raise ValueError(f"{url}: SGLang was started without --expert-distribution-recorder-mode, so it records "
+                         "nothing; restart it with --expert-distribution-recorder-mode stat (or per_pass, per_token)")
+    if mode not in STAT_MODES + PER_RANK_MODES:
+        raise ValueError(f"{url}: unknown expert_distribution_recorder_mode {mode!r} "
+                         f"(this client reads {', '.join(STAT_MODES + PER_RANK_MODES)})")
+    return mode
+
+
+def _call(http: httpx.Client, url: str, path: str, method: str = "POST", missing_ok: bool = False) -> httpx.Response | None:
+    try:
+        response = http.request(method, path)
+    except httpx.TimeoutException:
+        raise ValueError(f"{url}{path}: no answer within {http.timeout.read:g} s") from None
+    except httpx.HTTPError as exc:
+        raise ValueError(f"{url}{path}: cannot reach the server ({exc.__class__.__name__}: {exc})") from None
+    if missing_ok and response.status_code == 404:
+        return None
+    if response.status_code >= 400:
+        raise ValueError(f"{url}{path}: HTTP {response.status_code}: {_reason(response)}")
+    return response
+
+
+def _reason(response: httpx.Response) -> str:
+    """The server's message: SGLang's {"message": ...}, {"error": ...} (also nested), FastAPI's {"detail": ...}, or text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("message", "error", "detail"):
+            value = body.get(key)
+            if isinstance(value, dict) and "message" in value:
+                value = value["message"]
+            if value:
+                return str(value)[:200]
+    return response.text.strip()[:200]
+
+
+def _positive_int(value: object, field: str, url: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{url}: server info field '{field}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
