@@ -1,17 +1,29 @@
 """`EPMoE`: the expert-parallel MoE layer that replaces transformers' DeepseekV3MoE in each MoE layer.
 
 Legend: T tokens of this rank, K top-k, D hidden, F expert intermediate, E logical experts,
-S slots on this rank, G ranks, A = T*K (token, expert) assignments, M rows received by this rank;
+S slots on this rank, G ranks, P = G*S global slots, A = T*K (token, expert) assignments,
+U rows sent or received (one per (token, destination rank)), M assignments received by this rank;
 lower-case f, d: 128-blocks along F, D (FP8 scale tensors).
 
 Every rank runs attention on the whole batch (inputs are identical on all ranks); in each MoE layer
-rank g takes the g-th contiguous share of the batch's real (unpadded) tokens, routes them, sends
-each (token, expert) row to the rank holding the chosen slot (all_to_all), computes its slots'
-experts, sends the results back, combines them with the routing weights, adds the shared expert, and
-finally all-gathers the shares so every rank again holds the whole batch.
+rank g takes the g-th contiguous share of the batch's real (unpadded) tokens and runs one step:
+1. route: gate -> logical experts -> physical slots; assignments sorted by slot (hence by rank);
+2. dispatch: each token goes once to each rank that holds any of its slots, with the list of those
+   slots (all_to_all); a token with several experts on one rank crosses the wire once, not once per
+   expert (exact: the same bytes, expanded on arrival);
+3. experts: the rank computes its slots' experts on the received rows, grouped by slot;
+4. combine: one result row per assignment goes back (all_to_all) and is summed with the routing
+   weights. (Summing a token's experts on the computing rank would send fewer rows back, but it
+   regroups the sum and rounds the partial sums to the wire dtype: not exact, so not done.)
+The shared expert runs locally, and the shares are all-gathered so every rank again holds the whole
+batch. Steps 1-4 are `step_with_ids` (route from given logical experts), which a benchmark can call
+with its own routing and a `PhaseTimer`.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +33,9 @@ from moeplace.placement import Placement
 from moeplace.runtime.checkpoint import Checkpoint
 from moeplace.runtime.comm import Comm
 from moeplace.runtime.config import ModelConfig
-from moeplace.runtime.fp8 import FP8_DTYPE, dequantize_blockwise, scale_shape
+from moeplace.runtime.experts import (ExpertPath, decode_features, encode_tokens, feature_bytes, fp8_experts,
+                                      reference_experts)
+from moeplace.runtime.fp8 import FP8_DTYPE, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
 
 
@@ -35,6 +49,43 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
 
 
+class PhaseTimer:
+    """Time between consecutive `lap`s of MoE steps, per phase name: CUDA events on a GPU (no host
+    sync until `read`), the host clock on CPU. `start` before each step; `read` sums over the steps."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.laps: list[tuple[str, object, object]] = []
+        self._last = None
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._last = self._now()
+
+    def lap(self, phase: str) -> None:
+        assert self._last is not None, "PhaseTimer.lap before start"
+        now = self._now()
+        self.laps.append((phase, self._last, now))
+        self._last = now
+
+    def read(self) -> dict[str, float]:
+        """{phase: milliseconds summed over the laps recorded}; clears the laps."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for phase, a, b in self.laps:
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            out[phase] = out.get(phase, 0.0) + ms
+        self.laps, self._last = [], None
+        return out
+
+
 class EPMoE(nn.Module):
     """One MoE layer (model layer `layer_id`, row `row` of the placement) on rank `comm.rank`.
 
@@ -42,9 +93,12 @@ class EPMoE(nn.Module):
       w13_SFD  [S, 2F, D] float8_e4m3fn (gate rows, then up rows)   w13_sinv_Sfd [S, 2*ceil(F/128), ceil(D/128)] float32
       w2_SDF   [S, D, F]  float8_e4m3fn                              w2_sinv_Sdf  [S, ceil(D/128), ceil(F/128)] float32
       slot_experts_S [S] int64 logical expert in each slot.
+    `expert_path`: ExpertPath.fp8 (moeplace.kernels) by default on CUDA where the shapes fit, else
+    reference; settable (tests check the CUDA path against the exact reference).
     Statistics of the last forward (EPModel sums them over the ranks each step):
       routed_counts_E [E] int64 (token, expert) assignments this rank routed to each logical expert
-      (the global count is the sum over ranks); slot_tokens_S [S] int64 rows this rank's slots computed.
+      (the global count is the sum over ranks); slot_tokens_S [S] int64 rows this rank's slots computed;
+      last_traffic: Traffic of the last step (host numbers, no sync).
     """
 
     def __init__(self, config: ModelConfig, hf_config, layer_id: int, row: int, placement: Placement,
@@ -58,6 +112,7 @@ class EPMoE(nn.Module):
         E, D, Fi = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         S = placement.topology.slots_per_gpu
         f, d = scale_shape((Fi, D), self.block)
+        self.expert_path = ExpertPath.default(torch.device(device), D, Fi, self.block)
         self.gate = Gate(E, D, device)
         self.shared_experts = DeepseekV3MLP(hf_config, intermediate_size=Fi * config.n_shared_experts).to(device, dtype)
         self.table = SlotTable.from_placement(placement, row, device)
@@ -75,6 +130,7 @@ class EPMoE(nn.Module):
         }.items():
             self.register_buffer(name, tensor, persistent=False)
         self.token_mask_BT: torch.Tensor | None = None  # set by EPModel around each forward
+        self.last_traffic: Traffic | None = None
 
     def load_slots(self, ckpt: Checkpoint) -> None:
         """Read the experts of this rank's slots (and only those) from the checkpoint."""
@@ -101,51 +157,181 @@ class EPMoE(nn.Module):
         return out_TD.view(B, T, D)
 
     def _routed(self, x_TD: torch.Tensor) -> torch.Tensor:
-        T, K, S = x_TD.shape[0], self.router.top_k, self.w13_SFD.shape[0]
-        comm = self.comm
-        # 1. route: logical experts, then physical slots
         logits_TE = F.linear(x_TD.float(), self.gate.weight)
         ids_TK, weights_TK = select_experts(logits_TE, self.gate.e_score_correction_bias, self.router)
-        slots_TK = assign_slots(ids_TK, self.table, comm.rank)
-        self.routed_counts_E.copy_(torch.bincount(ids_TK.reshape(-1), minlength=self.routed_counts_E.numel()))
-        # 2. dispatch: rows sorted by slot, hence by destination rank
+        return self.step_with_ids(x_TD, ids_TK, weights_TK)
+
+    def step_with_ids(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      timer: PhaseTimer | None = None) -> torch.Tensor:
+        """Routed experts of this rank's tokens, their logical experts already chosen: y_TD [T, D] x's dtype.
+
+        x_TD [T, D]; ids_TK int64 [T, K] distinct logical experts per token; weights_TK float32 [T, K].
+        A collective: every rank of the group calls it (T may differ, and may be 0). With `timer`, laps
+        route, dispatch, dispatch_a2a, experts, combine_a2a, combine (the *_a2a laps: the all_to_all alone).
+        """
+        lap = timer.lap if timer else _no_lap
+        # 1. route
+        slots_TK = assign_slots(ids_TK, self.table, self.comm.rank)
+        self.routed_counts_E.copy_(_count(ids_TK.reshape(-1), self.routed_counts_E.numel()))
+        plan = self._plan(slots_TK)
+        lap("route")
+        # 2. dispatch
+        received_UW = self._dispatch(x_TD, plan, lap)
+        self.last_traffic = Traffic(plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments,
+                                    received_UW.shape[1], x_TD.shape[1] * x_TD.element_size())
+        # 3. experts
+        y_MD = self._experts(received_UW, plan, x_TD.dtype)
+        lap("experts")
+        # 4. combine
+        y_AD = self.comm.all_to_all(y_MD, plan.recv_assignments, plan.send_assignments)
+        lap("combine_a2a")
+        y_TD = self._combine(y_AD, plan, weights_TK, x_TD)
+        lap("combine")
+        return y_TD
+
+    def _plan(self, slots_TK: torch.Tensor) -> _Plan:
+        """Sender side: assignments sorted by slot; one row per (destination rank, token); counts per rank."""
+        (T, K), G, S = slots_TK.shape, self.comm.world_size, self.w13_SFD.shape[0]
+        device = slots_TK.device
         order_A = torch.argsort(slots_TK.reshape(-1), stable=True)
-        token_A = order_A // K
-        slot_A = slots_TK.reshape(-1)[order_A]
-        send_G = torch.bincount(slot_A // S, minlength=comm.world_size)
-        recv_G = comm.exchange_counts(send_G)
-        send, recv = send_G.tolist(), recv_G.tolist()
-        x_MD = comm.all_to_all(x_TD[token_A], send, recv)
-        local_M = comm.all_to_all(slot_A % S, send, recv)
-        # 3. experts, 4. results back to their source ranks
-        y_AD = comm.all_to_all(self._experts(x_MD, local_M), recv, send)
-        # 5. combine with the routing weights
-        y_AD = y_AD * weights_TK.reshape(-1)[order_A, None].to(y_AD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        dest_TK = slots_TK // S
+        # rows: destination-major, tokens in order within a destination
+        sent_GT = torch.zeros(G, T, dtype=torch.bool, device=device)
+        token_TK = torch.arange(T, device=device)[:, None].expand(T, K)
+        sent_GT[dest_TK, token_TK] = True
+        row_GT = sent_GT.reshape(-1).cumsum(0).view(G, T) - 1
+        counts_GX = torch.empty(G, S + 1, dtype=torch.int64, device=device)
+        counts_GX[:, :S] = _count(slots_TK.reshape(-1), G * S).view(G, S)
+        counts_GX[:, S] = sent_GT.sum(dim=1)
+        return _Plan(order_A, slots_TK, row_GT[dest_TK, token_TK], sent_GT, row_GT, counts_GX)
 
-    def _experts(self, x_MD: torch.Tensor, slot_M: torch.Tensor) -> torch.Tensor:
-        """Rows x_MD through the expert of local slot slot_M (CPU reference: dequantise, then matmul)."""
-        counts_S = torch.bincount(slot_M, minlength=self.w13_SFD.shape[0])
-        self.slot_tokens_S.copy_(counts_S)
-        order = torch.argsort(slot_M, stable=True)
-        out_MD = torch.empty_like(x_MD)
-        start = 0
-        for s, n in enumerate(counts_S.tolist()):
-            if n:
-                rows = order[start: start + n]
-                out_MD[rows] = self._expert(s, x_MD[rows])
-                start += n
-        return out_MD
+    def _dispatch(self, x_TD: torch.Tensor, plan: _Plan, lap) -> torch.Tensor:
+        """Send each planned row: the token's features, then its K local slots (int32, -1 = not on that rank)."""
+        (T, D), K, S, comm = x_TD.shape, plan.slots_TK.shape[1], self.w13_SFD.shape[0], self.comm
+        plan.recv_GX = comm.exchange_counts(plan.counts_GX)
+        # The all_to_all needs its sizes on the host: the step's one sync.
+        sizes = torch.stack([plan.counts_GX[:, S], plan.counts_GX[:, :S].sum(1),
+                             plan.recv_GX[:, S], plan.recv_GX[:, :S].sum(1)]).tolist()
+        plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments = sizes
+        ids_at = _ids_offset(self.expert_path, D, x_TD.dtype)
+        tokens_TW = encode_tokens(x_TD, self.expert_path, ids_at + 4 * K)
+        U = sum(plan.send_rows)
+        # token of each row: compact the sent (destination, token) pairs, in order (scatter: no host sync)
+        flat = torch.where(plan.sent_GT.reshape(-1), plan.row_GT.reshape(-1), U)
+        token_U = torch.zeros(U + 1, dtype=torch.int64, device=x_TD.device)
+        token_U.scatter_(0, flat, torch.arange(flat.numel(), device=x_TD.device) % max(T, 1))
+        rows_UW = tokens_TW[token_U[:U]]
+        ids_UK = torch.full((U, K), -1, dtype=torch.int32, device=x_TD.device)
+        ids_UK[plan.row_TK, torch.arange(K, device=x_TD.device).expand(T, K)] = (plan.slots_TK % S).int()
+        rows_UW[:, ids_at:] = ids_UK.view(torch.uint8)
+        lap("dispatch")
+        received_UW = comm.all_to_all(rows_UW, plan.send_rows, plan.recv_rows)
+        lap("dispatch_a2a")
+        return received_UW
 
-    def _expert(self, s: int, x_ND: torch.Tensor) -> torch.Tensor:
-        Fi, f = self.w2_SDF.shape[2], self.w13_sinv_Sfd.shape[1] // 2
-        w13 = self.w13_SFD[s]
-        sinv = self.w13_sinv_Sfd[s]
-        # gate and up are dequantised apart: each has its own block grid when F is not a block multiple.
-        gate_FD = dequantize_blockwise(w13[:Fi], sinv[:f], self.block, x_ND.dtype)
-        up_FD = dequantize_blockwise(w13[Fi:], sinv[f:], self.block, x_ND.dtype)
-        down_DF = dequantize_blockwise(self.w2_SDF[s], self.w2_sinv_Sdf[s], self.block, x_ND.dtype)
-        return (F.silu(x_ND @ gate_FD.T) * (x_ND @ up_FD.T)) @ down_DF.T
+    def _experts(self, received_UW: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+        """Received rows -> one output row per assignment, in the order the sources sent their assignments."""
+        G, S, D = self.comm.world_size, self.w13_SFD.shape[0], self.w13_SFD.shape[2]
+        U, K, device = received_UW.shape[0], plan.slots_TK.shape[1], received_UW.device
+        M = sum(plan.recv_assignments)
+        ids_at = _ids_offset(self.expert_path, D, dtype)
+        ids_UK = received_UW[:, ids_at: ids_at + 4 * K].view(torch.int32).long()
+        # 1. assignments grouped by slot, then by source rank and token: sort (slot, row) keys
+        key_UK = torch.where(ids_UK >= 0, ids_UK * U + torch.arange(U, device=device)[:, None], S * U)
+        pick_M = torch.argsort(key_UK.reshape(-1))[:M]
+        row_M, slot_M = pick_M // K, ids_UK.reshape(-1)[pick_M]
+        counts_GS = plan.recv_GX[:, :S]
+        self.slot_tokens_S.copy_(counts_GS.sum(0))
+        # 2. compute
+        rows_MW = received_UW[row_M]
+        if self.expert_path is ExpertPath.fp8:
+            offsets_S1 = torch.zeros(S + 1, dtype=torch.int32, device=device)
+            offsets_S1[1:] = counts_GS.sum(0).cumsum(0)
+            a_MD, a_scale_Md = decode_features(rows_MW, self.expert_path, D, dtype)
+            y_MD = fp8_experts(a_MD, a_scale_Md, offsets_S1, self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF,
+                               self.w2_sinv_Sdf, dtype)
+        else:
+            y_MD = reference_experts(decode_features(rows_MW, self.expert_path, D, dtype), counts_GS.sum(0).tolist(),
+                                     self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf, self.block)
+        # 3. back to the sources' order: source-major, then (slot, token) as each source sorted them
+        source_M = torch.repeat_interleave(torch.arange(G, device=device), plan.recv_GX[:, S], output_size=U)[row_M]
+        by_source_GS = (counts_GS.reshape(-1).cumsum(0) - counts_GS.reshape(-1)).view(G, S)
+        by_slot_SG = (counts_GS.t().reshape(-1).cumsum(0) - counts_GS.t().reshape(-1)).view(S, G)
+        position_M = by_source_GS[source_M, slot_M] + torch.arange(M, device=device) - by_slot_SG[slot_M, source_M]
+        return torch.empty_like(y_MD).index_copy_(0, position_M, y_MD)
+
+    def _combine(self, y_AD: torch.Tensor, plan: _Plan, weights_TK: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        """Σ_k w[t, k] · y[t, k] from the results in slot-sorted assignment order: [T, D]."""
+        K = plan.slots_TK.shape[1]
+        if self.expert_path is ExpertPath.fp8:
+            from moeplace.kernels.permute import RoutingPlan, unpermute_combine
+
+            A, device = y_AD.shape[0], y_AD.device
+            position_TK = torch.empty(A, dtype=torch.int32, device=device)
+            position_TK[plan.order_A] = torch.arange(A, dtype=torch.int32, device=device)
+            offsets_P1 = torch.zeros(plan.counts_GX[:, :-1].numel() + 1, dtype=torch.int32, device=device)
+            offsets_P1[1:] = plan.counts_GX[:, :-1].reshape(-1).cumsum(0)
+            # fp32 sums in a fixed k order: deterministic, unlike index_add_'s atomics on a GPU
+            return unpermute_combine(y_AD, RoutingPlan(offsets_P1, position_TK.view(-1, K)),
+                                     weights_TK.float().contiguous())
+        y_AD = y_AD * weights_TK.reshape(-1)[plan.order_A, None].to(y_AD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, plan.order_A // K, y_AD)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Rows (one per token and destination) and assignments (one per token and expert) this rank sent to and
+    received from each rank in one step; bytes of a dispatched row and of a result row."""
+
+    send_rows: list[int]
+    send_assignments: list[int]
+    recv_rows: list[int]
+    recv_assignments: list[int]
+    row_bytes: int
+    result_bytes: int
+
+    def off_rank_bytes(self, rank: int) -> tuple[int, int]:
+        """(dispatch, combine) bytes across this rank's links: the larger of out and in, its own rows left out."""
+        off = lambda counts: sum(counts) - counts[rank]  # noqa: E731
+        return (max(off(self.send_rows), off(self.recv_rows)) * self.row_bytes,
+                max(off(self.send_assignments), off(self.recv_assignments)) * self.result_bytes)
+
+
+@dataclass
+class _Plan:
+    """One step's transient dispatch state (sender side, then what the exchange told), between phases.
+
+    order_A [A] assignments (t*K + k) sorted by slot; slots_TK [T, K] global slots; row_TK [T, K] the
+    sent row each assignment rides in; sent_GT [G, T] bool token t goes to rank g; row_GT [G, T] its row
+    (where sent); counts_GX [G, S+1] int64 assignments per destination slot, then rows per destination;
+    recv_GX the same from each source rank; host lists of rows and assignments sent to / received from
+    each rank."""
+
+    order_A: torch.Tensor
+    slots_TK: torch.Tensor
+    row_TK: torch.Tensor
+    sent_GT: torch.Tensor
+    row_GT: torch.Tensor
+    counts_GX: torch.Tensor
+    recv_GX: torch.Tensor | None = None
+    send_rows: list[int] | None = None
+    send_assignments: list[int] | None = None
+    recv_rows: list[int] | None = None
+    recv_assignments: list[int] | None = None
+
+
+def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64 occurrences of each id (bincount without its host sync on a GPU)."""
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+def _ids_offset(path: ExpertPath, hidden: int, dtype: torch.dtype) -> int:
+    """Byte offset of a row's slot ids: after the features, 4-byte aligned so they view as int32."""
+    return -(-feature_bytes(path, hidden, dtype) // 4) * 4
+
+
+def _no_lap(phase: str) -> None:
+    pass
 
 
 def _shares(num_tokens: int, world_size: int) -> list[int]:

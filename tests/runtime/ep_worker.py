@@ -4,10 +4,10 @@ ranks from one process, which imports torch and transformers once instead of N t
 2-core machine's time saved) and has run no OpenMP work before forking.
 
 JOB_DIR/job.json gives the device ("cpu": gloo, float32; "cuda": NCCL, one GPU a rank, float32) and
-lists scenarios {name, world, model_dir, placement (file or null), gpus_per_node};
+lists scenarios {name, world, model_dir, placement (file or null), gpus_per_node, expert_path};
 JOB_DIR/inputs.pt holds the prompts. Worlds of 2 run on ranks 0-1 in a subgroup. Each rank writes
 JOB_DIR/{name}.rank{r}.pt: the logits (rank 0), greedy continuations, per-layer routed counts and
-slot loads of the first forward, or the load error.
+slot loads and dispatch traffic of the first forward, or the load error.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from moeplace.placement import load_placement
 from moeplace.runtime.batch import greedy_continue, pad_right
+from moeplace.runtime.experts import ExpertPath
 from moeplace.runtime.model import EPModel
 
 
@@ -37,12 +38,15 @@ def run_scenario(job: dict, scenario: dict, groups: dict, rank: int, device: tor
     except ValueError as exc:
         torch.save({"error": str(exc)}, out / f"{scenario['name']}.rank{rank}.pt")
         return
+    for moe in model.moe_layers:
+        moe.expert_path = ExpertPath(scenario.get("expert_path") or moe.expert_path)
     logits = model.forward(*pad_right(inputs["prompts"], inputs["pad"]))
     result = {
         "routed_counts_LE": torch.stack([m.routed_counts_E.cpu() for m in model.moe_layers]),
         "slot_tokens_LS": torch.stack([m.slot_tokens_S.cpu() for m in model.moe_layers]),
         "step_counts_LE": model.routed_counts_LE.cpu().clone(),
         "gpu_load_LG": model.gpu_load_LG.cpu().clone(),
+        "traffic_L": [m.last_traffic for m in model.moe_layers],
         "greedy": greedy_continue(model, inputs["prompts"], inputs["steps"], inputs["pad"]),
         "logits": logits.cpu() if rank == 0 else None,
     }

@@ -1,6 +1,8 @@
 """EPModel against the single-process reference: 1 rank in process, 2 and 4 gloo ranks as subprocesses
 launched the way torchrun launches them (4 ranks = 2 nodes x 2), with and without redundant replicas:
-logits within float tolerance and identical greedy continuations. Plus the model's bad-input errors."""
+logits within float tolerance and identical greedy continuations. Plus the model's bad-input errors,
+and the FP8 kernel expert path (Triton's interpreter on CPU, compiled on a GPU) against the kernels'
+reference."""
 
 from __future__ import annotations
 
@@ -17,16 +19,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moeplace.placement import Placement, save_placement, trivial_placement
-from moeplace.readers import load_trace
-from moeplace.runtime.batch import greedy_continue, pad_right
-from moeplace.runtime.checkpoint import expert_tensor
-from moeplace.runtime.model import EPModel
-from moeplace.runtime.reference import load_reference, reference_logits
-from moeplace.runtime.tiny import EXAMPLE_TRACE, _random_tensors, tiny_config
-from moeplace.runtime.tokenizer import ByteTokenizer
-from moeplace.topology import Topology
-from moeplace.trace import Trace
+# Before moeplace.kernels is first imported (its kernels pick interpreter or compiler when decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moeplace.kernels._triton import HAS_TRITON  # noqa: E402
+from moeplace.placement import Placement, save_placement, trivial_placement  # noqa: E402
+from moeplace.readers import load_trace  # noqa: E402
+from moeplace.runtime.batch import greedy_continue, pad_right  # noqa: E402
+from moeplace.runtime.checkpoint import expert_tensor  # noqa: E402
+from moeplace.runtime.experts import ExpertPath  # noqa: E402
+from moeplace.runtime.model import EPModel  # noqa: E402
+from moeplace.runtime.moe import PhaseTimer  # noqa: E402
+from moeplace.runtime.reference import load_reference, reference_logits  # noqa: E402
+from moeplace.runtime.tiny import EXAMPLE_TRACE, _random_tensors, tiny_config  # noqa: E402
+from moeplace.runtime.tokenizer import ByteTokenizer  # noqa: E402
+from moeplace.topology import Topology  # noqa: E402
+from moeplace.trace import Trace  # noqa: E402
 
 CPU = torch.device("cpu")
 TOK = ByteTokenizer()
@@ -155,6 +164,16 @@ def check_ranks(results: list[dict], reference) -> None:
         assert torch.equal(r["step_counts_LE"], reference["counts_LE"])
         assert torch.equal(r["gpu_load_LG"], per_rank_load_LG)
     assert (per_rank_load_LG.sum(dim=1) == reference["counts_LE"].sum(dim=1)).all()
+    # Dispatch: a token crosses to a rank once however many of its experts live there; results come
+    # back one per (token, expert).
+    for layer in range(len(LAYERS)):
+        traffic = [r["traffic_L"][layer] for r in results]
+        for g, t in enumerate(traffic):
+            assert [u[g] for u in (o.send_rows for o in traffic)] == t.recv_rows
+            assert [a[g] for a in (o.send_assignments for o in traffic)] == t.recv_assignments
+            assert all(rows <= n for rows, n in zip(t.send_rows, t.send_assignments))
+        assert sum(sum(t.send_assignments) for t in traffic) == int(reference["counts_LE"][layer].sum())
+        assert sum(sum(t.send_rows) for t in traffic) < sum(sum(t.send_assignments) for t in traffic)
 
 
 @pytest.mark.parametrize("name", ["w4-trivial", "w4-replicas", "w4-split", "w4-solved", "w2-replicas-2nodes", "w2-default"])
@@ -213,16 +232,77 @@ def test_partial_fp8_blocks_match_reference(tmp_path):
         torch.testing.assert_close(logits[b, : len(prompt)], expected, rtol=1e-4, atol=1e-4)
 
 
+def routed_inputs(T: int, D: int, gen: torch.Generator, device):
+    """x_TD float32, ids_TK 8 distinct experts of 64 per token, weights_TK; fresh random values."""
+    x = torch.randn(T, D, generator=gen)
+    ids = torch.rand(T, 64, generator=gen).argsort(dim=1)[:, :8].contiguous()
+    w = torch.rand(T, 8, generator=gen) + 0.1
+    return x.to(device), ids.to(device), (2.5 * w / w.sum(dim=1, keepdim=True)).to(device)
+
+
+def expert_weights_by_logical(moe) -> list[torch.Tensor]:
+    """[E, ...] slot tensors of logical experts 0..E-1 (one process holds every slot; replicas are equal)."""
+    first_slot = {e: s for s, e in reversed(list(enumerate(moe.slot_experts_S.tolist())))}
+    index = torch.tensor([first_slot[e] for e in range(len(first_slot))], device=moe.w13_SFD.device)
+    return [t[index] for t in (moe.w13_SFD, moe.w13_sinv_Sfd, moe.w2_SDF, moe.w2_sinv_Sdf)]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install -e '.[dev,kernels]')")
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_expert_path_matches_kernel_reference(tiny_dir, device):
+    """step_with_ids on the FP8 kernel path equals fused_moe_ref (float64 with the kernels' two FP8
+    activation roundings) on the same weights, and the dequantise-and-matmul path within FP8 rounding."""
+    from moeplace.kernels.fused_moe import fused_moe_ref
+
+    model = EPModel.load(tiny_dir, replicated(1, 1, 80, seed=3, split=True), group=None,
+                         device=torch.device(device), dtype=torch.float32)
+    moe = model.moe_layers[1]
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x, ids, w = routed_inputs(37, 256, gen, device)
+    moe.expert_path = ExpertPath.fp8
+    timer = PhaseTimer(torch.device(device))
+    timer.start()
+    y = moe.step_with_ids(x, ids, w, timer).double().cpu()
+    assert set(timer.read()) == {"route", "dispatch", "dispatch_a2a", "experts", "combine_a2a", "combine"}
+    expected = fused_moe_ref(x, ids, w, *expert_weights_by_logical(moe)).cpu()
+    # GPU: FP8 tensor cores sum a 128-block with ~14 fraction bits, and a SiLU·up value that lands
+    # near an e4m3 rounding boundary may round the other way (tests/kernels allow 1e-2 end to end).
+    assert ((y - expected).norm() / expected.norm()).item() < (1e-2 if device == "cuda" else 1e-4)
+    assert moe.last_traffic.send_rows == [37] and moe.last_traffic.send_assignments == [37 * 8]
+    moe.expert_path = ExpertPath.reference
+    exact = moe.step_with_ids(x, ids, w).double().cpu()
+    assert ((y - exact).norm() / exact.norm()).item() < 0.1, "beyond two FP8 activation roundings"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_reference(tiny_dir, reference, tmp_path):
-    """One GPU in process; 2 GPUs (NCCL, 2 nodes x 1) as ranks, when there are two."""
-    model = EPModel.load(tiny_dir, replicated(1, 1, 80, seed=3), group=None, device=torch.device("cuda"),
-                         dtype=torch.float32)
+    """The dequantise-and-matmul path on one GPU in process, and on 2 GPUs (NCCL, 2 nodes x 1) as ranks
+    when there are two: the reference's logits. The FP8 kernel path: 2 ranks give the 1-GPU answer."""
+    cuda = torch.device("cuda")
+    model = EPModel.load(tiny_dir, replicated(1, 1, 80, seed=3), group=None, device=cuda, dtype=torch.float32)
+    assert all(m.expert_path is ExpertPath.fp8 for m in model.moe_layers)  # the default on CUDA
+    fp8_logits = model.forward(*pad_right(PROMPTS, TOK.pad_id)).cpu()
+    fp8_greedy = greedy_continue(model, PROMPTS, STEPS, TOK.pad_id)
+    for moe in model.moe_layers:
+        moe.expert_path = ExpertPath.reference
     logits = model.forward(*pad_right(PROMPTS, TOK.pad_id)).cpu()
     check_against_reference(logits, greedy_continue(model, PROMPTS, STEPS, TOK.pad_id), reference)
+    real = [fp8_logits[b, : len(p)] - logits[b, : len(p)] for b, p in enumerate(PROMPTS)]
+    # Two FP8 activation roundings per MoE layer: 6.8% of the logits' norm on CPU (Triton's interpreter).
+    assert torch.cat(real).norm() / torch.cat([logits[b, : len(p)] for b, p in enumerate(PROMPTS)]).norm() < 0.15
     if torch.cuda.device_count() < 2:
         return
     save_placement(replicated(2, 1, 40, seed=4), tmp_path / "p.json")
-    scenarios = [{"name": "nccl", "world": 2, "placement": str(tmp_path / "p.json")}]
-    check_ranks(run_ranks(2, "cuda", tiny_dir, scenarios, tmp_path)["nccl"], reference)
+    scenarios = [{"name": "nccl", "world": 2, "placement": str(tmp_path / "p.json"), "expert_path": "reference"},
+                 {"name": "nccl-fp8", "world": 2, "placement": str(tmp_path / "p.json"), "expert_path": "fp8"}]
+    results = run_ranks(2, "cuda", tiny_dir, scenarios, tmp_path)
+    check_ranks(results["nccl"], reference)
+    for b, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(results["nccl-fp8"][0]["logits"][b, : len(prompt)], fp8_logits[b, : len(prompt)],
+                                   rtol=2e-2, atol=2e-2)
+    assert all(r["greedy"] == fp8_greedy for r in results["nccl-fp8"])
