@@ -110,26 +110,32 @@ def main() -> None:
     work_KN = torch.randn(hidden, inter, device=device, dtype=dtype)
     x_MK = torch.randn(128 * 8 // dist.get_world_size(), hidden, device=device, dtype=dtype)
     steady = [step(model, control, resharder, work_KN, x_MK, dist.group.WORLD) for _ in range(args.steady_steps)]
-    job = resharder.submit(new) if rank == 0 else None
-    during, start = [], time.perf_counter()
-    while True:
-        during.append(step(model, control, resharder, work_KN, x_MK, dist.group.WORLD))
-        flag = torch.tensor([1 if rank == 0 and job.state in ("done", "rolled_back", "failed") else 0], device=device)
-        dist.broadcast(flag, src=0)
-        if int(flag):
-            break
-    seconds = time.perf_counter() - start
+    results = []
+    # Twice: OLD -> NEW, then NEW -> OLD. The first also pays for NCCL's lazy set-up of the
+    # point-to-point connections between rank pairs the warm-up did not use.
+    for target, source in ((new, old), (old, new)):
+        job = resharder.submit(target) if rank == 0 else None
+        during = []
+        while True:
+            during.append(step(model, control, resharder, work_KN, x_MK, dist.group.WORLD))
+            flag = torch.tensor([1 if rank == 0 and job.state in ("done", "rolled_back", "failed") else 0], device=device)
+            dist.broadcast(flag, src=0)
+            if int(flag):
+                break
+        if rank == 0:
+            moved_per_gpu = np.bincount(_receivers(resharder, source, target), minlength=dist.get_world_size()).max()
+            results.append({
+                "from": source.source, "to": target.source, "state": job.state, "error": job.error,
+                "experts_moved": job.experts_moved, "bytes_moved": job.bytes_moved, "reshard_seconds": job.seconds,
+                "busiest_gpu_received_bytes": int(moved_per_gpu * resharder.expert_bytes),
+                "effective_gbps_per_gpu": moved_per_gpu * resharder.expert_bytes / job.seconds / 1e9,
+                "during_ms": _percentiles(during), "steps_during": len(during),
+            })
     if rank == 0:
-        moved_per_gpu = np.bincount(_receivers(resharder, old, new), minlength=dist.get_world_size()).max()
         out = {
             "gpus": dist.get_world_size(), "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "layers": len(rows), "state": job.state, "error": job.error, "experts_moved": job.experts_moved,
-            "bytes_moved": job.bytes_moved, "expert_bytes": resharder.expert_bytes, "reshard_seconds": job.seconds,
-            "busiest_gpu_received_bytes": int(moved_per_gpu * resharder.expert_bytes),
-            "effective_gbps_per_gpu": moved_per_gpu * resharder.expert_bytes / job.seconds / 1e9,
-            "nccl_p2p_gbps_per_gpu": bandwidth,
-            "steady_ms": _percentiles(steady), "during_ms": _percentiles(during), "steps_during": len(during),
-            "wall_seconds": seconds,
+            "layers": len(rows), "expert_bytes": resharder.expert_bytes, "nccl_p2p_gbps_per_gpu": bandwidth,
+            "steady_ms": _percentiles(steady), "reshards": results,
         }
         print(json.dumps(out, indent=1), flush=True)
         if args.json:
