@@ -209,8 +209,12 @@ def profile(
 def _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts, max_tokens,
             sample_rate, device, api_key):
     if hf_model is not None:
-        from moeplace.profiler.hf import profile_hf_model, read_prompt_file
+        from transformers.utils import logging as hf_logging
 
+        from moeplace.profiler.hf import profile_hf_model
+        from moeplace.profiler.prompts import read_prompt_file
+
+        hf_logging.disable_progress_bar()  # one progress bar: ours
         if prompts is None:
             raise ValueError("--hf-model needs --prompts FILE")
         texts = read_prompt_file(prompts)
