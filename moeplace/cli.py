@@ -187,7 +187,7 @@ def profile(
     hf_model: Annotated[Optional[Path], typer.Option(help="A local Hugging Face MoE model folder to run offline.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="--hf-model: prompt file (one per line, JSON or JSONL).")] = None,
     max_tokens: Annotated[int, typer.Option(help="--hf-model: tokens to generate after each prompt.")] = 0,
-    sample_rate: Annotated[float, typer.Option(help="--hf-model: share of tokens whose top-k ids are kept.")] = 0.0,
+    sample_rate: Annotated[float, typer.Option(help="Share of tokens whose top-k ids are kept (co-activation).")] = 0.0,
     device: Annotated[str, typer.Option(help="--hf-model: cpu or cuda.")] = "cpu",
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="The server's API key.")] = None,
 ) -> None:
@@ -229,7 +229,7 @@ def _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_m
     from moeplace.client import ServerClient
 
     with tempfile.TemporaryDirectory() as tmp:
-        return ServerClient(url, api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors")
+        return ServerClient(url, api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors", sample_rate)
 
 
 @app.command()

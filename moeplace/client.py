@@ -41,9 +41,9 @@ class ServerClient:
     def placement(self) -> Placement:
         return placement_from_dict(self._call("GET", "/moeplace/placement").json(), f"{self.url}/moeplace/placement")
 
-    def profile(self, duration: float, window_seconds: float, tmp: Path) -> Trace:
+    def profile(self, duration: float, window_seconds: float, tmp: Path, sample_rate: float = 0.0) -> Trace:
         """Record for `duration` seconds; the trace is read back through the trace-file reader."""
-        self._call("POST", "/moeplace/profile/start", json={"window_seconds": window_seconds})
+        self._call("POST", "/moeplace/profile/start", json={"window_seconds": window_seconds, "sample_rate": sample_rate})
         time.sleep(duration)
         self._call("POST", "/moeplace/profile/stop")
         tmp.write_bytes(self._call("GET", "/moeplace/profile/dump").content)

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from moeplace.client import ServerClient
 from moeplace.placement import save_placement, trivial_placement
-from moeplace.placer.evaluate import gpu_load_LG, group_span, imbalance, moves
+from moeplace.placer.evaluate import distinct_nodes, gpu_load_LG, group_span, imbalance, moves
 from moeplace.placer.solve import SolveOptions, solve
 from moeplace.topology import Topology
 
@@ -47,13 +47,13 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
             before_answers = _answers(url)
             with _Load(url, [calibration_text(seed, 60) for seed in range(40)]) as load:
                 console.print(f"profiling {profile_seconds:.0f} s under load ...")
-                trace_before = client.profile(profile_seconds, 1.0, Path(tmp) / "before.safetensors")
+                trace_before = client.profile(profile_seconds, 1.0, Path(tmp) / "before.safetensors", 0.5)
                 result = solve([trace_before], TOPOLOGY, SolveOptions(time_limit=solve_seconds, workers=1), old=start)
                 console.print(f"solved in {result.seconds:.1f} s; applying while the load continues ...")
                 job = client.submit(result.placement)
                 status = client.wait(job["id"])
                 console.print(f"profiling {profile_seconds:.0f} s on the new layout ...")
-                trace_after = client.profile(profile_seconds, 1.0, Path(tmp) / "after.safetensors")
+                trace_after = client.profile(profile_seconds, 1.0, Path(tmp) / "after.safetensors", 0.5)
             after_answers = _answers(url)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
@@ -77,6 +77,10 @@ def _table(old, new, trace_before, trace_after, status, load, same) -> Table:
     span_before = group_span(old, trace_before.counts_WLE.sum(0), trace_before.n_group).mean()
     span_after = group_span(new, trace_after.counts_WLE.sum(0), trace_after.n_group).mean()
     table.add_row("nodes a routing group spans", f"{span_before:.2f}", f"{span_after:.2f}")
+    if trace_before.topk_ids_TLK is not None and trace_after.topk_ids_TLK is not None:
+        nodes_before = distinct_nodes(old, trace_before.topk_ids_TLK).mean()
+        nodes_after = distinct_nodes(new, trace_after.topk_ids_TLK).mean()
+        table.add_row("distinct nodes per token (sampled)", f"{nodes_before:.2f}", f"{nodes_after:.2f}")
     planned = moves(old, new)
     table.add_section()
     table.add_row("reshard", status["state"], f"{status['seconds']:.2f} s")

@@ -115,6 +115,16 @@ class EPModel:
         loads = self.gpu_load_LG.cpu().numpy()
         return {moe.layer_id: loads[row] for row, moe in enumerate(self.moe_layers)}
 
+    def sampled_topk_ids(self, rate: float, generator: np.random.Generator) -> np.ndarray | None:
+        """[T, L, K] top-k ids of a random `rate` share of this rank's tokens in the last forward (local).
+        A rank routes the same contiguous share of the batch's tokens in every MoE layer, so the rows
+        of the layers line up token by token."""
+        ids = [getattr(moe, "last_ids_TK", None) for moe in self.moe_layers]
+        if rate <= 0 or any(i is None for i in ids) or len(ids[0]) == 0:
+            return None
+        keep = generator.random(len(ids[0])) < rate
+        return np.stack([i.cpu().numpy()[keep] for i in ids], axis=1)
+
     def _gather_step_stats(self) -> None:
         # Each rank knows only its own tokens' routing and its own slots' load; one all_reduce of an
         # [L, E + G] tensor gives every rank the whole step, so rank 0 can serve /metrics alone.

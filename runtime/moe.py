@@ -173,6 +173,7 @@ class EPMoE(nn.Module):
         # 1. route
         slots_TK = assign_slots(ids_TK, self.table, self.comm.rank)
         self.routed_counts_E.copy_(_count(ids_TK.reshape(-1), self.routed_counts_E.numel()))
+        self.last_ids_TK = ids_TK  # this rank's tokens' selections, for the profiler's per-token samples
         plan = self._plan(slots_TK)
         lap("route")
         # 2. dispatch

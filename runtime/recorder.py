@@ -22,23 +22,32 @@ class Recorder:
         self.layers, self.E, self.top_k = np.asarray(layers), num_experts, top_k
         self.num_model_layers, self.n_group, self.topk_group = num_model_layers, n_group, topk_group
         self.window_seconds = 1.0
+        self.sample_rate = 0.0
+        self.max_samples = 8192  # bounds the memory of a long recording
+        self.generator = np.random.default_rng(0)
         self.recording = False
+        self._samples: list[np.ndarray] = []
         self._lock = threading.Lock()
         self._windows: list[tuple[float, float, np.ndarray]] = []  # (start, tokens, counts [L, E])
 
-    def start(self, window_seconds: float = 1.0) -> None:
+    def start(self, window_seconds: float = 1.0, sample_rate: float = 0.0) -> None:
         if not 0 < window_seconds <= 3600:
             raise ValueError(f"window_seconds must be in (0, 3600], got {window_seconds}")
+        if not 0 <= sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
         with self._lock:
-            self.window_seconds, self.recording, self._windows = window_seconds, True, []
+            self.window_seconds, self.sample_rate, self.recording = window_seconds, sample_rate, True
+            self._windows, self._samples = [], []
 
     def stop(self) -> None:
         self.recording = False
 
-    def add(self, counts_LE: np.ndarray, tokens: int) -> None:
-        """One step's global counts (serving thread)."""
+    def add(self, counts_LE: np.ndarray, tokens: int, sample_TLK: np.ndarray | None = None) -> None:
+        """One step's global counts, and optionally sampled tokens' top-k ids (serving thread)."""
         if not self.recording:
             return
+        if sample_TLK is not None and sum(map(len, self._samples)) < self.max_samples:
+            self._samples.append(sample_TLK)
         now = time.time()
         with self._lock:
             if not self._windows or now - self._windows[-1][0] >= self.window_seconds:
@@ -49,13 +58,14 @@ class Recorder:
     def trace(self, metadata: dict[str, str]) -> Trace:
         """The recorded windows; ValueError when nothing was recorded."""
         with self._lock:
-            windows = list(self._windows)
+            windows, samples = list(self._windows), list(self._samples)
         if not windows:
             raise ValueError("nothing recorded: POST /moeplace/profile/start, send requests, then dump")
         return Trace(
             counts_WLE=np.stack([w[2] for w in windows]),
             layers=self.layers,
             top_k=self.top_k,
+            topk_ids_TLK=np.concatenate(samples)[: self.max_samples] if samples else None,
             tokens_W=np.array([w[1] for w in windows]),
             time_W=np.array([w[0] for w in windows]),
             num_model_layers=self.num_model_layers,
