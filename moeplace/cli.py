@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import numpy as np
@@ -41,7 +42,7 @@ def user_errors():
     try:
         yield
     except (ValueError, OSError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -155,6 +156,7 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL).")] = "cpu",
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="Required to bind off loopback.")] = None,
     max_batch: Annotated[int, typer.Option(help="Sequences batched per step.")] = 8,
+    queue_limit: Annotated[int, typer.Option(help="Requests that may wait; more get 503 with Retry-After.")] = 64,
 ) -> None:
     """Serve a DeepSeek-V3-family FP8 model with expert parallelism over `--nproc` ranks (torchrun).
     Extra arguments are passed to torchrun (multi-node: --nnodes, --node-rank, --rdzv-endpoint ...)."""
@@ -163,7 +165,7 @@ def serve(
     from moeplace.runtime.launch import ServeConfig, preflight, torchrun_command
 
     with user_errors():
-        config = ServeConfig(model, placement, host, port, device, gpus_per_node, api_key, max_batch)
+        config = ServeConfig(model, placement, host, port, device, gpus_per_node, api_key, max_batch, queue_limit)
         command = torchrun_command(config, nproc, list(ctx.args))
         preflight(config, None if ctx.args else nproc)
     env = dict(os.environ, MOEPLACE_API_KEY=api_key or "")

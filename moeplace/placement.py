@@ -16,6 +16,7 @@ import numpy as np
 from moeplace.checks import check_array, check_counts, check_positive_int, check_range
 from moeplace.fileio import atomic_write_text
 from moeplace.topology import Topology
+from moeplace.trace import check_model_layers
 
 PLACEMENT_FORMAT = "moeplace.placement"
 PLACEMENT_FORMAT_VERSION = 1
@@ -37,6 +38,8 @@ class Placement:
     def __post_init__(self) -> None:
         src, topo = self.source, self.topology
         E = check_positive_int(src, "num_experts", self.num_experts)
+        if E > topo.num_slots:  # checked before counting replicas, which allocates [L, E]
+            raise ValueError(f"{src}: {E} experts do not fit in {topo.num_slots} slots (every expert needs one)")
         phy2log = check_array(src, "phy2log", self.phy2log_LP, ndim=2, kind="i", shape=(None, topo.num_slots))
         L = phy2log.shape[0]
         if L == 0:
@@ -48,10 +51,7 @@ class Placement:
         if (layers < 0).any() or (np.diff(layers) <= 0).any():
             raise ValueError(f"{src}: field 'layers' must be non-negative and increasing, got {layers.tolist()}")
         object.__setattr__(self, "layers", layers)
-        if self.num_model_layers is not None:
-            n = check_positive_int(src, "num_model_layers", self.num_model_layers)
-            if layers[-1] >= n:
-                raise ValueError(f"{src}: layer id {int(layers[-1])} is not below num_model_layers {n}")
+        check_model_layers(src, layers, self.num_model_layers)
         counts = np.stack([np.bincount(row, minlength=E) for row in phy2log])
         missing = np.argwhere(counts == 0)
         if len(missing):
@@ -154,7 +154,7 @@ def load_placement(path: str | Path) -> Placement:
         raise ValueError(f"{src}: cannot read ({exc})") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{src}: not valid JSON ({exc})") from None
     return placement_from_dict(data, src)
 

@@ -166,6 +166,8 @@ def _read_sglang_records(path: Path, data: dict, num_model_layers: int | None, t
         raise ValueError(f"{src}: key 'last_physical_to_logical_map' is missing")
     p2l_RP = check_array(src, "last_physical_to_logical_map", _numeric(src, "last_physical_to_logical_map",
                          data["last_physical_to_logical_map"]), ndim=2, kind="i")
+    if p2l_RP.size == 0:
+        raise ValueError(f"{src}: field 'last_physical_to_logical_map' is empty, shape {list(p2l_RP.shape)}")
     check_range(src, "last_physical_to_logical_map", p2l_RP, 0, p2l_RP.shape[1])
     num_experts = int(p2l_RP.max()) + 1  # every logical expert has at least one slot
     counts, topk, names = [], [], []
@@ -225,7 +227,7 @@ def read_trtllm_statistic(folder: str | Path, *, num_model_layers: int | None = 
         for key, value in _read_safetensors(file).items():
             match = _TRTLLM_KEY.fullmatch(key)
             if match is None:
-                raise ValueError(f"{file}: tensor '{key}' is not named '<iteration>_<layer>'")
+                raise ValueError(f"{file}: tensor {key!r} is not named '<iteration>_<layer>'")
             counts = check_counts(str(file), key, check_array(str(file), key, value, ndim=1, kind="f", shape=(E,)))
             it_layer = (int(match.group(1)), int(match.group(2)))
             totals[it_layer] = totals.get(it_layer, 0) + counts
@@ -332,7 +334,7 @@ def _load_dict(path: Path) -> dict:
 def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"{path}: not JSON ({exc})") from None
 
 
@@ -358,11 +360,31 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def _tensor_values(src: str, field: str, value: object) -> object:
+    """A dense torch tensor's values as numpy; other torch objects are returned unchanged (then refused)."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.layout != torch.strided or value.is_nested or value.is_quantized:
+        kind = "nested" if value.is_nested else "quantized" if value.is_quantized else str(value.layout)
+        raise ValueError(f"{src}: field '{field}' must be a plain dense tensor, got a {kind} tensor")
+    # A pickled view may repeat a small storage many times (stride 0): a file of a few hundred bytes
+    # could otherwise claim [10^5, 61, 256] and cost gigabytes. Its values must be stored in the file.
+    stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
+    if value.numel() > stored:
+        raise ValueError(f"{src}: field '{field}' has shape {list(value.shape)} ({value.numel()} values) "
+                         f"but the file stores only {stored}")
+    tensor = value.detach().cpu()
+    if tensor.is_complex():
+        raise ValueError(f"{src}: field '{field}' must hold real numbers, got {tensor.dtype} values")
+    return (tensor.double() if tensor.is_floating_point() else tensor).numpy()  # numpy has no bfloat16
+
+
 def _numeric(src: str, field: str, value: object) -> np.ndarray:
     """A torch tensor or nested list as a numeric numpy array; ragged lists and non-numbers refused."""
     if type(value).__module__.startswith("torch"):
-        tensor = value.detach().cpu()
-        value = (tensor.double() if tensor.is_floating_point() else tensor).numpy()  # numpy has no bfloat16
+        value = _tensor_values(src, field, value)
     try:
         array = np.asarray(value)
     except ValueError:  # numpy refuses nested lists of unequal lengths

@@ -18,6 +18,9 @@ from moeplace.fileio import atomic_write_bytes
 
 TRACE_FORMAT = "moeplace.trace"
 TRACE_FORMAT_VERSION = 1
+# Exporters write a row per model layer and the runtime builds every layer, so a layer count from a
+# corrupt file must stop here, not at an allocation. No released model comes near 1000 layers.
+MAX_MODEL_LAYERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,7 @@ class Trace:
         top_k = check_positive_int(src, "top_k", self.top_k)
         if top_k > E:
             raise ValueError(f"{src}: field 'top_k' is {top_k}, more than the {E} experts")
-        if self.num_model_layers is not None:
-            n = check_positive_int(src, "num_model_layers", self.num_model_layers)
-            if layers[-1] >= n:
-                raise ValueError(f"{src}: layer id {int(layers[-1])} is not below num_model_layers {n}")
+        check_model_layers(src, layers, self.num_model_layers)
         n_group = check_positive_int(src, "n_group", self.n_group)
         topk_group = check_positive_int(src, "topk_group", self.topk_group)
         if E % n_group or topk_group > n_group:
@@ -120,6 +120,16 @@ class Trace:
         return h.hexdigest()[:16]
 
 
+def check_model_layers(src: str, layers: np.ndarray, num_model_layers: object) -> None:
+    """Layer ids [L] (non-negative, increasing) lie below num_model_layers, itself at most MAX_MODEL_LAYERS."""
+    n = MAX_MODEL_LAYERS if num_model_layers is None else check_positive_int(src, "num_model_layers", num_model_layers)
+    if n > MAX_MODEL_LAYERS:
+        raise ValueError(f"{src}: field 'num_model_layers' is {n}, more than the {MAX_MODEL_LAYERS} layers any model has")
+    if layers[-1] >= n:
+        name = "num_model_layers" if num_model_layers is not None else "the limit of model layers"
+        raise ValueError(f"{src}: layer id {int(layers[-1])} is not below {name} {n}")
+
+
 def save_trace(trace: Trace, path: str | Path) -> None:
     """Write `trace` as a moeplace `.safetensors` trace file (atomically)."""
     atomic_write_bytes(path, trace_to_bytes(trace))
@@ -169,7 +179,7 @@ def load_native_trace(path: str | Path) -> Trace:
             raise ValueError(f"{src}: tensor '{required}' is missing")
     try:
         notes = json.loads(meta.get("metadata", "{}"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{src}: metadata 'metadata' is not JSON ({exc})") from None
     if not isinstance(notes, dict):
         raise ValueError(f"{src}: metadata 'metadata' must be a JSON object")
@@ -194,11 +204,14 @@ def _safetensors_metadata(data: bytes, src: str) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"{src}: safetensors header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{src}: safetensors header is not a JSON object")
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{src}: safetensors '__metadata__' must map names to strings")
+    return meta
 
 
 def _int_field(meta: dict[str, str], name: str, src: str, default: int | None = None) -> int:

@@ -60,6 +60,7 @@ class Checkpoint:
         self.block = self.config.weight_block_size
         self._file_of, self._listed_in = _weight_map(self.model_dir)
         self._handles: dict[Path, object] = {}
+        self._check_config_sizes()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -122,6 +123,40 @@ class Checkpoint:
                     continue
                 target.copy_(self.read_weight(full, tuple(target.shape), target.dtype))
 
+    def _check_config_sizes(self) -> None:
+        """The sizes config.json claims must be those of the stored tensors (header shapes only, nothing
+        is read): the model allocates from the config, so a config of another model, or one claiming
+        absurd sizes, has to fail here rather than in a multi-gigabyte allocation."""
+        c = self.config
+        D, H, F, moe = c.hidden_size, c.num_attention_heads, c.moe_intermediate_size, c.first_k_dense_replace
+        qk, attn = c.qk_nope_head_dim + c.qk_rope_head_dim, f"model.layers.{c.num_hidden_layers - 1}.self_attn"
+        expected = {
+            "model.embed_tokens.weight": ((c.vocab_size, D), "vocab_size, hidden_size"),
+            f"{attn}.o_proj.weight": ((D, H * c.v_head_dim), "num_hidden_layers, num_attention_heads, v_head_dim"),
+            f"{attn}.kv_a_proj_with_mqa.weight": ((c.kv_lora_rank + c.qk_rope_head_dim, D), "kv_lora_rank, qk_rope_head_dim"),
+            f"{attn}.kv_b_proj.weight": ((H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+                                           "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank"),
+            f"model.layers.{moe}.mlp.gate.weight": ((c.n_routed_experts, D), "n_routed_experts"),
+            expert_tensor(moe, c.n_routed_experts - 1, "down_proj"): ((D, F), "n_routed_experts, moe_intermediate_size"),
+        }
+        if c.q_lora_rank is None:
+            expected[f"{attn}.q_proj.weight"] = ((H * qk, D), "q_lora_rank (null), qk head dims")
+        else:
+            expected[f"{attn}.q_b_proj.weight"] = ((H * qk, c.q_lora_rank), "q_lora_rank, qk head dims")
+        if moe > 0:
+            expected["model.layers.0.mlp.down_proj.weight"] = ((D, c.intermediate_size), "intermediate_size")
+        if c.n_shared_experts:
+            expected[f"model.layers.{moe}.mlp.shared_experts.down_proj.weight"] = (
+                (D, F * c.n_shared_experts), "n_shared_experts")
+        for name, (shape, fields) in expected.items():
+            if not self.has(name):
+                raise ValueError(f"{self._listed_in}: tensor '{name}' is missing, so {c.source} does not describe "
+                                 f"these weights (check {fields})")
+            path, part = self._slice(name)
+            if tuple(part.get_shape()) != shape:
+                raise ValueError(f"{path}: tensor '{name}' has shape {list(part.get_shape())}, expected {list(shape)} "
+                                 f"from {c.source} ({fields})")
+
     def _slice(self, name: str):
         path = self._file_of.get(name)
         if path is None:
@@ -144,8 +179,12 @@ def _weight_map(model_dir: Path) -> tuple[dict[str, Path], Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' object ({exc!r})") from None
+        for name, f in weight_map.items():
+            # Shards are plain file names beside the index; anything else could point outside the folder.
+            if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+                raise ValueError(f"{index}: tensor {name!r} maps to {f!r}, not a file name in {model_dir}")
         files = {f: model_dir / f for f in set(weight_map.values())}
         for f, path in files.items():
             if not path.exists():

@@ -7,8 +7,11 @@ can print it as one line. `to_hf()` builds the transformers `DeepseekV3Config` f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moeplace.trace import MAX_MODEL_LAYERS
 
 # model_type values of checkpoints that use the DeepSeek-V3 architecture unchanged (DeepSeek-V3, R1,
 # V3.1 and Kimi-K2 ship "deepseek_v3" / "kimi_k2" with architectures ["DeepseekV3ForCausalLM"]).
@@ -65,6 +68,18 @@ class ModelConfig:
                 raise ValueError(f"{src}: field '{name}' must be a non-negative integer, got {value!r}")
         if self.q_lora_rank is not None:
             _positive_int(src, "q_lora_rank", self.q_lora_rank)
+        if self.num_hidden_layers > MAX_MODEL_LAYERS:  # the model builds every layer: stop before allocating
+            raise ValueError(f"{src}: field 'num_hidden_layers' is {self.num_hidden_layers}, more than the "
+                             f"{MAX_MODEL_LAYERS} layers any model has")
+        for name in ("norm_topk_prob", "rope_interleave", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{src}: field '{name}' must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{src}: field '{name}' must be a non-negative integer or null, got {value!r}")
+        if not (_finite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ValueError(f"{src}: field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
         if self.first_k_dense_replace >= self.num_hidden_layers:
             raise ValueError(
                 f"{src}: field 'first_k_dense_replace' is {self.first_k_dense_replace}, so none of the "
@@ -84,10 +99,10 @@ class ModelConfig:
                 f"{src}: field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds the {reachable} "
                 f"experts of topk_group={self.topk_group} groups"
             )
-        if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
+        if not (_finite(self.routed_scaling_factor) and self.routed_scaling_factor > 0):
             raise ValueError(f"{src}: field 'routed_scaling_factor' must be positive, got {self.routed_scaling_factor!r}")
         theta = self.rope_parameters.get("rope_theta") if isinstance(self.rope_parameters, dict) else None
-        if not (isinstance(theta, (int, float)) and theta > 0 and self.rope_parameters.get("rope_type")):
+        if not (_finite(theta) and theta > 0 and isinstance(self.rope_parameters.get("rope_type"), str)):
             raise ValueError(f"{src}: field 'rope_parameters' needs a 'rope_type' and a positive 'rope_theta', "
                              f"got {self.rope_parameters!r}")
         if self.hidden_act != "silu":
@@ -114,11 +129,14 @@ class ModelConfig:
         if required:
             raise ValueError(f"{source}: field '{required[0]}' is missing ({len(required)} required field(s) missing)")
         quant = data.get("quantization_config") or {}
+        block = quant.get("weight_block_size", (128, 128)) if isinstance(quant, dict) else None
+        if not isinstance(block, (list, tuple)):
+            raise ValueError(f"{source}: field 'quantization_config.weight_block_size' must be two positive ints")
         kwargs = {name: data[name] for name in ModelConfig.__dataclass_fields__ if name in data and name != "source"}
         kwargs["q_lora_rank"] = data.get("q_lora_rank")
-        kwargs["norm_topk_prob"] = bool(data.get("norm_topk_prob", True))
+        kwargs["norm_topk_prob"] = data.get("norm_topk_prob", True)
         kwargs["rope_parameters"] = _rope_parameters(data, source)
-        kwargs["weight_block_size"] = tuple(quant.get("weight_block_size", (128, 128)))
+        kwargs["weight_block_size"] = tuple(block)
         for name in ("bos_token_id", "eos_token_id"):
             value = data.get(name)
             kwargs[name] = value[0] if isinstance(value, list) and value else value
@@ -131,7 +149,7 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"{path}: no such file (is {model_dir} a model folder?)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"{path}: cannot read ({exc})") from None
         return cls.from_dict(data, str(path))
 
@@ -150,6 +168,7 @@ class ModelConfig:
     def to_hf(self):
         """transformers `DeepseekV3Config` for the attention, norms, embeddings and head."""
         from transformers import DeepseekV3Config
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         names = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                  "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
@@ -162,17 +181,25 @@ class ModelConfig:
         extra = {}
         if "num_mtp_layers" in getattr(DeepseekV3Config, "__dataclass_fields__", {}):
             extra["num_mtp_layers"] = 0  # the multi-token-prediction layer is not served
-        return DeepseekV3Config(
-            **{n: getattr(self, n) for n in names},
-            num_key_value_heads=self.num_attention_heads,
-            rope_theta=self.rope_parameters["rope_theta"],
-            rope_scaling=None if scaling.get("rope_type") == "default" else scaling,
-            **extra,
-        )
+        if scaling["rope_type"] not in ("default", *ROPE_INIT_FUNCTIONS):
+            raise ValueError(f"{self.source}: field 'rope_parameters' has rope_type {scaling['rope_type']!r}, "
+                             f"which transformers does not know")
+        try:
+            return DeepseekV3Config(
+                **{n: getattr(self, n) for n in names},
+                num_key_value_heads=self.num_attention_heads,
+                rope_theta=self.rope_parameters["rope_theta"],
+                rope_scaling=None if scaling.get("rope_type") == "default" else scaling,
+                **extra,
+            )
+        except Exception as exc:  # noqa: BLE001 - transformers' checks raise KeyError, TypeError, its own types
+            raise ValueError(f"{self.source}: transformers refuses this config ({exc})") from None
 
 
 def _check_architecture(data: dict, source: str) -> None:
     architectures = data.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ValueError(f"{source}: field 'architectures' must be a list, got {architectures!r}")
     if data.get("model_type") in DEEPSEEK_V3_MODEL_TYPES or DEEPSEEK_V3_ARCHITECTURE in architectures:
         return
     raise ValueError(
@@ -185,11 +212,17 @@ def _rope_parameters(data: dict, source: str) -> dict:
     """transformers 5 `rope_parameters`, from it directly or from DeepSeek's `rope_theta` + `rope_scaling`."""
     if isinstance(data.get("rope_parameters"), dict):
         return dict(data["rope_parameters"])
+    if data.get("rope_parameters") is not None:
+        raise ValueError(f"{source}: field 'rope_parameters' must be an object or null")
     scaling = data.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
         raise ValueError(f"{source}: field 'rope_scaling' must be an object or null")
     rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
     return {**scaling, "rope_type": rope_type, "rope_theta": data.get("rope_theta", 10000.0)}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(source: str, name: str, value: object) -> int:

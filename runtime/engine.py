@@ -91,6 +91,10 @@ class Engine:
             raise ValueError(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {max_tokens}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if seed is not None and not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in 0..2**63-1, got {seed}")
+        if not self.alive():
+            raise QueueFull("the engine has stopped")
         seq = _Sequence(list(prompt_ids), max_tokens, float(temperature), seed, Future())
         if temperature > 0:
             seq.generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % 2**31)
@@ -106,6 +110,10 @@ class Engine:
     def stop(self) -> None:
         self._stopping.set()
 
+    def alive(self) -> bool:
+        """False once `run` has ended (stopped, or failed): /health says so and requests are refused."""
+        return not self._stopping.is_set()
+
     # -- the loop (one thread on rank 0) -------------------------------------------------------
     def run(self) -> None:
         try:
@@ -116,9 +124,16 @@ class Engine:
                 else:
                     self._tick()
         finally:
+            self._stopping.set()
             _broadcast(("stop",), self.control_group)
+            while True:  # waiting requests too, or their clients would wait forever
+                try:
+                    self._running.append(self._incoming.get_nowait())
+                except queue.Empty:
+                    break
             for seq in self._running:
-                seq.future.set_exception(RuntimeError("server is shutting down"))
+                if not seq.future.done():
+                    seq.future.set_exception(RuntimeError("server is shutting down"))
 
     def _admit(self) -> None:
         block = not self._running
@@ -183,7 +198,8 @@ def _apply(resharder, actions: list) -> None:
 def _sample(logits_V: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     if temperature == 0:
         return int(torch.argmax(logits_V))
-    probs = torch.softmax(logits_V.double() / temperature, dim=-1)
+    # Shift by the max before dividing: logits / a tiny temperature overflow to inf, softmax to NaN.
+    probs = torch.softmax((logits_V.double() - logits_V.max()) / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

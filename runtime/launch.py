@@ -29,8 +29,11 @@ class ServeConfig:
     gpus_per_node: int
     api_key: str | None
     max_batch: int
+    queue_limit: int = 64  # requests waiting beyond max_batch; more are answered 503 with Retry-After
 
     def __post_init__(self) -> None:
+        if self.queue_limit < 1:
+            raise ValueError(f"--queue-limit must be >= 1, got {self.queue_limit}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if not 0 < self.port < 65536:
@@ -60,8 +63,10 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 = every rank on one node")
     p.add_argument("--api-key", default=os.environ.get("MOEPLACE_API_KEY"))
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--queue-limit", type=int, default=64, help="waiting requests before 503 + Retry-After")
     a = p.parse_args(argv)
-    return ServeConfig(a.model, a.placement, a.host, a.port, a.device, a.gpus_per_node, a.api_key, a.max_batch)
+    return ServeConfig(a.model, a.placement, a.host, a.port, a.device, a.gpus_per_node, a.api_key, a.max_batch,
+                       a.queue_limit)
 
 
 def torchrun_command(config: ServeConfig, nproc: int, torchrun_args: list[str]) -> list[str]:
@@ -74,7 +79,8 @@ def torchrun_command(config: ServeConfig, nproc: int, torchrun_args: list[str]) 
     rendezvous = [] if torchrun_args else ["--standalone"]
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rendezvous, *torchrun_args,
             "-m", "moeplace.runtime.launch", "--host", config.host, "--port", str(config.port),
-            "--device", config.device, "--gpus-per-node", str(config.gpus_per_node), "--max-batch", str(config.max_batch)]
+            "--device", config.device, "--gpus-per-node", str(config.gpus_per_node), "--max-batch", str(config.max_batch),
+            "--queue-limit", str(config.queue_limit)]
     if config.model is not None:
         args += ["--model", str(config.model)]
     if config.placement is not None:
@@ -152,8 +158,9 @@ def serve(config: ServeConfig, model, tokenizer, control, resharder) -> None:
     from moeplace.runtime.engine import Engine, EngineConfig
     from moeplace.runtime.server import create_app
 
-    engine = Engine(model, EngineConfig(max_batch=config.max_batch), control, eos_id=tokenizer.eos_id,
-                    pad_id=tokenizer.pad_id, resharder=resharder)
+    engine_config = EngineConfig(max_batch=config.max_batch, queue_limit=config.queue_limit)
+    engine = Engine(model, engine_config, control, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    resharder=resharder)
     app = create_app(engine, model, tokenizer, model_name=str(config.model or "moeplace-tiny-dsv3"),
                      api_key=config.api_key, resharder=resharder)
     loop = threading.Thread(target=engine.run, name="engine", daemon=True)

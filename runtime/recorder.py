@@ -24,6 +24,7 @@ class Recorder:
         self.window_seconds = 1.0
         self.sample_rate = 0.0
         self.max_samples = 8192  # bounds the memory of a long recording
+        self.max_windows = 4096  # a ring: the oldest windows go first
         self.generator = np.random.default_rng(0)
         self.recording = False
         self._samples: list[np.ndarray] = []
@@ -31,8 +32,8 @@ class Recorder:
         self._windows: list[tuple[float, float, np.ndarray]] = []  # (start, tokens, counts [L, E])
 
     def start(self, window_seconds: float = 1.0, sample_rate: float = 0.0) -> None:
-        if not 0 < window_seconds <= 3600:
-            raise ValueError(f"window_seconds must be in (0, 3600], got {window_seconds}")
+        if not 0.01 <= window_seconds <= 3600:
+            raise ValueError(f"window_seconds must be in [0.01, 3600], got {window_seconds}")
         if not 0 <= sample_rate <= 1:
             raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
         with self._lock:
@@ -52,6 +53,7 @@ class Recorder:
         with self._lock:
             if not self._windows or now - self._windows[-1][0] >= self.window_seconds:
                 self._windows.append((now, 0.0, np.zeros((len(self.layers), self.E))))
+                del self._windows[: -self.max_windows]
             start, seen, counts = self._windows[-1]
             self._windows[-1] = (start, seen + tokens, counts + counts_LE)
 

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from moeplace.placement import placement_from_dict, placement_to_json
 from moeplace.runtime.engine import Engine, QueueFull, StepStats
@@ -35,7 +36,8 @@ class CompletionRequest(BaseModel):
 
 
 class ProfileRequest(BaseModel):
-    window_seconds: float = Field(1.0, gt=0, le=3600)
+    window_seconds: float = Field(1.0, ge=0.01, le=3600)
+    sample_rate: float = Field(0.0, ge=0, le=1)
 
 
 class Metrics:
@@ -50,12 +52,24 @@ class Metrics:
                                   "last step", ["layer"], registry=self.registry)
         self.rank_tokens = Counter("moeplace_rank_routed_tokens", "Routed (token, expert) pairs served per rank",
                                    ["rank"], registry=self.registry)
+        self.reshards = Gauge("moeplace_reshard_jobs", "Reshard jobs by state", ["state"], registry=self.registry)
+        self.reshard_layers = Gauge("moeplace_reshard_layers_done", "Layers swapped by the newest reshard",
+                                    registry=self.registry)
         self.model = model
         self.recorder = recorder
 
+    def observe_reshards(self, jobs: dict) -> None:
+        """Scrape time: how many reshards ended in each state, and the newest one's progress."""
+        for state in ("pending", "running", "rolling_back", "done", "rolled_back", "failed"):
+            self.reshards.labels(state=state).set(sum(j.state == state for j in jobs.values()))
+        if jobs:
+            self.reshard_layers.set(max(jobs.values(), key=lambda j: j.started).layers_done)
+
     def observe_step(self, stats: StepStats) -> None:
-        if self.recorder is not None and self.recorder.recording:
-            self.recorder.add(self.model.routed_counts_LE.cpu().numpy(), stats.tokens)
+        rec = self.recorder
+        if rec is not None and rec.recording:
+            sample = self.model.sampled_topk_ids(rec.sample_rate, rec.generator) if rec.sample_rate else None
+            rec.add(self.model.routed_counts_LE.cpu().numpy(), stats.tokens, sample)
         self.step_seconds.observe(stats.seconds)
         self.tokens.inc(stats.batch)
         for layer, load_G in self.model.last_gpu_loads().items():
@@ -76,12 +90,7 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
     engine.on_step = metrics.observe_step
     app.state.ready = True
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # inside require_key: strangers' bodies are never read
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
@@ -92,6 +101,11 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
                 return _error(401, "missing or wrong API key (Authorization: Bearer ...)")
         return await call_next(request)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        # Starlette's own answers (404, 405, a body FastAPI cannot parse) in the same {"error": ...} shape.
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -100,12 +114,14 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
 
     @app.get("/health")
     async def health():
+        if not engine.alive():
+            return _error(503, "the engine has stopped")
         return {"status": "ok"} if app.state.ready else _error(503, "starting")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        prompt_ids = tokenizer.encode(body.prompt)
         try:
+            prompt_ids = tokenizer.encode(body.prompt)  # UnicodeEncodeError (a ValueError) for lone surrogates
             future = engine.submit(prompt_ids, body.max_tokens, body.temperature, body.seed)
         except QueueFull as exc:
             metrics.requests.labels(outcome="rejected").inc()
@@ -113,7 +129,10 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
         except ValueError as exc:
             metrics.requests.labels(outcome="invalid").inc()
             return _error(400, str(exc))
-        done = await asyncio.wrap_future(future)
+        try:
+            done = await asyncio.wrap_future(future)
+        except RuntimeError as exc:  # the engine stopped before this request finished
+            return _error(503, str(exc))
         metrics.requests.labels(outcome="ok").inc()
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:16]}",
@@ -127,6 +146,8 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
 
     @app.get("/metrics")
     async def prometheus():
+        if resharder is not None:
+            metrics.observe_reshards(dict(resharder.jobs))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/moeplace/placement")
@@ -135,8 +156,9 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
 
     @app.post("/moeplace/profile/start")
     async def profile_start(body: ProfileRequest | None = None):
-        recorder.start((body or ProfileRequest()).window_seconds)
-        return {"recording": True, "window_seconds": recorder.window_seconds}
+        body = body or ProfileRequest()
+        recorder.start(body.window_seconds, body.sample_rate)
+        return {"recording": True, "window_seconds": recorder.window_seconds, "sample_rate": recorder.sample_rate}
 
     @app.post("/moeplace/profile/stop")
     async def profile_stop():
@@ -158,7 +180,7 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
             return _error(404, "live reshard is not enabled on this server")
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return _error(400, "body is not JSON")
         try:
             new = placement_from_dict(body, "request body")
@@ -176,6 +198,39 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
         return job.to_json() if job else _error(404, f"no reshard job {job_id!r}")
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before any endpoint sees it,
+    whether announced by Content-Length or sent chunked, which no header announces. The body (at most
+    `limit` bytes) is read here and replayed to the app."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = lambda: _error(413, f"request body over {self.limit} bytes")  # noqa: E731
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await too_big()(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_big()(scope, receive, send)
+            more = message.get("more_body", False)
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return body.pop() if body else await receive()
+
+        return await self.app(scope, replay, send)
 
 
 def _error(status: int, reason: str, headers: dict | None = None) -> JSONResponse:

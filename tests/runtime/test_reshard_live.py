@@ -170,6 +170,8 @@ def test_faults_roll_back_then_reshard_goes_live(server):
     assert load.sent > 0 and load.failed == 0
     assert all(len(texts) == 1 for texts in load.texts.values()), load.texts  # same answer during the reshard
     assert answers(url) == before
+    text = httpx.get(f"{url}/metrics").text
+    assert 'moeplace_reshard_jobs{state="rolled_back"} 2.0' in text and 'moeplace_reshard_jobs{state="done"} 1.0' in text
 
 
 @pytest.mark.parametrize("mutate, status, fragment", [

@@ -1,0 +1,343 @@
+"""The HTTP API fuzzed, on a real 2-rank server started with `moeplace serve --api-key`.
+
+Hypothesis-generated bodies for POST /v1/completions and PUT /moeplace/placement (wrong types,
+missing fields, huge numbers, NaN, nested junk, wrong shapes, another deployment's placement,
+bodies over 1 MiB): every answer is 200 for a valid completion, else a 4xx with JSON {"error": ...}
+— never a 5xx, never a hang — and afterwards the server answers /health, the live placement and a
+greedy completion exactly as before. Security: every endpoint but /health needs the key, which
+never reaches a log or a rank's command line; binding off loopback needs a key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from moeplace.cli import app as cli_app
+from moeplace.placement import placement_to_json, trivial_placement
+from moeplace.runtime.engine import Engine, EngineConfig
+from moeplace.runtime.launch import ServeConfig
+from moeplace.runtime.server import MAX_BODY_BYTES, create_app
+from moeplace.runtime.tiny import tiny_config
+from moeplace.topology import Topology
+
+KEY = "fuzz-key-4c1d7e0b9a"
+FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=150,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TRIED: Counter = Counter()  # requests sent per endpoint, printed at the end (README figures)
+TEXT = st.text(alphabet="ab_01.-/ \n\x00é\u2603", max_size=6)
+HUGE = [10**9, 2**31, 2**63 - 1, 2**63, 2**64, 10**30, -(2**63) - 1, 1e308, 5e-324]
+DEEP = "[" * 3000 + "]" * 3000  # deeper than Python's json nests
+PROMPT = "The expert route of the token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-http")
+    port = free_port()
+    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1",
+           "--model", str(tiny_dir), "--port", str(port), "--max-batch", "4", "--api-key", KEY]
+    env = {k: v for k, v in os.environ.items() if k != "MOEPLACE_API_KEY"} | {"OMP_NUM_THREADS": "1"}
+    log_path = root / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield SimpleNamespace(url=url, client=client, proc=proc, log=log_path, before=observe(client))
+    print(f"\nfuzz_http: {sum(TRIED.values())} requests {dict(TRIED)}")
+    client.close()
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def observe(client: httpx.Client) -> dict:
+    """What must not change: /health, the live placement, a greedy completion."""
+    done = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8})
+    assert done.status_code == 200, done.text
+    return {"health": client.get("/health").json(), "placement": client.get("/moeplace/placement").text,
+            "text": done.json()["choices"][0]["text"]}
+
+
+def check_answer(r: httpx.Response, *, ok: tuple[int, ...] = ()) -> None:
+    """An `ok` status, or a 4xx whose body is JSON {"error": "<reason>"}."""
+    if r.status_code in ok:
+        return
+    assert 400 <= r.status_code < 500, f"{r.status_code}: {r.text[:300]}"
+    assert isinstance(r.json().get("error"), str) and r.json()["error"], r.text[:300]
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+def json_value() -> st.SearchStrategy:
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.sampled_from(HUGE),
+                     st.floats(allow_nan=True, allow_infinity=True), TEXT, st.just("@DEEP@"))
+    return st.recursive(leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=3),
+                        max_leaves=10)
+
+
+def encode(body: object) -> bytes:
+    return json.dumps(body).replace('"@DEEP@"', DEEP).encode()
+
+
+COMPLETION_FIELDS = {
+    "prompt": st.one_of(st.text(max_size=12), json_value(), st.sampled_from(["", "\ud800", "x" * 5000, "\x00"])),
+    "temperature": st.one_of(st.sampled_from([0.0, 0.7, 5e-324, 1e-310, 1e308, math.inf, -math.inf, math.nan,
+                                              -1.0, "0.5"]), json_value()),
+    "seed": st.one_of(st.integers(-(2**70), 2**70), json_value()),
+    "model": json_value(),
+}
+RAW_BODIES = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([b"", b"{", b"null", b"[]", b'"prompt"', b"123", b'{"prompt": "a", "max_tokens": 1',
+                     b'{"prompt": "\\ud800", "max_tokens": 1}', b'\xff\xfe{"prompt": "a"}', DEEP.encode(),
+                     b'{"prompt": "a", "max_tokens": NaN}', b'{"prompt": "a", "max_tokens": 1e999}']),
+)
+
+
+@st.composite
+def completion_bodies(draw) -> tuple[bytes, str]:
+    if draw(st.integers(0, 4)) == 0:
+        return draw(RAW_BODIES), draw(st.sampled_from(["application/json", "text/plain"]))
+    body = draw(st.fixed_dictionaries(
+        # max_tokens always present and mostly tiny: a valid body is answered in a step or two
+        {"max_tokens": st.one_of(st.integers(1, 2), st.sampled_from([0, -1, 257, 10**30, 1.5, 2.0, "2", True, None]))},
+        optional=COMPLETION_FIELDS))
+    body.update(draw(st.dictionaries(TEXT, json_value(), max_size=2)))  # unknown fields are ignored
+    return encode(body), "application/json"
+
+
+# -- completions -------------------------------------------------------------------------------
+
+@FUZZ
+@given(case=completion_bodies())
+@example(case=(b'{"prompt": "a", "max_tokens": 2, "temperature": 5e-324}', "application/json"))  # killed the engine
+@example(case=(b'{"prompt": "\\ud800", "max_tokens": 1}', "application/json"))  # 500: unencodable prompt
+@example(case=(b'{"prompt": "a", "max_tokens": 1, "temperature": 0.5, "seed": 1180591620717411303424}', "application/json"))
+@example(case=(DEEP.encode(), "application/json"))
+def test_completion_bodies_fuzzed(server, case):
+    body, content_type = case
+    TRIED["POST /v1/completions"] += 1
+    r = server.client.post("/v1/completions", content=body, headers={"content-type": content_type})
+    check_answer(r, ok=(200,))
+    if r.status_code == 200:
+        choice = r.json()["choices"][0]
+        assert isinstance(choice["text"], str) and choice["finish_reason"] in ("length", "stop")
+
+
+# -- live placement ----------------------------------------------------------------------------
+
+def live(server) -> dict:
+    return json.loads(server.before["placement"])
+
+
+@st.composite
+def junk_unlike(draw, original: object) -> object:
+    value = draw(json_value())
+    assume(not value == original)  # 2.0 == 2 reads back as the same placement; NaN is never equal
+    return value
+
+
+@st.composite
+def bad_placements(draw, base: dict) -> bytes:
+    """The live placement made invalid in one way, or a valid placement of another deployment or model."""
+    doc = copy.deepcopy(base)
+    phy2log = doc["phy2log"]
+    op = draw(st.sampled_from(["replace", "delete", "entry", "shape", "split", "topology", "provenance",
+                               "num_model_layers", "other deployment", "raw"]))
+    if op == "replace":
+        field = draw(st.sampled_from(["format", "format_version", "num_experts", "layers", "topology", "phy2log"]))
+        doc[field] = draw(junk_unlike(doc[field]))
+    elif op == "delete":
+        del doc[draw(st.sampled_from(["format", "format_version", "num_experts", "layers", "topology", "phy2log"]))]
+    elif op == "entry":  # every expert has one slot: any other value leaves an expert without a replica
+        row, slot = draw(st.integers(0, len(phy2log) - 1)), draw(st.integers(0, len(phy2log[0]) - 1))
+        phy2log[row][slot] = draw(junk_unlike(phy2log[row][slot]))
+    elif op == "shape":
+        change = draw(st.sampled_from(["drop row", "drop slot", "add slot", "transpose", "flatten", "wrap", "empty"]))
+        doc["phy2log"] = {
+            "drop row": lambda: phy2log[1:], "drop slot": lambda: [r[1:] for r in phy2log],
+            "add slot": lambda: [r + [0] for r in phy2log], "transpose": lambda: np.array(phy2log).T.tolist(),
+            "flatten": lambda: sum(phy2log, []), "wrap": lambda: [phy2log], "empty": lambda: [],
+        }[change]()
+    elif op == "split":  # one replica per expert: only an all-1.0 split is valid
+        v = draw(st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not abs(x - 1.0) <= 1e-6))
+        doc["split"] = draw(st.sampled_from([[[v] * len(phy2log[0])] * len(phy2log), [[1.0] * 3], [v]])) \
+            if draw(st.booleans()) else draw(json_value().filter(lambda x: x is not None))
+    elif op == "topology":
+        field = draw(st.sampled_from(["num_gpus", "gpus_per_node", "slots_per_gpu", "expert_bytes", "nvlink_gbps",
+                                      "gpu_memory_budget", "unknown"]))
+        bad = {"num_gpus": [0, 1, 4, 10**9, -2], "gpus_per_node": [0, 2, 3, 10**9], "slots_per_gpu": [0, 1, 31, 10**9],
+               "expert_bytes": [0, -1], "nvlink_gbps": [0, -1.0, math.nan], "gpu_memory_budget": [0, 1, -5],
+               "unknown": [1]}[field]
+        doc["topology"][field] = draw(st.sampled_from(bad) | junk_unlike(None).filter(
+            lambda v: not isinstance(v, (int, float))))  # true > 0: Topology takes it as 1 GB/s
+    elif op == "provenance":
+        doc["provenance"] = draw(json_value().filter(lambda v: v and not isinstance(v, dict)))
+    elif op == "num_model_layers":
+        doc["num_model_layers"] = draw(st.sampled_from([0, 1, 3, 5, 10**4, 10**9, -1, 3.5, "4", True, [4]]))
+    elif op == "other deployment":
+        E = doc["num_experts"]
+        other = {"4 GPUs": lambda: trivial_placement(E, Topology(4, 1, 16), np.array(doc["layers"]), 4),
+                 "other layers": lambda: trivial_placement(E, Topology(2, 1, 32), np.array([0, 1, 2]), 4),
+                 "32 experts": lambda: trivial_placement(32, Topology(2, 1, 32), np.array(doc["layers"]), 4)}
+        return placement_to_json(other[draw(st.sampled_from(sorted(other)))]()).encode()
+    else:
+        return draw(RAW_BODIES)
+    return encode(doc)
+
+
+@FUZZ
+@given(data=st.data())
+def test_placement_bodies_fuzzed(server, data):
+    body = data.draw(bad_placements(live(server)))
+    TRIED["PUT /moeplace/placement"] += 1
+    r = server.client.put("/moeplace/placement", content=body, headers={"content-type": "application/json"})
+    check_answer(r)  # always 4xx: no fuzzed body may start a reshard
+
+
+@settings(FUZZ, max_examples=30)
+@given(body=st.one_of(st.fixed_dictionaries({"window_seconds": json_value()}), json_value()))
+def test_profile_start_bodies_fuzzed(server, body):
+    TRIED["POST /moeplace/profile/start"] += 1
+    r = server.client.post("/moeplace/profile/start", content=encode(body), headers={"content-type": "application/json"})
+    check_answer(r, ok=(200,))
+    assert server.client.post("/moeplace/profile/stop").status_code == 200
+
+
+@pytest.mark.parametrize("path, method", [("/v1/completions", "POST"), ("/moeplace/placement", "PUT")])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_bodies_over_one_mib_get_413(server, path, method, chunked):
+    """Before the fix a chunked body (no Content-Length) of any size was read whole into memory."""
+    size = MAX_BODY_BYTES + 4096
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(size // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}'
+
+    TRIED[f"{method} {path}"] += 1
+    content = chunks() if chunked else b"x" * size
+    r = server.client.request(method, path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 1048576 bytes" in r.json()["error"]
+
+
+def test_unknown_paths_and_methods_answer_json(server):
+    for method, path, status in [("GET", "/nope", 404), ("DELETE", "/v1/completions", 405),
+                                 ("GET", "/moeplace/reshard/none", 404), ("POST", "/health", 405)]:
+        TRIED[f"{method} {path}"] += 1
+        r = server.client.request(method, path)
+        assert r.status_code == status
+        check_answer(r)
+
+
+# -- security ----------------------------------------------------------------------------------
+
+ENDPOINTS = [("GET", "/metrics"), ("GET", "/moeplace/placement"), ("PUT", "/moeplace/placement"),
+             ("POST", "/v1/completions"), ("POST", "/moeplace/profile/start"), ("POST", "/moeplace/profile/stop"),
+             ("GET", "/moeplace/profile/dump"), ("GET", "/moeplace/reshard/abc"), ("GET", "/openapi.json"),
+             ("GET", "/nope")]
+WRONG_KEYS = [None, "", f"Bearer {KEY[:-1]}", f"bearer {KEY}", f"Bearer  {KEY}", f"Basic {KEY}", KEY, f"Bearer {KEY}x"]
+
+
+def test_every_endpoint_but_health_needs_the_key(server):
+    for method, path in ENDPOINTS:
+        for auth in WRONG_KEYS:
+            headers = {} if auth is None else {"Authorization": auth}
+            TRIED["auth"] += 1
+            r = httpx.request(method, server.url + path, headers=headers, json={"prompt": "a"}, timeout=30)
+            assert r.status_code == 401, (method, path, auth, r.status_code)
+            assert "API key" in r.json()["error"] and KEY not in r.text
+    # a stranger's body is refused before it is read, however large
+    r = httpx.post(server.url + "/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1), timeout=30)
+    assert r.status_code == 401
+    assert httpx.get(server.url + "/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_every_route_of_the_app_needs_the_key():
+    """In process, over the app's own route table: a route added later cannot forget the key."""
+    config = tiny_config()
+    model = SimpleNamespace(config=config, placement=trivial_placement(64, Topology(2, 1, 32), np.arange(1, 4), 4))
+    engine = Engine(model, EngineConfig(), None, eos_id=257)  # never run: no request gets past the key
+    app = create_app(engine, model, tokenizer=None, model_name="m", api_key=KEY)
+    routes = [(method, route.path.replace("{job_id}", "x")) for route in app.routes if isinstance(route, APIRoute)
+              for method in route.methods]
+    assert len(routes) >= 9
+    with TestClient(app) as client:
+        for method, path in routes:
+            r = client.request(method, path)
+            assert r.status_code == (200 if path == "/health" else 401), (method, path)
+        for method, path in [("GET", "/moeplace/placement"), ("GET", "/metrics")]:
+            assert client.request(method, path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_binding_off_loopback_needs_a_key():
+    done = CliRunner(env={"MOEPLACE_API_KEY": None, "COLUMNS": "200"}).invoke(cli_app, ["serve", "--host", "0.0.0.0"])
+    assert done.exit_code == 1 and isinstance(done.exception, SystemExit)
+    assert "binding to 0.0.0.0 (not loopback) requires --api-key" in done.stderr
+    for host in ("10.0.0.1", "::", "example.com"):
+        with pytest.raises(ValueError, match="requires --api-key"):
+            ServeConfig(None, None, host, 8000, "cpu", 0, None, 8)
+        ServeConfig(None, None, host, 8000, "cpu", 0, "k", 8)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        ServeConfig(None, None, host, 8000, "cpu", 0, None, 8)
+
+
+# -- after everything: the server is as it was ------------------------------------------------
+
+def test_server_unchanged_after_fuzzing_and_key_never_logged(server):
+    assert observe(server.client) == server.before
+    assert KEY not in server.log.read_text()
+    # the CLI hands the key to the ranks in their environment, never on a command line
+    ranks = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_of(int(pid), server.url)]
+    assert len(ranks) == 2
+    for pid in ranks:
+        assert KEY not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+
+
+def _is_rank_of(pid: int, url: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    port = url.rsplit(":", 1)[1].encode()
+    return b"moeplace.runtime.launch" in cmdline and port in cmdline and b"torch.distributed.run" not in cmdline
