@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from moeplace.placer.layer import SCALE, LayerProblem, Packing
+from moeplace.placer.layer import SCALE, Packing
 
 # Items (replicas) in one CP-SAT neighbourhood: big enough to escape swap-local optima, small enough
 # to solve to optimality in a few milliseconds.

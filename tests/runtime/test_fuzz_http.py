@@ -14,11 +14,7 @@ import copy
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,43 +46,20 @@ DEEP = "[" * 3000 + "]" * 3000  # deeper than Python's json nests
 PROMPT = "The expert route of the token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
+def server(tiny_dir, tmp_path_factory, running_server, free_port):
     root = tmp_path_factory.mktemp("fuzz-http")
     port = free_port()
     cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1",
            "--model", str(tiny_dir), "--port", str(port), "--max-batch", "4", "--api-key", KEY]
     env = {k: v for k, v in os.environ.items() if k != "MOEPLACE_API_KEY"} | {"OMP_NUM_THREADS": "1"}
     log_path = root / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield SimpleNamespace(url=url, client=client, proc=proc, log=log_path, before=observe(client))
-    print(f"\nfuzz_http: {sum(TRIED.values())} requests {dict(TRIED)}")
-    client.close()
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with running_server(cmd, env, log_path, port) as (url, proc):
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        yield SimpleNamespace(url=url, client=client, proc=proc, log=log_path, before=observe(client))
+        print(f"\nfuzz_http: {sum(TRIED.values())} requests {dict(TRIED)}")
+        client.close()
 
 
 def observe(client: httpx.Client) -> dict:

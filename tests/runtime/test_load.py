@@ -8,9 +8,6 @@ retried.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +38,6 @@ RSS_MARGIN = 1.20
 FAULT = "corrupt:2"  # the first reshard job: a byte flipped in layer 2's transfers -> checksum -> roll back
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def placement_for(windows: list[int], path: Path) -> Path:
     """Greedy placement, 2 ranks x 36 slots (8 redundant), from OLMoE counts the tiny model follows."""
@@ -68,7 +60,7 @@ def references(model_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
+def server(tiny_dir, tmp_path_factory, running_server, free_port):
     root = tmp_path_factory.mktemp("load")
     a, b = placement_for([0, 1, 2], root / "a.json"), placement_for([3, 4, 5], root / "b.json")
     assert not np.array_equal(load_placement(a).phy2log_LP, load_placement(b).phy2log_LP)
@@ -76,28 +68,9 @@ def server(tiny_dir, tmp_path_factory):
     config = ServeConfig(tiny_dir, a, "127.0.0.1", port, "cpu", 1, None, MAX_BATCH, queue_limit=QUEUE_LIMIT)
     env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULT, MOEPLACE_API_KEY="")
     log_path = root / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(torchrun_command(config, 2, []), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    expected = references(tiny_dir)  # while the ranks start
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield SimpleNamespace(url=url, proc=proc, a=a, b=b, expected=expected, log=log_path)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    expected = references(tiny_dir)
+    with running_server(torchrun_command(config, 2, []), env, log_path, port) as (url, proc):
+        yield SimpleNamespace(url=url, proc=proc, a=a, b=b, expected=expected, log=log_path)
 
 
 def rank_rss_kb(torchrun_pid: int) -> dict[int, int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -38,49 +37,18 @@ def placement_for(windows: list[int], method: Method, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, running_server, free_port):
     root = tmp_path_factory.mktemp("reshard")
     os.environ["MOEPLACE_CACHE"] = str(root / "cache")
     default_model_dir()
     old = placement_for([0, 1, 2], Method.greedy, root / "old.json")
     new = placement_for([3, 4, 5], Method.cpsat, root / "new.json")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULTS)
     cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "4", "--gpus-per-node", "2",
            "--placement", str(old), "--port", str(port), "--max-batch", "4"]
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, proc, root / "serve.log")
-    yield {"url": url, "old": old, "new": new, "log": root / "serve.log"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc, log: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+    with running_server(cmd, env, root / "serve.log", port) as (url, _):
+        yield {"url": url, "old": old, "new": new, "log": root / "serve.log"}
 
 
 def answers(url: str) -> list[str]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -29,12 +26,6 @@ from moeplace.trace import Trace
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "olmoe_routing.safetensors"
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def solved_placement(path: Path) -> Path:
@@ -57,7 +48,7 @@ def greedy_reference(model_dir: Path, prompt: str, max_tokens: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, running_server, free_port):
     root = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, MOEPLACE_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
     os.environ["MOEPLACE_CACHE"] = env["MOEPLACE_CACHE"]
@@ -66,26 +57,8 @@ def server(tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1",
            "--placement", str(placement), "--port", str(port), "--max-batch", "4"]
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"server did not start:\n{(root / 'serve.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"url": url, "model_dir": model_dir, "placement": placement}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with running_server(cmd, env, root / "serve.log", port) as (url, _):
+        yield {"url": url, "model_dir": model_dir, "placement": placement}
 
 
 def complete(url: str, prompt: str, max_tokens: int = 8, **extra) -> dict:
