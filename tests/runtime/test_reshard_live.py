@@ -186,3 +186,36 @@ def test_profile_and_apply_cli(server, tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr and "format" in done.stderr
     done = run("apply", str(server["old"]), "--url", "http://127.0.0.1:9")
     assert done.returncode == 1 and "cannot reach the server" in done.stderr
+
+
+def _jobs(url: str) -> dict[str, float]:
+    """{state: count} of reshard jobs, from /metrics."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("moeplace_reshard_jobs{"):
+            out[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_client_disconnecting_during_apply_changes_nothing(server):
+    """The reshard runs on the server: killing `moeplace apply` mid-way neither stops nor breaks it."""
+    url = server["url"]
+    target = load_placement(server["new"])
+    assert not np.array_equal(live_phy2log(url), target.phy2log_LP)
+    done_before = _jobs(url).get("done", 0)
+    client = subprocess.Popen([sys.executable, "-m", "moeplace.cli", "apply", str(server["new"]), "--url", url],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the server has the job: then the client goes away
+        jobs = _jobs(url)
+        if jobs.get("running", 0) + jobs.get("pending", 0) > 0 or jobs.get("done", 0) > done_before:
+            break
+        time.sleep(0.05)
+    client.kill()
+    client.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while _jobs(url).get("done", 0) <= done_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _jobs(url).get("done", 0) == done_before + 1
+    assert np.array_equal(live_phy2log(url), target.phy2log_LP)
+    assert answers(url)  # still serving
