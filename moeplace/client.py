@@ -6,7 +6,12 @@ rolled back) is a `ValueError` naming the URL, so the CLI prints one line.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -67,3 +72,40 @@ class ServerClient:
             if time.monotonic() > deadline:
                 raise ValueError(f"{self.url}: reshard {job_id} still {status['state']} after {timeout:.0f} s")
             time.sleep(0.2)
+
+
+@contextmanager
+def running_server(cmd: list[str], env: dict, log_path: Path, port: int, ready_s: float = 180):
+    """Run a `moeplace serve` (or torchrun) command in its own process group, logging to `log_path`;
+    yield (url, process) once /health answers 200; stop the whole group afterwards. ValueError with the
+    log's tail if it exits or is not ready within `ready_s`."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + ready_s
+            while not _healthy(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise ValueError(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield url, proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,13 +7,9 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from moeplace.client import ServerClient
+from moeplace.client import ServerClient, free_port, running_server
 from moeplace.placement import save_placement, trivial_placement
 from moeplace.placer.evaluate import distinct_nodes, gpu_load_LG, group_span, imbalance, moves
 from moeplace.placer.solve import SolveOptions, solve
@@ -40,8 +36,9 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
     with tempfile.TemporaryDirectory() as tmp:
         start = trivial_placement(config.n_routed_experts, TOPOLOGY, np.array(config.moe_layers), config.num_hidden_layers)
         save_placement(start, Path(tmp) / "start.json")
-        url, server = _serve(Path(tmp) / "start.json", Path(tmp) / "serve.log")
-        try:
+        port = free_port()
+        with running_server(_serve_command(Path(tmp) / "start.json", port), dict(os.environ, OMP_NUM_THREADS="1"),
+                            Path(tmp) / "serve.log", port) as (url, _):
             client = ServerClient(url)
             console.print(f"serving the tiny DeepSeek-V3 model on 4 ranks (2 nodes x 2) at {url}")
             before_answers = _answers(url)
@@ -55,9 +52,6 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
                 console.print(f"profiling {profile_seconds:.0f} s on the new layout ...")
                 trace_after = client.profile(profile_seconds, 1.0, Path(tmp) / "after.safetensors", 0.5)
             after_answers = _answers(url)
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
     same = before_answers == after_answers
     console.print(_table(start, result.placement, trace_before, trace_after, status, load, same))
     return load.failed == 0 and same and status["state"] == "done"
@@ -91,25 +85,9 @@ def _table(old, new, trace_before, trace_after, status, load, same) -> Table:
     return table
 
 
-def _serve(placement: Path, log_path: Path) -> tuple[str, subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "4", "--gpus-per-node", "2",
-           "--placement", str(placement), "--port", str(port), "--max-batch", "8"]
-    log = open(log_path, "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return url, server
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGTERM)
-    raise ValueError(f"the demo server did not start: {log_path.read_text()[-2000:]}")
+def _serve_command(placement: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "4", "--gpus-per-node", "2",
+            "--placement", str(placement), "--port", str(port), "--max-batch", "8"]
 
 
 def _answers(url: str) -> list[str]:

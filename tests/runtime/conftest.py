@@ -3,18 +3,12 @@ and real servers started as subprocesses."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
+from moeplace import client
 from moeplace.runtime.tiny import write_tiny_model
 
 
@@ -52,48 +46,13 @@ def tiny_variant(tiny_dir, tmp_path_factory):
     return make
 
 
-@contextmanager
-def _running(cmd: list[str], env: dict, log_path: Path, port: int, ready_s: float = 180):
-    """Run a `moeplace serve` (or torchrun) command in its own process group; yield its URL once /health
-    answers 200; stop the whole group afterwards. Fails the test with the log's tail if it never starts."""
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + ready_s
-            while not _healthy(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield url, proc
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def running_server():
     """running_server(cmd, env, log_path, port) -> context manager yielding (url, process)."""
-    return _running
+    return client.running_server
 
 
 @pytest.fixture(scope="session")
 def free_port():
     """free_port() -> a TCP port free on 127.0.0.1 now."""
-    return _free_port
+    return client.free_port
