@@ -1,66 +1,165 @@
-"""Recorder overhead on CPU: a serving step of the embedded tiny model with and without recording.
+"""Recorder overhead: MoE steps with the expert recorder on against the same steps with it off.
 
-    python benchmarks/recorder.py [--steps 200] [--batch 8] [--tokens 64] [--sample-rate 0.1]
+    # CPU: the embedded tiny model's whole forward, one process
+    python benchmarks/recorder.py cpu [--steps 200] [--batch 8] [--tokens 64] [--sample-rate 0.1]
+    # GPU: DeepSeek-V3-shaped EPMoE layers (hidden 7168, 256 experts, top-8, FP8), one process per GPU
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      torchrun --nproc-per-node G benchmarks/recorder.py gpu [--layers 2] [--json out.json]
 
-A step is the model's forward (which always all-reduces its [L, E] counts for /metrics) plus what the
-server does after it; recording adds the copy of the step's counts into the current window and, with
---sample-rate, the sampled tokens' top-k ids. Steps alternate between the two settings, so drift in
-the machine's speed hits both alike. Reports the median step time of each and the overhead.
+Recording costs, per MoE layer and step, the device-side count of the step's top-k ids into the
+layer's window counters (moeplace.kernels' histogram on CUDA) and, with a sample rate, the gather of the
+sampled tokens' ids; neither waits for the GPU. Once per window (the engine's `stats_interval`, one
+second) every rank all-reduces its counters and rank 0 copies them to the host: that collect is timed
+on its own and charged at one per second of steps. "Off" turns the counters off (EPMoE.counting) and
+samples nothing. On and off alternate in blocks, so a drift of the machine's speed touches both alike.
+Reported: median step time of each, the per-step overhead, the collect's time and its share of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from datetime import date
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from moeplace.runtime.batch import pad_right
-from moeplace.runtime.engine import StepStats
-from moeplace.runtime.model import EPModel
-from moeplace.runtime.server import Metrics
-from moeplace.runtime.tiny import calibration_text, default_model_dir
-from moeplace.runtime.tokenizer import ByteTokenizer
+
+def set_recording(model, on: bool, sample_rate: float) -> None:
+    for moe in model.moe_layers:
+        moe.counting = on
+    model.sample_rate = sample_rate if on else 0.0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--sample-rate", type=float, default=0.1)
-    args = p.parse_args()
+def alternate(step, model, sample_rate: float, blocks: int, per_block: int, sync) -> dict[bool, list[float]]:
+    """Seconds per step of `per_block` steps, blocks alternating off / on (a warm-up block of each first)."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * (blocks + 1)):
+        on = i % 2 == 1
+        set_recording(model, on, sample_rate)
+        sync()
+        start = time.perf_counter()
+        for _ in range(per_block):
+            step()
+        sync()
+        if i >= 2:
+            times[on].append((time.perf_counter() - start) / per_block)
+        model.collect_stats()  # between blocks: the samples and counters do not pile up
+    return times
+
+
+def time_collect(model, reps: int, sync) -> float:
+    """Milliseconds of one collect (all_reduce of the counters, one copy to the host), median."""
+    out = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        model.collect_stats()
+        out.append(time.perf_counter() - start)
+    return float(np.median(out)) * 1e3
+
+
+def summary(times: dict[bool, list[float]], collect_ms: float, **extra) -> dict:
+    off, on = (float(np.median(times[k])) * 1e3 for k in (False, True))
+    return {"step_ms_off": off, "step_ms_recording": on, "overhead_per_step": on / off - 1,
+            "collect_ms": collect_ms, "collect_share_of_1s": collect_ms / 1000.0,
+            "overhead_total": on / off - 1 + collect_ms / 1000.0, "blocks_each": len(times[True]), **extra}
+
+
+def cpu(args) -> dict:
+    from moeplace.runtime.batch import pad_right
+    from moeplace.runtime.model import EPModel
+    from moeplace.runtime.tiny import calibration_text, default_model_dir
+    from moeplace.runtime.tokenizer import ByteTokenizer
+
     torch.set_num_threads(1)
     model = EPModel.load(default_model_dir(), None, group=None, device=torch.device("cpu"))
-    metrics = Metrics(model, recorder=_recorder(model, args.sample_rate))
     tok = ByteTokenizer()
     prompts = [tok.encode(calibration_text(seed, args.tokens))[: args.tokens] for seed in range(args.batch)]
     ids, mask = pad_right(prompts, tok.pad_id)
-    times = {False: [], True: []}
-    for i in range(args.steps + 10):
-        recording = i % 2 == 1
-        metrics.recorder.recording = recording
-        start = time.perf_counter()
-        model.forward(ids, mask)
-        metrics.observe_step(StepStats(0.0, args.batch, int(mask.sum())))
-        if i >= 10:  # warm-up
-            times[recording].append(time.perf_counter() - start)
-    off, on = (float(np.median(times[k])) * 1e3 for k in (False, True))
-    out = {"step_ms_without": off, "step_ms_recording": on, "overhead": on / off - 1, "steps_each": args.steps // 2,
-           "batch": args.batch, "tokens": args.tokens, "sample_rate": args.sample_rate,
-           "windows": metrics.recorder.trace({}).num_windows}
-    print(json.dumps(out, indent=1))
+    times = alternate(lambda: model.forward(ids, mask), model, args.sample_rate, args.blocks, args.per_block,
+                      lambda: None)
+    return summary(times, time_collect(model, 50, lambda: None), device="cpu (1 thread)", batch=args.batch,
+                   tokens=args.tokens, sample_rate=args.sample_rate, model="embedded tiny model, whole forward")
 
 
-def _recorder(model, sample_rate: float):
-    from moeplace.runtime.recorder import Recorder
+def gpu(args) -> dict:
+    import torch.distributed as dist
 
-    cfg = model.config
-    rec = Recorder(cfg.moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers)
-    rec.start(window_seconds=0.05, sample_rate=sample_rate)
-    return rec
+    from moe_layer import deepseek_config, random_slots, slots_per_gpu  # benchmarks/ is sys.path[0]
+    from moeplace.placement import trivial_placement
+    from moeplace.runtime.comm import Comm
+    from moeplace.runtime.model import EPModel
+    from moeplace.runtime.moe import EPMoE
+    from moeplace.topology import Topology
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    comm = Comm.of(dist.group.WORLD)
+    config = deepseek_config(args.hidden, args.inter)
+    hf_config = config.to_hf()
+    layers = np.arange(3, 3 + args.layers)
+    placement = trivial_placement(256, Topology(world, world, slots_per_gpu(world)), layers, 61)
+    weights = random_slots(slots_per_gpu(world), args.hidden, args.inter, device, seed=rank)
+    moes = []
+    for row, layer in enumerate(layers):
+        moe = EPMoE(config, hf_config, int(layer), row, placement, comm, device, torch.bfloat16)
+        for buf, value in zip(("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf"), weights):
+            getattr(moe, buf).copy_(value)
+        moe.gate.weight.normal_(0, 0.02)
+        moes.append(moe)
+    del weights
+    model = EPModel(None, config, placement, moes, comm, device)
+    results = {}
+    for name, tokens in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens)):
+        x = torch.randn(1, tokens, args.hidden, device=device, dtype=torch.bfloat16)
+
+        def step():
+            with torch.no_grad():
+                h = x
+                for moe in moes:
+                    h = moe(h)
+                model._sample_tokens()
+
+        times = alternate(step, model, args.sample_rate, args.blocks, args.per_block, torch.cuda.synchronize)
+        results[name] = summary(times, time_collect(model, 50, torch.cuda.synchronize), tokens_per_rank=tokens)
+    out = {"device": torch.cuda.get_device_name(device), "gpus": world, "moe_layers": args.layers,
+           "sample_rate": args.sample_rate, "torch": torch.__version__, "results": results,
+           "model": "DeepSeek-V3-shaped EPMoE layers (gate, routing, dispatch, FP8 experts, combine, shared expert)"}
+    dist.destroy_process_group()
+    return out if rank == 0 else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="where", required=True)
+    for name in ("cpu", "gpu"):
+        p = sub.add_parser(name)
+        p.add_argument("--sample-rate", type=float, default=0.1)
+        p.add_argument("--blocks", type=int, default=20)
+        p.add_argument("--per-block", type=int, default=10)
+        p.add_argument("--json", type=Path, default=None)
+    c = sub.choices["cpu"]
+    c.add_argument("--batch", type=int, default=8)
+    c.add_argument("--tokens", type=int, default=64)
+    g = sub.choices["gpu"]
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--hidden", type=int, default=7168)
+    g.add_argument("--inter", type=int, default=2048)
+    g.add_argument("--decode-tokens", type=int, default=128)
+    g.add_argument("--prefill-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    out = cpu(args) if args.where == "cpu" else gpu(args)
+    if out:
+        out["date"] = str(date.today())
+        print(json.dumps(out, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

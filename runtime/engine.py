@@ -5,6 +5,10 @@ it takes the running sequences plus newly arrived ones (up to `max_batch`), broa
 a gloo control group, and every rank runs the model's forward together (`worker_loop` on ranks
 1..P-1). The model recomputes the whole sequence each step (no KV cache): the embedded model is
 tiny, and recomputation keeps a sequence's logits independent of what it was batched with.
+
+Expert statistics stay on the GPUs between collects: about once a second (`stats_interval`, or when
+`flush_stats` asks), rank 0 marks a step (or an idle tick) as a collect, every rank then calls the
+model's `collect_stats` together, and rank 0 hands the window to `on_stats` (metrics, recorder).
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from moeplace.runtime.batch import pad_right
+
+if TYPE_CHECKING:
+    from moeplace.runtime.model import WindowStats
 
 
 class QueueFull(Exception):
@@ -65,6 +73,18 @@ class StepStats:
     tokens: int
 
 
+@dataclass(frozen=True)
+class StatsWindow:
+    """The expert statistics of the steps between two collects: wall-clock span [start, end], steps and
+    tokens (host counts), and the model's WindowStats (counts_LE, gpu_load_LG, samples_TLK)."""
+
+    start: float
+    end: float
+    steps: int
+    tokens: int
+    stats: WindowStats
+
+
 class Engine:
     """Rank 0's scheduler. `submit` is thread-safe; `run` loops until `stop`."""
 
@@ -79,7 +99,12 @@ class Engine:
         self._running: list[_Sequence] = []
         self._stopping = threading.Event()
         self.on_step = None  # optional callback(StepStats), set by the server for metrics
+        self.on_stats = None  # optional callback(StatsWindow), after each collect
+        self.stats_interval = 1.0  # seconds between collects of the expert statistics
         self.steps = 0
+        self._window = [time.time(), 0, 0]  # start, steps, tokens since the last collect
+        self._flushes: queue.SimpleQueue[_Flush] = queue.SimpleQueue()  # asked by flush_stats
+        self._looping = threading.Event()  # set while `run` loops
 
     # -- API used by the server (any thread) ---------------------------------------------------
     def submit(self, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None = None) -> Future:
@@ -104,6 +129,22 @@ class Engine:
             raise QueueFull(f"{self.config.queue_limit} requests are waiting") from None
         return seq.future
 
+    def flush_stats(self, then=None, timeout: float = 30.0) -> None:
+        """Collect the expert statistics at the next step boundary (every rank takes part), hand them to
+        `on_stats`, then call `then()` in the engine's thread before any further step; returns when done
+        and raises what `then` raised. Where the engine loop is not running, there is nothing to collect
+        and `then()` runs at once. TimeoutError when no collect came within `timeout` seconds."""
+        flush = _Flush(then)
+        self._flushes.put(flush)
+        deadline = time.monotonic() + timeout
+        while not flush.done.wait(0.05):
+            if not self._looping.is_set():
+                _finish(self._take_flushes())
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"the engine did not collect its statistics within {timeout} s")
+        if flush.error is not None:
+            raise flush.error
+
     def queued(self) -> int:
         return self._incoming.qsize() + len(self._running)
 
@@ -116,6 +157,7 @@ class Engine:
 
     # -- the loop (one thread on rank 0) -------------------------------------------------------
     def run(self) -> None:
+        self._looping.set()
         try:
             while not self._stopping.is_set():
                 self._admit()
@@ -125,6 +167,8 @@ class Engine:
                     self._tick()
         finally:
             self._stopping.set()
+            self._looping.clear()
+            _finish(self._take_flushes())
             _broadcast(("stop",), self.control_group)
             while True:  # waiting requests too, or their clients would wait forever
                 try:
@@ -147,20 +191,54 @@ class Engine:
             block = False
 
     def _tick(self) -> None:
-        """No sequence to step: still hand pending reshard actions (layer swaps) to every rank."""
+        """No sequence to step: still hand pending reshard actions (layer swaps) and a due collect of the
+        expert statistics to every rank."""
         actions = self.resharder.due_actions() if self.resharder else []
-        if actions:
-            _broadcast(("tick", actions), self.control_group)
+        collect = self._collect_due()
+        if actions or collect:
+            _broadcast(("tick", actions, collect), self.control_group)
             _apply(self.resharder, actions)
+            if collect:
+                self._collect()
+
+    def _collect_due(self) -> bool:
+        start, steps, _ = self._window
+        return not self._flushes.empty() or (steps > 0 and time.time() - start >= self.stats_interval)
+
+    def _collect(self) -> None:
+        """Every rank sums its window of expert statistics (model.collect_stats, a collective)."""
+        flushes = self._take_flushes()  # those asked from here on wait for the next collect
+        try:
+            stats = self.model.collect_stats()
+            now = time.time()
+            window = StatsWindow(self._window[0], now, self._window[1], self._window[2], stats)
+            self._window = [now, 0, 0]
+            if self.on_stats is not None:
+                self.on_stats(window)
+        finally:
+            _finish(flushes)
+
+    def _take_flushes(self) -> list[_Flush]:
+        flushes = []
+        while True:
+            try:
+                flushes.append(self._flushes.get_nowait())
+            except queue.Empty:
+                return flushes
 
     def step(self) -> None:
         start = time.perf_counter()
         batch = self._running
         ids_BT, mask_BT = pad_right([s.prompt_ids + s.generated for s in batch], self.pad_id)
         actions = self.resharder.due_actions() if self.resharder else []
-        _broadcast(("step", actions, ids_BT, mask_BT), self.control_group)
+        collect = self._collect_due()
+        _broadcast(("step", actions, ids_BT, mask_BT, collect), self.control_group)
         _apply(self.resharder, actions)
         logits_BTV = self.model.forward(ids_BT, mask_BT)
+        self._window[1] += 1
+        self._window[2] += int(mask_BT.sum())
+        if collect:
+            self._collect()
         last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
         still = []
         for seq, logits_V in zip(batch, last_BV):
@@ -178,8 +256,28 @@ class Engine:
             self.on_step(StepStats(time.perf_counter() - start, len(batch), int(mask_BT.sum())))
 
 
+@dataclass
+class _Flush:
+    """One flush_stats call: what to run after the collect, set when done, what it raised."""
+
+    then: object
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+def _finish(flushes: list[_Flush]) -> None:
+    for flush in flushes:
+        try:
+            if flush.then is not None:
+                flush.then()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller of flush_stats, not the engine loop
+            flush.error = exc
+        finally:
+            flush.done.set()
+
+
 def worker_loop(model, control_group, resharder=None) -> None:
-    """Ranks 1..P-1: apply the actions and run every step rank 0 broadcasts, until it says stop."""
+    """Ranks 1..P-1: apply the actions, run every step and collect rank 0 broadcasts, until it says stop."""
     while True:
         message = _broadcast(None, control_group)
         if message[0] == "stop":
@@ -187,6 +285,8 @@ def worker_loop(model, control_group, resharder=None) -> None:
         _apply(resharder, message[1])
         if message[0] == "step":
             model.forward(message[2], message[3])
+        if message[-1]:  # rank 0 collects the expert statistics after this step
+            model.collect_stats()
 
 
 def _apply(resharder, actions: list) -> None:

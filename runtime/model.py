@@ -11,6 +11,7 @@ block is replaced by moeplace's `EPMoE`. Multi-rank use (every rank runs the sam
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +27,39 @@ from moeplace.runtime.moe import EPMoE
 from moeplace.topology import Topology
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """What the ranks routed since the previous collect (host arrays).
+
+    counts_LE [L, E] int64 (token, expert) assignments per logical expert, all ranks' tokens;
+    gpu_load_LG [L, G] int64 (token, expert) rows each rank's experts computed;
+    samples_TLK [T, L, K] top-k ids of this rank's sampled tokens, or None.
+    """
+
+    counts_LE: np.ndarray
+    gpu_load_LG: np.ndarray
+    samples_TLK: np.ndarray | None = None
+
+
 class EPModel:
     """config: ModelConfig; placement: the live Placement; moe_layers: EPMoE per MoE layer (placement row order).
 
-    After each forward, on every rank (one small all_reduce per step provides them):
-      routed_counts_LE [L, E] int64 (token, expert) assignments per logical expert, all ranks' tokens;
-      gpu_load_LG [L, G] int64 (token, expert) rows each rank's experts computed.
+    Expert statistics stay on the device while steps run: each MoE layer adds its step's counts into
+    its window buffers (no host sync). `collect_stats()`, a collective every rank calls at the same
+    step boundary (the engine decides when, about once a second), sums them over the ranks, brings
+    them to the host once and starts the next window. With `sample_rate` > 0 each forward also keeps
+    the top-k ids of a random share of this rank's tokens, on the device, until the next collect.
     """
 
     def __init__(self, hf_model: nn.Module, config: ModelConfig, placement: Placement, moe_layers: list[EPMoE],
                  comm: Comm, device: torch.device):
         self.hf_model, self.config, self.placement = hf_model, config, placement
         self.moe_layers, self.comm, self.device = moe_layers, comm, device
-        L, E, G = len(moe_layers), config.n_routed_experts, comm.world_size
-        self.routed_counts_LE = torch.zeros(L, E, dtype=torch.int64, device=device)
-        self.gpu_load_LG = torch.zeros(L, G, dtype=torch.int64, device=device)
+        self.sample_rate = 0.0  # share of this rank's tokens whose top-k ids are kept (set on rank 0)
+        self.max_samples = 8192  # per window: bounds the device memory the samples take
+        self.sample_generator = np.random.default_rng(0)
+        self._samples: list[torch.Tensor] = []  # [n, L, K] device tensors since the last collect
+        self._sampled = 0
 
     @classmethod
     def load(
@@ -105,36 +124,40 @@ class EPModel:
         attention_mask_BT = attention_mask_BT.to(self.device)
         with torch.no_grad(), self._routing_mask(attention_mask_BT.bool()):
             out = self.hf_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
-            self._gather_step_stats()
+            self._sample_tokens()
         return out.logits.float()
 
     __call__ = forward
 
-    def last_gpu_loads(self) -> dict[int, np.ndarray]:
-        """{model layer id: [G] int64 rows each rank computed} in the last forward (local: no collective)."""
-        loads = self.gpu_load_LG.cpu().numpy()
-        return {moe.layer_id: loads[row] for row, moe in enumerate(self.moe_layers)}
+    def collect_stats(self) -> WindowStats:
+        """The window since the last collect, summed over every rank's tokens; starts the next window.
 
-    def sampled_topk_ids(self, rate: float, generator: np.random.Generator) -> np.ndarray | None:
-        """[T, L, K] top-k ids of a random `rate` share of this rank's tokens in the last forward (local).
-        A rank routes the same contiguous share of the batch's tokens in every MoE layer, so the rows
-        of the layers line up token by token."""
-        ids = [getattr(moe, "last_ids_TK", None) for moe in self.moe_layers]
-        if rate <= 0 or any(i is None for i in ids) or len(ids[0]) == 0:
-            return None
-        keep = generator.random(len(ids[0])) < rate
-        return np.stack([i.cpu().numpy()[keep] for i in ids], axis=1)
-
-    def _gather_step_stats(self) -> None:
-        # Each rank knows only its own tokens' routing and its own slots' load; one all_reduce of an
-        # [L, E + G] tensor gives every rank the whole step, so rank 0 can serve /metrics alone.
-        E, rank = self.config.n_routed_experts, self.comm.rank
-        stats = torch.zeros(len(self.moe_layers), E + self.comm.world_size, dtype=torch.int64, device=self.device)
+        A collective: every rank calls it at the same step boundary. One all_reduce of an [L, E + G]
+        tensor and one copy to the host per window, however many steps the window holds. The samples
+        are this rank's own (rank 0 samples for the recorder).
+        """
+        E, rank, G = self.config.n_routed_experts, self.comm.rank, self.comm.world_size
+        stats = torch.zeros(len(self.moe_layers), E + G, dtype=torch.int64, device=self.device)
         for row, moe in enumerate(self.moe_layers):
-            stats[row, :E] = moe.routed_counts_E
-            stats[row, E + rank] = moe.slot_tokens_S.sum()
+            stats[row, :E] = moe.window_counts_E
+            stats[row, E + rank] = moe.window_rows[0]
+            moe.window_counts_E.zero_()
+            moe.window_rows.zero_()
         self.comm.all_reduce_sum(stats)
-        self.routed_counts_LE, self.gpu_load_LG = stats[:, :E], stats[:, E:]
+        samples = torch.cat(self._samples).cpu().numpy() if self._samples else None
+        self._samples, self._sampled = [], 0
+        stats = stats.cpu().numpy()
+        return WindowStats(stats[:, :E], stats[:, E:], samples)
+
+    def _sample_tokens(self) -> None:
+        """Keep the top-k ids of a random `sample_rate` share of this rank's tokens of the last forward."""
+        ids_L = [moe.last_ids_TK for moe in self.moe_layers]
+        if self.sample_rate <= 0 or self._sampled >= self.max_samples or any(ids is None for ids in ids_L):
+            return
+        sample = sample_rows(ids_L, self.sample_rate, self.sample_generator, self.max_samples - self._sampled)
+        if sample is not None:
+            self._samples.append(sample)
+            self._sampled += len(sample)
 
     @contextmanager
     def _routing_mask(self, mask_BT: torch.Tensor):
@@ -146,6 +169,18 @@ class EPModel:
         finally:
             for moe in self.moe_layers:
                 moe.token_mask_BT = None
+
+
+def sample_rows(ids_L: list[torch.Tensor], rate: float, generator: np.random.Generator, limit: int) -> torch.Tensor | None:
+    """[n, L, K] the rows of a random `rate` share (at most `limit`) of the tokens of ids_L (L x [T, K]),
+    gathered on their device; None when none is drawn. The rows are drawn on the host (T is a shape, so
+    there is no sync). A rank routes the same contiguous share of the batch's tokens in every MoE
+    layer, so row t of every layer is the same token."""
+    rows = np.flatnonzero(generator.random(ids_L[0].shape[0]) < rate)[:limit]
+    if not len(rows):
+        return None
+    rows = torch.as_tensor(rows, device=ids_L[0].device)
+    return torch.stack([ids.index_select(0, rows) for ids in ids_L], dim=1)
 
 
 def build_dense_model(config: ModelConfig, device: torch.device, dtype: torch.dtype):

@@ -95,9 +95,11 @@ class EPMoE(nn.Module):
       slot_experts_S [S] int64 logical expert in each slot.
     `expert_path`: ExpertPath.fp8 (moeplace.kernels) by default on CUDA where the shapes fit, else
     reference; settable (tests check the CUDA path against the exact reference).
-    Statistics of the last forward (EPModel sums them over the ranks each step):
-      routed_counts_E [E] int64 (token, expert) assignments this rank routed to each logical expert
-      (the global count is the sum over ranks); slot_tokens_S [S] int64 rows this rank's slots computed;
+    Statistics, kept on the device (no host sync) and summed over the ranks by EPModel.collect_stats:
+      window_counts_E [E] int32 (token, expert) assignments this rank routed to each logical expert
+      since the last collect (the global count is the sum over ranks);
+      window_rows [1] int64 (token, expert) rows this rank's slots computed since the last collect;
+      slot_tokens_S [S] int64 rows this rank's slots computed in the last step;
       last_traffic: Traffic of the last step (host numbers, no sync).
     """
 
@@ -125,11 +127,14 @@ class EPMoE(nn.Module):
             "w2_SDF": slots((S, D, Fi), FP8_DTYPE),
             "w2_sinv_Sdf": slots((S, d, f), torch.float32),
             "slot_experts_S": torch.as_tensor(placement.phy2log_LP[row, first: first + S], device=device),
-            "routed_counts_E": slots((E,), torch.int64),
+            "window_counts_E": slots((E,), torch.int32),
+            "window_rows": slots((1,), torch.int64),
             "slot_tokens_S": slots((S,), torch.int64),
         }.items():
             self.register_buffer(name, tensor, persistent=False)
         self.token_mask_BT: torch.Tensor | None = None  # set by EPModel around each forward
+        self.counting = True  # the window counters; off only for the recorder benchmark's baseline
+        self.last_ids_TK: torch.Tensor | None = None  # this rank's tokens' selections in the last step
         self.last_traffic: Traffic | None = None
 
     def load_slots(self, ckpt: Checkpoint) -> None:
@@ -172,7 +177,8 @@ class EPMoE(nn.Module):
         lap = timer.lap if timer else _no_lap
         # 1. route
         slots_TK = assign_slots(ids_TK, self.table, self.comm.rank)
-        self.routed_counts_E.copy_(_count(ids_TK.reshape(-1), self.routed_counts_E.numel()))
+        if self.counting:
+            count_experts(ids_TK, self.window_counts_E)
         self.last_ids_TK = ids_TK  # this rank's tokens' selections, for the profiler's per-token samples
         plan = self._plan(slots_TK)
         lap("route")
@@ -243,6 +249,8 @@ class EPMoE(nn.Module):
         row_M, slot_M = pick_M // K, ids_UK.reshape(-1)[pick_M]
         counts_GS = plan.recv_GX[:, :S]
         self.slot_tokens_S.copy_(counts_GS.sum(0))
+        if self.counting:
+            self.window_rows += self.slot_tokens_S.sum()
         # 2. compute
         rows_MW = received_UW[row_M]
         if self.expert_path is ExpertPath.fp8:
@@ -319,6 +327,20 @@ class _Plan:
     send_assignments: list[int] | None = None
     recv_rows: list[int] | None = None
     recv_assignments: list[int] | None = None
+
+
+def count_experts(ids_TK: torch.Tensor, counts_E: torch.Tensor) -> None:
+    """counts_E [E] int32 += occurrences of each expert id in ids_TK, on the device, with no host sync:
+    moeplace.kernels' histogram on CUDA, index_add_ elsewhere (or where Triton is missing)."""
+    from moeplace.kernels._triton import HAS_TRITON
+
+    if ids_TK.is_cuda and HAS_TRITON:
+        from moeplace.kernels.histogram import expert_histogram
+
+        expert_histogram(ids_TK.contiguous(), counts_E.numel(), counts_E)
+    else:
+        flat = ids_TK.reshape(-1)
+        counts_E.index_add_(0, flat, torch.ones(flat.shape, dtype=counts_E.dtype, device=flat.device))
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:

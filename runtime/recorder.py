@@ -1,15 +1,15 @@
-"""Expert-load recorder on rank 0: the model's per-step logical counts, accumulated into windows.
+"""Expert-load recorder on rank 0: windows of per-logical-expert counts, with times and token counts.
 
-Each forward already all-reduces its [L, E] routed counts (EPModel.routed_counts_LE), so rank 0
-holds the global counts of every step; the recorder adds them up into windows of `window_seconds`
-with their start time and token count, and hands them out as a moeplace `Trace` — physical slots
-never appear: counts are per logical expert whatever placement was live.
+The engine collects the ranks' device-side counters about once a second (EPModel.collect_stats: one
+all_reduce and one copy to the host per collect, none per step) and hands each collected window to
+`add`; the recorder merges them into windows of `window_seconds` with their start time and token
+count, and hands them out as a moeplace `Trace`. Physical slots never appear: counts are per logical
+expert whatever placement was live.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
@@ -25,7 +25,6 @@ class Recorder:
         self.sample_rate = 0.0
         self.max_samples = 8192  # bounds the memory of a long recording
         self.max_windows = 4096  # a ring: the oldest windows go first
-        self.generator = np.random.default_rng(0)
         self.recording = False
         self._samples: list[np.ndarray] = []
         self._lock = threading.Lock()
@@ -43,19 +42,21 @@ class Recorder:
     def stop(self) -> None:
         self.recording = False
 
-    def add(self, counts_LE: np.ndarray, tokens: int, sample_TLK: np.ndarray | None = None) -> None:
-        """One step's global counts, and optionally sampled tokens' top-k ids (serving thread)."""
+    def add(self, start: float, tokens: int, counts_LE: np.ndarray, sample_TLK: np.ndarray | None = None) -> None:
+        """One collected span of steps that began at `start` (seconds since the epoch): its global counts,
+        its token count, and optionally sampled tokens' top-k ids (the engine's thread)."""
         if not self.recording:
             return
-        if sample_TLK is not None and sum(map(len, self._samples)) < self.max_samples:
-            self._samples.append(sample_TLK)
-        now = time.time()
         with self._lock:
-            if not self._windows or now - self._windows[-1][0] >= self.window_seconds:
-                self._windows.append((now, 0.0, np.zeros((len(self.layers), self.E))))
+            if sample_TLK is not None and len(sample_TLK):
+                room = self.max_samples - sum(map(len, self._samples))
+                if room > 0:
+                    self._samples.append(sample_TLK[:room])
+            if not self._windows or start - self._windows[-1][0] >= self.window_seconds:
+                self._windows.append((start, 0.0, np.zeros((len(self.layers), self.E))))
                 del self._windows[: -self.max_windows]
-            start, seen, counts = self._windows[-1]
-            self._windows[-1] = (start, seen + tokens, counts + counts_LE)
+            first, seen, counts = self._windows[-1]
+            self._windows[-1] = (first, seen + tokens, counts + counts_LE)
 
     def trace(self, metadata: dict[str, str]) -> Trace:
         """The recorded windows; ValueError when nothing was recorded."""

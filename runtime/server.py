@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from moeplace.placement import placement_from_dict, placement_to_json
-from moeplace.runtime.engine import Engine, QueueFull, StepStats
+from moeplace.runtime.engine import Engine, QueueFull, StatsWindow, StepStats
 from moeplace.runtime.model import check_placement
 from moeplace.runtime.recorder import Recorder
 from moeplace.runtime.reshard import ReshardBusy
@@ -49,7 +49,7 @@ class Metrics:
         self.requests = Counter("moeplace_requests", "Completion requests by outcome", ["outcome"], registry=self.registry)
         self.tokens = Counter("moeplace_generated_tokens", "Tokens generated", registry=self.registry)
         self.balancedness = Gauge("moeplace_layer_balancedness", "Mean / max GPU load of each MoE layer over the "
-                                  "last step", ["layer"], registry=self.registry)
+                                  "last collected window (about a second)", ["layer"], registry=self.registry)
         self.rank_tokens = Counter("moeplace_rank_routed_tokens", "Routed (token, expert) pairs served per rank",
                                    ["rank"], registry=self.registry)
         self.reshards = Gauge("moeplace_reshard_jobs", "Reshard jobs by state", ["state"], registry=self.registry)
@@ -66,15 +66,16 @@ class Metrics:
             self.reshard_layers.set(max(jobs.values(), key=lambda j: j.started).layers_done)
 
     def observe_step(self, stats: StepStats) -> None:
-        rec = self.recorder
-        if rec is not None and rec.recording:
-            sample = self.model.sampled_topk_ids(rec.sample_rate, rec.generator) if rec.sample_rate else None
-            rec.add(self.model.routed_counts_LE.cpu().numpy(), stats.tokens, sample)
         self.step_seconds.observe(stats.seconds)
         self.tokens.inc(stats.batch)
-        for layer, load_G in self.model.last_gpu_loads().items():
-            total = float(load_G.sum())
-            if total > 0:
+
+    def observe_window(self, window: StatsWindow) -> None:
+        """A collected window of expert statistics (about one a second): recorder, balance, per-rank load."""
+        stats = window.stats
+        if self.recorder is not None:
+            self.recorder.add(window.start, window.tokens, stats.counts_LE, stats.samples_TLK)
+        for layer, load_G in zip(self.model.config.moe_layers, stats.gpu_load_LG):
+            if load_G.sum() > 0:
                 self.balancedness.labels(layer=str(layer)).set(float(load_G.mean() / load_G.max()))
             for rank, value in enumerate(load_G.tolist()):
                 self.rank_tokens.labels(rank=str(rank)).inc(value)
@@ -88,6 +89,7 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
                         cfg.n_group, cfg.topk_group)
     metrics = Metrics(model, recorder)
     engine.on_step = metrics.observe_step
+    engine.on_stats = metrics.observe_window
     app.state.ready = True
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # inside require_key: strangers' bodies are never read
@@ -157,16 +159,38 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
     @app.post("/moeplace/profile/start")
     async def profile_start(body: ProfileRequest | None = None):
         body = body or ProfileRequest()
-        recorder.start(body.window_seconds, body.sample_rate)
+
+        def start() -> None:  # in the engine's thread, right after a collect: the first window starts clean
+            recorder.start(body.window_seconds, body.sample_rate)
+            model.sample_rate = body.sample_rate
+            engine.stats_interval = min(1.0, body.window_seconds)
+
+        if (busy := await _flush(start)) is not None:
+            return busy
         return {"recording": True, "window_seconds": recorder.window_seconds, "sample_rate": recorder.sample_rate}
 
     @app.post("/moeplace/profile/stop")
     async def profile_stop():
-        recorder.stop()
+        if (busy := await _flush(_stop_recording)) is not None:
+            return busy
         return {"recording": False}
+
+    async def _flush(then=None) -> JSONResponse | None:
+        try:
+            await asyncio.to_thread(engine.flush_stats, then)
+        except TimeoutError as exc:
+            return _error(503, str(exc), headers={"Retry-After": "1"})
+        return None
+
+    def _stop_recording() -> None:  # in the engine's thread, right after the last window was recorded
+        recorder.stop()
+        model.sample_rate = 0.0
+        engine.stats_interval = 1.0
 
     @app.get("/moeplace/profile/dump")
     async def profile_dump():
+        if recorder.recording and (busy := await _flush()) is not None:  # the latest steps' counts are on the GPUs
+            return busy
         try:
             trace = recorder.trace({"engine": "moeplace", "model": model_name,
                                     "placement": placement_to_json(model.placement)})

@@ -7,7 +7,7 @@ JOB_DIR/job.json gives the device ("cpu": gloo, float32; "cuda": NCCL, one GPU a
 lists scenarios {name, world, model_dir, placement (file or null), gpus_per_node, expert_path};
 JOB_DIR/inputs.pt holds the prompts. Worlds of 2 run on ranks 0-1 in a subgroup. Each rank writes
 JOB_DIR/{name}.rank{r}.pt: the logits (rank 0), greedy continuations, per-layer routed counts and
-slot loads and dispatch traffic of the first forward, or the load error.
+slot loads and dispatch traffic of the first forward (collected over the ranks), or the load error.
 """
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ def run_scenario(job: dict, scenario: dict, groups: dict, rank: int, device: tor
     for moe in model.moe_layers:
         moe.expert_path = ExpertPath(scenario.get("expert_path") or moe.expert_path)
     logits = model.forward(*pad_right(inputs["prompts"], inputs["pad"]))
+    own_counts_LE = torch.stack([m.window_counts_E.cpu().long() for m in model.moe_layers])  # before the collect
+    stats = model.collect_stats()
     result = {
-        "routed_counts_LE": torch.stack([m.routed_counts_E.cpu() for m in model.moe_layers]),
+        "routed_counts_LE": own_counts_LE,
         "slot_tokens_LS": torch.stack([m.slot_tokens_S.cpu() for m in model.moe_layers]),
-        "step_counts_LE": model.routed_counts_LE.cpu().clone(),
-        "gpu_load_LG": model.gpu_load_LG.cpu().clone(),
+        "step_counts_LE": torch.from_numpy(stats.counts_LE),
+        "gpu_load_LG": torch.from_numpy(stats.gpu_load_LG),
         "traffic_L": [m.last_traffic for m in model.moe_layers],
         "greedy": greedy_continue(model, inputs["prompts"], inputs["steps"], inputs["pad"]),
         "logits": logits.cpu() if rank == 0 else None,

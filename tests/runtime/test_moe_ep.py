@@ -103,10 +103,12 @@ def test_one_process_matches_reference(tiny_dir, reference, placement):
     model = EPModel.load(tiny_dir, placement, group=None, device=CPU)
     logits = model.forward(*pad_right(PROMPTS, TOK.pad_id))
     assert logits.dtype == torch.float32 and logits.shape == (3, len(PROMPTS[0]), 259)
-    counts_LE = torch.stack([m.routed_counts_E for m in model.moe_layers])
+    counts_LE = torch.stack([m.window_counts_E.long() for m in model.moe_layers])
     assert torch.equal(counts_LE, reference["counts_LE"])  # padding is not routed
-    assert torch.equal(model.routed_counts_LE, counts_LE)
-    assert {l: v.tolist() for l, v in model.last_gpu_loads().items()} == {l: [int(c.sum())] for l, c in zip(LAYERS, counts_LE)}
+    stats = model.collect_stats()
+    assert (stats.counts_LE == counts_LE.numpy()).all()
+    assert stats.gpu_load_LG.tolist() == [[int(c.sum())] for c in counts_LE]
+    assert not any(m.window_counts_E.any() or m.window_rows.any() for m in model.moe_layers)  # the next window
     check_against_reference(logits, greedy_continue(model, PROMPTS, STEPS, TOK.pad_id), reference)
 
 

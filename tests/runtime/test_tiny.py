@@ -51,7 +51,7 @@ def popularity_distance(model: EPModel, text: str) -> tuple[np.ndarray, np.ndarr
     """Per MoE layer: (correlation, total variation distance) of expert shares vs OLMoE's."""
     ids = torch.tensor(ByteTokenizer().encode(text, add_bos=False)).view(16, 128)  # as in the fit
     model.forward(ids, torch.ones_like(ids))
-    shares = np.stack([m.routed_counts_E.numpy() for m in model.moe_layers]).astype(float)
+    shares = model.collect_stats().counts_LE.astype(float)
     shares /= shares.sum(axis=1, keepdims=True)
     target = olmoe_shares()
     corr = np.array([np.corrcoef(s, t)[0, 1] for s, t in zip(shares, target)])
