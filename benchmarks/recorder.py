@@ -97,9 +97,14 @@ def gpu(args) -> dict:
     from moeplace.topology import Topology
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
+    if args.cpu_smoke:  # the script's own check on a machine without GPUs: gloo, use small --hidden/--inter
+        device, sync, name = torch.device("cpu"), (lambda: None), "cpu"
+        dist.init_process_group("gloo")
+    else:
+        device, sync = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))), torch.cuda.synchronize
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        name = torch.cuda.get_device_name(device)
     comm = Comm.of(dist.group.WORLD)
     config = deepseek_config(args.hidden, args.inter)
     hf_config = config.to_hf()
@@ -116,7 +121,7 @@ def gpu(args) -> dict:
     del weights
     model = EPModel(None, config, placement, moes, comm, device)
     results = {}
-    for name, tokens in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens)):
+    for step_name, tokens in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens)):
         x = torch.randn(1, tokens, args.hidden, device=device, dtype=torch.bfloat16)
 
         def step():
@@ -126,9 +131,9 @@ def gpu(args) -> dict:
                     h = moe(h)
                 model._sample_tokens()
 
-        times = alternate(step, model, args.sample_rate, args.blocks, args.per_block, torch.cuda.synchronize)
-        results[name] = summary(times, time_collect(model, 50, torch.cuda.synchronize), tokens_per_rank=tokens)
-    out = {"device": torch.cuda.get_device_name(device), "gpus": world, "moe_layers": args.layers,
+        times = alternate(step, model, args.sample_rate, args.blocks, args.per_block, sync)
+        results[step_name] = summary(times, time_collect(model, 50, sync), tokens_per_rank=tokens)
+    out = {"device": name, "gpus": world, "moe_layers": args.layers,
            "sample_rate": args.sample_rate, "torch": torch.__version__, "results": results,
            "model": "DeepSeek-V3-shaped EPMoE layers (gate, routing, dispatch, FP8 experts, combine, shared expert)"}
     dist.destroy_process_group()
@@ -153,6 +158,7 @@ def main() -> None:
     g.add_argument("--inter", type=int, default=2048)
     g.add_argument("--decode-tokens", type=int, default=128)
     g.add_argument("--prefill-tokens", type=int, default=4096)
+    g.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (use small --hidden/--inter)")
     args = parser.parse_args()
     out = cpu(args) if args.where == "cpu" else gpu(args)
     if out:
