@@ -274,6 +274,33 @@ def apply(
                    f"in {status['seconds']:.2f} s, {status['bandwidth_gbps']:.3f} GB/s")
 
 
+@app.command("make-model")
+def make_model(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to create (must not exist).")],
+    preset: Annotated[str, typer.Option(help="deepseek-v3 (DeepSeek-V3 shapes) or small (hidden 256, for CPU).")] = "deepseek-v3",
+    moe_layers: Annotated[int, typer.Option(help="MoE layers after the one dense layer.")] = 4,
+    routing_trace: Annotated[Optional[Path], typer.Option(help="Trace whose per-layer expert popularity the routers follow (256 experts; default: DeepSeek-V3 decode statistics in ../shared).")] = None,
+    trace_layer: Annotated[Optional[list[int]], typer.Option(help="Trace layer id to follow, once per MoE layer in order (default: evenly spaced).")] = None,
+    device: Annotated[str, typer.Option(help="Where tensors are drawn and the routers fitted: cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+) -> None:
+    """Generate a DeepSeek-V3-architecture FP8 checkpoint with random weights, in the Hugging Face layout,
+    whose router biases make each MoE layer's expert popularity follow a layer of a routing trace."""
+    from moeplace.runtime.synthetic import SyntheticSpec, make_model as make
+
+    log = Console(stderr=True)
+    with user_errors():
+        spec = SyntheticSpec(preset, moe_layers, seed, device)
+        report = make(output, spec, routing_trace, trace_layer, lambda line: log.print(escape(line), highlight=False))
+    fit = report["popularity"]
+    for i, layer in enumerate(report["model_layers"]):
+        stdout().print(f"layer {layer} <- trace layer {report['trace_layers'][i]}: correlation / total variation "
+                       f"fit {fit['fit']['corr'][i]:.3f} / {fit['fit']['tvd'][i]:.3f}, held-out "
+                       f"{fit['held_out']['corr'][i]:.3f} / {fit['held_out']['tvd'][i]:.3f} "
+                       f"(uniform: {fit['uniform_tvd'][i]:.3f})", highlight=False)
+    stdout().print(f"wrote {output}")
+
+
 def _check_output(path: Path) -> None:
     if not path.parent.exists():
         raise ValueError(f"{path}: output folder {path.parent} does not exist")

@@ -1,0 +1,539 @@
+"""The whole loop on G GPUs of one machine: a DeepSeek-V3-shaped FP8 model served expert-parallel,
+profiled, solved and resharded live while decode-style load keeps coming (issue 8).
+
+    # here (CPU machine, ../shared beside the checkout): the trace layers the model will follow, as
+    # derived counts of those layers only (the SGLang files' licence is unstated: they never travel)
+    python benchmarks/full_loop.py prepare --moe-layers 4 --out .dsv3
+    # on the GPU machine (one command; moeplace and the packages its image lacks installed from wheels:
+    # ortools, immutabledict, protobuf, fastapi, starlette, pydantic(-core), annotated-types,
+    # typing-inspection, typing-extensions, opentelemetry-api, anyio, uvicorn)
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    python3 benchmarks/full_loop.py run --gpus 4 --moe-layers 4 --routing-trace .dsv3/routing.safetensors \\
+        --json $OUT/full_loop.json
+    # here, to check the script: small shapes, gloo, 4 ranks on CPU
+    python benchmarks/full_loop.py run --cpu-smoke --json out.json
+
+Steps of `run` (each adds its numbers to --json as it ends, so an interrupted run keeps what it measured):
+ 1. p2p: NCCL point-to-point bandwidth between the same GPUs (torchrun; benchmarks/reshard.py's ring:
+    every rank sends to the next and receives from the previous at once), GB/s per GPU.
+ 2. model: `moeplace make-model` into --workdir (reused by a later run with the same arguments): 11.3 GB
+    of disk per MoE layer at DeepSeek-V3 shapes, and each layer's experts written once, read twice.
+ 3. serve: `moeplace serve` on G ranks with the trivial placement, the layout a deployment starts
+    with when given none: 288 slots = 256 experts + 32 redundant, slot p holds expert p % 256 (so the
+    redundant slots copy experts 0..31 whatever their load), 288 / G slots per GPU.
+ 4. load: --clients threads, each sending one completion after another (a 96-byte prompt of the kind
+    of text the routers were fitted on, --max-tokens new tokens), from --warmup-seconds before the first
+    profile until the last one ends; the server batches up to --clients sequences per step.
+ 5. before: `moeplace profile` for --profile-seconds; the engine's step time over it from /metrics.
+ 6. solve: `moeplace solve` on that trace for G GPUs x 288 / G slots, --from the trivial placement.
+ 7. apply: `moeplace apply` while the load continues; experts, bytes, seconds from the server; the
+    bytes the busiest GPU received (from the plan) against the P2P bandwidth of step 1.
+ 8. after: `moeplace profile` again, on the new layout.
+ 9. the load stops, then the server: every request must have succeeded (latency of those answered
+    during the reshard reported apart); live GPU-load imbalance before / after from the two profiles.
+10. moe_layer: the MoE layer alone (EPMoE with random weights, timed by benchmarks/moe_layer.py's
+    `time_steps`) for each MoE layer, tokens routed with the popularity profiled in step 5: uniform
+    (every slot equally loaded), before (trivial) and after (solved), at decode (128 tokens per rank)
+    and prefill (4096) sizes: step time (slowest rank) and each GPU's expert time. The server itself
+    recomputes whole sequences each step (no KV cache), so its step time is not an MoE step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED_DSV3 = HERE.parents[1] / "shared" / "traces" / "sglang-dsv3-ep-statistics" / "decode_in1000out1000.json"
+E, SLOTS = 256, 288
+# NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+CPU_SMOKE = dict(preset="small", device="cpu", moe_layers=2, clients=4, max_tokens=4, warmup_seconds=1.0,
+                 profile_seconds=4.0, solve_seconds=2.0, measure_tokens="16,64", measure_iters=3)
+
+
+# ---------------------------------------------------------------- prepare (CPU machine)
+
+
+def prepare(args) -> None:
+    """The routing trace's layers a model of --moe-layers follows (make-model's default choice: evenly
+    spaced), one window of their counts, as a moeplace trace file."""
+    from moeplace.readers import load_trace
+    from moeplace.trace import Trace, save_trace
+
+    trace = load_trace(args.trace)
+    rows = np.linspace(0, trace.num_layers - 1, args.moe_layers).round().astype(int)
+    if len(set(rows.tolist())) < len(rows):
+        raise SystemExit(f"{args.trace} has {trace.num_layers} layers, fewer than --moe-layers {args.moe_layers}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = Trace(trace.counts_WLE.sum(axis=0, keepdims=True)[:, rows], trace.layers[rows], trace.top_k,
+                num_model_layers=trace.num_model_layers, n_group=trace.n_group, topk_group=trace.topk_group,
+                metadata={"source": f"{args.trace.name}, layers {trace.layers[rows].tolist()}, windows summed"})
+    save_trace(out, args.out / "routing.safetensors")
+    print(f"wrote {args.out / 'routing.safetensors'}: layers {trace.layers[rows].tolist()} of {args.trace.name}")
+
+
+# ---------------------------------------------------------------- run (the driver: no torch.distributed here)
+
+
+class Results:
+    """The run's JSON, rewritten whole after every step."""
+
+    def __init__(self, path: Path | None, head: dict) -> None:
+        self.path, self.data = path, dict(head, seconds={})
+
+    def add(self, step: str, value, seconds: float | None = None) -> None:
+        self.data[step] = value
+        if seconds is not None:
+            self.data["seconds"][step] = round(seconds, 2)
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+            os.replace(tmp, self.path)
+
+
+def run(args) -> None:
+    from moeplace.client import free_port, running_server
+
+    if args.cpu_smoke:
+        for name, value in CPU_SMOKE.items():
+            setattr(args, name, value)
+    signal.signal(signal.SIGTERM, _terminate)
+    if SLOTS % args.gpus:
+        raise SystemExit(f"--gpus {args.gpus} does not divide the {SLOTS} slots")
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    json_path = args.json.resolve() if args.json else None
+    trace_path = args.routing_trace.resolve() if args.routing_trace else None
+    env = dict(os.environ, **NO_MULTICAST, PYTHONUNBUFFERED="1", COLUMNS="200")
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # G ranks share the cores; tiny tensors gain nothing from threads
+    # The repository root holds moeplace/ (the data-model sources alone), which would shadow the
+    # installed package for `python -m moeplace...`; every command runs from the work folder instead.
+    os.chdir(work)
+    results = Results(json_path, {"date": str(date.today()), "argv": sys.argv, "gpus": args.gpus,
+                                  "device": _device_name(args.device), "args": _jsonable(vars(args))})
+    slots = SLOTS // args.gpus
+
+    # 1. p2p
+    start = time.monotonic()
+    _torchrun(args, ["p2p", "--json", str(work / "p2p.json")], env, work / "p2p.log")
+    results.add("p2p", json.loads((work / "p2p.json").read_text()), time.monotonic() - start)
+    # 2. model
+    start = time.monotonic()
+    model = _model(args, trace_path, work, env)
+    results.add("model", json.loads((model / "moeplace_synthetic.json").read_text()), time.monotonic() - start)
+    # 3. serve, with the trivial placement
+    start_json = _trivial_placement(model, args.gpus, slots, work / "start.json")
+    port = free_port()
+    serve = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", str(args.gpus), "--model", str(model),
+             "--placement", str(start_json), "--device", args.device, "--port", str(port),
+             "--max-batch", str(args.clients), "--queue-limit", str(args.clients + 16)]
+    start = time.monotonic()
+    with running_server(serve, env, work / "serve.log", port, ready_s=args.ready_seconds) as (url, _):
+        results.add("serve", {"ready": True, "url": url}, time.monotonic() - start)
+        _live_loop(args, url, model, start_json, slots, work, env, results)
+    # 10. the MoE layer alone, before / after / uniform
+    start = time.monotonic()
+    _torchrun(args, ["measure", "--before", str(start_json), "--after", str(work / "solved.json"),
+                     "--trace", str(work / "before.safetensors"), "--tokens", args.measure_tokens,
+                     "--iters", str(args.measure_iters), "--json", str(work / "moe_layer.json")]
+              + (["--small"] if args.preset == "small" else []), env, work / "moe_layer.log")
+    results.add("moe_layer", json.loads((work / "moe_layer.json").read_text()), time.monotonic() - start)
+    print(summary(results.data), flush=True)
+    if results.data["load"]["failed"]:
+        raise SystemExit(f"{results.data['load']['failed']} request(s) failed")
+
+
+def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: Path, env: dict, results) -> None:
+    """Steps 4-9: load, profile, solve, apply, profile, all against the running server."""
+    from moeplace.placement import load_placement
+
+    cli = [sys.executable, "-m", "moeplace.cli"]
+    with _Load(url, args.clients, args.max_tokens) as load:
+        time.sleep(args.warmup_seconds)
+        # 5. before
+        start = time.monotonic()
+        results.add("before", _profile(args, url, cli, work / "before.safetensors", env, load), time.monotonic() - start)
+        # 6. solve
+        start = time.monotonic()
+        _cli(cli + ["solve", str(work / "before.safetensors"), "--gpus", str(args.gpus), "--gpus-per-node",
+                    str(args.gpus), "--slots-per-gpu", str(slots), "--from", str(start_json), "--time-limit",
+                    str(args.solve_seconds), "-o", str(work / "solved.json")], env, work / "solve.log")
+        results.add("solve", {"log": (work / "solve.log").read_text()[-4000:]}, time.monotonic() - start)
+        # 7. apply, the load going on
+        start = reshard_start = time.monotonic()
+        out = _cli(cli + ["apply", str(work / "solved.json"), "--url", url, "--timeout", "900"], env, work / "apply.log")
+        old, new = load_placement(start_json), load_placement(work / "solved.json")
+        expert_bytes = results.data["model"]["expert_bytes"]
+        reshard_end = time.monotonic()
+        results.add("reshard", _reshard_numbers(out, old, new, expert_bytes, reshard_end - start, results.data["p2p"]),
+                    reshard_end - start)
+        # 8. after
+        start = time.monotonic()
+        results.add("after", _profile(args, url, cli, work / "after.safetensors", env, load), time.monotonic() - start)
+    # 9. every request answered
+    results.add("load", load.report((reshard_start, reshard_end)))
+    results.add("balance", _balance(model, old, new, work, results.data["model"]))
+
+
+def _model(args, trace_path: Path | None, work: Path, env: dict) -> Path:
+    model = work / f"model-{args.preset}-L{args.moe_layers}-s{args.seed}"
+    report = model / "moeplace_synthetic.json"
+    wanted = str(trace_path) if trace_path else None
+    if report.exists() and (wanted is None or json.loads(report.read_text())["routing_trace"] == wanted):
+        print(f"reusing {model}", flush=True)
+        return model
+    shutil.rmtree(model, ignore_errors=True)  # made from another trace, or never finished
+    command = [sys.executable, "-m", "moeplace.cli", "make-model", "--preset", args.preset, "--moe-layers",
+               str(args.moe_layers), "--device", args.device, "--seed", str(args.seed), "-o", str(model)]
+    if trace_path:
+        command += ["--routing-trace", str(trace_path)]
+    _cli(command, env, work / "make_model.log")
+    return model
+
+
+def _trivial_placement(model: Path, gpus: int, slots: int, path: Path) -> Path:
+    from moeplace.placement import save_placement, trivial_placement
+    from moeplace.runtime.config import ModelConfig
+    from moeplace.topology import Topology
+
+    config = ModelConfig.load(model)
+    placement = trivial_placement(config.n_routed_experts, Topology(gpus, gpus, slots), np.array(config.moe_layers),
+                                  config.num_hidden_layers)
+    save_placement(placement, path)
+    return path
+
+
+def _profile(args, url: str, cli: list[str], out: Path, env: dict, load) -> dict:
+    """`moeplace profile` for --profile-seconds; the engine's mean step time and the requests over it."""
+    sent, metrics = load.sent, _step_metrics(url)
+    _cli(cli + ["profile", "--url", url, "--duration", str(args.profile_seconds), "-o", str(out)], env,
+         out.with_suffix(".log"))
+    after = _step_metrics(url)
+    steps = after[1] - metrics[1]
+    return {"trace": str(out), "requests": load.sent - sent, "engine_steps": steps,
+            "engine_step_ms_mean": 1e3 * (after[0] - metrics[0]) / steps if steps else None}
+
+
+def _step_metrics(url: str) -> tuple[float, float]:
+    """(sum of engine step seconds, steps) from the server's Prometheus histogram; (0, 0) if absent."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    value = lambda name: re.search(rf"^{name} (\S+)$", text, re.M)  # noqa: E731
+    found = value("moeplace_step_seconds_sum"), value("moeplace_step_seconds_count")
+    return (float(found[0][1]), float(found[1][1])) if all(found) else (0.0, 0.0)
+
+
+def _reshard_numbers(apply_out: str, old, new, expert_bytes: int, wall: float, p2p: dict) -> dict:
+    """The server's report of the reshard (as `moeplace apply` prints it) and, from the plan, the bytes
+    the busiest GPU received over its links, against the P2P bandwidth measured in step 1."""
+    from moeplace.runtime.reshard_plan import NETWORK_LINKS, plan_reshard
+
+    found = re.search(r"live: (\d+) experts moved \(([\d.]+) MB\) in ([\d.]+) s, ([\d.]+) GB/s", apply_out)
+    if found is None:
+        raise SystemExit(f"moeplace apply printed no result line:\n{apply_out[-2000:]}")
+    experts, seconds, gbps = int(found[1]), float(found[3]), float(found[4])
+    plan = plan_reshard(old, new)
+    network = np.isin(plan.kind_X, NETWORK_LINKS)
+    received_G = np.bincount(plan.dst_slot_X[network] // new.topology.slots_per_gpu, minlength=new.topology.num_gpus)
+    busiest = float(received_G.max() * expert_bytes)
+    return {"state": "done", "experts_moved": experts, "bytes_moved": experts * expert_bytes, "seconds": seconds,
+            "bandwidth_gbps_all_gpus": gbps, "apply_wall_seconds": wall,
+            "network_experts_received_per_gpu": received_G.tolist(), "busiest_gpu_received_bytes": busiest,
+            "busiest_gpu_gbps": busiest / seconds / 1e9 if seconds else None,
+            "p2p_gbps_per_gpu": p2p["gbps_per_gpu"],
+            "busiest_gpu_share_of_p2p": busiest / seconds / 1e9 / p2p["gbps_per_gpu"] if seconds else None}
+
+
+def _balance(model: Path, old, new, work: Path, model_report: dict) -> dict:
+    """Per MoE layer: the live GPU load imbalance (max / mean) before and after, the solved layout's on the
+    before trace (what the solver planned for), and the live popularity against the trace's."""
+    from moeplace.placer.evaluate import gpu_load_LG, imbalance
+    from moeplace.readers import load_trace
+    from moeplace.runtime.config import ModelConfig
+    from moeplace.runtime.router_fit import distance
+    from moeplace.runtime.synthetic import target_shares
+
+    before, after = (load_trace(work / f"{name}.safetensors").counts_WLE.sum(axis=0) for name in ("before", "after"))
+    targets_LE, _ = target_shares(Path(model_report["routing_trace"]), ModelConfig.load(model), model_report["trace_layers"])
+    live = [distance(row / row.sum(), t) for row, t in zip(before, targets_LE)]
+    return {"layers": old.layers.tolist(),
+            "imbalance_before": imbalance(gpu_load_LG(old, before)).round(4).tolist(),
+            "imbalance_after": imbalance(gpu_load_LG(new, after)).round(4).tolist(),
+            "imbalance_solved_on_before_trace": imbalance(gpu_load_LG(new, before)).round(4).tolist(),
+            "live_popularity_vs_trace": {"corr": [c for c, _ in live], "tvd": [t for _, t in live]}}
+
+
+class _Load:
+    """`clients` threads, each sending one short completion after another until the block ends."""
+
+    def __init__(self, url: str, clients: int, max_tokens: int) -> None:
+        from moeplace.runtime.tiny import calibration_text
+
+        # The kind of text the router biases were fitted on (runtime/router_fit.py), other seeds.
+        self.prompts = [calibration_text(10_000 + i, 96) for i in range(256)]
+        self.url, self.max_tokens = url, max_tokens
+        self.sent = self.failed = self.rejected = 0
+        self.answered: list[tuple[float, float]] = []  # (when, seconds) of each successful request
+        self.errors: list[str] = []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
+
+    def _loop(self, i: int) -> None:
+        import httpx
+
+        with httpx.Client(timeout=900) as http:
+            while not self._stop.is_set():
+                start, error = time.monotonic(), None
+                try:
+                    r = http.post(f"{self.url}/v1/completions", json={
+                        "prompt": self.prompts[i % len(self.prompts)], "max_tokens": self.max_tokens})
+                    if r.status_code != 200:
+                        error = f"HTTP {r.status_code}: {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    error = f"{exc.__class__.__name__}: {exc}"
+                with self._lock:
+                    self.sent += 1
+                    self.failed += error is not None
+                    self.rejected += bool(error and error.startswith("HTTP 503"))
+                    if error and len(self.errors) < 10:
+                        self.errors.append(error)
+                    if error is None:
+                        self.answered.append((time.monotonic(), time.monotonic() - start))
+                i += len(self._threads)
+
+    def report(self, reshard: tuple[float, float]) -> dict:
+        """Counts, and latency percentiles of all requests and of those answered during the reshard."""
+        def percentiles(seconds: list[float]) -> dict:
+            ms = np.array(seconds or [np.nan]) * 1e3
+            return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+                    "requests": len(seconds)}
+
+        during = [s for t, s in self.answered if reshard[0] <= t <= reshard[1]]
+        return {"clients": len(self._threads), "sent": self.sent, "failed": self.failed, "rejected_503": self.rejected,
+                "errors": self.errors, "latency_ms": percentiles([s for _, s in self.answered]),
+                "latency_ms_answered_during_reshard": percentiles(during)}
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=900)
+
+
+def _cli(command: list[str], env: dict, log: Path) -> str:
+    """Run a command, its output shown as it comes and kept in `log`; SystemExit with its tail on failure."""
+    print("$", " ".join(command[2:]), flush=True)
+    lines = []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                lines.append(line)
+                print("  " + line, end="", flush=True)
+            proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted (SIGTERM from `timeout`)
+                proc.kill()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command[2:4])} failed (exit {proc.returncode}):\n{''.join(lines)[-3000:]}")
+    return "".join(lines)
+
+
+def _torchrun(args, worker: list[str], env: dict, log: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+               str(Path(__file__).resolve()), *worker] + (["--cpu"] if args.device == "cpu" else [])
+    _cli(command, env, log)
+
+
+def _device_name(device: str) -> str:
+    """The GPUs' names (nvidia-smi: this process creates no CUDA context, whose memory GPU 0 would lose)."""
+    if device == "cpu":
+        return "cpu"
+    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True).stdout.split("\n")
+    names = [n.strip() for n in names if n.strip()]
+    return f"{names[0]} x{len(names)}" if names else "cuda (nvidia-smi gave no names)"
+
+
+def _terminate(signum, frame) -> None:
+    # `timeout` sends SIGTERM: unwind, so the server (its own process session) is stopped too.
+    raise SystemExit(128 + signum)
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def summary(r: dict) -> str:
+    lines = [f"# {r['date']} {r['device']}, {r['gpus']} ranks, {r['args']['moe_layers']} MoE layers ({r['args']['preset']})",
+             f"NCCL P2P {r['p2p']['gbps_per_gpu']:.1f} GB/s per GPU"]
+    b, rs, load = r["balance"], r["reshard"], r["load"]
+    for i, layer in enumerate(b["layers"]):
+        lines.append(f"layer {layer}: GPU load max/mean {b['imbalance_before'][i]:.3f} -> {b['imbalance_after'][i]:.3f} "
+                     f"(live popularity vs trace: corr {b['live_popularity_vs_trace']['corr'][i]:.3f}, "
+                     f"TV {b['live_popularity_vs_trace']['tvd'][i]:.3f})")
+    lines.append(f"reshard: {rs['experts_moved']} experts, {rs['bytes_moved'] / 1e9:.2f} GB in {rs['seconds']:.2f} s "
+                 f"({rs['bandwidth_gbps_all_gpus']:.1f} GB/s all GPUs; busiest GPU received "
+                 f"{rs['busiest_gpu_received_bytes'] / 1e9:.2f} GB = {rs['busiest_gpu_gbps'] or 0:.1f} GB/s, "
+                 f"{100 * (rs['busiest_gpu_share_of_p2p'] or 0):.1f}% of P2P)")
+    for name in ("before", "after"):
+        step = r[name]["engine_step_ms_mean"]
+        lines.append(f"engine step ({name}): {step:.1f} ms mean over {r[name]['engine_steps']} steps" if step else
+                     f"engine step ({name}): no steps")
+    for m in r["moe_layer"]["results"]:
+        lines.append(f"MoE L{m['layer']} {m['tokens_per_rank']:>5} tok/rank {m['placement']:8} step {m['step_ms']:.3f} ms "
+                     f"({m['vs_uniform']:.3f}x uniform), experts per GPU ms {[round(x, 3) for x in m['experts_ms_per_gpu']]}")
+    all_ms, during_ms = load["latency_ms"], load["latency_ms_answered_during_reshard"]
+    lines.append(f"requests: {load['sent']} sent, {load['failed']} failed; latency p50 / p99 {all_ms['p50']:.0f} / "
+                 f"{all_ms['p99']:.0f} ms, answered during the reshard ({during_ms['requests']}) "
+                 f"{during_ms['p50']:.0f} / {during_ms['p99']:.0f} ms")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- workers under torchrun
+
+
+def _init(cpu: bool):
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    if cpu:
+        dist.init_process_group("gloo")
+        return rank, dist.get_world_size(), torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    return rank, dist.get_world_size(), device
+
+
+def p2p(args) -> None:
+    import torch.distributed as dist
+
+    from reshard import p2p_bandwidth
+
+    rank, world, device = _init(args.cpu)
+    gbps = p2p_bandwidth(dist.group.WORLD, device, (1 << 22) if args.cpu else (1 << 30))
+    if rank == 0:
+        args.json.write_text(json.dumps({"gbps_per_gpu": gbps, "bytes": (1 << 22) if args.cpu else (1 << 30),
+                                         "ranks": world}) + "\n")
+    dist.destroy_process_group()
+
+
+def measure(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moe_layer import all_gather, deepseek_config, random_slots, sample_routing, summarise, time_steps
+    from moeplace.placement import load_placement
+    from moeplace.readers import load_trace
+    from moeplace.runtime.comm import Comm
+    from moeplace.runtime.moe import EPMoE
+
+    rank, world, device = _init(args.cpu)
+    hidden, inter = (256, 128) if args.small else (7168, 2048)
+    config = deepseek_config(hidden, inter)
+    hf_config, comm = config.to_hf(), Comm.of(dist.group.WORLD)
+    before, after = load_placement(args.before), load_placement(args.after)
+    counts_LE = load_trace(args.trace).counts_WLE.sum(axis=0)
+    weights = random_slots(before.topology.slots_per_gpu, hidden, inter, device, seed=rank)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = []
+    for row, layer in enumerate(before.layers.tolist()):
+        for T in (int(t) for t in args.tokens.split(",")):
+            gen = torch.Generator(device=device).manual_seed(1000 * layer + rank)
+            x = torch.randn(T, hidden, device=device, generator=gen).to(dtype)
+            live_E = torch.as_tensor(counts_LE[row], dtype=torch.float32, device=device)
+            cases = {"uniform": (before, torch.as_tensor(before.replica_count_LE[row], dtype=torch.float32, device=device)),
+                     "before": (before, live_E), "after": (after, live_E)}
+            steps = []
+            for placement, p_E in cases.values():
+                moe = EPMoE(config, hf_config, layer, row, placement, comm, device, dtype)
+                for buf, value in zip(("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf"), weights):
+                    getattr(moe, buf).copy_(value)
+                steps.append((moe, x, *sample_routing(p_E, T, gen, device)))
+            timed = {}
+            for name, (moe, *_), per_rank in zip(cases, steps, time_steps(steps, args.iters, args.warmup)):
+                load = moe.slot_tokens_S.sum().reshape(1).double()
+                wire = torch.tensor(moe.last_traffic.off_rank_bytes(rank), dtype=torch.float64, device=device)
+                t_RIX, loads, wires = (all_gather(t, world) for t in (per_rank, load, wire))
+                timed[name] = summarise(layer, "decode" if T <= 512 else "prefill", name, t_RIX,
+                                        [int(v) for v in loads[:, 0]], wires)
+                timed[name]["tokens_per_rank"] = T
+                timed[name]["experts_ms_per_gpu"] = np.median(t_RIX[:, :, 2], axis=1).round(4).tolist()  # PHASES[2]
+            for out in timed.values():
+                out["vs_uniform"] = out["step_ms"] / timed["uniform"]["step_ms"]
+            results += timed.values() if rank == 0 else []
+            del steps, moe
+    if rank == 0:
+        args.json.write_text(json.dumps({"device": str(device), "ranks": world, "iters": args.iters,
+                                         "routing": f"drawn from {args.trace}", "results": results}, indent=1) + "\n")
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="the routing trace's layers to follow (needs ../shared)")
+    p.add_argument("--trace", type=Path, default=SHARED_DSV3)
+    p.add_argument("--moe-layers", type=int, required=True)
+    p.add_argument("--out", type=Path, default=Path(".dsv3"))
+    r = sub.add_parser("run", help="the whole loop (a driver process; starts torchrun and moeplace itself)")
+    r.add_argument("--gpus", type=int, default=4, help="ranks, one per GPU")
+    r.add_argument("--moe-layers", type=int, default=4)
+    r.add_argument("--preset", default="deepseek-v3")
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--routing-trace", type=Path, default=None, help="for make-model (default: its own)")
+    r.add_argument("--workdir", type=Path, default=Path(".full_loop"), help="model, placements, traces, logs")
+    r.add_argument("--json", type=Path, default=None)
+    r.add_argument("--clients", type=int, default=32, help="concurrent clients (also the server's --max-batch)")
+    r.add_argument("--max-tokens", type=int, default=16)
+    r.add_argument("--warmup-seconds", type=float, default=5.0)
+    r.add_argument("--profile-seconds", type=float, default=15.0)
+    r.add_argument("--solve-seconds", type=float, default=10.0)
+    r.add_argument("--ready-seconds", type=float, default=600.0, help="wait this long for the server to start")
+    r.add_argument("--measure-tokens", default="128,4096", help="tokens per rank of the MoE-layer steps")
+    r.add_argument("--measure-iters", type=int, default=20)
+    r.add_argument("--cpu-smoke", action="store_true", help="small shapes, gloo, short phases: checks the script")
+    for name, help_ in (("p2p", "worker: NCCL P2P ring bandwidth"), ("measure", "worker: MoE layer timing")):
+        w = sub.add_parser(name, help=help_)
+        w.add_argument("--json", type=Path, required=True)
+        w.add_argument("--cpu", action="store_true")
+    m = sub.choices["measure"]
+    m.add_argument("--before", type=Path, required=True)
+    m.add_argument("--after", type=Path, required=True)
+    m.add_argument("--trace", type=Path, required=True)
+    m.add_argument("--tokens", default="128,4096")
+    m.add_argument("--iters", type=int, default=20)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--small", action="store_true")
+    args = parser.parse_args(argv)
+    {"prepare": prepare, "run": run, "p2p": p2p, "measure": measure}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
