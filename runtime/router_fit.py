@@ -9,6 +9,15 @@ layers after it. Popularity is measured on three texts of `sequences` x 128 byte
   fit       English-like words (tiny.calibration_text), the text the biases are fitted on;
   held_out  the same kind of text from another seed: what the full-loop benchmark's clients send;
   ascii     random printable ASCII, a workload shift.
+Measured on the `small` preset (4 MoE layers following layers 3/22/41/60 of DeepSeek-V3's
+decode_in1000out1000 statistics; correlation / total variation distance per layer; a sample of the
+target itself of a text's size sits at the "floor"; uniform popularity is at 0.20-0.31):
+  fit text                          >= 0.998 / 0.011
+  held-out, 8 sequences per text    0.78-0.88 / 0.17-0.19   (floor 0.07)
+  held-out, 64 sequences per text   0.94-0.98 / 0.066-0.077 (floor 0.025)
+  random ASCII (64 sequences)       0.37-0.60 / 0.37-0.46: farther than uniform; the bias pulls towards
+                                    the trace for text of the fitted kind only, as routers do.
+More fitting text generalises better: the `deepseek-v3` preset uses 128 sequences, `small` 8 (tests).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class SyntheticSpec:
     @property
     def calibration_sequences(self) -> int:
         """128-byte sequences per calibration text (router_fit.py): more where a GPU makes them cheap."""
-        return 64 if self.preset is Preset.deepseek_v3 else 8
+        return 128 if self.preset is Preset.deepseek_v3 else 8
 
     @property
     def torch_device(self) -> torch.device:
