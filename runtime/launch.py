@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1) from None
         from moeplace.runtime.reshard import Resharder
 
-        resharder = Resharder(model, reshard_group, rank)
+        # On GPUs the reshard's agreements and handshakes go on gloo: a rank waiting there waits on the host.
+        reshard_control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+        resharder = Resharder(model, reshard_group, rank, control=reshard_control)
         if rank == 0:
             serve(config, model, tokenizer, control, resharder)
         else:

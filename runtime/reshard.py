@@ -1,7 +1,10 @@
 """Live reshard: run a `ReshardPlan` on the serving model, layer by layer, while it keeps serving.
 
-Each rank runs the plan in a worker thread on a gloo group of its own, so transfers never wait for
-serving steps and steps never wait for transfers. Only writing a staged layer into its slots and
+Each rank runs the plan in a worker thread on a group of its own (gloo on CPU, NCCL on GPU), so
+transfers never wait for serving steps and steps never wait for transfers. On GPUs the agreements
+travel on a gloo group of their own (`control`), and each layer's transfers start with a handshake
+on it, so a rank waiting for a late peer waits on the host (NCCL kernels left spinning for seconds
+beside the serving ones hung serving once on 4 GPUs). Only writing a staged layer into its slots and
 swapping its routing table happen on the serving thread, between two steps, one layer per step
 boundary: no step is held up longer than one layer's swap.
 
@@ -10,25 +13,27 @@ Per layer row (numbers as in the plan's execution contract, runtime/reshard_plan
      their weight_scale_inv together) and checksummed;
      agree: every rank all-reduces "prepared"; one failure makes all skip the transfer;
   2. transfer: one batch_isend_irecv per rank, per peer one uint8 buffer (its experts in plan order)
-     plus their checksums, waited on with a timeout; every received expert's checksum is verified;
+     plus their checksums, waited on with a timeout (`timeout_s`, MOEPLACE_RESHARD_TIMEOUT seconds,
+     60 by default); every received expert's checksum is verified;
      agree: every rank all-reduces "staged";
   3.+4. the serving thread writes the staged experts into their slots and swaps the layer's table at
      the next step boundary; the worker waits for that before staging the next layer, so a rank stages
      at most one layer: `ReshardPlan.staging_slots_LG[l, rank]` experts.
-Any failure (an exception on a rank, a timeout, a checksum mismatch) stops every rank at the next
-agreement; layers already swapped are moved back with the reverse plan and swapped back, so the old
-layout serves again, never a mix. The job then reports "rolled_back" and why.
+Any failure (an exception on a rank, a transfer past its timeout, a checksum mismatch) stops every
+rank at the next agreement; layers already swapped are moved back with the reverse plan and swapped
+back, so the old layout serves again, never a mix. The job then reports "rolled_back" and why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -70,12 +75,19 @@ class ReshardBusy(Exception):
 class Resharder:
     """One per rank. Rank 0 also keeps the jobs and decides when layers swap (`due_actions`)."""
 
-    def __init__(self, model, group, rank: int, timeout_s: float = 60.0, fault: str | None = None) -> None:
-        self.model, self.group, self.rank, self.timeout_s = model, group, rank, timeout_s
+    def __init__(self, model, group, rank: int, timeout_s: float | None = None, fault: str | None = None,
+                 control=None) -> None:
+        # `group` moves the experts; `control` (gloo, the same ranks; default: `group`) carries the
+        # agreements and, when it is not `group`, a handshake before each layer's transfers.
+        self.model, self.group, self.rank = model, group, rank
+        self.control = control if control is not None else group
+        self.timeout_s = timeout_s if timeout_s is not None else _timeout_from_env()
         self.expert_bytes = _pack(model.moe_layers[0], 0).numel()  # weights + scales of one expert
         self.device = model.moe_layers[0].w13_SFD.device
         # Fault injection for tests: "corrupt:LAYER" flips a byte in every send of that layer,
-        # "fail:LAYER:RANK" makes that rank raise while staging it; comma-separated, one per job in order.
+        # "fail:LAYER:RANK" makes that rank raise while staging it, "stall:LAYER:RANK" makes that rank
+        # post its transfers of that layer 2 x timeout_s late (its peers' waits time out);
+        # comma-separated, one per job in order.
         spec = fault if fault is not None else os.environ.get("MOEPLACE_FAULT", "")
         self.faults = [f for f in spec.split(",") if f]
         self._started = 0
@@ -151,7 +163,7 @@ class Resharder:
             # Rank 0 plans the way back and sends it: every rank must post the same transfers, and
             # the planner's tie-breaking is not promised to be the same in every process.
             box = [plan_reshard(_with_rows(old, self._phy2log), old) if self.rank == 0 else None]
-            dist.broadcast_object_list(box, src=0, group=self.group)
+            dist.broadcast_object_list(box, src=0, group=self.control)
             back = box[0]
             if job is not None:
                 job.state, job.error = "rolling_back", error
@@ -216,22 +228,36 @@ class Resharder:
         try:
             moe, S = self.model.moe_layers[row], plan.topology.slots_per_gpu
             sends, recvs = plan.sends_of(self.rank, row), plan.receives_of(self.rank, row)
-            ops, inbound = [], []
+            ops, peers, inbound = [], [], []  # peers[i]: the other end of ops[i]
             for peer in np.unique(sends.peer_X):
                 payload = torch.cat([_pack(moe, int(s)) for s in sends.src_slot_X[sends.peer_X == peer] % S])
                 sums = _checksums(payload, self.expert_bytes)
                 if fault == f"corrupt:{int(plan.layers[row])}":
                     payload[len(payload) // 2] ^= 0x5A  # a byte flipped on the wire
                 ops += [dist.P2POp(dist.isend, payload, int(peer), self.group), dist.P2POp(dist.isend, sums, int(peer), self.group)]
+                peers += [int(peer)] * 2
             size = _pack(moe, 0).numel()
             for peer in np.unique(recvs.peer_X):
                 dst = recvs.dst_slot_X[recvs.peer_X == peer] % S
                 payload = torch.empty(len(dst) * size, dtype=torch.uint8, device=self.device)
                 sums = torch.empty(len(dst), dtype=torch.int64, device=self.device)
                 ops += [dist.P2POp(dist.irecv, payload, int(peer), self.group), dist.P2POp(dist.irecv, sums, int(peer), self.group)]
+                peers += [int(peer)] * 2
                 inbound.append((dst, payload, sums))
-            for work in dist.batch_isend_irecv(ops) if ops else []:
-                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            if fault == f"stall:{int(plan.layers[row])}:{self.rank}":
+                time.sleep(2 * self.timeout_s)  # posted late: every peer's wait on this rank times out first
+            late = None
+            if ops and self.control is not self.group:
+                # Meet each peer on the host first: NCCL kernels then start together, and a late peer is
+                # waited for here, and named (gloo returns a work per op), not by kernels on the GPU.
+                met = sorted(set(peers))
+                hello = [dist.P2POp(op, torch.zeros(1), p, self.control)
+                         for p in met for op in (dist.isend, dist.irecv)]
+                late = self._post_and_wait(hello, [p for p in met for _ in range(2)])
+            # Posted even after a late handshake: what one rank posts, its peers must match.
+            moved_late = self._post_and_wait(ops, peers) if ops else None
+            if late or moved_late:
+                return f"rank {self.rank}: {late or moved_late}"
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # received bytes are complete before use
             staged = self._staged.setdefault(row, {})
@@ -248,15 +274,69 @@ class Resharder:
         except Exception as exc:  # noqa: BLE001 - reported to every rank through the agreement
             return f"rank {self.rank}: {exc}"
 
+    def _post_and_wait(self, ops: list, peers: list[int]) -> str | None:
+        """Post `ops` and wait for all of them: None when they completed within timeout_s, else why not.
+
+        A helper thread posts and waits; this thread waits for it with the timeout. A late transfer is
+        waited out, never abandoned: gloo's own wait(timeout) closes every connection of the group when
+        it expires (NCCL's aborts the communicator), and an op left pending would match the next layer's
+        transfers. So a late peer costs its delay, but the group stays usable for the agreement, the
+        rollback and the next job. A peer that never posts is beyond this: the group's own timeout
+        (gloo) or watchdog (NCCL) ends that wait."""
+        works, done, failure = [], [], []
+        stream = torch.cuda.current_stream(self.device) if ops[0].tensor.is_cuda else None
+
+        def post_and_wait() -> None:
+            try:
+                if stream is not None:
+                    torch.cuda.set_device(self.device)  # batch_isend_irecv on NCCL needs it on every thread
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    works.extend(dist.batch_isend_irecv(ops))
+                    for work in works:
+                        while stream is not None and not work.is_completed():
+                            time.sleep(0.001)  # NCCL's wait() only orders the stream; the host must poll
+                        work.wait()  # gloo: blocks until done; NCCL: the side stream waits for it
+                        done.append(work)
+            except Exception as exc:  # noqa: BLE001 - raised again on the calling thread
+                failure.append(exc)
+
+        name = f"{threading.current_thread().name}-transfer"
+        waiter = threading.Thread(target=post_and_wait, name=name, daemon=True)
+        waiter.start()
+        waiter.join(self.timeout_s)
+        in_time, first_pending = not waiter.is_alive(), len(done)
+        waiter.join()
+        if failure:
+            raise failure[0]
+        if in_time:
+            return None
+        # gloo returns one work per op, waited in order: the first unfinished one names the late peer.
+        # NCCL returns one work for the whole batch: any of its peers may be the late one.
+        late = (peers[first_pending:first_pending + 1] if len(works) == len(ops) else []) or sorted(set(peers))
+        who = f"rank {late[0]}" if len(late) == 1 else f"one of ranks {', '.join(map(str, late))}"
+        return f"transfer timed out after {self.timeout_s:g} s waiting on {who}"
+
     def _agree(self, error: str | None) -> str | None:
         """All ranks learn whether every rank succeeded; the failing rank's message travels along."""
-        flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        device = self.device if self.control is self.group else "cpu"
+        flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         if int(flag) == 0:
             return None
         box = [error]
-        dist.broadcast_object_list(box, src=int(flag) - 1, group=self.group)
+        dist.broadcast_object_list(box, src=int(flag) - 1, group=self.control)
         return box[0]
+
+
+def _timeout_from_env() -> float:
+    raw = os.environ.get("MOEPLACE_RESHARD_TIMEOUT", "60")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"MOEPLACE_RESHARD_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return seconds
 
 
 def _pack(moe, slot: int) -> torch.Tensor:

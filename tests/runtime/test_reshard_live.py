@@ -1,5 +1,6 @@
 """Live reshard on 4 gloo ranks (2 nodes x 2) behind a real HTTP server: answers identical before,
-during and after; requests during the reshard all succeed; injected faults roll back."""
+during and after; requests during the reshard all succeed; injected faults roll back.
+MOEPLACE_TEST_DEVICE=cuda runs the same on NCCL (tests/support/reshard_server.py)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,21 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from reshard_server import (RANKS, Load, answers, job_counts, live_phy2log, placement_for, serve_command,
+                            submit, wait_job)
 
-from moeplace.placement import load_placement, placement_from_dict, placement_to_json, save_placement
-from moeplace.placer.solve import Method, SolveOptions, solve
+from moeplace.placement import load_placement, placement_to_json
+from moeplace.placer.solve import Method
 from moeplace.readers import load_trace
 from moeplace.runtime.tiny import default_model_dir
-from moeplace.topology import Topology
-from moeplace.trace import Trace
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "olmoe_routing.safetensors"
-PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
-# first job: a byte corrupted in layer 2's transfers; second: rank 3 fails while staging layer 3.
-FAULTS = "corrupt:2,fail:3:3"
-
-
-def placement_for(windows: list[int], method: Method, path: Path) -> Path:
-    olmoe = load_trace(EXAMPLE).select_windows(windows)
-    trace = Trace(olmoe.counts_WLE, np.array([1, 2, 3]), 8, num_model_layers=4, n_group=8, topk_group=4, source="w")
-    save_placement(solve([trace], Topology(4, 2, 18), SolveOptions(method=method, time_limit=2, workers=1)).placement,
-                   path)
-    return path
+# first job: a byte corrupted in layer 2's transfers; second: the last rank fails while staging layer 3.
+FAULTS = f"corrupt:2,fail:3:{RANKS - 1}"
 
 
 @pytest.fixture(scope="module")
@@ -45,66 +34,8 @@ def server(tmp_path_factory, running_server, free_port):
     new = placement_for([3, 4, 5], Method.cpsat, root / "new.json")
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULTS)
-    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "4", "--gpus-per-node", "2",
-           "--placement", str(old), "--port", str(port), "--max-batch", "4"]
-    with running_server(cmd, env, root / "serve.log", port) as (url, _):
+    with running_server(serve_command(old, port), env, root / "serve.log", port) as (url, _):
         yield {"url": url, "old": old, "new": new, "log": root / "serve.log"}
-
-
-def answers(url: str) -> list[str]:
-    out = []
-    for prompt in PROMPTS:
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 6}, timeout=120)
-        assert r.status_code == 200, r.text
-        out.append(r.json()["choices"][0]["text"])
-    return out
-
-
-def live_phy2log(url: str) -> np.ndarray:
-    return placement_from_dict(httpx.get(f"{url}/moeplace/placement").json(), "live").phy2log_LP
-
-
-def submit(url: str, path: Path) -> httpx.Response:
-    return httpx.put(f"{url}/moeplace/placement", content=Path(path).read_bytes(), timeout=30)
-
-
-def wait_job(url: str, job_id: str) -> dict:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{url}/moeplace/reshard/{job_id}").json()
-        if status["state"] in ("done", "rolled_back", "failed"):
-            return status
-        time.sleep(0.2)
-    pytest.fail(f"reshard {job_id} did not finish: {status}")
-
-
-class Load:
-    """Completion requests in a loop on a thread until stopped; counts failures."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.sent, self.failed, self.texts = url, 0, 0, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        i = 0
-        while not self._stop.is_set() and self.sent < 200:
-            prompt = PROMPTS[i % len(PROMPTS)]
-            r = httpx.post(f"{self.url}/v1/completions", json={"prompt": prompt, "max_tokens": 6}, timeout=120)
-            self.sent += 1
-            if r.status_code != 200:
-                self.failed += 1
-            else:
-                self.texts.setdefault(prompt, set()).add(r.json()["choices"][0]["text"])
-            i += 1
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=180)
 
 
 def test_faults_roll_back_then_reshard_goes_live(server):
@@ -114,7 +45,7 @@ def test_faults_roll_back_then_reshard_goes_live(server):
     assert np.array_equal(live_phy2log(url), old)
 
     # 1. a corrupted byte in layer 2 (after layer 1 was swapped): checksum -> every layer back to old
-    for expected in ("checksum mismatch", "injected failure on rank 3"):
+    for expected in ("checksum mismatch", f"injected failure on rank {RANKS - 1}"):
         r = submit(url, server["new"])
         assert r.status_code == 202, r.text
         status = wait_job(url, r.json()["id"])
@@ -144,7 +75,7 @@ def test_faults_roll_back_then_reshard_goes_live(server):
 
 @pytest.mark.parametrize("mutate, status, fragment", [
     (lambda d: d.update(phy2log=[[0] * 72] * 3), 400, "no replica of expert 1"),
-    (lambda d: d["topology"].update(num_gpus=2, slots_per_gpu=36), 400, "4"),
+    (lambda d: d["topology"].update(num_gpus=8 // RANKS, slots_per_gpu=72 * RANKS // 8), 400, str(RANKS)),
     (lambda d: d.update(layers=[0, 1, 2]), 400, "not the MoE layers"),
     (lambda d: d.update(format="nope"), 400, "format"),
 ])
@@ -188,34 +119,25 @@ def test_profile_and_apply_cli(server, tmp_path):
     assert done.returncode == 1 and "cannot reach the server" in done.stderr
 
 
-def _jobs(url: str) -> dict[str, float]:
-    """{state: count} of reshard jobs, from /metrics."""
-    out = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("moeplace_reshard_jobs{"):
-            out[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def test_client_disconnecting_during_apply_changes_nothing(server):
     """The reshard runs on the server: killing `moeplace apply` mid-way neither stops nor breaks it."""
     url = server["url"]
     target = load_placement(server["new"])
     assert not np.array_equal(live_phy2log(url), target.phy2log_LP)
-    done_before = _jobs(url).get("done", 0)
+    done_before = job_counts(url).get("done", 0)
     client = subprocess.Popen([sys.executable, "-m", "moeplace.cli", "apply", str(server["new"]), "--url", url],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # until the server has the job: then the client goes away
-        jobs = _jobs(url)
+        jobs = job_counts(url)
         if jobs.get("running", 0) + jobs.get("pending", 0) > 0 or jobs.get("done", 0) > done_before:
             break
         time.sleep(0.05)
     client.kill()
     client.wait(timeout=30)
     deadline = time.monotonic() + 120
-    while _jobs(url).get("done", 0) <= done_before and time.monotonic() < deadline:
+    while job_counts(url).get("done", 0) <= done_before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _jobs(url).get("done", 0) == done_before + 1
+    assert job_counts(url).get("done", 0) == done_before + 1
     assert np.array_equal(live_phy2log(url), target.phy2log_LP)
     assert answers(url)  # still serving
