@@ -1,10 +1,10 @@
 """Recorder overhead: MoE steps with the expert recorder on against the same steps with it off.
 
     # CPU: the embedded tiny model's whole forward, one process
-    python benchmarks/recorder.py cpu [--steps 200] [--batch 8] [--tokens 64] [--sample-rate 0.1]
+    python benchmarks/recorder.py cpu [--blocks 20] [--batch 8] [--tokens 64] [--sample-rate 0.1]
     # GPU: DeepSeek-V3-shaped EPMoE layers (hidden 7168, 256 experts, top-8, FP8), one process per GPU
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-      torchrun --nproc-per-node G benchmarks/recorder.py gpu [--layers 2] [--json out.json]
+      torchrun --nproc-per-node G benchmarks/recorder.py gpu [--layers 2] [--sample-rates 0,0.1] [--json out.json]
 
 Recording costs, per MoE layer and step, the device-side count of the step's top-k ids into the
 layer's window counters (moeplace.kernels' histogram on CUDA) and, with a sample rate, the gather of the
@@ -121,7 +121,9 @@ def gpu(args) -> dict:
     del weights
     model = EPModel(None, config, placement, moes, comm, device)
     results = {}
-    for step_name, tokens in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens)):
+    runs = [(f"{step}@{rate:g}", tokens, rate) for rate in map(float, args.sample_rates.split(","))
+            for step, tokens in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens))]
+    for step_name, tokens, rate in runs:
         x = torch.randn(1, tokens, args.hidden, device=device, dtype=torch.bfloat16)
 
         def step():
@@ -131,10 +133,9 @@ def gpu(args) -> dict:
                     h = moe(h)
                 model._sample_tokens()
 
-        times = alternate(step, model, args.sample_rate, args.blocks, args.per_block, sync)
+        times = alternate(step, model, rate, args.blocks, args.per_block, sync)
         results[step_name] = summary(times, time_collect(model, 50, sync), tokens_per_rank=tokens)
-    out = {"device": name, "gpus": world, "moe_layers": args.layers,
-           "sample_rate": args.sample_rate, "torch": torch.__version__, "results": results,
+    out = {"device": name, "gpus": world, "moe_layers": args.layers, "torch": torch.__version__, "results": results,
            "model": "DeepSeek-V3-shaped EPMoE layers (gate, routing, dispatch, FP8 experts, combine, shared expert)"}
     dist.destroy_process_group()
     return out if rank == 0 else {}
@@ -145,11 +146,11 @@ def main() -> None:
     sub = parser.add_subparsers(dest="where", required=True)
     for name in ("cpu", "gpu"):
         p = sub.add_parser(name)
-        p.add_argument("--sample-rate", type=float, default=0.1)
         p.add_argument("--blocks", type=int, default=20)
         p.add_argument("--per-block", type=int, default=10)
         p.add_argument("--json", type=Path, default=None)
     c = sub.choices["cpu"]
+    c.add_argument("--sample-rate", type=float, default=0.1)
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--tokens", type=int, default=64)
     g = sub.choices["gpu"]
@@ -158,6 +159,7 @@ def main() -> None:
     g.add_argument("--inter", type=int, default=2048)
     g.add_argument("--decode-tokens", type=int, default=128)
     g.add_argument("--prefill-tokens", type=int, default=4096)
+    g.add_argument("--sample-rates", default="0,0.1", help="runs at each rate (0: counting alone)")
     g.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (use small --hidden/--inter)")
     args = parser.parse_args()
     out = cpu(args) if args.where == "cpu" else gpu(args)

@@ -57,7 +57,8 @@ class EPModel:
         self.moe_layers, self.comm, self.device = moe_layers, comm, device
         self.sample_rate = 0.0  # share of this rank's tokens whose top-k ids are kept (set on rank 0)
         self.max_samples = 8192  # per window: bounds the device memory the samples take
-        self.sample_generator = np.random.default_rng(0)
+        self.sample_generator = np.random.default_rng(0)  # how many tokens a step samples
+        self._rows_generator = torch.Generator(device=device).manual_seed(0)  # which ones, on the device
         self._samples: list[torch.Tensor] = []  # [n, L, K] device tensors since the last collect
         self._sampled = 0
 
@@ -154,7 +155,8 @@ class EPModel:
         ids_L = [moe.last_ids_TK for moe in self.moe_layers]
         if self.sample_rate <= 0 or self._sampled >= self.max_samples or any(ids is None for ids in ids_L):
             return
-        sample = sample_rows(ids_L, self.sample_rate, self.sample_generator, self.max_samples - self._sampled)
+        sample = sample_rows(ids_L, self.sample_rate, self.sample_generator, self.max_samples - self._sampled,
+                             self._rows_generator)
         if sample is not None:
             self._samples.append(sample)
             self._sampled += len(sample)
@@ -171,15 +173,17 @@ class EPModel:
                 moe.token_mask_BT = None
 
 
-def sample_rows(ids_L: list[torch.Tensor], rate: float, generator: np.random.Generator, limit: int) -> torch.Tensor | None:
-    """[n, L, K] the rows of a random `rate` share (at most `limit`) of the tokens of ids_L (L x [T, K]),
-    gathered on their device; None when none is drawn. The rows are drawn on the host (T is a shape, so
-    there is no sync). A rank routes the same contiguous share of the batch's tokens in every MoE
-    layer, so row t of every layer is the same token."""
-    rows = np.flatnonzero(generator.random(ids_L[0].shape[0]) < rate)[:limit]
-    if not len(rows):
+def sample_rows(ids_L: list[torch.Tensor], rate: float, generator: np.random.Generator, limit: int,
+                device_generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """[n, L, K] the rows of a random `rate` share (at most `limit`) of the tokens of ids_L (L x [T, K]);
+    None when none is drawn. How many is drawn on the host (T is a shape), which rows on the device
+    (a random permutation's first n): no host sync, no host-to-device copy. A rank routes the same
+    contiguous share of the batch's tokens in every MoE layer, so row t of every layer is the same token."""
+    T = ids_L[0].shape[0]
+    n = min(int(generator.binomial(T, rate)), limit) if T else 0
+    if n == 0:
         return None
-    rows = torch.as_tensor(rows, device=ids_L[0].device)
+    rows = torch.randperm(T, device=ids_L[0].device, generator=device_generator)[:n]
     return torch.stack([ids.index_select(0, rows) for ids in ids_L], dim=1)
 
 
