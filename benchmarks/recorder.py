@@ -6,12 +6,13 @@
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       torchrun --nproc-per-node G benchmarks/recorder.py gpu [--layers 2] [--sample-rates 0,0.1] [--json out.json]
 
-Recording costs, per MoE layer and step, the device-side count of the step's top-k ids into the
-layer's window counters (moeplace.kernels' histogram on CUDA) and, with a sample rate, the gather of the
-sampled tokens' ids; neither waits for the GPU. Once per window (the engine's `stats_interval`, one
-second) every rank all-reduces its counters and rank 0 copies them to the host: that collect is timed
-on its own and charged at one per second of steps. "Off" turns the counters off (EPMoE.counting) and
-samples nothing. On and off alternate in blocks, so a drift of the machine's speed touches both alike.
+Recording costs, per MoE layer and step, one add of the dispatch's per-slot counts (which the
+dispatch computes anyway) into the layer's window counters, and, with a sample rate, a random
+permutation and one gather of the sampled tokens' ids across all layers; none waits for the GPU.
+Once per window (the engine's `stats_interval`, one second) every rank folds its slot counts to
+logical experts, all-reduces them, and rank 0 copies them to the host: that collect is timed on its
+own and charged at one per second of steps. "Off" turns the counters off (EPMoE.counting) and samples
+nothing. On and off alternate in blocks, so a drift of the machine's speed touches both alike.
 Reported: median step time of each, the per-step overhead, the collect's time and its share of a second.
 """
 

@@ -137,13 +137,14 @@ class EPModel:
         tensor and one copy to the host per window, however many steps the window holds. The samples
         are this rank's own (rank 0 samples for the recorder).
         """
-        E, rank, G = self.config.n_routed_experts, self.comm.rank, self.comm.world_size
+        E, G = self.config.n_routed_experts, self.comm.world_size
         stats = torch.zeros(len(self.moe_layers), E + G, dtype=torch.int64, device=self.device)
         for row, moe in enumerate(self.moe_layers):
+            moe.fold_window()
             stats[row, :E] = moe.window_counts_E
-            stats[row, E + rank] = moe.window_rows[0]
+            stats[row, E:] = moe.window_rows_G
             moe.window_counts_E.zero_()
-            moe.window_rows.zero_()
+            moe.window_rows_G.zero_()
         self.comm.all_reduce_sum(stats)
         samples = torch.cat(self._samples).cpu().numpy() if self._samples else None
         self._samples, self._sampled = [], 0
@@ -184,7 +185,7 @@ def sample_rows(ids_L: list[torch.Tensor], rate: float, generator: np.random.Gen
     if n == 0:
         return None
     rows = torch.randperm(T, device=ids_L[0].device, generator=device_generator)[:n]
-    return torch.stack([ids.index_select(0, rows) for ids in ids_L], dim=1)
+    return torch.stack(ids_L, dim=1).index_select(0, rows)  # two launches, however many layers
 
 
 def build_dense_model(config: ModelConfig, device: torch.device, dtype: torch.dtype):

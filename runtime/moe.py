@@ -96,9 +96,10 @@ class EPMoE(nn.Module):
     `expert_path`: ExpertPath.fp8 (moeplace.kernels) by default on CUDA where the shapes fit, else
     reference; settable (tests check the CUDA path against the exact reference).
     Statistics, kept on the device (no host sync) and summed over the ranks by EPModel.collect_stats:
-      window_counts_E [E] int32 (token, expert) assignments this rank routed to each logical expert
-      since the last collect (the global count is the sum over ranks);
-      window_rows [1] int64 (token, expert) rows this rank's slots computed since the last collect;
+      window_slots_GS [G, S] int64 (token, expert) assignments this rank sent to each global slot since
+      the last fold: the dispatch counts them anyway, so recording costs one add per step;
+      window_counts_E [E] int64 and window_rows_G [G] int64: the folded window (`fold_window`), per
+      logical expert and per destination rank (the global counts are the sums over ranks);
       slot_tokens_S [S] int64 rows this rank's slots computed in the last step;
       last_traffic: Traffic of the last step (host numbers, no sync).
     """
@@ -127,8 +128,10 @@ class EPMoE(nn.Module):
             "w2_SDF": slots((S, D, Fi), FP8_DTYPE),
             "w2_sinv_Sdf": slots((S, d, f), torch.float32),
             "slot_experts_S": torch.as_tensor(placement.phy2log_LP[row, first: first + S], device=device),
-            "window_counts_E": slots((E,), torch.int32),
-            "window_rows": slots((1,), torch.int64),
+            "window_slots_GS": slots((comm.world_size, S), torch.int64),
+            "window_counts_E": slots((E,), torch.int64),
+            "window_rows_G": slots((comm.world_size,), torch.int64),
+            "phy2log_P": torch.as_tensor(placement.phy2log_LP[row], dtype=torch.int64, device=device),
             "slot_tokens_S": slots((S,), torch.int64),
         }.items():
             self.register_buffer(name, tensor, persistent=False)
@@ -145,6 +148,13 @@ class EPMoE(nn.Module):
             self.w13_sinv_Sfd[s].copy_(w.w13_sinv_fd)
             self.w2_SDF[s].copy_(w.w2_DF)
             self.w2_sinv_Sdf[s].copy_(w.w2_sinv_df)
+
+    def fold_window(self) -> None:
+        """The per-slot counts so far -> per logical expert (under the live placement) and per rank.
+        Called before the placement of this layer changes (a reshard's swap) and at each collect."""
+        self.window_counts_E.index_add_(0, self.phy2log_P, self.window_slots_GS.reshape(-1))
+        self.window_rows_G.add_(self.window_slots_GS.sum(dim=1))
+        self.window_slots_GS.zero_()
 
     def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = hidden_BTD.shape
@@ -177,10 +187,10 @@ class EPMoE(nn.Module):
         lap = timer.lap if timer else _no_lap
         # 1. route
         slots_TK = assign_slots(ids_TK, self.table, self.comm.rank)
-        if self.counting:
-            count_experts(ids_TK, self.window_counts_E)
         self.last_ids_TK = ids_TK  # this rank's tokens' selections, for the profiler's per-token samples
         plan = self._plan(slots_TK)
+        if self.counting:
+            self.window_slots_GS.add_(plan.counts_GX[:, :-1])
         lap("route")
         # 2. dispatch
         received_UW = self._dispatch(x_TD, plan, lap)
@@ -249,8 +259,6 @@ class EPMoE(nn.Module):
         row_M, slot_M = pick_M // K, ids_UK.reshape(-1)[pick_M]
         counts_GS = plan.recv_GX[:, :S]
         self.slot_tokens_S.copy_(counts_GS.sum(0))
-        if self.counting:
-            self.window_rows += self.slot_tokens_S.sum()
         # 2. compute
         rows_MW = received_UW[row_M]
         if self.expert_path is ExpertPath.fp8:
@@ -327,20 +335,6 @@ class _Plan:
     send_assignments: list[int] | None = None
     recv_rows: list[int] | None = None
     recv_assignments: list[int] | None = None
-
-
-def count_experts(ids_TK: torch.Tensor, counts_E: torch.Tensor) -> None:
-    """counts_E [E] int32 += occurrences of each expert id in ids_TK, on the device, with no host sync:
-    moeplace.kernels' histogram on CUDA, index_add_ elsewhere (or where Triton is missing)."""
-    from moeplace.kernels._triton import HAS_TRITON
-
-    if ids_TK.is_cuda and HAS_TRITON:
-        from moeplace.kernels.histogram import expert_histogram
-
-        expert_histogram(ids_TK.contiguous(), counts_E.numel(), counts_E)
-    else:
-        flat = ids_TK.reshape(-1)
-        counts_E.index_add_(0, flat, torch.ones(flat.shape, dtype=counts_E.dtype, device=flat.device))
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -137,6 +137,7 @@ class Resharder:
     def _swap(self, row: int, new_row_P: np.ndarray) -> None:
         """Steps 3 and 4 of one layer: staged experts into their slots, then the routing table."""
         moe = self.model.moe_layers[row]
+        moe.fold_window()  # the window's per-slot counts so far belong to the old layout's experts
         staged = self._staged.pop(row, {})
         for slot, tensors in staged.items():
             for name, value in zip(SLOT_TENSORS, tensors):
@@ -147,6 +148,7 @@ class Resharder:
         # A new tensor, not copy_: the loaded buffer may share memory with the placement's array.
         moe.slot_experts_S = torch.tensor(new_row_P[self.rank * S: (self.rank + 1) * S], device=moe.slot_experts_S.device)
         moe.table = SlotTable.from_placement(current, row, moe.slot_experts_S.device)
+        moe.phy2log_P = torch.tensor(new_row_P, dtype=torch.int64, device=moe.slot_experts_S.device)
 
     # -- every rank: the worker thread ---------------------------------------------------------
     def _run(self, job_id: str, new: Placement, plan: ReshardPlan, fault: str | None) -> None:

@@ -41,7 +41,9 @@ def run_scenario(job: dict, scenario: dict, groups: dict, rank: int, device: tor
     for moe in model.moe_layers:
         moe.expert_path = ExpertPath(scenario.get("expert_path") or moe.expert_path)
     logits = model.forward(*pad_right(inputs["prompts"], inputs["pad"]))
-    own_counts_LE = torch.stack([m.window_counts_E.cpu().long() for m in model.moe_layers])  # before the collect
+    for m in model.moe_layers:
+        m.fold_window()
+    own_counts_LE = torch.stack([m.window_counts_E.cpu() for m in model.moe_layers])  # before the collect
     stats = model.collect_stats()
     result = {
         "routed_counts_LE": own_counts_LE,

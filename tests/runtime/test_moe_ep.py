@@ -103,12 +103,14 @@ def test_one_process_matches_reference(tiny_dir, reference, placement):
     model = EPModel.load(tiny_dir, placement, group=None, device=CPU)
     logits = model.forward(*pad_right(PROMPTS, TOK.pad_id))
     assert logits.dtype == torch.float32 and logits.shape == (3, len(PROMPTS[0]), 259)
-    counts_LE = torch.stack([m.window_counts_E.long() for m in model.moe_layers])
+    for m in model.moe_layers:
+        m.fold_window()
+    counts_LE = torch.stack([m.window_counts_E for m in model.moe_layers])
     assert torch.equal(counts_LE, reference["counts_LE"])  # padding is not routed
     stats = model.collect_stats()
     assert (stats.counts_LE == counts_LE.numpy()).all()
     assert stats.gpu_load_LG.tolist() == [[int(c.sum())] for c in counts_LE]
-    assert not any(m.window_counts_E.any() or m.window_rows.any() for m in model.moe_layers)  # the next window
+    assert not any(m.window_counts_E.any() or m.window_slots_GS.any() for m in model.moe_layers)  # the next window
     check_against_reference(logits, greedy_continue(model, PROMPTS, STEPS, TOK.pad_id), reference)
 
 

@@ -141,3 +141,38 @@ def test_client_disconnecting_during_apply_changes_nothing(server):
     assert job_counts(url).get("done", 0) == done_before + 1
     assert np.array_equal(live_phy2log(url), target.phy2log_LP)
     assert answers(url)  # still serving
+
+
+def _recorded_counts(url: str, path) -> np.ndarray:
+    """Stop the recording and sum the dumped trace's windows: [L, E]."""
+    assert httpx.post(f"{url}/moeplace/profile/stop", timeout=60).status_code == 200
+    r = httpx.get(f"{url}/moeplace/profile/dump", timeout=60)
+    assert r.status_code == 200, r.text
+    path.write_bytes(r.content)
+    return load_trace(path).counts_WLE.sum(axis=0)
+
+
+def test_counts_recorded_across_a_reshard_are_exact(server, tmp_path):
+    """A layer swap between two collects: the window's per-slot counts so far are folded to logical
+    experts under the old layout first, so a recording that spans a reshard counts exactly what the
+    same requests count with no reshard (each request's routing does not depend on its batch)."""
+    url = server["url"]
+    start = lambda: httpx.post(f"{url}/moeplace/profile/start", json={"window_seconds": 60}, timeout=60)  # noqa: E731
+    assert start().status_code == 200
+    answers(url)
+    once = _recorded_counts(url, tmp_path / "once.safetensors")
+    assert once.sum() > 0
+    target = server["old"] if not np.array_equal(live_phy2log(url), load_placement(server["old"]).phy2log_LP) \
+        else server["new"]
+    assert start().status_code == 200
+    r = submit(url, target)
+    assert r.status_code == 202, r.text
+    rounds = 0
+    while httpx.get(f"{url}/moeplace/reshard/{r.json()['id']}").json()["state"] in ("pending", "running"):
+        answers(url)
+        rounds += 1
+    answers(url)
+    status = wait_job(url, r.json()["id"])
+    assert status["state"] == "done", status
+    assert np.array_equal(live_phy2log(url), load_placement(target).phy2log_LP)
+    assert rounds > 0 and np.array_equal(_recorded_counts(url, tmp_path / "during.safetensors"), (rounds + 1) * once)
