@@ -247,12 +247,14 @@ def _reshard_numbers(apply_out: str, old, new, expert_bytes: int, wall: float, p
     if found is None:
         raise SystemExit(f"moeplace apply printed no result line:\n{apply_out[-2000:]}")
     experts, seconds, gbps = int(found[1]), float(found[3]), float(found[4])
+    phases = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+) s", apply_out.split("time: ", 1)[1])} \
+        if "time: " in apply_out else {}
     plan = plan_reshard(old, new)
     network = np.isin(plan.kind_X, NETWORK_LINKS)
     received_G = np.bincount(plan.dst_slot_X[network] // new.topology.slots_per_gpu, minlength=new.topology.num_gpus)
     busiest = float(received_G.max() * expert_bytes)
     return {"state": "done", "experts_moved": experts, "bytes_moved": experts * expert_bytes, "seconds": seconds,
-            "bandwidth_gbps_all_gpus": gbps, "apply_wall_seconds": wall,
+            "bandwidth_gbps_all_gpus": gbps, "apply_wall_seconds": wall, "phase_seconds_rank0": phases,
             "network_experts_received_per_gpu": received_G.tolist(), "busiest_gpu_received_bytes": busiest,
             "busiest_gpu_gbps": busiest / seconds / 1e9 if seconds else None,
             "p2p_gbps_per_gpu": p2p["gbps_per_gpu"],

@@ -272,6 +272,9 @@ def apply(
             raise ValueError(f"{url}: reshard reported done but the live placement differs from {placement}")
     stdout().print(f"live: {status['experts_moved']} experts moved ({status['bytes_moved'] / 1e6:.1f} MB) "
                    f"in {status['seconds']:.2f} s, {status['bandwidth_gbps']:.3f} GB/s")
+    phases = status.get("phase_seconds") or {}
+    if phases:
+        stdout().print("time: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
 
 
 @app.command("make-model")

@@ -61,6 +61,9 @@ class JobStatus:
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
     error: str | None = None
+    # where rank 0's time went, summed over layers: staging local copies, transfers with their
+    # checksums (each with its all-rank agreement), and waiting for the serving thread's swap
+    phase_seconds: dict = field(default_factory=lambda: {"stage": 0.0, "transfer": 0.0, "swap_wait": 0.0})
 
     def to_json(self) -> dict:
         out = dict(self.__dict__)
@@ -192,9 +195,12 @@ class Resharder:
         for row in range(plan.num_layers):
             if not len(plan.layer_X) or not (plan.layer_X == row).any():
                 continue
+            lap = _Laps(job.phase_seconds if job is not None else {})
             error = self._agree(self._stage(plan, row, fault))
+            lap("stage")
             if error is None:
                 error = self._agree(self._transfer(plan, row, fault))
+                lap("transfer")
             if error is not None:
                 self._staged.pop(row, None)
                 return f"layer {int(plan.layers[row])}: {error}"
@@ -203,6 +209,7 @@ class Resharder:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # staged copies done before the swap reads them
             self._swapped.acquire()  # the serving thread has swapped this layer
+            lap("swap_wait")
             done_rows.append(row)
             if job is not None:
                 job.layers_done += 1
@@ -339,6 +346,19 @@ def _timeout_from_env() -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"MOEPLACE_RESHARD_TIMEOUT must be a positive number of seconds, got {raw!r}")
     return seconds
+
+
+class _Laps:
+    """Adds the seconds since the previous lap to `totals[phase]`."""
+
+    def __init__(self, totals: dict) -> None:
+        self.totals, self.last = totals, time.monotonic()
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        if phase in self.totals:
+            self.totals[phase] += now - self.last
+        self.last = now
 
 
 def _pack(moe, slot: int) -> torch.Tensor:
