@@ -5,6 +5,8 @@
     # GPU: DeepSeek-V3-shaped EPMoE layers (hidden 7168, 256 experts, top-8, FP8), one process per GPU
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       torchrun --nproc-per-node G benchmarks/recorder.py gpu [--layers 2] [--sample-rates 0,0.1] [--json out.json]
+    # what each recorder operation costs per call (GPU if there is one)
+    python benchmarks/recorder.py launches
 
 Recording costs, per MoE layer and step, one add of the dispatch's per-slot counts (which the
 dispatch computes anyway) into the layer's window counters, and, with a sample rate, a random
@@ -142,6 +144,34 @@ def gpu(args) -> dict:
     return out if rank == 0 else {}
 
 
+def launches(args) -> dict:
+    """Microseconds per call (host launch and GPU together, 2,000 calls after warm-up) of what the
+    recorder adds to a step: the window add of one layer, and sampling for 2 and 58 layers."""
+    from moeplace.runtime.model import sample_rows
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    for T in (128, 4096):
+        ids = torch.randint(0, 256, (T, 8), device=device)
+        counts_GX = torch.zeros(4, 73, dtype=torch.int64, device=device)
+        window_GS = torch.zeros(4, 72, dtype=torch.int64, device=device)
+        rng, gen = np.random.default_rng(0), torch.Generator(device=device).manual_seed(0)
+        calls = {"window add, 1 layer": lambda: window_GS.add_(counts_GX[:, :-1]),
+                 "sample 2 layers": lambda: sample_rows([ids] * 2, 0.1, rng, 10**9, gen),
+                 "sample 58 layers": lambda: sample_rows([ids] * 58, 0.1, rng, 10**9, gen)}
+        for name, call in calls.items():
+            for _ in range(50):
+                call()
+            sync()
+            start = time.perf_counter()
+            for _ in range(2000):
+                call()
+            sync()
+            out[f"{name}, {T} tokens: us"] = (time.perf_counter() - start) / 2000 * 1e6
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="where", required=True)
@@ -162,8 +192,11 @@ def main() -> None:
     g.add_argument("--prefill-tokens", type=int, default=4096)
     g.add_argument("--sample-rates", default="0,0.1", help="runs at each rate (0: counting alone)")
     g.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (use small --hidden/--inter)")
+    lc = sub.add_parser("launches", help="per-call cost of the recorder's operations")
+    lc.add_argument("--cpu", action="store_true")
+    lc.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    out = cpu(args) if args.where == "cpu" else gpu(args)
+    out = {"cpu": cpu, "gpu": gpu, "launches": launches}[args.where](args)
     if out:
         out["date"] = str(date.today())
         print(json.dumps(out, indent=1))
