@@ -14,8 +14,9 @@ profiled, solved and resharded live while decode-style load keeps coming (issue 
     python benchmarks/full_loop.py run --cpu-smoke --json out.json
 
 Steps of `run` (each adds its numbers to --json as it ends, so an interrupted run keeps what it measured):
- 1. p2p: NCCL point-to-point bandwidth between the same GPUs (torchrun; benchmarks/reshard.py's ring:
-    every rank sends to the next and receives from the previous at once), GB/s per GPU.
+ 1. p2p: NCCL point-to-point bandwidth between the same GPUs (benchmarks/full_loop_workers.py under
+    torchrun; benchmarks/reshard.py's ring: every rank sends to the next and receives from the previous
+    at once), GB/s per GPU.
  2. model: `moeplace make-model` into --workdir (reused by a later run with the same arguments): 11.3 GB
     of disk per MoE layer at DeepSeek-V3 shapes, and each layer's experts written once, read twice.
  3. serve: `moeplace serve` on G ranks with the trivial placement, the layout a deployment starts
@@ -31,11 +32,12 @@ Steps of `run` (each adds its numbers to --json as it ends, so an interrupted ru
  8. after: `moeplace profile` again, on the new layout.
  9. the load stops, then the server: every request must have succeeded (latency of those answered
     during the reshard reported apart); live GPU-load imbalance before / after from the two profiles.
-10. moe_layer: the MoE layer alone (EPMoE with random weights, timed by benchmarks/moe_layer.py's
-    `time_steps`) for each MoE layer, tokens routed with the popularity profiled in step 5: uniform
-    (every slot equally loaded), before (trivial) and after (solved), at decode (128 tokens per rank)
-    and prefill (4096) sizes: step time (slowest rank) and each GPU's expert time. The server itself
-    recomputes whole sequences each step (no KV cache), so its step time is not an MoE step time.
+10. moe_layer: the MoE layer alone (full_loop_workers.py under torchrun: EPMoE with random weights,
+    timed by benchmarks/moe_layer.py's `time_steps`) for each MoE layer, tokens routed with the
+    popularity profiled in step 5: uniform (every slot equally loaded), before (trivial) and after
+    (solved), at decode (128 tokens per rank) and prefill (4096) sizes: step time (slowest rank) and
+    each GPU's expert time. The server itself recomputes whole sequences each step (no KV cache), so its
+    step time is not an MoE step time.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -159,10 +160,14 @@ def run(args) -> None:
 
 def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: Path, env: dict, results) -> None:
     """Steps 4-9: load, profile, solve, apply, profile, all against the running server."""
+    from moeplace.client import LoadGenerator
     from moeplace.placement import load_placement
+    from moeplace.runtime.tiny import calibration_text
 
     cli = [sys.executable, "-m", "moeplace.cli"]
-    with _Load(url, args.clients, args.max_tokens) as load:
+    # The kind of text the router biases were fitted on (runtime/router_fit.py), other seeds.
+    prompts = [calibration_text(10_000 + i, 96) for i in range(256)]
+    with LoadGenerator(url, prompts, clients=args.clients, max_tokens=args.max_tokens, timeout=900) as load:
         time.sleep(args.warmup_seconds)
         # 5. before
         start = time.monotonic()
@@ -185,7 +190,7 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
         start = time.monotonic()
         results.add("after", _profile(args, url, cli, work / "after.safetensors", env, load), time.monotonic() - start)
     # 9. every request answered
-    results.add("load", load.report((reshard_start, reshard_end)))
+    results.add("load", load.report((reshard_start, reshard_end), "reshard"))
     results.add("balance", _balance(model, old, new, work, results.data["model"]))
 
 
@@ -280,67 +285,6 @@ def _balance(model: Path, old, new, work: Path, model_report: dict) -> dict:
             "live_popularity_vs_trace": {"corr": [c for c, _ in live], "tvd": [t for _, t in live]}}
 
 
-class _Load:
-    """`clients` threads, each sending one short completion after another until the block ends."""
-
-    def __init__(self, url: str, clients: int, max_tokens: int) -> None:
-        from moeplace.runtime.tiny import calibration_text
-
-        # The kind of text the router biases were fitted on (runtime/router_fit.py), other seeds.
-        self.prompts = [calibration_text(10_000 + i, 96) for i in range(256)]
-        self.url, self.max_tokens = url, max_tokens
-        self.sent = self.failed = self.rejected = 0
-        self.answered: list[tuple[float, float]] = []  # (when, seconds) of each successful request
-        self.errors: list[str] = []
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
-
-    def _loop(self, i: int) -> None:
-        import httpx
-
-        with httpx.Client(timeout=900) as http:
-            while not self._stop.is_set():
-                start, error = time.monotonic(), None
-                try:
-                    r = http.post(f"{self.url}/v1/completions", json={
-                        "prompt": self.prompts[i % len(self.prompts)], "max_tokens": self.max_tokens})
-                    if r.status_code != 200:
-                        error = f"HTTP {r.status_code}: {r.text[:200]}"
-                except httpx.HTTPError as exc:
-                    error = f"{exc.__class__.__name__}: {exc}"
-                with self._lock:
-                    self.sent += 1
-                    self.failed += error is not None
-                    self.rejected += bool(error and error.startswith("HTTP 503"))
-                    if error and len(self.errors) < 10:
-                        self.errors.append(error)
-                    if error is None:
-                        self.answered.append((time.monotonic(), time.monotonic() - start))
-                i += len(self._threads)
-
-    def report(self, reshard: tuple[float, float]) -> dict:
-        """Counts, and latency percentiles of all requests and of those answered during the reshard."""
-        def percentiles(seconds: list[float]) -> dict:
-            ms = np.array(seconds or [np.nan]) * 1e3
-            return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
-                    "requests": len(seconds)}
-
-        during = [s for t, s in self.answered if reshard[0] <= t <= reshard[1]]
-        return {"clients": len(self._threads), "sent": self.sent, "failed": self.failed, "rejected_503": self.rejected,
-                "errors": self.errors, "latency_ms": percentiles([s for _, s in self.answered]),
-                "latency_ms_answered_during_reshard": percentiles(during)}
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=900)
-
-
 def _cli(command: list[str], env: dict, log: Path) -> str:
     """Run a command, its output shown as it comes and kept in `log`; SystemExit with its tail on failure."""
     print("$", " ".join(command[2:]), flush=True)
@@ -363,7 +307,7 @@ def _cli(command: list[str], env: dict, log: Path) -> str:
 
 def _torchrun(args, worker: list[str], env: dict, log: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-               str(Path(__file__).resolve()), *worker] + (["--cpu"] if args.device == "cpu" else [])
+               str(HERE / "full_loop_workers.py"), *worker] + (["--cpu"] if args.device == "cpu" else [])
     _cli(command, env, log)
 
 
@@ -412,87 +356,6 @@ def summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- workers under torchrun
-
-
-def _init(cpu: bool):
-    import torch
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    if cpu:
-        dist.init_process_group("gloo")
-        return rank, dist.get_world_size(), torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
-    return rank, dist.get_world_size(), device
-
-
-def p2p(args) -> None:
-    import torch.distributed as dist
-
-    from reshard import p2p_bandwidth
-
-    rank, world, device = _init(args.cpu)
-    gbps = p2p_bandwidth(dist.group.WORLD, device, (1 << 22) if args.cpu else (1 << 30))
-    if rank == 0:
-        args.json.write_text(json.dumps({"gbps_per_gpu": gbps, "bytes": (1 << 22) if args.cpu else (1 << 30),
-                                         "ranks": world}) + "\n")
-    dist.destroy_process_group()
-
-
-def measure(args) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from moe_layer import all_gather, deepseek_config, random_slots, sample_routing, summarise, time_steps
-    from moeplace.placement import load_placement
-    from moeplace.readers import load_trace
-    from moeplace.runtime.comm import Comm
-    from moeplace.runtime.moe import EPMoE
-
-    rank, world, device = _init(args.cpu)
-    hidden, inter = (256, 128) if args.small else (7168, 2048)
-    config = deepseek_config(hidden, inter)
-    hf_config, comm = config.to_hf(), Comm.of(dist.group.WORLD)
-    before, after = load_placement(args.before), load_placement(args.after)
-    counts_LE = load_trace(args.trace).counts_WLE.sum(axis=0)
-    weights = random_slots(before.topology.slots_per_gpu, hidden, inter, device, seed=rank)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = []
-    for row, layer in enumerate(before.layers.tolist()):
-        for T in (int(t) for t in args.tokens.split(",")):
-            gen = torch.Generator(device=device).manual_seed(1000 * layer + rank)
-            x = torch.randn(T, hidden, device=device, generator=gen).to(dtype)
-            live_E = torch.as_tensor(counts_LE[row], dtype=torch.float32, device=device)
-            cases = {"uniform": (before, torch.as_tensor(before.replica_count_LE[row], dtype=torch.float32, device=device)),
-                     "before": (before, live_E), "after": (after, live_E)}
-            steps = []
-            for placement, p_E in cases.values():
-                moe = EPMoE(config, hf_config, layer, row, placement, comm, device, dtype)
-                for buf, value in zip(("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf"), weights):
-                    getattr(moe, buf).copy_(value)
-                steps.append((moe, x, *sample_routing(p_E, T, gen, device)))
-            timed = {}
-            for name, (moe, *_), per_rank in zip(cases, steps, time_steps(steps, args.iters, args.warmup)):
-                load = moe.slot_tokens_S.sum().reshape(1).double()
-                wire = torch.tensor(moe.last_traffic.off_rank_bytes(rank), dtype=torch.float64, device=device)
-                t_RIX, loads, wires = (all_gather(t, world) for t in (per_rank, load, wire))
-                timed[name] = summarise(layer, "decode" if T <= 512 else "prefill", name, t_RIX,
-                                        [int(v) for v in loads[:, 0]], wires)
-                timed[name]["tokens_per_rank"] = T
-                timed[name]["experts_ms_per_gpu"] = np.median(t_RIX[:, :, 2], axis=1).round(4).tolist()  # PHASES[2]
-            for out in timed.values():
-                out["vs_uniform"] = out["step_ms"] / timed["uniform"]["step_ms"]
-            results += timed.values() if rank == 0 else []
-            del steps, moe
-    if rank == 0:
-        args.json.write_text(json.dumps({"device": str(device), "ranks": world, "iters": args.iters,
-                                         "routing": f"drawn from {args.trace}", "results": results}, indent=1) + "\n")
-    dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -521,20 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--measure-tokens", default="128,4096", help="tokens per rank of the MoE-layer steps")
     r.add_argument("--measure-iters", type=int, default=20)
     r.add_argument("--cpu-smoke", action="store_true", help="small shapes, gloo, short phases: checks the script")
-    for name, help_ in (("p2p", "worker: NCCL P2P ring bandwidth"), ("measure", "worker: MoE layer timing")):
-        w = sub.add_parser(name, help=help_)
-        w.add_argument("--json", type=Path, required=True)
-        w.add_argument("--cpu", action="store_true")
-    m = sub.choices["measure"]
-    m.add_argument("--before", type=Path, required=True)
-    m.add_argument("--after", type=Path, required=True)
-    m.add_argument("--trace", type=Path, required=True)
-    m.add_argument("--tokens", default="128,4096")
-    m.add_argument("--iters", type=int, default=20)
-    m.add_argument("--warmup", type=int, default=3)
-    m.add_argument("--small", action="store_true")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "run": run, "p2p": p2p, "measure": measure}[args.command](args)
+    {"prepare": prepare, "run": run}[args.command](args)
 
 
 if __name__ == "__main__":

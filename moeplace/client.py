@@ -1,4 +1,5 @@
-"""HTTP client of a running `moeplace serve`: profile it, push a placement, follow the reshard.
+"""HTTP client of a running `moeplace serve`: profile it, push a placement, follow the reshard; keep
+completion requests coming meanwhile (`LoadGenerator`).
 
 Every failure a user can meet (unreachable URL, a 4xx/5xx with the server's reason, a reshard that
 rolled back) is a `ValueError` naming the URL, so the CLI prints one line.
@@ -10,12 +11,14 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import httpx
+import numpy as np
 
 from moeplace.placement import Placement, placement_from_dict, placement_to_json
 from moeplace.trace import Trace, load_native_trace
@@ -109,3 +112,80 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LoadGenerator:
+    """`clients` threads, each sending one completion after another until the `with` block ends (or
+    `limit` requests have been sent): client i takes prompts i, i + clients, ... in turn.
+
+    Counts what was sent, failed and of those rejected with 503 (the first 10 errors kept); for each
+    answer (time.monotonic() when it came, seconds it took) and, per prompt, the set of answer texts."""
+
+    def __init__(self, url: str, prompts: list[str], clients: int = 1, max_tokens: int = 16,
+                 limit: int | None = None, timeout: float = 300.0) -> None:
+        self.url, self.prompts, self.max_tokens, self.limit, self.timeout = url, prompts, max_tokens, limit, timeout
+        self.sent = self.failed = self.rejected = 0
+        self.errors: list[str] = []
+        self.answered: list[tuple[float, float]] = []
+        self.texts: dict[str, set[str]] = {}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(clients)]
+
+    def _loop(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as http:
+            while not self._stop.is_set() and (self.limit is None or self.sent < self.limit):
+                prompt = self.prompts[i % len(self.prompts)]
+                start = time.monotonic()
+                text, error = self._complete(http, prompt)
+                self._record(prompt, start, text, error)
+                i += len(self._threads)
+
+    def _complete(self, http: httpx.Client, prompt: str) -> tuple[str | None, str | None]:
+        """(answer text, None) or (None, what went wrong)."""
+        try:
+            r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": self.max_tokens})
+            if r.status_code != 200:
+                return None, f"HTTP {r.status_code}: {r.text[:200]}"
+            return r.json()["choices"][0]["text"], None
+        except (httpx.HTTPError, ValueError, LookupError) as exc:  # ValueError, LookupError: a malformed body
+            return None, f"{exc.__class__.__name__}: {exc}"
+
+    def _record(self, prompt: str, start: float, text: str | None, error: str | None) -> None:
+        with self._lock:
+            self.sent += 1
+            if error is None:
+                now = time.monotonic()
+                self.answered.append((now, now - start))
+                self.texts.setdefault(prompt, set()).add(text)
+                return
+            self.failed += 1
+            self.rejected += error.startswith("HTTP 503")
+            if len(self.errors) < 10:
+                self.errors.append(error)
+
+    def report(self, window: tuple[float, float] | None = None, name: str = "window") -> dict:
+        """Counts and latency percentiles (ms) of the answered requests; given a (start, end) `window` of
+        time.monotonic(), also of those answered within it, as `latency_ms_answered_during_{name}`."""
+        out = {"clients": len(self._threads), "sent": self.sent, "failed": self.failed, "rejected_503": self.rejected,
+               "errors": self.errors, "latency_ms": _percentiles_ms([s for _, s in self.answered])}
+        if window is not None:
+            during = [s for t, s in self.answered if window[0] <= t <= window[1]]
+            out[f"latency_ms_answered_during_{name}"] = _percentiles_ms(during)
+        return out
+
+    def __enter__(self) -> LoadGenerator:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.timeout)
+
+
+def _percentiles_ms(seconds: list[float]) -> dict:
+    """p50, p99 and max in ms (NaN where there are none) and how many."""
+    ms = np.array(seconds or [np.nan]) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+            "requests": len(seconds)}

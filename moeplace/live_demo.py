@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from moeplace.client import ServerClient, free_port, running_server
+from moeplace.client import LoadGenerator, ServerClient, free_port, running_server
 from moeplace.placement import save_placement, trivial_placement
 from moeplace.placer.evaluate import distinct_nodes, gpu_load_LG, group_span, imbalance, moves
 from moeplace.placer.solve import SolveOptions, solve
@@ -42,7 +41,8 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
             client = ServerClient(url)
             console.print(f"serving the tiny DeepSeek-V3 model on 4 ranks (2 nodes x 2) at {url}")
             before_answers = _answers(url)
-            with _Load(url, [calibration_text(seed, 60) for seed in range(40)]) as load:
+            prompts = [calibration_text(seed, 60) for seed in range(40)]
+            with LoadGenerator(url, prompts, clients=2, max_tokens=4, limit=500) as load:
                 console.print(f"profiling {profile_seconds:.0f} s under load ...")
                 trace_before = client.profile(profile_seconds, 1.0, Path(tmp) / "before.safetensors", 0.5)
                 result = solve([trace_before], TOPOLOGY, SolveOptions(time_limit=solve_seconds, workers=1), old=start)
@@ -98,34 +98,3 @@ def _answers(url: str) -> list[str]:
         out.append(r.json()["choices"][0]["text"])
     return out
 
-
-class _Load:
-    """Two client threads sending completions until stopped (bounded: at most 500 requests)."""
-
-    def __init__(self, url: str, prompts: list[str]) -> None:
-        self.url, self.prompts, self.sent, self.failed = url, prompts, 0, 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(2)]
-
-    def _loop(self, offset: int) -> None:
-        i = offset
-        while not self._stop.is_set() and self.sent < 500:
-            try:
-                r = httpx.post(f"{self.url}/v1/completions", json={"prompt": self.prompts[i % len(self.prompts)],
-                                                                  "max_tokens": 4}, timeout=300)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            self.sent += 1
-            self.failed += not ok
-            i += 2
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=300)

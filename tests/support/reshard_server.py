@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from moeplace.client import LoadGenerator
 from moeplace.placement import placement_from_dict, save_placement
 from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.readers import load_trace
@@ -90,30 +90,9 @@ def job_counts(url: str) -> dict[str, float]:
     return out
 
 
-class Load:
-    """Completion requests in a loop on a thread until stopped; counts failures."""
+class Load(LoadGenerator):
+    """One client sending PROMPTS in turn until stopped (at most 200 requests); `texts` holds each
+    prompt's answers, so a test can tell that a reshard changed none."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.sent, self.failed, self.texts = url, 0, 0, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        i = 0
-        while not self._stop.is_set() and self.sent < 200:
-            prompt = PROMPTS[i % len(PROMPTS)]
-            r = httpx.post(f"{self.url}/v1/completions", json={"prompt": prompt, "max_tokens": 6}, timeout=120)
-            self.sent += 1
-            if r.status_code != 200:
-                self.failed += 1
-            else:
-                self.texts.setdefault(prompt, set()).add(r.json()["choices"][0]["text"])
-            i += 1
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=180)
+        super().__init__(url, PROMPTS, clients=1, max_tokens=6, limit=200, timeout=120)
