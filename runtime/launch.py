@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         # On GPUs the reshard's agreements and handshakes go on gloo: a rank waiting there waits on the host.
         reshard_control = dist.new_group(backend="gloo") if device.type == "cuda" else None
         resharder = Resharder(model, reshard_group, rank, control=reshard_control)
+        resharder.connect()
         if rank == 0:
             serve(config, model, tokenizer, control, resharder)
         else:

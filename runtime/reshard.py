@@ -102,6 +102,21 @@ class Resharder:
         self._active: str | None = None
         self._lock = threading.Lock()
 
+    def connect(self, nbytes: int = 4 << 20) -> None:
+        """Open the transfer connections to every other rank now, all ranks together (a collective).
+        NCCL creates a pair's point-to-point connection on its first transfer: without this the first
+        reshard would pay for every pair's setup in the middle of serving."""
+        world = dist.get_world_size(self.group)
+        ops = []
+        for peer in (p for p in range(world) if p != self.rank):
+            send = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+            ops += [dist.P2POp(dist.isend, send, peer, self.group),
+                    dist.P2POp(dist.irecv, torch.empty_like(send), peer, self.group)]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # -- rank 0: requests ----------------------------------------------------------------------
     def submit(self, new: Placement) -> JobStatus:
         """Validate and plan (ValueError for a placement that does not fit), then queue the start."""
