@@ -42,8 +42,8 @@ import torch.distributed as dist
 from moeplace.placement import Placement
 from moeplace.runtime.reshard_plan import Link, ReshardPlan, plan_reshard
 from moeplace.runtime.routing import SlotTable
+from moeplace.runtime.reshard_wire import SLOT_TENSORS, checksums, pack, unpack
 
-SLOT_TENSORS = ("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf")
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Resharder:
         self.model, self.group, self.rank = model, group, rank
         self.control = control if control is not None else group
         self.timeout_s = timeout_s if timeout_s is not None else _timeout_from_env()
-        self.expert_bytes = _pack(model.moe_layers[0], 0).numel()  # weights + scales of one expert
+        self.expert_bytes = pack(model.moe_layers[0], 0).numel()  # weights + scales of one expert
         self.device = model.moe_layers[0].w13_SFD.device
         # Fault injection for tests: "corrupt:LAYER" flips a byte in every send of that layer,
         # "fail:LAYER:RANK" makes that rank raise while staging it, "stall:LAYER:RANK" makes that rank
@@ -254,13 +254,13 @@ class Resharder:
             sends, recvs = plan.sends_of(self.rank, row), plan.receives_of(self.rank, row)
             ops, peers, inbound = [], [], []  # peers[i]: the other end of ops[i]
             for peer in np.unique(sends.peer_X):
-                payload = torch.cat([_pack(moe, int(s)) for s in sends.src_slot_X[sends.peer_X == peer] % S])
-                sums = _checksums(payload, self.expert_bytes)
+                payload = torch.cat([pack(moe, int(s)) for s in sends.src_slot_X[sends.peer_X == peer] % S])
+                sums = checksums(payload, self.expert_bytes)
                 if fault == f"corrupt:{int(plan.layers[row])}":
                     payload[len(payload) // 2] ^= 0x5A  # a byte flipped on the wire
                 ops += [dist.P2POp(dist.isend, payload, int(peer), self.group), dist.P2POp(dist.isend, sums, int(peer), self.group)]
                 peers += [int(peer)] * 2
-            size = _pack(moe, 0).numel()
+            size = pack(moe, 0).numel()
             for peer in np.unique(recvs.peer_X):
                 dst = recvs.dst_slot_X[recvs.peer_X == peer] % S
                 payload = torch.empty(len(dst) * size, dtype=torch.uint8, device=self.device)
@@ -286,11 +286,11 @@ class Resharder:
                 torch.cuda.current_stream(self.device).synchronize()  # received bytes are complete before use
             staged = self._staged.setdefault(row, {})
             for dst, payload, sums in inbound:
-                bad = (_checksums(payload, size) != sums).nonzero().flatten().tolist()  # one host sync per peer
+                bad = (checksums(payload, size) != sums).nonzero().flatten().tolist()  # one host sync per peer
                 if bad:
                     return f"rank {self.rank}: checksum mismatch for slot {int(dst[bad[0]]) + self.rank * S}"
                 for i, slot in enumerate(dst):
-                    staged[int(slot)] = _unpack(moe, payload[i * size: (i + 1) * size])
+                    staged[int(slot)] = unpack(moe, payload[i * size: (i + 1) * size])
             for src, dst, kind in zip(*(plan.copies_of(self.rank, row).__dict__[k] for k in ("src_slot_X", "dst_slot_X", "kind_X"))):
                 if kind == Link.LOCAL_FROM_RECEIVED:
                     staged[int(dst) % S] = [t.clone() for t in staged[int(src) % S]]
@@ -374,30 +374,6 @@ class _Laps:
         if phase in self.totals:
             self.totals[phase] += now - self.last
         self.last = now
-
-
-def _pack(moe, slot: int) -> torch.Tensor:
-    """One expert's weights and scales as one uint8 vector (they always move together)."""
-    return torch.cat([getattr(moe, n)[slot].contiguous().view(torch.uint8).reshape(-1) for n in SLOT_TENSORS])
-
-
-def _unpack(moe, payload: torch.Tensor) -> list[torch.Tensor]:
-    out, start = [], 0
-    for name in SLOT_TENSORS:
-        like = getattr(moe, name)[0]
-        n = like.numel() * like.element_size()
-        out.append(payload[start: start + n].clone().view(like.dtype).view(like.shape))
-        start += n
-    return out
-
-
-def _checksums(payload: torch.Tensor, expert_bytes: int) -> torch.Tensor:
-    """[n] int64, one per expert of a packed payload: a position-weighted sum of its 32-bit words.
-    Catches flipped, swapped or missing bytes (not an adversary); one kernel for all experts, no sync."""
-    assert expert_bytes % 4 == 0 and payload.numel() % expert_bytes == 0, (payload.numel(), expert_bytes)
-    words = payload.view(torch.int32).view(-1, expert_bytes // 4)
-    weights = torch.arange(words.shape[1], dtype=torch.int64, device=payload.device) % 65521 + 1
-    return (words.to(torch.int64) * weights).sum(dim=1)
 
 
 def _with_rows(placement: Placement, phy2log_LP: np.ndarray) -> Placement:
