@@ -236,7 +236,8 @@ class Engine:
         _apply(self.resharder, actions)
         logits_BTV = self.model.forward(ids_BT, mask_BT)
         self._window[1] += 1
-        self._window[2] += int(mask_BT.sum())
+        tokens = int(mask_BT.sum())
+        self._window[2] += tokens
         if collect:
             self._collect()
         last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
@@ -253,7 +254,7 @@ class Engine:
         self._running = still
         self.steps += 1
         if self.on_step is not None:
-            self.on_step(StepStats(time.perf_counter() - start, len(batch), int(mask_BT.sum())))
+            self.on_step(StepStats(time.perf_counter() - start, len(batch), tokens))
 
 
 @dataclass
