@@ -236,8 +236,8 @@ class Engine:
         _apply(self.resharder, actions)
         logits_BTV = self.model.forward(ids_BT, mask_BT)
         self._window[1] += 1
-        tokens = int(mask_BT.sum())
-        self._window[2] += tokens
+        step_tokens = int(mask_BT.sum())
+        self._window[2] += step_tokens
         if collect:
             self._collect()
         last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
@@ -254,7 +254,7 @@ class Engine:
         self._running = still
         self.steps += 1
         if self.on_step is not None:
-            self.on_step(StepStats(time.perf_counter() - start, len(batch), tokens))
+            self.on_step(StepStats(time.perf_counter() - start, len(batch), step_tokens))
 
 
 @dataclass
