@@ -10,11 +10,17 @@ TORCH ?= torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Strict editable mode: the install is a tree of links (build/__editable__.*) that a plain path
+# entry exposes, so `moeplace.*` resolves the same way for Python, pytest and static tools. Links
+# cover the files that existed at install time: adding or removing a module changes its folder's
+# time stamp, which re-runs the install.
+PACKAGE_DIRS := core core/data placer profiler runtime kernels
+
+$(STAMP): pyproject.toml $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[dev,kernels]'
+	$(BIN)/python -m pip install -q -e '.[dev,kernels]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 test: $(STAMP)

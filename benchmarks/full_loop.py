@@ -121,9 +121,6 @@ def run(args) -> None:
     env = dict(os.environ, **NO_MULTICAST, PYTHONUNBUFFERED="1", COLUMNS="200")
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # G ranks share the cores; tiny tensors gain nothing from threads
-    # The repository root holds moeplace/ (the data-model sources alone), which would shadow the
-    # installed package for `python -m moeplace...`; every command runs from the work folder instead.
-    os.chdir(work)
     results = Results(json_path, {"date": str(date.today()), "argv": sys.argv, "gpus": args.gpus,
                                   "device": _device_name(args.device), "args": _jsonable(vars(args))})
     slots = SLOTS // args.gpus

@@ -1,4 +1,4 @@
-"""Build `examples/olmoe_routing.safetensors`, moeplace's embedded default trace.
+"""Build `core/data/olmoe_routing.safetensors`, moeplace's embedded default trace.
 
 Converts the OLMoE paper's routing counts (allenai/OLMoE, Apache-2.0; see olmoe_routing.README.md)
 from ../shared/traces/olmoe-mixtral-routing-analysis/olmoe_routing_counts.npz into a moeplace trace:
@@ -27,7 +27,7 @@ DEFAULT_SOURCE = (
     Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "olmoe-mixtral-routing-analysis"
     / "olmoe_routing_counts.npz"
 )
-DEFAULT_OUTPUT = Path(__file__).resolve().with_name("olmoe_routing.safetensors")
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "core" / "data" / "olmoe_routing.safetensors"
 
 
 def build_trace(npz_path: Path) -> Trace:

@@ -6,7 +6,7 @@ groups, 1 shared expert, expert intermediate 128, multi-head latent attention, b
 FP8 weights and 128x128 block scales), to `$MOEPLACE_CACHE` (default ~/.cache/moeplace).
 
 Router biases make each MoE layer's expert popularity follow the real OLMoE-1B-7B routing counts
-in examples/olmoe_routing.safetensors (layers 0, 7, 15 -> tiny MoE layers 1, 2, 3; all six text
+in moeplace/data/olmoe_routing.safetensors (layers 0, 7, 15 -> tiny MoE layers 1, 2, 3; all six text
 domains summed): `e_score_correction_bias` is fitted layer by layer on the hidden states that an
 English-like calibration text (`calibration_text`, 2048 bytes) produces in the model itself.
 How close it gets (seed 0; share of (token, expert) assignments per expert vs OLMoE's share;
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.runtime.config import ModelConfig
 from moeplace.runtime.fp8 import quantize_blockwise
 from moeplace.runtime.tokenizer import ByteTokenizer
 
 TINY_VERSION = 1  # bump when the generated tensors change: the cache folder name carries it
 CALIBRATION_SEED = 1234
-EXAMPLE_TRACE = Path(__file__).resolve().parents[1] / "examples" / "olmoe_routing.safetensors"
 # Words of the calibration text: common English, some of this field's jargon, code and numbers.
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but "

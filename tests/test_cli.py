@@ -10,12 +10,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.cli import app
 from moeplace.placement import load_placement, save_placement, trivial_placement
 from moeplace.topology import Topology
 from moeplace.trace import Trace, save_trace
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "olmoe_routing.safetensors"
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
@@ -24,7 +24,7 @@ def run(*args: str):
 
 
 def solve_args(out: Path, *extra: str) -> list[str]:
-    return ["solve", EXAMPLE, "--gpus", "8", "--gpus-per-node", "4", "--slots-per-gpu", "10",
+    return ["solve", EXAMPLE_TRACE, "--gpus", "8", "--gpus-per-node", "4", "--slots-per-gpu", "10",
             "--time-limit", "2", "--workers", "1", "-o", out, *extra]
 
 
@@ -76,7 +76,7 @@ def test_solve_from_old_reports_moves(tmp_path, solved):
 
 
 def test_evaluate_json(solved):
-    result = run("evaluate", solved, EXAMPLE, "--json")
+    result = run("evaluate", solved, EXAMPLE_TRACE, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     (score,) = data["traces"]
@@ -88,7 +88,7 @@ def test_evaluate_json(solved):
 def test_evaluate_table_and_baseline(solved, tmp_path):
     trivial = tmp_path / "trivial.json"
     save_placement(trivial_placement(64, Topology(8, 4, 10), np.array([0, 7, 15]), 16), trivial)
-    result = run("evaluate", solved, EXAMPLE, "--baseline", trivial)
+    result = run("evaluate", solved, EXAMPLE_TRACE, "--baseline", trivial)
     assert result.exit_code == 0, result.output
     assert "balancedness" in result.output and "experts to move" in result.output
 
@@ -150,18 +150,18 @@ def test_negative_counts_in_native_trace(tmp_path):
 
 def test_fewer_slots_than_experts(tmp_path):
     out = tmp_path / "p.json"
-    result = run("solve", EXAMPLE, "--gpus", "8", "--gpus-per-node", "4", "--slots-per-gpu", "7", "-o", out)
+    result = run("solve", EXAMPLE_TRACE, "--gpus", "8", "--gpus-per-node", "4", "--slots-per-gpu", "7", "-o", out)
     assert_one_line_error(result, "56 slots", "64 experts")
     assert not out.exists()
 
 
 def test_redundant_not_dividing(tmp_path):
-    result = run("solve", EXAMPLE, "--gpus", "8", "--gpus-per-node", "4", "--redundant", "3", "-o", tmp_path / "p.json")
+    result = run("solve", EXAMPLE_TRACE, "--gpus", "8", "--gpus-per-node", "4", "--redundant", "3", "-o", tmp_path / "p.json")
     assert_one_line_error(result, "67 slots", "8 GPUs")
 
 
 def test_both_slot_options(tmp_path):
-    result = run("solve", EXAMPLE, "--gpus", "8", "--gpus-per-node", "4", "--redundant", "16", "--slots-per-gpu", "10",
+    result = run("solve", EXAMPLE_TRACE, "--gpus", "8", "--gpus-per-node", "4", "--redundant", "16", "--slots-per-gpu", "10",
                  "-o", tmp_path / "p.json")
     assert_one_line_error(result, "exactly one of --slots-per-gpu and --redundant")
 
@@ -184,7 +184,7 @@ def test_placement_missing_an_expert(tmp_path, solved):
     data["phy2log"][1] = [0] * 80
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    result = run("evaluate", bad, EXAMPLE)
+    result = run("evaluate", bad, EXAMPLE_TRACE)
     assert_one_line_error(result, "bad.json", "layer 7", "no replica of expert 1")
 
 
@@ -214,7 +214,7 @@ def test_output_folder_missing(tmp_path):
 
 def test_report(solved, tmp_path):
     out = tmp_path / "report.html"
-    result = run("report", EXAMPLE, "--placement", solved, "-o", out)
+    result = run("report", EXAMPLE_TRACE, "--placement", solved, "-o", out)
     assert result.exit_code == 0, result.output
     assert out.exists() and "data:image/png;base64" in out.read_text()
     assert len(list(tmp_path.glob("report_*.png"))) >= 3
@@ -224,5 +224,5 @@ def test_report_placement_for_other_model(tmp_path):
     other = tmp_path / "other.json"
     save_placement(trivial_placement(32, Topology(4, 2, 8), np.array([0, 7, 15]), 16), other)
     out = tmp_path / "r.html"
-    assert_one_line_error(run("report", EXAMPLE, "--placement", other, "-o", out), "other.json", "32")
+    assert_one_line_error(run("report", EXAMPLE_TRACE, "--placement", other, "-o", out), "other.json", "32")
     assert not out.exists()

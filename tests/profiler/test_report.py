@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.placement import Placement
 from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.profiler import report
@@ -24,7 +25,6 @@ from moeplace.topology import Topology
 from moeplace.trace import Trace
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "olmoe_routing.safetensors"
 TOPO = Topology(8, 4, 10)  # 80 slots for OLMoE's 64 experts, 2 nodes
 CHROMIUM = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,7 +34,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def trace() -> Trace:
-    return load_trace(EXAMPLE)
+    return load_trace(EXAMPLE_TRACE)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_placement_for_another_model(trace, placement, tmp_path):
     with pytest.raises(ValueError, match=r"/plans/olmoe\.json.*/data/small\.safetensors: has 32 experts"):
         write_report(small, tmp_path / "r.html", placement)
     other_layers = replace(placement, layers=np.array([0, 7, 14]), source="/plans/other.json")
-    with pytest.raises(ValueError, match=rf"/plans/other\.json.*{re.escape(str(EXAMPLE))}.*layer\(s\) \[14\]"):
+    with pytest.raises(ValueError, match=rf"/plans/other\.json.*{re.escape(str(EXAMPLE_TRACE))}.*layer\(s\) \[14\]"):
         write_report(trace, tmp_path / "r.html", other_layers)
     with pytest.raises(ValueError, match="output folder .*missing does not exist"):
         write_report(trace, tmp_path / "missing" / "r.html", placement)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.placement import load_placement, placement_from_dict, save_placement
 from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.readers import load_trace
@@ -29,7 +30,6 @@ from moeplace.runtime.tokenizer import ByteTokenizer
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "olmoe_routing.safetensors"
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):", "Balance the nodes."]
 MAX_TOKENS = 3  # three engine steps per request: prefill and two decodes
 CLIENTS, REQUESTS, WARMUP, CAP_S = 6, 120, 12, 60.0
@@ -41,7 +41,7 @@ FAULT = "corrupt:2"  # the first reshard job: a byte flipped in layer 2's transf
 
 def placement_for(windows: list[int], path: Path) -> Path:
     """Greedy placement, 2 ranks x 36 slots (8 redundant), from OLMoE counts the tiny model follows."""
-    olmoe = load_trace(EXAMPLE).select_windows(windows)
+    olmoe = load_trace(EXAMPLE_TRACE).select_windows(windows)
     trace = Trace(olmoe.counts_WLE, np.array([1, 2, 3]), 8, num_model_layers=4, n_group=8, topk_group=4, source="w")
     save_placement(solve([trace], Topology(2, 1, 36), SolveOptions(method=Method.greedy, workers=1)).placement, path)
     return path

@@ -32,7 +32,8 @@ from moeplace.runtime.experts import ExpertPath  # noqa: E402
 from moeplace.runtime.model import EPModel  # noqa: E402
 from moeplace.runtime.moe import PhaseTimer  # noqa: E402
 from moeplace.runtime.reference import load_reference, reference_logits  # noqa: E402
-from moeplace.runtime.tiny import EXAMPLE_TRACE, _random_tensors, tiny_config  # noqa: E402
+from moeplace.resources import EXAMPLE_TRACE  # noqa: E402
+from moeplace.runtime.tiny import _random_tensors, tiny_config  # noqa: E402
 from moeplace.runtime.tokenizer import ByteTokenizer  # noqa: E402
 from moeplace.topology import Topology  # noqa: E402
 from moeplace.trace import Trace  # noqa: E402

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.placement import load_placement, placement_from_dict, save_placement
 from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.readers import load_trace
@@ -24,13 +25,12 @@ from moeplace.runtime.tokenizer import ByteTokenizer
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "olmoe_routing.safetensors"
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
 
 
 def solved_placement(path: Path) -> Path:
     """A CP-SAT placement for 2 ranks x 36 slots (8 redundant) from the OLMoE counts the tiny model follows."""
-    olmoe = load_trace(EXAMPLE)
+    olmoe = load_trace(EXAMPLE_TRACE)
     trace = Trace(olmoe.counts_WLE, np.array([1, 2, 3]), 8, num_model_layers=4, n_group=8, topk_group=4,
                   source="olmoe-on-tiny")
     result = solve([trace], Topology(2, 1, 36), SolveOptions(method=Method.cpsat, time_limit=2, workers=1))
@@ -144,7 +144,7 @@ def test_serve_rejects_placement_for_other_rank_count(server, tmp_path):
 
 
 def test_serve_rejects_placement_for_other_model(server, tmp_path):
-    olmoe = load_trace(EXAMPLE)
+    olmoe = load_trace(EXAMPLE_TRACE)
     wrong = Trace(olmoe.counts_WLE, np.array([0, 7, 15]), 8, source="olmoe")
     path = tmp_path / "wrong.json"
     save_placement(solve([wrong], Topology(2, 1, 36), SolveOptions(method=Method.greedy, workers=1)).placement, path)

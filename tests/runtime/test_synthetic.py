@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.cli import app
 from moeplace.readers import load_trace
 from moeplace.runtime.checkpoint import INDEX_FILE, Checkpoint
@@ -117,7 +118,7 @@ def test_bad_spec_is_a_value_error(kwargs, message):
 def test_failures_leave_nothing_behind(tmp_path, trace, monkeypatch):
     spec = SyntheticSpec(Preset.small, 1)
     with pytest.raises(ValueError, match="trace has 64 experts, the model 256"):
-        make_model(tmp_path / "a", spec, REPO / "examples" / "olmoe_routing.safetensors")
+        make_model(tmp_path / "a", spec, EXAMPLE_TRACE)
     with pytest.raises(ValueError, match="--trace-layer given 2 times, the model has 1 MoE layers"):
         make_model(tmp_path / "a", spec, trace, [3, 10])
     with pytest.raises(ValueError, match=r"no layer 4 \(it has layers 3..20, 3 of them\)"):

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.client import LoadGenerator
 from moeplace.placement import placement_from_dict, save_placement
 from moeplace.placer.solve import Method, SolveOptions, solve
@@ -23,7 +24,6 @@ from moeplace.readers import load_trace
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "olmoe_routing.safetensors"
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
 DEVICE = os.environ.get("MOEPLACE_TEST_DEVICE", "cpu")
 RANKS = int(os.environ.get("MOEPLACE_TEST_RANKS", "4"))
@@ -47,7 +47,7 @@ def serve_command(placement: Path, port: int, *extra: str) -> list[str]:
 
 def placement_for(windows: list[int], method: Method, path: Path) -> Path:
     """A placement of the tiny model's 3 MoE layers on RANKS ranks, solved for some OLMoE windows."""
-    olmoe = load_trace(EXAMPLE).select_windows(windows)
+    olmoe = load_trace(EXAMPLE_TRACE).select_windows(windows)
     trace = Trace(olmoe.counts_WLE, np.array([1, 2, 3]), 8, num_model_layers=4, n_group=8, topk_group=4, source="w")
     topology = Topology(RANKS, GPUS_PER_NODE, SLOTS // RANKS)
     save_placement(solve([trace], topology, SolveOptions(method=method, time_limit=2, workers=1)).placement, path)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.readers import DEEPSEEK_V3_GUESS, load_trace, normalize_layers
 from moeplace.trace import Trace, save_trace
 
 REPO = Path(__file__).resolve().parents[2]
 TRACES = REPO.parent / "shared" / "traces"
-EXAMPLE = REPO / "examples" / "olmoe_routing.safetensors"
 RNG = np.random.default_rng(7)
 
 
@@ -204,7 +204,7 @@ def test_native_round_trip_with_topk_tokens_and_time(tmp_path):
 
 
 def test_example_trace_loads_with_shapes_and_attribution():
-    trace = load_trace(EXAMPLE)
+    trace = load_trace(EXAMPLE_TRACE)
     assert trace.counts_WLE.shape == (6, 3, 64)
     assert trace.layers.tolist() == [0, 7, 15] and trace.num_model_layers == 16 and trace.top_k == 8
     assert json.loads(trace.metadata["window_names"]) == ["arxiv", "book", "c4", "github", "wikipedia", "tulu"]
@@ -221,7 +221,7 @@ def test_example_script_rebuilds_the_embedded_trace(shared_traces, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main(["--output", str(tmp_path / "olmoe.safetensors")])
-    rebuilt, shipped = load_trace(tmp_path / "olmoe.safetensors"), load_trace(EXAMPLE)
+    rebuilt, shipped = load_trace(tmp_path / "olmoe.safetensors"), load_trace(EXAMPLE_TRACE)
     np.testing.assert_array_equal(rebuilt.counts_WLE, shipped.counts_WLE)
     assert rebuilt.metadata == shipped.metadata
 

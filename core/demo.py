@@ -18,9 +18,9 @@ from moeplace.placement import trivial_placement
 from moeplace.placer.evaluate import evaluate, gpu_load_LG, imbalance
 from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.readers import load_trace
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.topology import Topology
 
-EXAMPLE_TRACE = Path(__file__).resolve().parents[1] / "examples" / "olmoe_routing.safetensors"
 DEMO_TOPOLOGY = Topology(num_gpus=8, gpus_per_node=4, slots_per_gpu=10)  # 64 experts + 16 redundant
 
 
