@@ -16,7 +16,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from moeplace.runtime.batch import pad_right
+from moeplace.runtime.requests import FinishReason, Request
+from moeplace.runtime.sampling import SamplingParams, sample
 
 if TYPE_CHECKING:
     from moeplace.runtime.model import WindowStats
@@ -46,22 +47,15 @@ class EngineConfig:
                 raise ValueError(f"engine: '{name}' must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "length" | "stop"
-
-
 @dataclass
 class _Sequence:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    seed: int | None
-    future: Future
+    request: Request
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return [*self.request.prompt_ids, *self.generated]
 
 
 @dataclass(frozen=True)
@@ -86,7 +80,11 @@ class StatsWindow:
 
 
 class Engine:
-    """Rank 0's scheduler. `submit` is thread-safe; `run` loops until `stop`."""
+    """Rank 0's scheduler. `submit` is thread-safe; `run` loops until `stop`.
+
+    What the server uses, and all it may use: `submit(prompt_ids, SamplingParams) -> Request` (the handle
+    in runtime/requests.py: events Token / Finished / Failed, `cancel()`, `result()`), `alive()`,
+    `error`, `stop()`, `queued()`, `flush_stats(then)`, and the callbacks `on_step` / `on_stats`."""
 
     def __init__(self, model, config: EngineConfig, control_group, eos_id: int, pad_id: int = 0,
                  resharder=None) -> None:
@@ -105,29 +103,26 @@ class Engine:
         self._window = [time.time(), 0, 0]  # start, steps, tokens since the last collect
         self._flushes: queue.SimpleQueue[_Flush] = queue.SimpleQueue()  # asked by flush_stats
         self._looping = threading.Event()  # set while `run` loops
+        self.error: BaseException | None = None  # what ended `run`, if it failed
 
     # -- API used by the server (any thread) ---------------------------------------------------
-    def submit(self, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None = None) -> Future:
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a generation; ValueError for a prompt or params this engine refuses, QueueFull when too
+        many wait (or the engine has stopped)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}")
-        if not 1 <= max_tokens <= self.config.max_new_tokens:
-            raise ValueError(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {max_tokens}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if seed is not None and not 0 <= seed < 2**63:  # what torch.Generator.manual_seed takes
-            raise ValueError(f"seed must be in 0..2**63-1, got {seed}")
+        if params.max_tokens > self.config.max_new_tokens:
+            raise ValueError(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {params.max_tokens}")
         if not self.alive():
             raise QueueFull("the engine has stopped")
-        seq = _Sequence(list(prompt_ids), max_tokens, float(temperature), seed, Future())
-        if temperature > 0:
-            seq.generator = torch.Generator().manual_seed(seed if seed is not None else time.time_ns() % 2**31)
+        seq = _Sequence(Request(prompt_ids, params), generator=params.generator())
         try:
             self._incoming.put_nowait(seq)
         except queue.Full:
             raise QueueFull(f"{self.config.queue_limit} requests are waiting") from None
-        return seq.future
+        return seq.request
 
     def flush_stats(self, then=None, timeout: float = 30.0) -> None:
         """Collect the expert statistics at the next step boundary (every rank takes part), hand them to
@@ -165,19 +160,26 @@ class Engine:
                     self.step()
                 else:
                     self._tick()
+        except BaseException as exc:
+            self.error = exc
+            raise
         finally:
             self._stopping.set()
             self._looping.clear()
             _finish(self._take_flushes())
-            _broadcast(("stop",), self.control_group)
-            while True:  # waiting requests too, or their clients would wait forever
-                try:
-                    self._running.append(self._incoming.get_nowait())
-                except queue.Empty:
-                    break
-            for seq in self._running:
-                if not seq.future.done():
-                    seq.future.set_exception(RuntimeError("server is shutting down"))
+            if self.error is None:  # after a failed collective the other ranks may be gone
+                _broadcast(("stop",), self.control_group)
+            self._fail_all("the engine has stopped" if self.error else "server is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        """Waiting requests too, or their clients would wait forever."""
+        while True:
+            try:
+                self._running.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        for seq in self._running:
+            seq.request.fail(message)
 
     def _admit(self) -> None:
         block = not self._running
@@ -186,8 +188,10 @@ class Engine:
                 seq = self._incoming.get(timeout=0.05) if block else self._incoming.get_nowait()
             except queue.Empty:
                 return
-            if seq.future.set_running_or_notify_cancel():
-                self._running.append(seq)
+            if seq.request.cancelled:
+                seq.request.finish(FinishReason.CANCELLED)
+                continue
+            self._running.append(seq)
             block = False
 
     def _tick(self) -> None:
@@ -228,8 +232,11 @@ class Engine:
 
     def step(self) -> None:
         start = time.perf_counter()
+        self._drop_cancelled()
         batch = self._running
-        ids_BT, mask_BT = pad_right([s.prompt_ids + s.generated for s in batch], self.pad_id)
+        if not batch:
+            return
+        ids_BT, mask_BT = pad_right([s.ids for s in batch], self.pad_id)
         actions = self.resharder.due_actions() if self.resharder else []
         collect = self._collect_due()
         _broadcast(("step", actions, ids_BT, mask_BT, collect), self.control_group)
@@ -243,18 +250,32 @@ class Engine:
         last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
         still = []
         for seq, logits_V in zip(batch, last_BV):
-            token = _sample(logits_V, seq.temperature, seq.generator)
-            seq.generated.append(token)
-            if token == self.eos_id or len(seq.generated) >= seq.max_tokens:
-                reason = "stop" if token == self.eos_id else "length"
-                tokens = seq.generated[:-1] if token == self.eos_id else seq.generated
-                seq.future.set_result(Completion(tokens, len(seq.prompt_ids), reason))
-            else:
+            if self._advance(seq, sample(logits_V, seq.request.params, seq.generator)):
                 still.append(seq)
         self._running = still
         self.steps += 1
         if self.on_step is not None:
             self.on_step(StepStats(time.perf_counter() - start, len(batch), step_tokens))
+
+    def _advance(self, seq: _Sequence, token: int) -> bool:
+        """Hand `token` to the request; False once the sequence has ended."""
+        params = seq.request.params
+        if token == self.eos_id or token in params.stop_token_ids:
+            seq.request.finish(FinishReason.STOP)
+            return False
+        seq.generated.append(token)
+        seq.request.emit(token)
+        if len(seq.generated) >= params.max_tokens:
+            seq.request.finish(FinishReason.LENGTH)
+            return False
+        return True
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests leave the batch before the step: their slots go to waiting ones."""
+        for seq in self._running:
+            if seq.request.cancelled:
+                seq.request.finish(FinishReason.CANCELLED)
+        self._running = [seq for seq in self._running if not seq.request.cancelled]
 
 
 @dataclass
@@ -294,14 +315,6 @@ def _apply(resharder, actions: list) -> None:
     """Reshard actions take effect between two steps, on every rank in the same order."""
     for action in actions:
         resharder.apply(action)
-
-
-def _sample(logits_V: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    if temperature == 0:
-        return int(torch.argmax(logits_V))
-    # Shift by the max before dividing: logits / a tiny temperature overflow to inf, softmax to NaN.
-    probs = torch.softmax((logits_V.double() - logits_V.max()) / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _broadcast(message, group):

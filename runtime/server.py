@@ -21,7 +21,10 @@ from moeplace.placement import placement_from_dict, placement_to_json
 from moeplace.runtime.engine import Engine, QueueFull, StatsWindow, StepStats
 from moeplace.runtime.model import check_placement
 from moeplace.runtime.recorder import Recorder
+from moeplace.runtime.requests import Completion, Failed, Finished, RequestFailed, Token
+from moeplace.runtime.requests import Request as Handle
 from moeplace.runtime.reshard import ReshardBusy
+from moeplace.runtime.sampling import SamplingParams
 from moeplace.trace import trace_to_bytes
 
 MAX_BODY_BYTES = 1 << 20
@@ -124,7 +127,8 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
     async def completions(body: CompletionRequest):
         try:
             prompt_ids = tokenizer.encode(body.prompt)  # UnicodeEncodeError (a ValueError) for lone surrogates
-            future = engine.submit(prompt_ids, body.max_tokens, body.temperature, body.seed)
+            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, seed=body.seed)
+            handle = engine.submit(prompt_ids, params)
         except QueueFull as exc:
             metrics.requests.labels(outcome="rejected").inc()
             return _error(503, f"server busy: {exc}", headers={"Retry-After": "1"})
@@ -132,8 +136,8 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
             metrics.requests.labels(outcome="invalid").inc()
             return _error(400, str(exc))
         try:
-            done = await asyncio.wrap_future(future)
-        except RuntimeError as exc:  # the engine stopped before this request finished
+            done = await _result(handle)
+        except RequestFailed as exc:  # the engine stopped before this request finished
             return _error(503, str(exc))
         metrics.requests.labels(outcome="ok").inc()
         return {
@@ -141,7 +145,7 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
             "object": "text_completion",
             "created": int(time.time()),
             "model": body.model or model_name,
-            "choices": [{"index": 0, "text": tokenizer.decode(done.token_ids), "finish_reason": done.finish_reason}],
+            "choices": [{"index": 0, "text": tokenizer.decode(done.token_ids), "finish_reason": done.finish_reason.value}],
             "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.token_ids),
                       "total_tokens": done.prompt_tokens + len(done.token_ids)},
         }
@@ -255,6 +259,40 @@ class BodyLimit:
             return body.pop() if body else await receive()
 
         return await self.app(scope, replay, send)
+
+
+async def events(handle: Handle):
+    """The handle's events as they come, without a thread per request: the engine's thread wakes this loop."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    handle.set_waker(lambda: loop.call_soon_threadsafe(wake.set))
+    try:
+        while True:
+            wake.clear()  # before polling: an event pushed after the poll sets it again
+            event = handle.poll()
+            if event is None:
+                await wake.wait()
+                continue
+            yield event
+            if not isinstance(event, Token):
+                return
+    finally:
+        handle.set_waker(None)
+        handle.cancel()  # a no-op once ended; else the client is gone: free the slot
+
+
+async def _result(handle: Handle) -> Completion:
+    """A non-streaming answer: every token, then how it ended; RequestFailed if the engine failed it."""
+    ids = []
+    async for event in events(handle):
+        match event:
+            case Token(id=token_id):
+                ids.append(token_id)
+            case Finished(reason=reason):
+                return Completion(tuple(ids), len(handle.prompt_ids), reason)
+            case Failed(message=message):
+                raise RequestFailed(message)
+    raise AssertionError("events() ends only after Finished or Failed")
 
 
 def _error(status: int, reason: str, headers: dict | None = None) -> JSONResponse:

@@ -11,6 +11,7 @@ import torch
 
 from moeplace.runtime.batch import pad_right
 from moeplace.runtime.engine import Engine, EngineConfig
+from moeplace.runtime.sampling import SamplingParams
 from moeplace.runtime.model import EPModel
 from moeplace.runtime.recorder import Recorder
 from moeplace.runtime.reference import load_reference, reference_logits
@@ -105,9 +106,9 @@ def test_engine_collects_windows_and_runs_flush_callbacks_in_its_thread(model):
     loop = threading.Thread(target=engine.run, name="engine")
     loop.start()
     try:
-        futures = [engine.submit(TOK.encode(p), max_tokens=3, temperature=0.0) for p in BATCHES[0] + BATCHES[1]]
-        for f in futures:
-            f.result(timeout=60)
+        requests = [engine.submit(TOK.encode(p), SamplingParams(max_tokens=3)) for p in BATCHES[0] + BATCHES[1]]
+        for request in requests:
+            request.result(timeout=60)
         where = []
         engine.flush_stats(lambda: where.append(threading.current_thread().name))
         assert where == ["engine"]  # between two steps, in the engine's thread
