@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import numpy as np
 
+from moeplace import __version__
+from moeplace.fileio import check_output
 from moeplace.placement import load_placement, save_placement
 from moeplace.placer.evaluate import evaluate as score_trace
 from moeplace.placer.evaluate import moves
@@ -25,10 +27,24 @@ from moeplace.placer.solve import Method, SolveOptions, solve as solve_placement
 from moeplace.readers import load_trace
 from moeplace.tables import moves_line, score_table, solve_table
 from moeplace.topology import DEEPSEEK_V3_EXPERT_BYTES, Topology
-from moeplace.trace import save_trace
+from moeplace.trace import merge_traces, save_trace
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Expert placement and load balancing for Mixture-of-Experts inference.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"moeplace {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Expert placement and load balancing for Mixture-of-Experts inference."""
 
 
 def stdout() -> Console:
@@ -76,7 +92,7 @@ def solve(
         old = None if from_ is None else load_placement(from_)
         options = SolveOptions(method=method, time_limit=time_limit, traffic_weight=traffic_weight,
                                move_weight=move_weight, seed=seed, workers=workers)
-        _check_output(output)
+        check_output(output)
         with _progress() as progress:
             task = progress.add_task("solving layers", total=loaded[0].num_layers)
             result = solve_placement(loaded, topology, options, old, lambda _: progress.advance(task))
@@ -96,18 +112,19 @@ def evaluate(
 ) -> None:
     """Score a placement: per-layer imbalance (equal and best split), balancedness, nodes per token."""
     with user_errors():
-        plan = load_placement(placement)
-        scores = [score_trace(plan, load_trace(t)) for t in traces]
-        moved = None if baseline is None else moves(load_placement(baseline), plan)
+        scored = load_placement(placement)
+        scores = [score_trace(scored, load_trace(t)) for t in traces]
+        moved = None if baseline is None else moves(load_placement(baseline), scored)
     if as_json:
         out = {"placement": str(placement), "traces": [_score_json(s) for s in scores]}
         if moved is not None:
             out["moves"] = {"experts": moved.experts, "bytes": moved.bytes, "experts_per_layer": moved.experts_L.tolist()}
         typer.echo(json.dumps(out, indent=1))
         return
-    stdout().print(score_table(scores, f"{placement}: {plan.topology.num_gpus} GPUs, {plan.topology.num_slots} slots"))
-    if plan.duplicate_replicas():
-        stdout().print(f"[yellow]{plan.duplicate_replicas()} replicas share a GPU with a copy of the same expert[/]")
+    topo = scored.topology
+    stdout().print(score_table(scores, f"{placement}: {topo.num_gpus} GPUs, {topo.num_slots} slots"))
+    if scored.duplicate_replicas():
+        stdout().print(f"[yellow]{scored.duplicate_replicas()} replicas share a GPU with a copy of the same expert[/]")
     if moved is not None:
         stdout().print(moves_line(moved))
 
@@ -121,6 +138,7 @@ def export(
 ) -> None:
     """Write a placement in an engine's format (SGLang, TensorRT-LLM, vLLM, DeepSeek EPLB)."""
     with user_errors():
+        check_output(output)
         export_placement(load_placement(placement), fmt, output, num_model_layers=num_model_layers)
     stdout().print(f"wrote {output} ({fmt})")
 
@@ -172,7 +190,9 @@ def serve(
     raise typer.Exit(subprocess.call(command, env=env))
 
 
-class Engine(str, enum.Enum):
+class EngineKind(str, enum.Enum):
+    """What serves at `profile --url` (not the runtime's `Engine` class)."""
+
     moeplace = "moeplace"
     sglang = "sglang"
 
@@ -181,7 +201,7 @@ class Engine(str, enum.Enum):
 def profile(
     output: Annotated[Path, typer.Option("-o", "--output", help="Trace file to write (.safetensors).")],
     url: Annotated[Optional[str], typer.Option(help="A running engine's HTTP address.")] = None,
-    engine: Annotated[Engine, typer.Option(help="What runs at --url.")] = Engine.moeplace,
+    engine: Annotated[EngineKind, typer.Option(help="What runs at --url.")] = EngineKind.moeplace,
     duration: Annotated[float, typer.Option(help="Seconds to record.")] = 10.0,
     window_seconds: Annotated[float, typer.Option(help="moeplace: length of one recorded window.")] = 1.0,
     dump_dir: Annotated[Optional[Path], typer.Option(help="sglang: the server's dump folder, seen from here.")] = None,
@@ -196,19 +216,19 @@ def profile(
     """Record per-layer expert load: from a running moeplace or SGLang server (--url), or by running a
     Hugging Face MoE model on a prompt file (--hf-model, --prompts)."""
     with user_errors():
-        _check_output(output)
+        check_output(output)
         if (url is None) == (hf_model is None):
             raise ValueError("give exactly one of --url (a running engine) and --hf-model (an offline model)")
         if hf_model is None and duration <= 0:
             raise ValueError(f"--duration must be positive, got {duration}")
-        trace = _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts,
+        trace = _record(url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts,
                         max_tokens, sample_rate, device, api_key)
         save_trace(trace, output)
     stdout().print(f"wrote {output}: {trace.num_windows} windows x {trace.num_layers} layers x "
                    f"{trace.num_experts} experts" + ("" if trace.tokens_W is None else f", {int(trace.tokens_W.sum())} tokens"))
 
 
-def _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts, max_tokens,
+def _record(url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts, max_tokens,
             sample_rate, device, api_key):
     if hf_model is not None:
         from transformers.utils import logging as hf_logging
@@ -224,7 +244,7 @@ def _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_m
             task = progress.add_task("profiling", total=None)
             return profile_hf_model(hf_model, texts, max_tokens=max_tokens, device=device, sample_rate=sample_rate,
                                     progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if engine is Engine.sglang:
+    if engine is EngineKind.sglang:
         from moeplace.profiler.sglang import record_sglang
 
         return record_sglang(url, duration, dump_dir=dump_dir, api_key=api_key, top_k=top_k)
@@ -236,7 +256,7 @@ def _record(output, url, engine, duration, window_seconds, dump_dir, top_k, hf_m
 
 @app.command()
 def report(
-    trace: Annotated[Path, typer.Argument(help="Trace to show.")],
+    traces: Annotated[list[Path], typer.Argument(help="Traces to show; several are shown as one, each a window.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="HTML page to write (PNGs go beside it).")],
     placement: Annotated[Optional[Path], typer.Option(help="Placement to show against the trivial layout.")] = None,
 ) -> None:
@@ -244,8 +264,10 @@ def report(
     from moeplace.profiler.report import write_report
 
     with user_errors():
-        plan = None if placement is None else load_placement(placement)
-        written = write_report(load_trace(trace), output, plan)
+        check_output(output)
+        shown = None if placement is None else load_placement(placement)
+        loaded = [load_trace(t) for t in traces]
+        written = write_report(loaded[0] if len(loaded) == 1 else merge_traces(loaded), output, shown)
     stdout().print(f"wrote {output} and {len(written) - 1} figure(s)")
 
 
@@ -260,15 +282,15 @@ def apply(
     from moeplace.client import ServerClient
 
     with user_errors():
-        plan = load_placement(placement)
+        target = load_placement(placement)
         client = ServerClient(url, api_key)
-        job = client.submit(plan)
+        job = client.submit(target)
         with _progress() as progress:
             task = progress.add_task(f"reshard {job['id']}", total=job["layers_total"])
             status = client.wait(job["id"], lambda s: progress.update(task, completed=s["layers_done"]), timeout)
         if status["state"] != "done":
             raise ValueError(f"{url}: reshard {status['id']} {status['state']}: {status['error']}")
-        if not np.array_equal(client.placement().phy2log_LP, plan.phy2log_LP):
+        if not np.array_equal(client.placement().phy2log_LP, target.phy2log_LP):
             raise ValueError(f"{url}: reshard reported done but the live placement differs from {placement}")
     stdout().print(f"live: {status['experts_moved']} experts moved ({status['bytes_moved'] / 1e6:.1f} MB) "
                    f"in {status['seconds']:.2f} s, {status['bandwidth_gbps']:.3f} GB/s")
@@ -302,13 +324,6 @@ def make_model(
                        f"{fit['held_out']['corr'][i]:.3f} / {fit['held_out']['tvd'][i]:.3f} "
                        f"(uniform: {fit['uniform_tvd'][i]:.3f})", highlight=False)
     stdout().print(f"wrote {output}")
-
-
-def _check_output(path: Path) -> None:
-    if not path.parent.exists():
-        raise ValueError(f"{path}: output folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{path}: is a folder, expected a file name")
 
 
 def _progress() -> Progress:

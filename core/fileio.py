@@ -8,11 +8,25 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def check_output(path: str | Path) -> None:
+    """ValueError unless `path` can become a file: not a folder, and its nearest existing ancestor is a
+    folder (missing folders in between are created at write time). Commands call it before long work."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{path}: {ancestor} is not a folder")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and a rename, creating missing parent folders."""
+    path = Path(path)
+    check_output(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"{path}: output folder {parent} does not exist")
+    parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

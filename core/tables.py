@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from moeplace.placer.evaluate import MoveReport, TraceScore
@@ -18,45 +21,59 @@ def solve_table(result: SolveResult, per_layer: bool) -> Table:
         table.add_column(name, justify="right")
     rows = reports if per_layer else ()
     for r in rows:
-        table.add_row(str(r.layer), f"{r.hottest:.4f}", f"{r.greedy_hottest:.4f}", f"{r.bound:.4f}",
-                      f"{r.gap:.2%}", f"{r.off_home:.3f}", str(r.moved), r.status)
+        table.add_row(str(r.layer), _num(r.hottest, ".4f"), _num(r.greedy_hottest, ".4f"), _num(r.bound, ".4f"),
+                      _num(r.gap, ".2%"), f"{r.off_home:.3f}", str(r.moved), r.status)
     if per_layer:
         table.add_section()
     statuses = sorted({r.status for r in reports})
+    column = lambda name: np.array([getattr(r, name) for r in reports])  # noqa: E731
     table.add_row(
         "mean",
-        f"{np.mean([r.hottest for r in reports]):.4f}",
-        f"{np.mean([r.greedy_hottest for r in reports]):.4f}",
-        f"{np.mean([r.bound for r in reports]):.4f}",
-        f"{np.mean([r.gap for r in reports]):.2%}",
-        f"{np.mean([r.off_home for r in reports]):.3f}",
+        _num(column("hottest").mean(), ".4f"),
+        _num(column("greedy_hottest").mean(), ".4f"),
+        _num(column("bound").mean(), ".4f"),
+        _num(column("gap").mean(), ".2%"),
+        f"{column('off_home').mean():.3f}",
         str(sum(r.moved for r in reports)),
         "/".join(f"{s}:{sum(r.status == s for r in reports)}" for s in statuses),
     )
-    table.add_row("worst", f"{max(r.hottest for r in reports):.4f}",
-                  f"{max(r.greedy_hottest for r in reports):.4f}", "", f"{max(r.gap for r in reports):.2%}")
-    table.caption = ("hottest = max GPU load / mean over the worst planning workload, equal split; "
-                     "bound = lower bound for any placement; off-home = routed share off its group's node")
+    table.add_row("worst", _num(column("hottest").max(), ".4f"), _num(column("greedy_hottest").max(), ".4f"),
+                  "", _num(column("gap").max(), ".2%"))
+    table.caption = ("hottest = max GPU load / mean over the worst planning workload, equal split (lower is "
+                     "better, 1 is perfect); bound = lower bound for any placement; off-home = routed share "
+                     "off its group's node; status greedy = the search found nothing better than the greedy "
+                     "start; - = not computed by this method")
     return table
 
 
+def _num(value: float, fmt: str) -> str:
+    """`value` formatted, or "-" where a method does not compute it (NaN)."""
+    return "-" if np.isnan(value) else format(value, fmt)
+
+
 def score_table(scores: list[TraceScore], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for name in ("trace", "imbalance mean", "worst layer", "balancedness", "best split", "worst window",
-                 "nodes/token", "group span"):
-        table.add_column(name, justify="right" if name != "trace" else "left")
-    for s in scores:
-        table.add_row(
-            s.name.rsplit("/", 1)[-1],
-            f"{s.imbalance_equal_L.mean():.4f}",
-            f"{s.imbalance_equal_L.max():.4f}",
-            f"{(1 / s.imbalance_equal_L).mean():.4f}",
-            f"{s.imbalance_best_L.mean():.4f}",
-            "-" if s.worst_window_L is None else f"{s.worst_window_L.mean():.4f}",
-            "-" if s.distinct_nodes_L is None else f"{s.distinct_nodes_L.mean():.2f}",
-            "-" if s.group_span_L is None else f"{s.group_span_L.mean():.2f}",
-        )
-    table.caption = "imbalance = max / mean GPU load per layer (equal split across replicas unless 'best split')"
+    """One row per trace; columns no trace has a value for are left out. Headers are words that wrap
+    and names fold, so a narrow terminal or an 80-column pipe shows whole trace names, not "decode…"."""
+    columns = {
+        "imbalance mean": lambda s: f"{s.imbalance_equal_L.mean():.4f}",
+        "worst layer": lambda s: f"{s.imbalance_equal_L.max():.4f}",
+        "best split": lambda s: f"{s.imbalance_best_L.mean():.4f}",
+        "worst window": lambda s: None if s.worst_window_L is None else f"{s.worst_window_L.mean():.4f}",
+        "nodes per token": lambda s: None if s.distinct_nodes_L is None else f"{s.distinct_nodes_L.mean():.2f}",
+        "group span": lambda s: None if s.group_span_L is None else f"{s.group_span_L.mean():.2f}",
+    }
+    cells = {name: [cell(s) for s in scores] for name, cell in columns.items()}
+    shown = [name for name, values in cells.items() if any(v is not None for v in values)]
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("trace", overflow="fold", no_wrap=True)  # shrunk last: other headers wrap first
+    for name in shown:
+        table.add_column(name, justify="right", overflow="fold")
+    for i, s in enumerate(scores):
+        table.add_row(Path(s.name).name, *("-" if cells[name][i] is None else cells[name][i] for name in shown))
+    table.caption = ("imbalance = max / mean GPU load per layer, each expert's tokens split equally over its "
+                     "replicas ('best split': split to cool the hottest GPU); 1 is perfect, lower is better. "
+                     "nodes per token, group span: nodes a token or a routing group reaches (lower is better). "
+                     "balancedness = 1 / imbalance, in --json")
     return table
 
 

@@ -120,6 +120,50 @@ class Trace:
         return h.hexdigest()[:16]
 
 
+def merge_traces(traces: list[Trace], source: str | None = None) -> Trace:
+    """One trace whose windows are every trace's windows in order (named `<file stem>` or
+    `<file stem>:<window name>`); per-token samples, tokens and times are kept when every trace has them.
+    ValueError naming the first trace that describes another model (layers, experts, top-k, groups)."""
+    first = traces[0]
+    for t in traces[1:]:
+        same = (t.num_experts, t.top_k, t.n_group, t.topk_group) == (
+            first.num_experts, first.top_k, first.n_group, first.topk_group)
+        if not same or not np.array_equal(t.layers, first.layers):
+            raise ValueError(
+                f"{t.source}: {t.num_experts} experts, top-{t.top_k}, layers {t.layers.tolist()[:4]}...: not the "
+                f"model of {first.source} ({first.num_experts} experts, top-{first.top_k}, "
+                f"layers {first.layers.tolist()[:4]}...)")
+    names = [name for t in traces for name in _qualified_window_names(t)]
+    both = lambda name: None if any(getattr(t, name) is None for t in traces) else (  # noqa: E731
+        np.concatenate([getattr(t, name) for t in traces]))
+    return Trace(
+        counts_WLE=np.concatenate([t.counts_WLE for t in traces]),
+        layers=first.layers,
+        top_k=first.top_k,
+        topk_ids_TLK=both("topk_ids_TLK"),
+        tokens_W=both("tokens_W"),
+        time_W=both("time_W"),
+        num_model_layers=first.num_model_layers,
+        n_group=first.n_group,
+        topk_group=first.topk_group,
+        metadata={**first.metadata, "window_names": json.dumps(names)},
+        source=source or " + ".join(t.source for t in traces),
+    )
+
+
+def _qualified_window_names(trace: Trace) -> list[str]:
+    stem = Path(trace.source).stem
+    if trace.num_windows == 1:
+        return [stem]
+    try:
+        names = json.loads(trace.metadata.get("window_names", "null"))
+    except json.JSONDecodeError:  # free-form metadata: a bad value only costs the names
+        names = None
+    if not isinstance(names, list) or len(names) != trace.num_windows:
+        names = [str(w) for w in range(trace.num_windows)]
+    return [f"{stem}:{name}" for name in names]
+
+
 def check_model_layers(src: str, layers: np.ndarray, num_model_layers: object) -> None:
     """Layer ids [L] (non-negative, increasing) lie below num_model_layers, itself at most MAX_MODEL_LAYERS."""
     n = MAX_MODEL_LAYERS if num_model_layers is None else check_positive_int(src, "num_model_layers", num_model_layers)

@@ -46,7 +46,9 @@ def improve_layer(packing: Packing, deadline: float, rng: np.random.Generator, p
     k = int(np.clip(np.ceil(NEIGHBOURHOOD_ITEMS / p.slots_per_gpu), 2, p.num_gpus))
     if k == p.num_gpus:
         status = _solve_neighbourhood(packing, np.arange(p.num_gpus), deadline)
-        return SearchStats("optimal" if status == "optimal" else "improved" if status else "greedy", swaps, 1, int(bool(status)))
+        # The swap descent may already have beaten the greedy even when CP-SAT finds nothing more.
+        label = "optimal" if status == "optimal" else "improved" if status or swaps else "greedy"
+        return SearchStats(label, swaps, 1, int(bool(status)))
     tried = improved = fruitless = 0
     while time.monotonic() < deadline and fruitless < patience:
         tried += 1

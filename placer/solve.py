@@ -276,9 +276,24 @@ def _solve_eplb(share_WLE: np.ndarray, topology: Topology, trace: Trace, groups:
     weight_LE = share_WLE.mean(axis=0)
     nodes = topology.num_nodes if groups > 1 else 1
     phy2log, _, _ = rebalance_experts(weight_LE, topology.num_slots, groups, nodes, topology.num_gpus)
-    reports = [LayerReport(int(layer), float("nan"), 0.0, 0, float("nan"), float("nan"), 1.0, "eplb", 0.0)
-               for layer in trace.layers]
+    hottest_L = _hottest_equal_split(share_WLE, phy2log, topology)
+    # EPLB has no greedy start, bound or objective of ours: NaN there (tables print "-").
+    reports = [LayerReport(layer=int(layer), hottest=float(hottest_L[l]), off_home=0.0, moved=0,
+                           objective=float("nan"), greedy_hottest=float("nan"), bound=float("nan"),
+                           status="eplb", seconds=0.0)
+               for l, layer in enumerate(trace.layers)]
     return phy2log, reports
+
+
+def _hottest_equal_split(share_WLE: np.ndarray, phy2log_LP: np.ndarray, topology: Topology) -> np.ndarray:
+    """[L] worst workload's max GPU load / mean, each expert's load split equally over its replicas."""
+    W, L, E = share_WLE.shape
+    replicas_LE = np.stack([np.bincount(row, minlength=E) for row in phy2log_LP])
+    rows = np.arange(L)[:, None]
+    slot_WLP = share_WLE[:, rows, phy2log_LP] / replicas_LE[rows, phy2log_LP]
+    load_WLG = slot_WLP.reshape(W, L, topology.num_gpus, topology.slots_per_gpu).sum(axis=3)
+    mean_WL = np.maximum(load_WLG.mean(axis=2), 1e-300)
+    return (load_WLG.max(axis=2) / mean_WL).max(axis=0)
 
 
 def _provenance(traces, names, options: SolveOptions, reports, old: Placement | None) -> dict:
@@ -290,7 +305,7 @@ def _provenance(traces, names, options: SolveOptions, reports, old: Placement | 
         "from": None if old is None else old.source,
         "layers": {
             "hottest": [round(r.hottest, 5) for r in reports],
-            "bound": [round(r.bound, 5) for r in reports],
+            "bound": [None if np.isnan(r.bound) else round(r.bound, 5) for r in reports],
             "status": [r.status for r in reports],
         },
     }

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from moeplace.fileio import atomic_write_bytes
+from moeplace.fileio import atomic_write_bytes, check_output
 from moeplace.placement import Placement, trivial_placement
 from moeplace.placer.evaluate import align, distinct_nodes, gpu_load_LG, group_span, imbalance
 from moeplace.trace import Trace
@@ -60,14 +60,14 @@ class Scene:
 def write_report(trace: Trace, out_html: str | Path, placement: Placement | None = None) -> list[Path]:
     """Write the report page `out_html` and its figures as PNG files beside it; returns the paths written.
 
-    ValueError when the output folder is missing or the placement does not fit the trace (another
-    expert count, or layers the trace lacks). Every file is written atomically, and all figures are
-    rendered before the first write, so an error leaves no file of this report behind.
+    A missing output folder is created. ValueError when the output path cannot be a file or the
+    placement does not fit the trace (another expert count, or layers the trace lacks). Every file is
+    written atomically, and all figures are rendered before the first write, so an error leaves no
+    file of this report behind.
     """
     out_html = Path(out_html)
+    check_output(out_html)
     folder = out_html.parent if str(out_html.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"{out_html}: output folder {folder} does not exist")
     scene = _scene(trace, placement)
     # 1. render every figure in memory
     plots, notes = _plots(scene)

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from moeplace.resources import EXAMPLE_TRACE
+from moeplace import __version__
 from moeplace.cli import app
+from moeplace.resources import EXAMPLE_TRACE
 from moeplace.placement import load_placement, save_placement, trivial_placement
 from moeplace.topology import Topology
 from moeplace.trace import Trace, save_trace
@@ -74,6 +75,28 @@ def test_solve_from_old_reports_moves(tmp_path, solved):
     assert result.exit_code == 0, result.output
     assert "experts to move" in result.output
 
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"moeplace {__version__}" and __version__[0].isdigit()
+
+
+def test_solve_eplb_prints_numbers_not_nan(tmp_path):
+    result = run(*solve_args(tmp_path / "p.json", "--method", "eplb"))
+    assert result.exit_code == 0, result.output
+    assert "nan" not in result.output.lower() and "eplb:3" in result.output
+
+
+def test_evaluate_in_80_columns_shows_whole_trace_names(solved, tmp_path):
+    names = [tmp_path / f"prefill_in{n}out1000_long_name.safetensors" for n in (1000, 2000)]
+    for name in names:
+        name.write_bytes(EXAMPLE_TRACE.read_bytes())
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["evaluate", str(solved), *map(str, names)])
+    assert result.exit_code == 0, result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    for name in names:
+        assert name.name in result.output
 
 def test_evaluate_json(solved):
     result = run("evaluate", solved, EXAMPLE_TRACE, "--json")
@@ -207,9 +230,17 @@ def test_evaluate_trace_for_other_model(tmp_path, solved):
     assert_one_line_error(run("evaluate", solved, other), "other.safetensors", "32 experts")
 
 
-def test_output_folder_missing(tmp_path):
-    result = run(*solve_args(tmp_path / "no" / "such" / "p.json", "--method", "greedy"))
-    assert_one_line_error(result, "does not exist")
+def test_output_folder_missing_is_created(tmp_path):
+    out = tmp_path / "no" / "such" / "p.json"
+    result = run(*solve_args(out, "--method", "greedy"))
+    assert result.exit_code == 0, result.output
+    assert load_placement(out).num_experts == 64
+
+
+def test_output_under_a_file_is_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run(*solve_args(tmp_path / "file" / "p.json", "--method", "greedy"))
+    assert_one_line_error(result, "file is not a folder")
 
 
 def test_report(solved, tmp_path):
@@ -218,6 +249,24 @@ def test_report(solved, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.exists() and "data:image/png;base64" in out.read_text()
     assert len(list(tmp_path.glob("report_*.png"))) >= 3
+
+
+def test_report_several_traces_into_a_new_folder(solved, tmp_path):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(EXAMPLE_TRACE.read_bytes())
+    out = tmp_path / "new" / "report.html"
+    result = run("report", EXAMPLE_TRACE, other, "--placement", solved, "-o", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "olmoe_routing:arxiv" in page and "other:tulu" in page  # 2 x 6 windows, named by file
+
+
+def test_report_traces_of_two_models_is_one_line_error(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_trace(Trace(np.ones((1, 3, 32)), np.array([0, 7, 15]), 8, source="o"), other)
+    result = run("report", EXAMPLE_TRACE, other, "-o", tmp_path / "r.html")
+    assert_one_line_error(result, "other.safetensors", "32 experts", "not the model of")
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_report_placement_for_other_model(tmp_path):

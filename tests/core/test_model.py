@@ -308,11 +308,17 @@ def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
     assert target.read_text() == before
 
 
-def test_write_into_a_missing_folder_names_it(tmp_path):
-    target = tmp_path / "nope" / "p.json"
-    with raises(f"{target}: output folder {target.parent} does not exist"):
+def test_write_into_a_missing_folder_creates_it(tmp_path):
+    target = tmp_path / "new" / "folder" / "p.json"
+    save_placement(trivial_placement(3, TOPO, np.array([0])), target)
+    assert load_placement(target).num_experts == 3
+
+
+def test_write_below_a_file_names_it(tmp_path):
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "p.json"
+    with raises(f"{target}: {tmp_path / 'file'} is not a folder"):
         save_placement(trivial_placement(3, TOPO, np.array([0])), target)
-    assert not target.parent.exists()
 
 
 def test_saved_file_has_the_default_mode(tmp_path):

@@ -189,9 +189,15 @@ def test_unknown_format_names_it_lists_choices_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_output_folder_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        export_placement(small_placement(), "eplb", tmp_path / "nowhere" / "out.safetensors")
+def test_missing_output_folder_is_created(tmp_path):
+    export_placement(small_placement(), "eplb", tmp_path / "nowhere" / "out.safetensors")
+    assert (tmp_path / "nowhere" / "out.safetensors").stat().st_size > 0
+
+
+def test_output_below_a_file_is_a_value_error(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="f is not a folder"):
+        export_placement(small_placement(), "eplb", tmp_path / "f" / "out.safetensors")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
@@ -208,7 +214,7 @@ def test_unwritable_output_folder_is_a_value_error(tmp_path):
 
 def test_target_that_is_a_folder_is_a_value_error_and_leaves_no_temp_file(tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(ValueError, match="cannot write"):
+    with pytest.raises(ValueError, match="is a folder, expected a file name"):
         export_placement(small_placement(), "vllm", tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

@@ -67,6 +67,8 @@ def assert_sane(result, traces: list[Trace], method: Method) -> None:
             assert report.status == "greedy" and report.hottest == report.greedy_hottest
         else:
             assert report.status in ("optimal", "improved", "greedy")
+            # "greedy" means the search kept the warm start: a cooler result must say so
+            assert report.status != "greedy" or report.hottest == report.greedy_hottest
     prov = p.provenance
     assert prov["solver"] == f"moeplace-{method.value}"
     assert prov["traces"] == [{"file": t.source, "sha256_16": t.digest()} for t in traces]
@@ -111,7 +113,10 @@ def test_eplb_methods_give_valid_placements(method):
     assert p.provenance["solver"] == f"moeplace-{method.value}"
     assert p.replica_count_LE.min() >= 1 and p.replica_count_LE.sum(axis=1).tolist() == [20] * 3
     assert [r.status for r in result.reports] == ["eplb"] * 3
-    assert all(math.isnan(r.hottest) for r in result.reports)
+    recomputed = hottest_per_layer(p, TRACES)
+    assert [r.hottest for r in result.reports] == pytest.approx(recomputed, abs=1e-9)
+    assert all(math.isnan(r.bound) and math.isnan(r.greedy_hottest) for r in result.reports)
+    assert p.provenance["layers"]["bound"] == [None] * 3  # JSON has no NaN
 
 
 def test_eplb_hierarchical_keeps_routing_groups_on_their_node():

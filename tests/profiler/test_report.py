@@ -138,9 +138,10 @@ def test_placement_for_another_model(trace, placement, tmp_path):
     other_layers = replace(placement, layers=np.array([0, 7, 14]), source="/plans/other.json")
     with pytest.raises(ValueError, match=rf"/plans/other\.json.*{re.escape(str(EXAMPLE_TRACE))}.*layer\(s\) \[14\]"):
         write_report(trace, tmp_path / "r.html", other_layers)
-    with pytest.raises(ValueError, match="output folder .*missing does not exist"):
-        write_report(trace, tmp_path / "missing" / "r.html", placement)
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="file is not a folder"):
+        write_report(trace, tmp_path / "file" / "r.html", placement)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_failed_write_leaves_nothing(trace, placement, tmp_path, monkeypatch):
