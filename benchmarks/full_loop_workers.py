@@ -80,9 +80,9 @@ def measure(args) -> None:
                     getattr(moe, buf).copy_(value)
                 steps.append((moe, x, *sample_routing(p_E, T, gen, device)))
             timed = {}
-            for name, (moe, *_), per_rank in zip(cases, steps, time_steps(steps, args.iters, args.warmup)):
+            for name, (moe, *_), (per_rank, traffic) in zip(cases, steps, time_steps(steps, args.iters, args.warmup)):
                 load = moe.slot_tokens_S.sum().reshape(1).double()
-                wire = torch.tensor(moe.last_traffic.off_rank_bytes(rank), dtype=torch.float64, device=device)
+                wire = torch.tensor(traffic.off_rank_bytes(rank), dtype=torch.float64, device=device)
                 t_RIX, loads, wires = (all_gather(t, world) for t in (per_rank, load, wire))
                 timed[name] = summarise(layer, "decode" if T <= 512 else "prefill", name, t_RIX,
                                         [int(v) for v in loads[:, 0]], wires)

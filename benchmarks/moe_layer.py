@@ -121,15 +121,15 @@ def sample_routing(p_E, T: int, gen, device):
 
 def time_steps(steps, iters: int, warmup: int):
     """steps: [(moe, x, ids, w)], timed in turn within each iteration (so a drift of the host's speed
-    touches every placement alike) -> per step [iters, phases + 2] ms of this rank: each phase
-    (PHASES order), then the two all_to_alls alone."""
+    touches every placement alike) -> per step ([iters, phases + 2] ms of this rank: each phase
+    (PHASES order), then the two all_to_alls alone; the Traffic of its last run)."""
     import torch
     import torch.distributed as dist
 
     from moeplace.runtime.moe import PhaseTimer
 
     device = steps[0][1].device
-    timer, rows = PhaseTimer(device), [[] for _ in steps]
+    timer, rows, traffic = PhaseTimer(device), [[] for _ in steps], [None for _ in steps]
     flag = torch.zeros(1, device=device)
     for i in range(warmup + iters):
         for j, (moe, x, ids, w) in enumerate(steps):
@@ -137,12 +137,12 @@ def time_steps(steps, iters: int, warmup: int):
             if x.is_cuda:
                 torch.cuda.synchronize()
             timer.start()
-            moe.step_with_ids(x, ids, w, timer)
+            _, traffic[j] = moe.step_with_ids(x, ids, w, timer)
             laps = timer.read()
             if i >= warmup:
                 rows[j].append([sum(laps[p] for p in names) for names in PHASES.values()]
                                + [laps["dispatch_a2a"], laps["combine_a2a"]])
-    return [torch.tensor(r, dtype=torch.float64, device=device) for r in rows]
+    return [(torch.tensor(r, dtype=torch.float64, device=device), t) for r, t in zip(rows, traffic)]
 
 
 def nccl_bandwidth(device, world: int, rank: int, nbytes: int = 512 << 20) -> dict:
@@ -231,9 +231,10 @@ def run(args) -> None:
                 for buf, value in zip(("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf"), weights):
                     getattr(moe, buf).copy_(value)
                 steps.append((moe, x, *sample_routing(p_E, T, gen, device)))
-            for method, (moe, *_), per_rank in zip(PLACEMENTS, steps, time_steps(steps, args.iters, args.warmup)):
+            for method, (moe, *_), (per_rank, traffic) in zip(PLACEMENTS, steps,
+                                                              time_steps(steps, args.iters, args.warmup)):
                 load = moe.slot_tokens_S.sum().reshape(1).double()
-                wire = torch.tensor(moe.last_traffic.off_rank_bytes(rank), dtype=torch.float64, device=device)
+                wire = torch.tensor(traffic.off_rank_bytes(rank), dtype=torch.float64, device=device)
                 t_RIX, loads, wires = (all_gather(t, world) for t in (per_rank, load, wire))
                 if rank == 0:
                     results.append(summarise(layer, step, method, t_RIX, [int(l) for l in loads[:, 0]], wires))

@@ -127,14 +127,16 @@ def gpu(args) -> dict:
     runs = [(f"{step}@{rate:g}", tokens, rate) for rate in map(float, args.sample_rates.split(","))
             for step, tokens in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens))]
     for step_name, tokens, rate in runs:
-        x = torch.randn(1, tokens, args.hidden, device=device, dtype=torch.bfloat16)
+        x = torch.randn(tokens, args.hidden, device=device, dtype=torch.bfloat16)
 
         def step():
             with torch.no_grad():
-                h = x
+                h, ids_L = x, []
                 for moe in moes:
-                    h = moe(h)
-                model._sample_tokens()
+                    out = moe(h)
+                    h = out.y_TD
+                    ids_L.append(out.ids_TK)
+                model._sample_tokens(ids_L)
 
         times = alternate(step, model, rate, args.blocks, args.per_block, sync)
         results[step_name] = summary(times, time_collect(model, 50, sync), tokens_per_rank=tokens)

@@ -5,12 +5,12 @@ block is replaced by moeplace's `EPMoE`. Multi-rank use (every rank runs the sam
 
     dist.init_process_group("gloo")            # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
     model = EPModel.load(model_dir, placement, group=dist.group.WORLD, device=torch.device("cpu"))
-    logits_BTV = model.forward(input_ids_BT, attention_mask_BT)   # identical inputs on every rank
+    logits_BTV = model.forward(input_ids_BT, attention_mask_BT)   # recompute: identical inputs on every rank
+    logits_SV = model.step(cache, plan, token_ids_N)               # KV cache: each rank its own sequences
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from moeplace.placement import Placement, trivial_placement
 from moeplace.runtime.checkpoint import Checkpoint
 from moeplace.runtime.comm import Comm
 from moeplace.runtime.config import ModelConfig
+from moeplace.runtime.forward import Forward, cached_step, recompute
+from moeplace.runtime.kv_cache import KVCache, StepPlan
 from moeplace.runtime.moe import EPMoE
 from moeplace.topology import Topology
 
@@ -113,20 +115,37 @@ class EPModel:
         return cls(hf_model, config, placement, moe_layers, comm, device)
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """Logits of every position: logits_BTV float32 [B, T, vocab_size].
+        """Logits of every position, recomputed (no cache): logits_BTV float32 [B, T, vocab_size].
 
         input_ids_BT int64 [B, T]; attention_mask_BT int64 [B, T], 1 = real token, 0 = padding on the
         right (each row 1...1 0...0, at least one real token). Padding gets no expert compute, and the
         real tokens' logits are those of the unpadded sequence. A collective: every rank calls it with
         identical inputs.
         """
+        return self.recompute(input_ids_BT, attention_mask_BT).logits
+
+    def recompute(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> Forward:
+        """`forward`, with the selections of the tokens this rank routed in each MoE layer."""
         check_inputs(input_ids_BT, attention_mask_BT, self.config.vocab_size)
-        input_ids_BT = input_ids_BT.to(self.device)
-        attention_mask_BT = attention_mask_BT.to(self.device)
-        with torch.no_grad(), self._routing_mask(attention_mask_BT.bool()):
-            out = self.hf_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
-            self._sample_tokens()
-        return out.logits.float()
+        with torch.no_grad():
+            out = recompute(self.hf_model, input_ids_BT.to(self.device), attention_mask_BT.to(self.device))
+            self._sample_tokens(out.ids_L)
+        return out
+
+    def step(self, cache: KVCache, plan: StepPlan, token_ids_N: torch.Tensor) -> torch.Tensor:
+        """One continuous-batching step of this rank's own sequences with the KV cache (runtime/forward.py,
+        `cached_step`): logits_SV float32 [S, vocab] of each sequence's next token. A collective: every
+        rank calls it in the same step, with its own sequences (maybe none)."""
+        with torch.no_grad():
+            out = cached_step(self.hf_model, cache, plan, token_ids_N.to(self.device))
+            self._sample_tokens(out.ids_L)
+        return out.logits
+
+    def decode_step(self, cache: KVCache, plan: StepPlan, token_ids_B: torch.Tensor) -> torch.Tensor:
+        """`step` of decoding sequences only (one new token each): logits_BV. Static shapes for a given
+        (batch, context bucket): the function a CUDA graph of the decode step captures."""
+        assert not plan.prefill_lengths, "decode_step takes decoding sequences only"
+        return self.step(cache, plan, token_ids_B)
 
     __call__ = forward
 
@@ -151,27 +170,16 @@ class EPModel:
         stats = stats.cpu().numpy()
         return WindowStats(stats[:, :E], stats[:, E:], samples)
 
-    def _sample_tokens(self) -> None:
-        """Keep the top-k ids of a random `sample_rate` share of this rank's tokens of the last forward."""
-        ids_L = [moe.last_ids_TK for moe in self.moe_layers]
-        if self.sample_rate <= 0 or self._sampled >= self.max_samples or any(ids is None for ids in ids_L):
+    def _sample_tokens(self, ids_L: list[torch.Tensor]) -> None:
+        """Keep the top-k ids of a random `sample_rate` share of this rank's tokens of a forward
+        (ids_L: per MoE layer [T, K], the same T tokens in every layer)."""
+        if self.sample_rate <= 0 or self._sampled >= self.max_samples or not ids_L:
             return
         sample = sample_rows(ids_L, self.sample_rate, self.sample_generator, self.max_samples - self._sampled,
                              self._rows_generator)
         if sample is not None:
             self._samples.append(sample)
             self._sampled += len(sample)
-
-    @contextmanager
-    def _routing_mask(self, mask_BT: torch.Tensor):
-        # transformers' decoder layer calls mlp(hidden) with no mask: hand it to the MoE layers for this call.
-        for moe in self.moe_layers:
-            moe.token_mask_BT = mask_BT
-        try:
-            yield
-        finally:
-            for moe in self.moe_layers:
-                moe.token_mask_BT = None
 
 
 def sample_rows(ids_L: list[torch.Tensor], rate: float, generator: np.random.Generator, limit: int,

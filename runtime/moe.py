@@ -5,8 +5,9 @@ S slots on this rank, G ranks, P = G*S global slots, A = T*K (token, expert) ass
 U rows sent or received (one per (token, destination rank)), M assignments received by this rank;
 lower-case f, d: 128-blocks along F, D (FP8 scale tensors).
 
-Every rank runs attention on the whole batch (inputs are identical on all ranks); in each MoE layer
-rank g takes the g-th contiguous share of the batch's real (unpadded) tokens and runs one step:
+Data-parallel attention (`forward`): each rank brings its own sequences' tokens (maybe none) and
+routes all of them. Replicated attention (`forward_shared`, the recompute path): every rank holds the
+whole batch and rank g routes the g-th contiguous share of its real (unpadded) tokens. One step:
 1. route: gate -> logical experts -> physical slots; assignments sorted by slot (hence by rank);
 2. dispatch: each token goes once to each rank that holds any of its slots, with the list of those
    slots (all_to_all); a token with several experts on one rank crosses the wire once, not once per
@@ -15,8 +16,7 @@ rank g takes the g-th contiguous share of the batch's real (unpadded) tokens and
 4. combine: one result row per assignment goes back (all_to_all) and is summed with the routing
    weights. (Summing a token's experts on the computing rank would send fewer rows back, but it
    regroups the sum and rounds the partial sums to the wire dtype: not exact, so not done.)
-The shared expert runs locally, and the shares are all-gathered so every rank again holds the whole
-batch. Steps 1-4 are `step_with_ids` (route from given logical experts), which a benchmark can call
+The shared expert runs locally (in `forward_shared` the shares are then all-gathered). Steps 1-4 are `step_with_ids` (route from given logical experts), which a benchmark can call
 with its own routing and a `PhaseTimer`.
 """
 
@@ -100,8 +100,8 @@ class EPMoE(nn.Module):
       the last fold: the dispatch counts them anyway, so recording costs one add per step;
       window_counts_E [E] int64 and window_rows_G [G] int64: the folded window (`fold_window`), per
       logical expert and per destination rank (the global counts are the sums over ranks);
-      slot_tokens_S [S] int64 rows this rank's slots computed in the last step;
-      last_traffic: Traffic of the last step (host numbers, no sync).
+      slot_tokens_S [S] int64 rows this rank's slots computed in the last step.
+    Per-step values (the tokens' selections, the step's Traffic) are returned in a MoEOutput, not kept.
     """
 
     def __init__(self, config: ModelConfig, hf_config, layer_id: int, row: int, placement: Placement,
@@ -135,10 +135,7 @@ class EPMoE(nn.Module):
             "slot_tokens_S": slots((S,), torch.int64),
         }.items():
             self.register_buffer(name, tensor, persistent=False)
-        self.token_mask_BT: torch.Tensor | None = None  # set by EPModel around each forward
         self.counting = True  # the window counters; off only for the recorder benchmark's baseline
-        self.last_ids_TK: torch.Tensor | None = None  # this rank's tokens' selections in the last step
-        self.last_traffic: Traffic | None = None
 
     def load_slots(self, ckpt: Checkpoint) -> None:
         """Read the experts of this rank's slots (and only those) from the checkpoint."""
@@ -156,29 +153,39 @@ class EPMoE(nn.Module):
         self.window_rows_G.add_(self.window_slots_GS.sum(dim=1))
         self.window_slots_GS.zero_()
 
-    def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+        """Data-parallel attention: every token of x_TD [T, D] is this rank's own (T may be 0, an idle
+        rank's empty batch). Routed experts + shared expert: MoEOutput with y_TD [T, D] x's dtype.
+        A collective: every rank of the group calls it in the same layer of the same step."""
+        routed = self._routed(x_TD)
+        return MoEOutput(routed.y_TD + self.shared_experts(x_TD), routed.ids_TK, routed.traffic)
+
+    def forward_shared(self, hidden_BTD: torch.Tensor, mask_BT: torch.Tensor | None) -> MoEOutput:
+        """Replicated attention (identical hidden_BTD [B, T, D] on every rank): rank g routes the g-th
+        contiguous share of the real tokens (mask_BT bool [B, T], None = all real), and the shares are
+        all-gathered so every rank again holds the whole batch. y_TD [B*T, D] (padding rows zero);
+        ids_TK are this rank's share's selections."""
         B, T, D = hidden_BTD.shape
         x_TD = hidden_BTD.reshape(B * T, D)
-        live = torch.ones(B * T, dtype=torch.bool, device=x_TD.device) if self.token_mask_BT is None \
-            else self.token_mask_BT.reshape(B * T)
+        live = torch.ones(B * T, dtype=torch.bool, device=x_TD.device) if mask_BT is None else mask_BT.reshape(B * T)
         real = live.nonzero().squeeze(1)
         shares = _shares(len(real), self.comm.world_size)
         start = sum(shares[: self.comm.rank])
-        mine = real[start: start + shares[self.comm.rank]]
-        x_mine = x_TD[mine]
-        y_mine = self._routed(x_mine) + self.shared_experts(x_mine)
+        mine = self.forward(x_TD[real[start: start + shares[self.comm.rank]]])
         out_TD = torch.zeros_like(x_TD)
-        out_TD[real] = self.comm.all_gather_rows(y_mine, shares)
-        return out_TD.view(B, T, D)
+        out_TD[real] = self.comm.all_gather_rows(mine.y_TD, shares)
+        return MoEOutput(out_TD, mine.ids_TK, mine.traffic)
 
-    def _routed(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def _routed(self, x_TD: torch.Tensor) -> MoEOutput:
         logits_TE = F.linear(x_TD.float(), self.gate.weight)
         ids_TK, weights_TK = select_experts(logits_TE, self.gate.e_score_correction_bias, self.router)
-        return self.step_with_ids(x_TD, ids_TK, weights_TK)
+        y_TD, traffic = self.step_with_ids(x_TD, ids_TK, weights_TK)
+        return MoEOutput(y_TD, ids_TK, traffic)
 
     def step_with_ids(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                      timer: PhaseTimer | None = None) -> torch.Tensor:
-        """Routed experts of this rank's tokens, their logical experts already chosen: y_TD [T, D] x's dtype.
+                      timer: PhaseTimer | None = None) -> tuple[torch.Tensor, Traffic]:
+        """Routed experts of this rank's tokens, their logical experts already chosen: (y_TD [T, D] x's
+        dtype, the step's Traffic).
 
         x_TD [T, D]; ids_TK int64 [T, K] distinct logical experts per token; weights_TK float32 [T, K].
         A collective: every rank of the group calls it (T may differ, and may be 0). With `timer`, laps
@@ -187,14 +194,13 @@ class EPMoE(nn.Module):
         lap = timer.lap if timer else _no_lap
         # 1. route
         slots_TK = assign_slots(ids_TK, self.table, self.comm.rank)
-        self.last_ids_TK = ids_TK  # this rank's tokens' selections, for the profiler's per-token samples
         plan = self._plan(slots_TK)
         if self.counting:
             self.window_slots_GS.add_(plan.counts_GX[:, :-1])
         lap("route")
         # 2. dispatch
         received_UW = self._dispatch(x_TD, plan, lap)
-        self.last_traffic = Traffic(plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments,
+        traffic = Traffic(plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments,
                                     received_UW.shape[1], x_TD.shape[1] * x_TD.element_size())
         # 3. experts
         y_MD = self._experts(received_UW, plan, x_TD.dtype)
@@ -204,7 +210,7 @@ class EPMoE(nn.Module):
         lap("combine_a2a")
         y_TD = self._combine(y_AD, plan, weights_TK, x_TD)
         lap("combine")
-        return y_TD
+        return y_TD, traffic
 
     def _plan(self, slots_TK: torch.Tensor) -> _Plan:
         """Sender side: assignments sorted by slot; one row per (destination rank, token); counts per rank."""
@@ -293,6 +299,16 @@ class EPMoE(nn.Module):
                                      weights_TK.float().contiguous())
         y_AD = y_AD * weights_TK.reshape(-1)[plan.order_A, None].to(y_AD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, plan.order_A // K, y_AD)
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """One MoE layer's step on this rank: y_TD [T, D] its output; ids_TK int64 [T', K] the logical experts
+    the tokens this rank routed selected (the profiler's per-token samples); traffic: what moved."""
+
+    y_TD: torch.Tensor
+    ids_TK: torch.Tensor
+    traffic: Traffic
 
 
 @dataclass(frozen=True)

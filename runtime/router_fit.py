@@ -91,7 +91,7 @@ def fit_router_biases(model_dir: Path, targets_LE: np.ndarray, device: torch.dev
                 report[name]["tvd"].append(tvd)
             log(f"layer {layer}: router bias fitted (held-out text: correlation {report['held_out']['corr'][-1]:.3f})")
             if row + 1 < len(config.moe_layers):
-                hf_model.model.layers[layer].mlp = _Replay(moe(x_BTD))
+                hf_model.model.layers[layer].mlp = _Replay(moe.forward_shared(x_BTD, None).y_TD.view_as(x_BTD))
             biases.append(bias_E.cpu().numpy())
             del moe
             if device.type == "cuda":

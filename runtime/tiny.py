@@ -216,11 +216,12 @@ def _moe_input(model, moe, input_ids_BT: torch.Tensor) -> torch.Tensor:
     """[B*T, D] hidden states entering `moe` when the model reads input_ids_BT."""
     captured = []
 
-    def capture(module, args):
-        captured.append(args[0].reshape(-1, args[0].shape[-1]))
+    def capture(module, args, out):
+        captured.append(out.reshape(-1, out.shape[-1]))
         raise _Captured
 
-    handle = moe.register_forward_pre_hook(capture)
+    # The MoE layer's input is its decoder layer's post-attention norm's output.
+    handle = model.hf_model.model.layers[moe.layer_id].post_attention_layernorm.register_forward_hook(capture)
     try:
         model.forward(input_ids_BT, torch.ones_like(input_ids_BT))
     except _Captured:

@@ -40,7 +40,8 @@ def run_scenario(job: dict, scenario: dict, groups: dict, rank: int, device: tor
         return
     for moe in model.moe_layers:
         moe.expert_path = ExpertPath(scenario.get("expert_path") or moe.expert_path)
-    logits = model.forward(*pad_right(inputs["prompts"], inputs["pad"]))
+    forward = model.recompute(*pad_right(inputs["prompts"], inputs["pad"]))
+    logits = forward.logits
     for m in model.moe_layers:
         m.fold_window()
     own_counts_LE = torch.stack([m.window_counts_E.cpu() for m in model.moe_layers])  # before the collect
@@ -50,7 +51,7 @@ def run_scenario(job: dict, scenario: dict, groups: dict, rank: int, device: tor
         "slot_tokens_LS": torch.stack([m.slot_tokens_S.cpu() for m in model.moe_layers]),
         "step_counts_LE": torch.from_numpy(stats.counts_LE),
         "gpu_load_LG": torch.from_numpy(stats.gpu_load_LG),
-        "traffic_L": [m.last_traffic for m in model.moe_layers],
+        "traffic_L": forward.traffic_L,
         "greedy": greedy_continue(model, inputs["prompts"], inputs["steps"], inputs["pad"]),
         "logits": logits.cpu() if rank == 0 else None,
     }

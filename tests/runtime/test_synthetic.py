@@ -82,10 +82,10 @@ def test_popularity_follows_the_trace_on_the_models_own_hidden_states(small_mode
     # Served as the runtime serves it, held-out text of the fitted kind routes as the report says.
     model = EPModel.load(out, None, group=None, device=torch.device("cpu"))
     ids_BT = calibration_ids(8)["held_out"]
-    model.forward(ids_BT, torch.ones_like(ids_BT))
+    ids_L = model.recompute(ids_BT, torch.ones_like(ids_BT)).ids_L
     targets, _ = target_shares(trace, model.config, [3, 20])
-    for row, moe in enumerate(model.moe_layers):
-        corr, tvd = distance(shares(moe.last_ids_TK, 256), targets[row])
+    for row, ids_TK in enumerate(ids_L):
+        corr, tvd = distance(shares(ids_TK, 256), targets[row])
         assert abs(tvd - fit["held_out"]["tvd"][row]) < 0.02, (tvd, fit["held_out"])
 
 
