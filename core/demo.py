@@ -29,25 +29,28 @@ def run_demo(console: Console, time_limit: float, trace_path: Path = EXAMPLE_TRA
         raise ValueError(f"{trace_path}: the embedded example trace is missing (run from a moeplace checkout)")
     trace = load_trace(trace_path)
     names = json.loads(trace.metadata.get("window_names", "[]")) or [str(w) for w in range(trace.num_windows)]
-    plan = trace.select_windows(list(range(trace.num_windows - 1)), source=f"{trace_path.name}[{','.join(names[:-1])}]")
+    planning = trace.select_windows(list(range(trace.num_windows - 1)),
+                                    source=f"{trace_path.name}[{','.join(names[:-1])}]")
     held_out = trace.select_windows([trace.num_windows - 1], source=f"{trace_path.name}[{names[-1]}]")
     topo = DEMO_TOPOLOGY
     console.print(f"[bold]moeplace demo[/]: {trace.metadata.get('model', 'model')} routing counts, "
                   f"{trace.num_experts} experts, layers {trace.layers.tolist()}, top-{trace.top_k}; "
                   f"{topo.num_gpus} GPUs in {topo.num_nodes} nodes, {topo.num_slots} slots")
     console.print(f"plan on: {', '.join(names[:-1])}   score on held-out: {names[-1]}")
-    table = Table(title_justify="left", title="imbalance = max / mean GPU load (1.00 = perfect), mean over layers")
+    table = Table(title_justify="left", title="imbalance = max / mean GPU load, mean over layers (1.00 = perfect, lower is better)")
     for col in ("placement", "planning worst", "held-out", "held-out worst layer", "held-out best split", "solve s"):
         table.add_column(col, justify="left" if col == "placement" else "right")
     placements = {"trivial (p % E)": (trivial_placement(trace.num_experts, topo, trace.layers, trace.num_model_layers), 0.0)}
     for method in (Method.eplb, Method.greedy, Method.cpsat):
-        result = solve([plan], topo, SolveOptions(method=method, time_limit=time_limit, workers=1))
+        result = solve([planning], topo, SolveOptions(method=method, time_limit=time_limit, workers=1))
         placements[f"{method.value}"] = (result.placement, result.seconds)
     for name, (placement, seconds) in placements.items():
-        planning = max(imbalance(gpu_load_LG(placement, c)).mean() for c in plan.counts_WLE)
+        planning_worst = max(imbalance(gpu_load_LG(placement, c)).mean() for c in planning.counts_WLE)
         score = evaluate(placement, held_out)
-        table.add_row(name, f"{planning:.3f}", f"{score.imbalance_equal_L.mean():.3f}",
+        table.add_row(name, f"{planning_worst:.3f}", f"{score.imbalance_equal_L.mean():.3f}",
                       f"{score.imbalance_equal_L.max():.3f}", f"{score.imbalance_best_L.mean():.3f}",
                       f"{seconds:.1f}")
     console.print(table)
+    console.print("next: the whole loop on a served model, live: [bold]moeplace demo[/]; on your own traces: "
+                  "[bold]moeplace solve TRACE... --gpus N --gpus-per-node M -o placement.json[/]", highlight=False)
     return table

@@ -1,7 +1,7 @@
 """`moeplace demo`: the whole loop on the embedded tiny model, on CPU, while requests keep coming.
 
   serve (4 ranks as 2 nodes x 2, gloo) -> background completions -> profile -> solve -> apply
-  (live reshard) -> profile again -> a before/after table.
+  (live reshard) -> profile again -> a before/after table of what was measured.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,10 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from moeplace.client import LoadGenerator, ServerClient, free_port, running_server
-from moeplace.placement import save_placement, trivial_placement
+from moeplace.placement import Placement, save_placement, trivial_placement
 from moeplace.placer.evaluate import distinct_nodes, gpu_load_LG, group_span, imbalance, moves
 from moeplace.placer.solve import SolveOptions, solve
 from moeplace.topology import Topology
+from moeplace.trace import Trace
 
 TOPOLOGY = Topology(num_gpus=4, gpus_per_node=2, slots_per_gpu=18)  # 64 experts + 8 redundant slots
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
@@ -53,36 +55,60 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
                 trace_after = client.profile(profile_seconds, 1.0, Path(tmp) / "after.safetensors", 0.5)
             after_answers = _answers(url)
     same = before_answers == after_answers
-    console.print(_table(start, result.placement, trace_before, trace_after, status, load, same))
+    before, after = Measured.of(start, trace_before), Measured.of(result.placement, trace_after)
+    console.print(results_table(start.layers, before, after))
+    for line in summary_lines(status, moves(start, result.placement).experts, load.sent, load.failed, same):
+        console.print(line, highlight=False)
     return load.failed == 0 and same and status["state"] == "done"
 
 
-def _table(old, new, trace_before, trace_after, status, load, same) -> Table:
-    before = imbalance(gpu_load_LG(old, trace_before.counts_WLE.sum(0)))
-    after = imbalance(gpu_load_LG(new, trace_after.counts_WLE.sum(0)))
-    table = Table(title="before / after the live reshard (imbalance = max / mean GPU load, measured)",
+@dataclass(frozen=True)
+class Measured:
+    """What one profile of the served model says about a placement, per MoE layer [L]."""
+
+    imbalance_L: np.ndarray  # max / mean GPU load, equal split over replicas
+    group_span_L: np.ndarray  # nodes a routing group's experts sit on, load-weighted
+    distinct_nodes_L: np.ndarray | None  # nodes a sampled token's experts are served from
+
+    @classmethod
+    def of(cls, placement: Placement, trace: Trace) -> Measured:
+        total_LE = trace.counts_WLE.sum(0)
+        nodes = None if trace.topk_ids_TLK is None else distinct_nodes(placement, trace.topk_ids_TLK)
+        return cls(imbalance(gpu_load_LG(placement, total_LE)), group_span(placement, total_LE, trace.n_group), nodes)
+
+
+def results_table(layers: np.ndarray, before: Measured, after: Measured) -> Table:
+    """Before / after the live reshard, measured on the served model; every row says which way is better."""
+    table = Table(title="measured while serving: trivial layout (before) vs solved layout (after)",
                   title_justify="left")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    for layer, b, a in zip(old.layers, before, after):
-        table.add_row(f"layer {layer} imbalance", f"{b:.3f}", f"{a:.3f}")
-    table.add_row("mean imbalance", f"{before.mean():.3f}", f"{after.mean():.3f}")
-    span_before = group_span(old, trace_before.counts_WLE.sum(0), trace_before.n_group).mean()
-    span_after = group_span(new, trace_after.counts_WLE.sum(0), trace_after.n_group).mean()
-    table.add_row("nodes a routing group spans", f"{span_before:.2f}", f"{span_after:.2f}")
-    if trace_before.topk_ids_TLK is not None and trace_after.topk_ids_TLK is not None:
-        nodes_before = distinct_nodes(old, trace_before.topk_ids_TLK).mean()
-        nodes_after = distinct_nodes(new, trace_after.topk_ids_TLK).mean()
-        table.add_row("distinct nodes per token (sampled)", f"{nodes_before:.2f}", f"{nodes_after:.2f}")
-    planned = moves(old, new)
-    table.add_section()
-    table.add_row("reshard", status["state"], f"{status['seconds']:.2f} s")
-    table.add_row("experts moved (plan minimum)", f"{planned.experts}", f"{status['experts_moved']}")
-    table.add_row("bytes moved", "", f"{status['bytes_moved'] / 1e6:.1f} MB")
-    table.add_row("requests sent / failed", f"{load.sent}", f"{load.failed}")
-    table.add_row("fixed prompts answered identically", "", "yes" if same else "NO")
+    for name, justify in (("metric", "left"), ("before", "right"), ("after", "right"), ("better", "left")):
+        table.add_column(name, justify=justify)
+    for row, layer in enumerate(layers):
+        table.add_row(f"layer {layer}: GPU imbalance (max / mean load)", f"{before.imbalance_L[row]:.3f}",
+                      f"{after.imbalance_L[row]:.3f}", "lower; 1.000 = perfect")
+    table.add_row("mean GPU imbalance", f"{before.imbalance_L.mean():.3f}", f"{after.imbalance_L.mean():.3f}",
+                  "lower; 1.000 = perfect")
+    table.add_row("nodes a routing group spans", f"{before.group_span_L.mean():.2f}",
+                  f"{after.group_span_L.mean():.2f}", "lower: less cross-node traffic")
+    if before.distinct_nodes_L is not None and after.distinct_nodes_L is not None:
+        table.add_row("nodes per token (sampled)", f"{before.distinct_nodes_L.mean():.2f}",
+                      f"{after.distinct_nodes_L.mean():.2f}", "lower: less cross-node traffic")
+    table.caption = ("The solver trades node traffic for GPU balance (solve --traffic-weight): "
+                     "the node rows may rise while the imbalance falls.")
     return table
+
+
+def summary_lines(status: dict, planned_experts: int, sent: int, failed: int, same: bool) -> list[str]:
+    """The reshard and the traffic around it, one fact per line."""
+    return [
+        f"reshard: {status['state']} in {status['seconds']:.2f} s; {status['experts_moved']} experts moved "
+        f"({planned_experts} is the fewest this placement needs), {status['bytes_moved'] / 1e6:.1f} MB",
+        f"requests during the demo: {sent} sent, {failed} failed (0 failed is the goal)",
+        f"fixed prompts answered identically before and after: {'yes' if same else 'NO'}",
+        "next: your own model and traces: moeplace serve --model DIR; moeplace profile --url URL -o trace.safetensors;"
+        " moeplace solve trace.safetensors --gpus N --gpus-per-node M -o placement.json;"
+        " moeplace apply placement.json --url URL",
+    ]
 
 
 def _serve_command(placement: Path, port: int) -> list[str]:

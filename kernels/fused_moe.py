@@ -14,8 +14,7 @@ from moeplace.kernels._triton import require_triton
 from moeplace.kernels.fp8_quant import FP8, GROUP, check_activations, dequant_rows_ref, dequant_weight_blocks_ref, \
     per_token_group_quant_fp8_ref
 from moeplace.kernels.grouped_gemm import GemmConfig, grouped_gemm_fp8, grouped_gemm_swiglu_fp8, swiglu_quant_ref
-from moeplace.kernels.histogram import check_topk_ids
-from moeplace.kernels.permute import moe_routing_plan, permute_quant, unpermute_combine
+from moeplace.kernels.permute import check_topk_ids, moe_routing_plan, permute_quant, unpermute_combine
 
 
 def check_moe_operands(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale) -> None:

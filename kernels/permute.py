@@ -14,7 +14,6 @@ import torch
 
 from moeplace.kernels._triton import require_triton, tl, triton
 from moeplace.kernels.fp8_quant import EPS, FP8, FP8_MAX, GROUP, check_activations, per_token_group_quant_fp8_ref, quant_rows
-from moeplace.kernels.histogram import check_topk_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +32,12 @@ class RoutingPlan:
     @property
     def num_rows(self) -> int:  # M, the rows every sorted buffer has
         return self.row_pos_TK.numel()
+
+
+def check_topk_ids(topk_ids_TK: torch.Tensor) -> None:
+    assert topk_ids_TK.dim() == 2, f"topk_ids_TK must be [T, K], got shape {tuple(topk_ids_TK.shape)}"
+    assert topk_ids_TK.dtype in (torch.int32, torch.int64), f"topk_ids_TK: integer ids expected, got {topk_ids_TK.dtype}"
+    assert topk_ids_TK.is_contiguous(), f"topk_ids_TK must be contiguous, strides {topk_ids_TK.stride()}"
 
 
 # ---------------------------------------------------------------- routing plan

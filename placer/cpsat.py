@@ -1,8 +1,8 @@
 """CP-SAT placement of one MoE layer: large-neighbourhood search with exact CP-SAT sub-models.
 
 A whole-layer model (256 experts x 32-72 GPUs x every workload) is too large for CP-SAT to improve
-on the greedy warm start within the ~1 s a layer gets (measured: no better solution in 5 s at
-EP32), and its LP bound is the trivial 1.0 anyway. So the search goes:
+on the greedy warm start within the ~1 s a layer gets (benchmarks/BENCHMARKS.md, "Numbers moved out of
+docstrings"), and its LP bound is the trivial 1.0 anyway. So the search goes:
 
   1. warm start: the scenario-aware greedy (placer.greedy);
   2. swap descent: exchange single replicas between the hottest GPU and any other while that lowers
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from moeplace.placer.layer import SCALE, Packing
+from moeplace.placer.layer import Packing
 
 # Items (replicas) in one CP-SAT neighbourhood: big enough to escape swap-local optima, small enough
 # to solve to optimality in a few milliseconds.
@@ -231,7 +231,3 @@ def _traffic_terms(model, packing: Packing, gpus, outside, experts, x) -> list:
         model.Add(sum(at_home) + off >= 1)
         terms.append(int(packing.traffic_E[e]) * off)
     return terms
-
-
-def objective_float(packing: Packing) -> float:
-    return packing.objective() / SCALE

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeplace.placer.cpsat import _max_excluding, improve_layer, objective_float, swap_descent
+from moeplace.placer.cpsat import _max_excluding, improve_layer, swap_descent
 from moeplace.placer.greedy import pack_for_scenarios, replicate_for_scenarios
 from moeplace.placer.layer import SCALE, LayerProblem, Packing
 
@@ -115,7 +115,6 @@ def test_improve_layer_is_valid_and_never_worse_than_greedy(problem, seed):
     if problem.home_node_E is None and problem.old_on_GE is None:  # the objective is the hottest load
         assert hottest <= start_hottest + problem.slots_per_gpu / SCALE
     assert stats.status in ("optimal", "improved", "greedy")
-    assert objective_float(packing) == packing.objective() / SCALE
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
