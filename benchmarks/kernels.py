@@ -1,118 +1,107 @@
-"""Benchmark moeplace's FP8 grouped expert GEMMs on a GPU against the torch paths, DeepSeek-V3 shapes.
+"""Benchmark moeplace's FP8 grouped expert GEMMs against the torch paths at DeepSeek-V3 shapes, and write
+the measured dispatch table (moeplace/kernels/gemm_table.json) from its sweep.
 
-    python benchmarks/kernels.py [--traces DIR] [--quick] [--json OUT.json]
+    python benchmarks/kernels.py [--counts FILE | --traces DIR] [--table OUT.json] [--json ROWS.json]
+    python benchmarks/kernels.py --cpu-smoke --table /tmp/t.json     # tiny shapes, Triton interpreter
 
-Per scenario (prefill ≈ 4096×8 routed rows, decode ≈ 128×8; 256 experts on one GPU, or the 32 local
-experts of an EP8 rank), expert row counts are drawn from a real DeepSeek-V3 layer
-(../shared/traces/sglang-dsv3-ep-statistics). For the gate/up (N 4096, K 7168) and down (N 7168, K 2048)
-GEMMs it times, in the same process: ours over a few tile configs; a loop of torch._scaled_mm per expert
-with DeepSeek block scales (eager, and replayed from a CUDA graph); torch._scaled_grouped_mm (row-wise
-scales); a dense _scaled_mm of the same total rows (the practical ceiling). Then fused_moe end to end.
+Per scenario (prefill 4096×8 routed rows, decode 128×8; all 256 experts on one GPU, or the 32 local
+experts of an EP8 rank) the rows per expert follow a real DeepSeek-V3 layer (--counts: a derived
+per-expert count file, see `write_counts`; --traces: ../shared sglang-dsv3-ep-statistics), else a
+synthetic Zipf law (the output says which). Per GEMM (gate/up N 4096 K 7168, down N 7168 K 2048, and
+gate/up with the fused SwiGLU+requant epilogue) it times every candidate of the sweep (Triton pointer
+kernel, persistent TMA kernel with and without warp specialisation, torch `_scaled_mm` per expert), the
+baselines (the per-expert loop with operands prepared outside the timing, eager and CUDA graph; a dense
+`_scaled_mm` of the same rows: the ceiling), then `fused_moe` end to end (decode also replayed from a
+CUDA graph). Winners go to the table, keyed by (kind, rows-per-expert bucket, N, K) and the card.
 """
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from moeplace.kernels.fp8_quant import FP8, quant_weight_blocks_ref
-from moeplace.kernels.fused_moe import fused_moe
-from moeplace.kernels.grouped_gemm import GemmConfig, grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8
-from moeplace.kernels.permute import moe_routing_plan, permute_quant, unpermute_combine
-
 HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # datasheet, SXM parts
-D, F, TOPK = 7168, 2048, 8
+TOPK, LAYER = 8, 30  # LAYER: a middle MoE layer; EP8 rank 0 holds its experts 0..31
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "sglang-dsv3-ep-statistics"
-SCENARIOS = [  # name, trace file, rows M, experts E (256 = all on one GPU, 32 = one EP8 rank)
-    ("prefill E256", "prefill_in4096.json", 4096 * TOPK, 256),
-    ("decode E256", "decode_in1000out1000.json", 128 * TOPK, 256),
+GPU_SCENARIOS = [  # name, trace file, routed rows M, experts E; most important first (a run may stop early)
     ("prefill E32", "prefill_in4096.json", 4096 * TOPK, 32),
     ("decode E32", "decode_in1000out1000.json", 128 * TOPK, 32),
+    ("decode E256", "decode_in1000out1000.json", 128 * TOPK, 256),
+    ("prefill E256", "prefill_in4096.json", 4096 * TOPK, 256),
 ]
-LAYER = 30  # a middle MoE layer; EP8 rank 0 holds its experts 0..31
-SWEEP = {  # GemmConfig(block_m, block_n, group_m, num_warps, num_stages)
-    "prefill": [GemmConfig(128, 128, 8, 8, 4), GemmConfig(128, 128, 8, 8, 5), GemmConfig(128, 128, 16, 8, 4),
-                GemmConfig(64, 128, 8, 4, 4), GemmConfig(64, 128, 8, 8, 4), GemmConfig(128, 64, 8, 4, 4),
-                GemmConfig(64, 256, 8, 8, 3)],
-    "decode": [GemmConfig(16, 128, 1, 4, 4), GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4),
-               GemmConfig(16, 64, 1, 4, 6), GemmConfig(64, 64, 1, 4, 6)],
-}
+GPU_SHAPE = dict(D=7168, F=2048)
+SMOKE_SCENARIOS = [("prefill E4", "prefill_in4096.json", 96, 4), ("decode E6", "decode_in1000out1000.json", 24, 6)]
+SMOKE_SHAPE = dict(D=256, F=128)
 
 
-def bench_ms(fn) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+def sweep(phase: str, smoke: bool):
+    from moeplace.kernels.gemm_table import Backend, GemmConfig
+    tma, loop = Backend.triton_tma, GemmConfig(backend=Backend.torch_loop)
+    if smoke:
+        return [GemmConfig(16, 128, 2, 4, 2), GemmConfig(32, 128, 1, 4, 2, backend=tma),
+                GemmConfig(16, 128, 1, 4, 2, backend=tma, warp_specialize=True)]
+    if phase == "prefill":
+        return [GemmConfig(128, 128, 16, 8, 4), GemmConfig(128, 128, 8, 8, 4, backend=tma),
+                GemmConfig(128, 128, 8, 8, 4, backend=tma, warp_specialize=True),
+                GemmConfig(128, 128, 8, 8, 3, backend=tma), GemmConfig(64, 128, 8, 4, 4, backend=tma), loop]
+    return [GemmConfig(16, 64, 1, 4, 6), GemmConfig(16, 128, 1, 4, 4), GemmConfig(16, 128, 1, 4, 6),
+            GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 6), GemmConfig(128, 128, 1, 8, 4),
+            GemmConfig(64, 128, 1, 4, 4, backend=tma), GemmConfig(128, 128, 1, 8, 4, backend=tma)]
 
 
-def copy_bandwidth_gbs() -> float:
-    """The card's practical HBM ceiling: a 2 GiB device copy, bytes read plus bytes written."""
-    src = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e6
+# ---------------------------------------------------------------- inputs
 
 
-def expert_counts(trace_file: Path, M: int, E: int, gen: torch.Generator) -> torch.Tensor:
-    """M routed rows over E experts, drawn from the layer's real per-expert load."""
-    p = torch.tensor(json.loads(trace_file.read_text())["logical_count"][LAYER][:E], dtype=torch.float64)
+def write_counts(traces: Path, out: Path) -> None:
+    """The per-expert row counts of LAYER for each scenario's trace file: all the benchmark reads of them."""
+    files = {f for _, f, _, _ in GPU_SCENARIOS}
+    out.write_text(json.dumps({f: json.loads((traces / f).read_text())["logical_count"][LAYER] for f in files}))
+
+
+def expert_counts(source: dict | None, trace: str, M: int, E: int, gen) -> torch.Tensor:
+    """M routed rows over E experts: drawn from the layer's real per-expert load, or Zipf(1) if none."""
+    if source is not None:
+        p = torch.tensor(source[trace][:E], dtype=torch.float64)
+    else:
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)[torch.randperm(E, generator=gen)]
     return torch.bincount(torch.multinomial(p, M, replacement=True, generator=gen), minlength=E)
 
 
-def fp8_weights(E, N, K, gen):
-    """Random block-quantised weights, built one expert at a time on the GPU (11 GB at E 256)."""
-    q = torch.empty(E, N, K, dtype=FP8, device="cuda")
-    s = torch.empty(E, N // 128, K // 128, dtype=torch.float32, device="cuda")
+def fp8_weights(E, N, K, dev):
+    """Random block-quantised weights, built one expert at a time (11 GB at E 256 on the GPU)."""
+    from moeplace.kernels.fp8_quant import FP8, quant_weight_blocks_ref
+    q = torch.empty(E, N, K, dtype=FP8, device=dev)
+    s = torch.empty(E, N // 128, K // 128, dtype=torch.float32, device=dev)
     for e in range(E):
-        q[e], s[e] = quant_weight_blocks_ref(torch.randn(N, K, device="cuda") / K**0.5)
+        q[e], s[e] = quant_weight_blocks_ref(torch.randn(N, K, device=dev) / K**0.5)
     return q, s
 
 
-def sorted_rows(counts, K, gen):
+def sorted_rows(counts, K, dev):
     """Activations already in the sorted layout: fp8 rows and per-128 scales, plus the offsets."""
+    from moeplace.kernels.fp8_quant import FP8
     M = int(counts.sum())
-    a = (torch.randn(M, K, device="cuda") * 8).to(FP8)
-    a_s = torch.rand(M, K // 128, device="cuda") * 0.01 + 0.001
+    a = (torch.randn(M, K, device=dev) * 8).to(FP8)
+    a_s = torch.rand(M, K // 128, device=dev) * 0.01 + 0.001
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0)
-    return a, a_s, offsets.cuda()
+    return a, a_s, offsets.to(dev)
 
 
-def blockwise_mm(a, a_s, w, w_s):
-    """torch._scaled_mm with DeepSeek scales: a [m, K] with 1×128 scales [m, K/128] stored outer-dim-major
-    (stride (1, m)), w [N, K] with 128×128 scales [N/128, K/128] (passed transposed, as torch checks)."""
-    return torch._scaled_mm(a, w.t(), a_s, w_s.t(), out_dtype=torch.bfloat16)
+# ---------------------------------------------------------------- timing
 
 
-def rowwise_mm(a, a_s, w, w_s):
-    """Fallback where blockwise scales are unsupported: one scale per row of a and per column of w."""
-    return torch._scaled_mm(a, w.t(), a_s, w_s, out_dtype=torch.bfloat16)
-
-
-def expert_operands(a, a_s, w, w_s, lo, hi, blockwise):
-    """One expert's operands for torch._scaled_mm, rows padded to a multiple of 4 (cuBLAS asks for it)."""
-    pad = -(hi - lo) % 4
-    ae = torch.cat([a[lo:hi], a.new_zeros(pad, a.shape[1])])
-    se = torch.cat([a_s[lo:hi], a_s.new_ones(pad, a_s.shape[1])])
-    if blockwise:
-        return ae, se.t().contiguous().t(), w, w_s
-    return ae, se.amax(1, keepdim=True), w, w_s.amax(2).amax(1).expand(w.shape[0]).reshape(1, -1).contiguous()
-
-
-def prepare_loop(a, a_s, w, w_s, offsets):
-    """The per-expert loop baseline, operands built outside the timed region (this favours the loop; a
-    real one also needs the counts on the host, one sync per layer). Block scales if torch has them."""
-    off = offsets.tolist()
-    spans = [(e, lo, hi) for e, (lo, hi) in enumerate(zip(off[:-1], off[1:])) if hi > lo]
-    for blockwise, mm in ((True, blockwise_mm), (False, rowwise_mm)):
-        calls = [expert_operands(a, a_s, w[e], w_s[e], lo, hi, blockwise) for e, lo, hi in spans]
-        try:
-            mm(*calls[0])
-        except RuntimeError as exc:
-            print(f"  (blockwise _scaled_mm failed, falling back to row-wise: {str(exc)[:120]})")
-            continue
-        return (lambda: [mm(*c) for c in calls]), ("block scales" if blockwise else "ROW-WISE scales")
-    raise RuntimeError("neither blockwise nor row-wise torch._scaled_mm runs here")
+def bench_ms(fn, dev) -> float:
+    if dev == "cpu":  # smoke mode: the code path, not a number worth keeping
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def graphed(fn):
@@ -128,132 +117,238 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def gemm_rows(name, kind, counts, w, w_s, gen, sweep, hbm_gbs):
-    """All variants of one GEMM shape; returns result rows (dicts)."""
-    E, N, K = w.shape
-    a, a_s, offsets = sorted_rows(counts, K, gen)
-    M, active = a.shape[0], int((counts > 0).sum())
-    flops = 2.0 * M * N * K
-    weight_bytes = active * (N * K + (N // 128) * (K // 128) * 4)
-    rows = []
+def copy_bandwidth_gbs() -> float:
+    """The card's practical HBM ceiling: a 2 GiB device copy, bytes read plus bytes written."""
+    src = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / bench_ms(lambda: dst.copy_(src), "cuda") / 1e6
 
-    def add(variant, fn, note=""):
+
+# ---------------------------------------------------------------- one GEMM shape
+
+
+def blockwise_mm(a, a_s, w, w_s):
+    """torch._scaled_mm with DeepSeek scales: a [m, K] with 1×128 scales [m, K/128] stored outer-dim-major
+    (stride (1, m)), w [N, K] with 128×128 scales [N/128, K/128] (passed transposed, as torch checks)."""
+    return torch._scaled_mm(a, w.t(), a_s, w_s.t(), out_dtype=torch.bfloat16)
+
+
+def loop_baseline(a, a_s, w, w_s, offsets):
+    """The per-expert loop with its operands built outside the timed region (rows padded to a multiple of
+    4): what the issue's targets compare against; it favours the loop (no host sync, no padding)."""
+    off = offsets.tolist()
+    calls = []
+    for e, (lo, hi) in enumerate(zip(off[:-1], off[1:])):
+        if hi > lo:
+            pad = -(hi - lo) % 4
+            ae = torch.cat([a[lo:hi], a.new_zeros(pad, a.shape[1])])
+            se = torch.cat([a_s[lo:hi], a_s.new_ones(pad, a_s.shape[1])])
+            calls.append((ae, se.t().contiguous().t(), w[e], w_s[e]))
+    return lambda: [blockwise_mm(*c) for c in calls]
+
+
+class Rows:
+    """Result rows of one scenario, printed as they come."""
+
+    def __init__(self, scenario, all_rows):
+        self.scenario, self.all = scenario, all_rows
+
+    def add(self, gemm, variant, fn, dev, flops=0.0, weight_bytes=0.0, hbm=1.0, note=""):
         try:
-            ms = bench_ms(fn)
-        except Exception as exc:  # a baseline this torch/cuBLAS doesn't support: say so, keep going
-            rows.append(dict(scenario=name, gemm=kind, variant=variant, error=f"{type(exc).__name__}: {exc}"[:160]))
-            return None
-        rows.append(dict(scenario=name, gemm=kind, variant=variant, ms=ms, tflops=flops / ms / 1e9,
-                         weight_gbs=weight_bytes / ms / 1e6, weight_pct_hbm=100 * weight_bytes / ms / 1e6 / hbm_gbs, note=note))
+            ms = bench_ms(fn, dev)
+        except Exception as exc:  # a candidate this card/compiler/torch can't run: say so, keep going
+            row = dict(scenario=self.scenario, gemm=gemm, variant=variant, error=f"{type(exc).__name__}: {exc}"[:200])
+            ms = None
+        else:
+            row = dict(scenario=self.scenario, gemm=gemm, variant=variant, ms=ms, tflops=flops / ms / 1e9,
+                       weight_gbs=weight_bytes / ms / 1e6, weight_pct_hbm=100 * weight_bytes / ms / 1e6 / hbm, note=note)
+        self.all.append(row)
+        print(format_row(row), flush=True)
         return ms
 
-    # correctness at full size, once: ours against the float64 reference on a few experts' rows
+
+def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline):
+    """Time every candidate for one GEMM; returns (best, best Triton, timings) and checks numerics."""
+    from moeplace.kernels.gemm_table import Backend, GemmKind
+    from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8
+    E, N, K = w.shape
+    a, a_s, offsets = sorted_rows(counts, K, dev)
+    M, active = a.shape[0], int((counts > 0).sum())
+    flops, wbytes = 2.0 * M * N * K, active * N * K * (1 + 4 / 128**2)
     ref_rows = min(M, 2048)
-    ours = grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.float32)
     ref = grouped_gemm_ref(a[:ref_rows], a_s[:ref_rows], w, w_s, offsets.clamp(max=ref_rows))
-    err = rel_err(ours[:ref_rows], ref)
-    best = None
-    for cfg in sweep:
-        ms = add(f"ours m{cfg.block_m} n{cfg.block_n} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}",
-                 lambda cfg=cfg: grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.bfloat16, cfg), f"rel err {err:.1e}")
-        if ms is not None and (best is None or ms < best[0]):
-            best = (ms, cfg)
-    if kind == "gate/up":
-        for cfg in [c for c in sweep if c.block_n == 128]:
-            add(f"ours+SwiGLU+quant m{cfg.block_m} w{cfg.num_warps} s{cfg.num_stages}",
-                lambda cfg=cfg: grouped_gemm_swiglu_fp8(a, a_s, w, w_s, offsets, cfg), "epilogue fused")
-    loop, loop_kind = prepare_loop(a, a_s, w, w_s, offsets)
-    e0 = int(torch.nonzero(counts)[0])  # the loop's first output is expert e0's rows: same numbers as ours?
-    lo, hi = int(offsets[e0]), int(offsets[e0 + 1])
-    loop_err = rel_err(loop()[0][: hi - lo], ours[lo:hi])
-    add(f"loop _scaled_mm ({active} experts)", loop, f"{loop_kind}, vs ours {loop_err:.1e}")
-    try:
-        add("loop _scaled_mm, CUDA graph", graphed(loop), loop_kind)
-    except Exception as exc:
-        rows.append(dict(scenario=name, gemm=kind, variant="loop _scaled_mm, CUDA graph", error=str(exc)[:160]))
-    sa, sb = a_s.amax(1).contiguous(), w_s.amax(2).repeat_interleave(128, 1).contiguous()
-    add("_scaled_grouped_mm row-wise", lambda: torch._scaled_grouped_mm(
-        a, w.transpose(1, 2), sa, sb, offs=offsets[1:], out_dtype=torch.bfloat16), "row-wise scales")
-    dense = expert_operands(a, a_s, w[0], w_s[0], 0, M, blockwise=loop_kind == "block scales")
-    add(f"dense _scaled_mm {dense[0].shape[0]}x{N}x{K}", lambda: (blockwise_mm if loop_kind == "block scales" else rowwise_mm)(*dense),
-        f"ceiling, {loop_kind}")
-    return rows, best
+    timings, best, best_triton = {}, None, None
+    for cfg in cands:
+        if time.monotonic() > deadline:
+            print(f"  (time budget spent: {cfg.label} not timed)")
+            continue
+        if kind is GemmKind.swiglu:
+            fn = lambda cfg=cfg: grouped_gemm_swiglu_fp8(a, a_s, w, w_s, offsets, cfg)  # noqa: E731
+            note = ""
+        else:
+            fn = lambda cfg=cfg: grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.bfloat16, cfg)  # noqa: E731
+            out_dtype = torch.bfloat16 if cfg.backend is Backend.torch_loop else torch.float32
+            try:
+                note = f"rel err {rel_err(grouped_gemm_fp8(a, a_s, w, w_s, offsets, out_dtype, cfg)[:ref_rows], ref):.1e}"
+            except Exception as exc:
+                note = f"check failed: {type(exc).__name__}: {str(exc)[:100]}"
+        ms = rows.add(gemm, ("ours " if cfg.backend is not Backend.torch_loop else "") + cfg.label, fn, dev,
+                      flops, wbytes, hbm, note)
+        if ms is None or note.startswith("check failed"):
+            continue
+        timings[cfg.label] = ms
+        if best is None or ms < timings[best.label]:
+            best = cfg
+        if cfg.backend is not Backend.torch_loop and (best_triton is None or ms < timings[best_triton.label]):
+            best_triton = cfg
+    if kind is GemmKind.plain and dev == "cuda":
+        loop = loop_baseline(a, a_s, w, w_s, offsets)
+        rows.add(gemm, f"baseline loop _scaled_mm ({active} experts)", loop, dev, flops, wbytes, hbm)
+        try:
+            rows.add(gemm, "baseline loop, CUDA graph", graphed(loop), dev, flops, wbytes, hbm)
+        except Exception as exc:
+            print(f"  loop graph failed: {exc}"[:200])
+        pad = -M % 4
+        dense = (torch.cat([a, a.new_zeros(pad, K)]), torch.cat([a_s, a_s.new_ones(pad, K // 128)]).t().contiguous().t(),
+                 w[0], w_s[0])
+        rows.add(gemm, f"baseline dense _scaled_mm {M + pad}x{N}x{K}", lambda: blockwise_mm(*dense), dev, flops,
+                 wbytes, hbm, "ceiling")
+    return best, best_triton, timings
 
 
-def moe_rows(name, counts, w13, w13_s, w2, w2_s, cfgs, hbm_gbs):
-    """fused_moe end to end (routing plan, permute+quant, two GEMMs, combine), and its stages."""
-    M, E = int(counts.sum()), counts.numel()
-    ids = torch.repeat_interleave(torch.arange(E), counts)[torch.randperm(M)].view(-1, TOPK).to(torch.int32).cuda()
-    T = ids.shape[0]
-    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    w = torch.rand(T, TOPK, device="cuda")
-    active = int((counts > 0).sum())
-    flops, wbytes = 6.0 * M * D * F, active * 3 * D * F
+# ---------------------------------------------------------------- fused_moe end to end
+
+
+def moe_rows(rows: Rows, counts, weights, cfgs, graph_cfgs, dev, hbm, D):
+    """fused_moe end to end and its stages; with `graph_cfgs`, also replayed from a CUDA graph."""
+    from moeplace.kernels.fused_moe import fused_moe
+    from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_swiglu_fp8
+    from moeplace.kernels.permute import moe_routing_plan, permute_quant, unpermute_combine
+    w13, w13_s, w2, w2_s = weights
+    M, E, F = int(counts.sum()), counts.numel(), w2.shape[2]
+    ids = torch.repeat_interleave(torch.arange(E), counts)[torch.randperm(M)].view(-1, TOPK).to(torch.int32).to(dev)
+    x = torch.randn(ids.shape[0], D, device=dev, dtype=torch.bfloat16)
+    w = torch.rand(ids.shape[0], TOPK, device=dev)
+    flops, wbytes = 6.0 * M * D * F, int((counts > 0).sum()) * 3 * D * F
     plan = moe_routing_plan(ids, E)
     a, a_s = permute_quant(x, plan)
     g, g_s = grouped_gemm_swiglu_fp8(a, a_s, w13, w13_s, plan.expert_offsets_E1, cfgs[0])
     y = grouped_gemm_fp8(g, g_s, w2, w2_s, plan.expert_offsets_E1, torch.bfloat16, cfgs[1])
-    stages = {
-        "routing plan": lambda: moe_routing_plan(ids, E),
-        "permute+quant": lambda: permute_quant(x, plan),
-        "gate/up+SwiGLU+quant": lambda: grouped_gemm_swiglu_fp8(a, a_s, w13, w13_s, plan.expert_offsets_E1, cfgs[0]),
-        "down": lambda: grouped_gemm_fp8(g, g_s, w2, w2_s, plan.expert_offsets_E1, torch.bfloat16, cfgs[1]),
-        "unpermute+combine": lambda: unpermute_combine(y, plan, w),
-    }
-    rows = [dict(scenario=name, gemm="stage", variant=k, ms=bench_ms(f)) for k, f in stages.items()]
-    ms = bench_ms(lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, cfgs))
-    rows.append(dict(scenario=name, gemm="fused_moe", variant="end to end", ms=ms, tflops=flops / ms / 1e9,
-                     weight_gbs=wbytes / ms / 1e6, weight_pct_hbm=100 * wbytes / ms / 1e6 / hbm_gbs))
-    return rows
+    for name, fn in (("routing plan (1 launch)", lambda: moe_routing_plan(ids, E)),
+                     ("permute+quant", lambda: permute_quant(x, plan)),
+                     ("unpermute+combine", lambda: unpermute_combine(y, plan, w))):
+        rows.add("stage", name, fn, dev)
+    eager = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, cfgs)  # noqa: E731
+    rows.add("fused_moe", f"end to end ({cfgs[0].label} | {cfgs[1].label})", eager, dev, flops, wbytes, hbm)
+    if graph_cfgs is not None and dev == "cuda":
+        out = torch.empty_like(x)
+        replay = graphed(lambda: out.copy_(fused_moe(x, ids, w, w13, w13_s, w2, w2_s, graph_cfgs)))
+        replay()
+        err = rel_err(out, fused_moe(x, ids, w, w13, w13_s, w2, w2_s, graph_cfgs))
+        rows.add("fused_moe", f"CUDA graph replay ({graph_cfgs[0].label} | {graph_cfgs[1].label})", replay, dev,
+                 flops, wbytes, hbm, f"vs eager {err:.1e}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def run_scenario(name, trace, M, E, shape, source, weights, args, dev, hbm, all_rows, entries, deadline):
+    from moeplace.kernels.gemm_table import GemmKind, rows_bucket, table_row
+    gen = torch.Generator().manual_seed(0)
+    counts = expert_counts(source, trace, M, E, gen)
+    print(f"\n== {name}: {M} rows, {int((counts > 0).sum())}/{E} experts used, rows per expert max "
+          f"{int(counts.max())} min {int(counts.min())} ({trace} layer {LAYER} or Zipf: see above)", flush=True)
+    rows, (w13, w13_s, w2, w2_s) = Rows(name, all_rows), weights
+    cands = sweep(name.split()[0], args.cpu_smoke)
+    chosen = {}
+    for kind, gemm, w, ws in ((GemmKind.plain, "gate/up", w13, w13_s), (GemmKind.plain, "down", w2, w2_s),
+                              (GemmKind.swiglu, "gate/up+SwiGLU", w13, w13_s)):
+        best, best_triton, timings = gemm_sweep(rows, kind, gemm, counts, w, ws, cands, dev, hbm, deadline)
+        if best is None:
+            continue
+        chosen[gemm] = (best, best_triton)
+        entries.append(table_row(kind, rows_bucket(M / E), w.shape[1], w.shape[2], best, best_triton, timings))
+    if "gate/up+SwiGLU" in chosen and "down" in chosen:
+        cfgs = (chosen["gate/up+SwiGLU"][0], chosen["down"][0])
+        graph_cfgs = (chosen["gate/up+SwiGLU"][1], chosen["down"][1]) if name.startswith("decode") else None
+        moe_rows(rows, counts, weights, cfgs, graph_cfgs, dev, hbm, shape["D"])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--counts", type=Path, help="per-expert counts written by --write-counts")
     ap.add_argument("--traces", type=Path, default=TRACES)
-    ap.add_argument("--quick", action="store_true", help="first config of each sweep only")
+    ap.add_argument("--write-counts", type=Path, help="derive the counts file from --traces and exit")
+    ap.add_argument("--table", type=Path, help="write the measured dispatch table here")
     ap.add_argument("--json", type=Path, help="write all rows here")
     ap.add_argument("--scenarios", default="all", help="comma-separated names (e.g. 'decode E32') or all")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop timing candidates after this long")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU, Triton's interpreter")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    card = torch.cuda.get_device_name()
+    if args.write_counts:
+        return write_counts(args.traces, args.write_counts)
+    if args.cpu_smoke:  # before moeplace.kernels is imported: Triton picks its interpreter at decoration
+        os.environ["TRITON_INTERPRET"] = "1"
+    deadline = time.monotonic() + args.budget_s
+    import triton
+    dev = "cpu" if args.cpu_smoke else "cuda"
+    assert dev == "cpu" or torch.cuda.is_available(), "needs a CUDA GPU (or --cpu-smoke)"
+    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)"
     hbm = next((v for k, v in HBM_PEAK_GBS.items() if k in card), 3350.0)
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"{card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; HBM datasheet {hbm:.0f} GB/s, "
-          f"measured copy (read+write) {copy_gbs:.0f} GB/s", flush=True)
-    gen = torch.Generator().manual_seed(0)
-    all_rows, weights = [], {}
-    for name, trace, M, E in SCENARIOS:
+    copy_gbs = copy_bandwidth_gbs() if dev == "cuda" else float("nan")
+    source = json.loads(args.counts.read_text()) if args.counts and args.counts.is_file() else None
+    if source is None and (args.traces / GPU_SCENARIOS[0][1]).is_file():
+        source = {f: json.loads((args.traces / f).read_text())["logical_count"][LAYER] for _, f, _, _ in GPU_SCENARIOS}
+    print(f"{card}, torch {torch.__version__}, Triton {triton.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
+          f"HBM datasheet {hbm:.0f} GB/s, measured copy (read+write) {copy_gbs:.0f} GB/s; rows per expert: "
+          f"{'DeepSeek-V3 layer %d' % LAYER if source else 'SYNTHETIC Zipf(1)'}", flush=True)
+    scenarios, shape = (SMOKE_SCENARIOS, SMOKE_SHAPE) if args.cpu_smoke else (GPU_SCENARIOS, GPU_SHAPE)
+    all_rows, entries, weights = [], [], {}
+    for name, trace, M, E in scenarios:
         if args.scenarios != "all" and name not in args.scenarios.split(","):
             continue
         if E not in weights:
             weights.clear()
-            torch.cuda.empty_cache()
-            weights[E] = (*fp8_weights(E, 2 * F, D, gen), *fp8_weights(E, D, F, gen))
-        w13, w13_s, w2, w2_s = weights[E]
-        counts = expert_counts(args.traces / trace, M, E, gen)
-        print(f"\n== {name}: {M} rows, {int((counts > 0).sum())}/{E} experts used, rows per expert "
-              f"max {int(counts.max())} min {int(counts.min())} ({trace} layer {LAYER})", flush=True)
-        sweep = SWEEP[name.split()[0]][: 1 if args.quick else None]
-        best = []
-        for kind, w, ws in (("gate/up", w13, w13_s), ("down", w2, w2_s)):
-            rows, b = gemm_rows(name, kind, counts, w, ws, gen, sweep, hbm)
-            all_rows += rows
-            best.append(b[1] if b else None)
-            for r in rows:
-                print(format_row(r), flush=True)
-        up_cfg = GemmConfig(best[0].block_m, 128, best[0].group_m, best[0].num_warps, best[0].num_stages)
-        for r in moe_rows(name, counts, w13, w13_s, w2, w2_s, (up_cfg, best[1]), hbm):
-            all_rows.append(r)
-            print(format_row(r), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(dict(card=card, copy_gbs=copy_gbs, hbm_gbs=hbm, rows=all_rows), indent=1))
+            torch.cuda.empty_cache() if dev == "cuda" else None
+            D, F = shape["D"], shape["F"]
+            weights[E] = (*fp8_weights(E, 2 * F, D, dev), *fp8_weights(E, D, F, dev))
+        run_scenario(name, trace, M, E, shape, source, weights[E], args, dev, hbm, all_rows, entries, deadline)
+        if args.json:  # after every scenario: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(dict(card=card, copy_gbs=copy_gbs, hbm_gbs=hbm, rows=all_rows), indent=1))
+    if args.table:
+        from moeplace.kernels.gemm_table import write_table
+        write_table(args.table, card, entries, dict(torch=torch.__version__, triton=triton.__version__,
+                                                    date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv)))
+    print_summary(all_rows, hbm, copy_gbs)
 
 
 def format_row(r):
     if "error" in r:
-        return f"  {r['gemm']:9s} {r['variant']:44s} FAILED {r['error']}"
-    extra = f" {r['tflops']:7.1f} TFLOP/s {r['weight_gbs']:7.0f} GB/s ({r['weight_pct_hbm']:4.1f}% HBM)" if "tflops" in r else ""
-    return f"  {r['gemm']:9s} {r['variant']:44s} {r['ms']:8.3f} ms{extra} {r.get('note', '')}"
+        return f"  {r['gemm']:15s} {r['variant']:52s} FAILED {r['error']}"
+    extra = (f" {r['tflops']:7.1f} TFLOP/s {r['weight_gbs']:6.0f} GB/s ({r['weight_pct_hbm']:4.1f}% HBM)"
+             if r.get("tflops") else "")
+    return f"  {r['gemm']:15s} {r['variant']:52s} {r['ms']:8.3f} ms{extra} {r.get('note', '')}"
+
+
+def print_summary(all_rows, hbm, copy_gbs):
+    """Per scenario and GEMM: our best against the loop, its graph and the dense ceiling; fused_moe."""
+    print("\nSUMMARY (TFLOP/s; decode also % of HBM datasheet / of measured copy)")
+    ok = [r for r in all_rows if "ms" in r and r.get("tflops")]
+    for scen in dict.fromkeys(r["scenario"] for r in ok):
+        for gemm in ("gate/up", "down", "gate/up+SwiGLU", "fused_moe"):
+            rs = [r for r in ok if r["scenario"] == scen and r["gemm"] == gemm]
+            ours = [r for r in rs if not r["variant"].startswith("baseline")]
+            if not ours:
+                continue
+            best = max(ours, key=lambda r: r["tflops"])
+            base = {k: max((r["tflops"] for r in rs if r["variant"].startswith(k)), default=float("nan"))
+                    for k in ("baseline loop _", "baseline loop,", "baseline dense")}
+            pct_copy = 100 * best["weight_gbs"] / copy_gbs if copy_gbs == copy_gbs else float("nan")
+            print(f"{scen:13s} {gemm:15s} best {best['tflops']:7.1f} [{best['variant'][:44]}] "
+                  f"loop {base['baseline loop _']:6.1f} graph {base['baseline loop,']:6.1f} "
+                  f"dense {base['baseline dense']:6.1f} | x loop {best['tflops'] / base['baseline loop _']:.2f} "
+                  f"of dense {100 * best['tflops'] / base['baseline dense']:.0f}% | HBM "
+                  f"{best['weight_pct_hbm']:.0f}% copy {pct_copy:.0f}%")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """DeepSeek-V3 routed experts on FP8 weights: permute+quantise → gate/up GEMM with SiLU(gate)·up and
-FP8 requantisation in its epilogue → down GEMM → weighted combine. Four launches of Triton (two for the
-routing plan) and a few small torch ops, no host sync.
+FP8 requantisation in its epilogue → down GEMM → weighted combine: five Triton launches (one for the
+routing plan). No host sync, so a CUDA graph can capture it, unless the measured GEMM table picks the
+torch per-expert loop for a prefill shape (never while capturing: grouped_gemm.choose_config).
 
 Weights as in the checkpoint, 128×128 block scales: w13_E2FD [E, 2F, D] float8_e4m3fn (rows [0, F) are
 gate_proj, [F, 2F) up_proj) with w13_scale [E, 2F/128, D/128]; w2_EDF [E, D, F] (down_proj) with

@@ -43,47 +43,103 @@ def check_topk_ids(topk_ids_TK: torch.Tensor) -> None:
 # ---------------------------------------------------------------- routing plan
 
 
-@triton.jit
-def _block_count_kernel(ids_ptr, block_counts_ptr, n, E, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
-    tl.atomic_add(block_counts_ptr + b * E + ids, 1, mask=(ids >= 0) & (ids < E))
+def check_topk_ids(topk_ids_TK: torch.Tensor) -> None:
+    assert topk_ids_TK.dim() == 2, f"topk_ids_TK must be [T, K], got shape {tuple(topk_ids_TK.shape)}"
+    assert topk_ids_TK.dtype in (torch.int32, torch.int64), f"topk_ids_TK: integer ids expected, got {topk_ids_TK.dtype}"
+    assert topk_ids_TK.is_contiguous(), f"topk_ids_TK must be contiguous, strides {topk_ids_TK.stride()}"
 
 
 @triton.jit
-def _row_pos_kernel(ids_ptr, block_base_ptr, row_pos_ptr, n, E, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    i = tl.arange(0, BLOCK)
-    offs = b * BLOCK + i
+def _block_hits(ids_ptr, start, n, E, experts, BLOCK: tl.constexpr):
+    """Rows [start, start + BLOCK): (valid [BLOCK], one-hot expert [BLOCK, E_P2] int32); ids outside
+    [0, E), -1 included, hit no expert."""
+    offs = start + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int32)
     valid = (ids >= 0) & (ids < E)
-    # rank inside the block = earlier rows with the same id; a [BLOCK, BLOCK] compare, whatever E is
-    earlier_same = (ids[None, :] == ids[:, None]) & (i[None, :] < i[:, None])
-    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
-    base = tl.load(block_base_ptr + b * E + ids, mask=valid, other=0)
-    tl.store(row_pos_ptr + offs, tl.where(valid, base + rank, -1), mask=offs < n)
+    return valid, (tl.where(valid, ids, -1)[:, None] == experts[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _place_block(ids_ptr, row_pos_ptr, start, n, E, experts, next_free, BLOCK: tl.constexpr):
+    """A row's slot = its expert's next free slot + its rank among this block's rows of that expert (an
+    inclusive scan down the block keeps the sort stable); returns the next free slots after the block."""
+    valid, hit = _block_hits(ids_ptr, start, n, E, experts, BLOCK)
+    pos = tl.sum(hit * (next_free[None, :] + tl.cumsum(hit, axis=0) - 1), axis=1)
+    offs = start + tl.arange(0, BLOCK)
+    tl.store(row_pos_ptr + offs, tl.where(valid, pos, -1), mask=offs < n)
+    return next_free + tl.sum(hit, axis=0)
+
+
+@triton.jit
+def _store_offsets(offsets_ptr, counts, experts, E):
+    ends = tl.cumsum(counts, axis=0)
+    tl.store(offsets_ptr + experts + 1, ends, mask=experts < E)
+    tl.store(offsets_ptr, 0)
+    return ends - counts
+
+
+@triton.jit
+def _plan_one_program_kernel(ids_ptr, offsets_ptr, row_pos_ptr, n, E, E_P2: tl.constexpr, BLOCK: tl.constexpr):
+    # decode: one program walks the few thousand ids twice, one launch in all
+    experts = tl.arange(0, E_P2)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        counts += tl.sum(_block_hits(ids_ptr, start, n, E, experts, BLOCK)[1], axis=0)
+    next_free = _store_offsets(offsets_ptr, counts, experts, E)
+    for start in range(0, n, BLOCK):
+        next_free = _place_block(ids_ptr, row_pos_ptr, start, n, E, experts, next_free, BLOCK)
+
+
+@triton.jit
+def _block_count_kernel(ids_ptr, block_counts_ptr, n, E, E_P2: tl.constexpr, BLOCK: tl.constexpr):
+    experts = tl.arange(0, E_P2)
+    hits = _block_hits(ids_ptr, tl.program_id(0) * BLOCK, n, E, experts, BLOCK)[1]
+    tl.store(block_counts_ptr + tl.program_id(0) * E_P2 + experts, tl.sum(hits, axis=0))
+
+
+@triton.jit
+def _block_place_kernel(ids_ptr, block_counts_ptr, offsets_ptr, row_pos_ptr, n, E, NB,
+                        E_P2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    # prefill: every block's program sums all blocks' counts (and the earlier ones) itself: no scan launch
+    b = tl.program_id(0)
+    experts = tl.arange(0, E_P2)
+    total = tl.zeros([E_P2], dtype=tl.int32)
+    before = tl.zeros([E_P2], dtype=tl.int32)
+    for j in range(0, NB, CHUNK):
+        blocks = j + tl.arange(0, CHUNK)
+        c = tl.load(block_counts_ptr + blocks[:, None] * E_P2 + experts[None, :], mask=(blocks < NB)[:, None], other=0)
+        total += tl.sum(c, axis=0)
+        before += tl.sum(tl.where((blocks < b)[:, None], c, 0), axis=0)
+    ends = tl.cumsum(total, axis=0)
+    if b == 0:
+        _store_offsets(offsets_ptr, total, experts, E)
+    _place_block(ids_ptr, row_pos_ptr, b * BLOCK, n, E, experts, ends - total + before, BLOCK)
+
+
+ONE_PROGRAM_MAX_ROWS = 8192  # up to here one program is fastest (decode); past it, one program per block
 
 
 def moe_routing_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
-    """topk_ids_TK: [T, K] int32/int64, -1 = no selection → RoutingPlan (stable sort by expert), no host sync."""
+    """topk_ids_TK: [T, K] int32/int64, -1 = no selection → RoutingPlan (stable sort by expert), no host
+    sync (CUDA-graph capturable): one launch up to ONE_PROGRAM_MAX_ROWS ids, two past it."""
     require_triton()
     check_topk_ids(topk_ids_TK)
     assert num_experts > 0, f"num_experts must be positive, got {num_experts}"
     n, E, dev = topk_ids_TK.numel(), num_experts, topk_ids_TK.device
-    BLOCK = 128
-    NB = max(triton.cdiv(n, BLOCK), 1)
-    # Step 1: per-block expert counts
-    block_counts_BE = torch.zeros(NB, E, dtype=torch.int32, device=dev)
-    _block_count_kernel[(NB,)](topk_ids_TK, block_counts_BE, n, E, BLOCK=BLOCK)
-    # Step 2: a row's slot = its expert's offset + rows of that expert in earlier blocks + its rank in the block
-    inclusive_BE = block_counts_BE.cumsum(0, dtype=torch.int32)
-    expert_offsets_E1 = torch.zeros(E + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(inclusive_BE[-1], 0, out=expert_offsets_E1[1:])
-    block_base_BE = expert_offsets_E1[:-1] + inclusive_BE - block_counts_BE
-    # Step 3: row positions
+    E_P2 = triton.next_power_of_2(E)
+    expert_offsets_E1 = torch.empty(E + 1, dtype=torch.int32, device=dev)
     row_pos_TK = torch.empty(topk_ids_TK.shape, dtype=torch.int32, device=dev)
-    _row_pos_kernel[(NB,)](topk_ids_TK, block_base_BE, row_pos_TK, n, E, BLOCK=BLOCK)
+    if n <= ONE_PROGRAM_MAX_ROWS:
+        BLOCK = max(16, min(1024, 16384 // E_P2))  # a [BLOCK, E_P2] one-hot of 16K elements per step
+        _plan_one_program_kernel[(1,)](topk_ids_TK, expert_offsets_E1, row_pos_TK, n, E, E_P2=E_P2, BLOCK=BLOCK,
+                                       num_warps=8)
+    else:
+        BLOCK = max(16, min(256, 8192 // E_P2))
+        NB = triton.cdiv(n, BLOCK)
+        block_counts = torch.empty(NB, E_P2, dtype=torch.int32, device=dev)
+        _block_count_kernel[(NB,)](topk_ids_TK, block_counts, n, E, E_P2=E_P2, BLOCK=BLOCK)
+        _block_place_kernel[(NB,)](topk_ids_TK, block_counts, expert_offsets_E1, row_pos_TK, n, E, NB, E_P2=E_P2,
+                                   BLOCK=BLOCK, CHUNK=max(1, 4096 // E_P2))
     return RoutingPlan(expert_offsets_E1, row_pos_TK)
 
 

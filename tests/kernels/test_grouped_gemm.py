@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from moeplace.kernels.fp8_quant import quant_weight_blocks_ref
-from moeplace.kernels.grouped_gemm import (GemmConfig, grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8,
-                                          grouped_gemm_swiglu_ref)
+from moeplace.kernels.gemm_table import Backend, GemmConfig
+from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8, grouped_gemm_swiglu_ref
 from moeplace.kernels.permute import moe_routing_plan_ref, permute_quant_ref
 
 
@@ -26,10 +26,12 @@ def sorted_activations(ids, E, K_dim, gen, device):
     return x, plan, a, s, used
 
 
-CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2)]
+TMA = Backend.triton_tma
+CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2),
+           GemmConfig(16, 128, 2, 4, 2, backend=TMA), GemmConfig(32, 64, 4, 4, 3, backend=TMA, warp_specialize=True)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}g{c.group_m}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
 @pytest.mark.parametrize("T, K, E, local", [(40, 8, 12, None), (9, 4, 16, 8)])
 def test_grouped_gemm_matches_float64(cfg, T, K, E, local, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(T, K, E, local)
@@ -57,7 +59,8 @@ def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, 
     assert rel_err(c[plan.row_pos_TK[:, 0].long()], exact) < 0.06, "beyond FP8 (e4m3) input error"
 
 
-@pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2), GemmConfig(64, 128, 4, 4, 3)], ids=["m16", "m64"])
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2), GemmConfig(64, 128, 4, 4, 3, backend=TMA)],
+                         ids=["m16", "m64-tma"])
 def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(30, 8, 16, local=10)
     _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row
@@ -101,3 +104,25 @@ def test_grouped_gemm_deepseek_shapes(routing, gen, device, poisoned, rel_err, g
     c = grouped_gemm_fp8(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1, torch.float32)
     ref = grouped_gemm_ref(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1)
     assert rel_err(c[:used], ref[:used]) < gemm_tol and c[used:].isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
+def test_torch_loop_backend_matches_float64(swiglu, routing, gen, device, rel_err):
+    """cuBLAS's block-scaled _scaled_mm per expert (bf16 out, rows padded to 4 in place) vs float64."""
+    ids, _ = routing(300, 8, 256, local=32)
+    _, b, b_s = block_weights(32, 512, 1024, gen)
+    b, b_s = b.to(device), b_s.to(device)
+    _, plan, a, a_s, used = sorted_activations(ids, 32, 1024, gen, device)
+    a.view(torch.uint8)[used:] = 0  # the loop reads rows past the last expert (never stored)
+    cfg = GemmConfig(backend=Backend.torch_loop)
+    if swiglu:
+        q, s = grouped_gemm_swiglu_fp8(a, a_s, b, b_s, plan.expert_offsets_E1, cfg)
+        q_ref, s_ref = grouped_gemm_swiglu_ref(a, a_s, b, b_s, plan.expert_offsets_E1)
+        back = q[:used].double().view(used, -1, 128) * s[:used, :, None]
+        back_ref = q_ref[:used].double().view(used, -1, 128) * s_ref[:used, :, None]
+        assert rel_err(back, back_ref) < 2e-2
+    else:
+        c = grouped_gemm_fp8(a, a_s, b, b_s, plan.expert_offsets_E1, torch.bfloat16, cfg)
+        ref = grouped_gemm_ref(a, a_s, b, b_s, plan.expert_offsets_E1)
+        assert rel_err(c[:used], ref[:used]) < 5e-3, "bf16 output: ~2^-9 relative rounding"

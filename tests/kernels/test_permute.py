@@ -59,3 +59,14 @@ def test_plan_rejects_bad_inputs(device):
         permute_quant(torch.randn(5, 128, device=device), plan)
     with pytest.raises(AssertionError, match="y_MD must be"):
         unpermute_combine(torch.randn(5, 128, device=device), plan, torch.rand(3, 2, device=device))
+
+
+@pytest.mark.parametrize("T, K, E, local", [(45, 8, 32, None), (200, 8, 256, None), (33, 4, 24, 12)])
+def test_plan_one_program_per_block_matches_stable_sort(T, K, E, local, routing, poisoned, monkeypatch):
+    """The prefill path (a program per block of ids, two launches), forced on small inputs."""
+    import moeplace.kernels.permute as permute
+    monkeypatch.setattr(permute, "ONE_PROGRAM_MAX_ROWS", 0)
+    ids, _ = routing(T, K, E, local)
+    plan, ref = moe_routing_plan(ids, E), moe_routing_plan_ref(ids, E)
+    assert torch.equal(plan.expert_offsets_E1.cpu(), ref.expert_offsets_E1.cpu())
+    assert torch.equal(plan.row_pos_TK.cpu(), ref.row_pos_TK.cpu())

@@ -1,0 +1,126 @@
+"""Which implementation and tile runs a grouped FP8 GEMM: a table measured by `benchmarks/kernels.py`.
+
+A GEMM is keyed by its kind (plain, or gate/up with the SwiGLU epilogue), the rows per expert rounded up
+to a power of two (the bucket), and its N and K. The benchmark's sweep times every candidate per key on
+the card and writes the table (`gemm_table.json` beside this file, one section per card name); the
+dispatcher loads it once. A card, shape or bucket the table lacks falls back to `default_config`, a
+hand-written Triton choice that runs anywhere, so a missing or foreign table is never an error.
+Dimensions: M = sorted rows, E = experts, N = output features, K = reduction.
+"""
+
+import enum
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+TABLE_PATH = Path(__file__).with_name("gemm_table.json")
+MAX_BUCKET = 8192  # rows per expert past this share the last bucket
+
+
+class Backend(str, enum.Enum):
+    triton = "triton"  # one program per (m-tile, n-tile), pointer loads: the decode shapes' kernel
+    triton_tma = "triton_tma"  # persistent grid, TMA-fed tiles, optionally warp-specialised
+    torch_loop = "torch_loop"  # torch._scaled_mm (cuBLAS, block scales) per expert: reads counts on the host
+
+
+class GemmKind(str, enum.Enum):
+    plain = "plain"  # c = a @ b.T per expert
+    swiglu = "swiglu"  # gate/up with SiLU(gate)·up and FP8 requantisation
+
+
+@dataclass(frozen=True, slots=True)
+class GemmConfig:
+    block_m: int = 64
+    block_n: int = 128
+    group_m: int = 8  # m-tiles walked together, so neighbouring programs share A rows and B columns in L2
+    num_warps: int = 4
+    num_stages: int = 4
+    backend: Backend = Backend.triton
+    warp_specialize: bool = False  # triton_tma only: Triton's automatic producer/consumer warp split
+
+    def __post_init__(self):
+        object.__setattr__(self, "backend", Backend(self.backend))
+        for name in ("block_m", "block_n", "num_warps"):
+            v = getattr(self, name)
+            assert v > 0 and v & (v - 1) == 0, f"GemmConfig.{name} must be a power of two, got {v}"
+
+    @property
+    def label(self) -> str:
+        if self.backend is Backend.torch_loop:
+            return "torch _scaled_mm loop"
+        ws = " ws" if self.warp_specialize else ""
+        return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
+                f"s{self.num_stages}{ws}")
+
+
+def default_config(rows_per_expert: float) -> GemmConfig:
+    """Tiles from the H100 sweep in benchmarks/BENCHMARKS.md (each within ~2% of that shape's best)."""
+    if rows_per_expert <= 16:  # decode over many experts: a few rows each, pure weight streaming
+        return GemmConfig(block_m=16, block_n=128, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:  # decode at EP8
+        return GemmConfig(block_m=64, block_n=128, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 256:  # prefill over many experts: ~1-2 m-tiles each
+        return GemmConfig(block_m=64, block_n=128, group_m=8, num_warps=4, num_stages=4)
+    return GemmConfig(block_m=128, block_n=128, group_m=16, num_warps=8, num_stages=4)
+
+
+def rows_bucket(rows_per_expert: float) -> int:
+    """The power of two at or above the mean rows per expert, in [1, MAX_BUCKET]."""
+    return min(MAX_BUCKET, 1 << max(0, math.ceil(math.log2(max(rows_per_expert, 1.0)))))
+
+
+@dataclass(frozen=True, slots=True)
+class TableEntry:
+    """The sweep's winner for one key, and the best Triton config (used where the winner can't run, e.g.
+    the host-synchronising torch loop inside a CUDA graph capture)."""
+
+    best: GemmConfig
+    best_triton: GemmConfig
+
+
+def load_table(path: Path, card: str) -> dict[tuple[str, int, int, int], TableEntry]:
+    """{(kind, bucket, N, K): entry} for `card` from the JSON at `path`; {} if the file or card is absent."""
+    if not path.is_file():
+        return {}
+    section = json.loads(path.read_text()).get("cards", {}).get(card, {})
+    table = {}
+    for row in section.get("entries", []):
+        key = (GemmKind(row["kind"]).value, int(row["bucket"]), int(row["N"]), int(row["K"]))
+        table[key] = TableEntry(GemmConfig(**row["best"]), GemmConfig(**row["best_triton"]))
+    return table
+
+
+@lru_cache(maxsize=None)
+def _cached_table(path: Path, card: str):
+    return load_table(path, card)
+
+
+def lookup(kind: GemmKind, rows_per_expert: float, N: int, K: int, card: str,
+           path: Path = TABLE_PATH) -> TableEntry | None:
+    """The measured entry for this GEMM on `card`: its own bucket, else the nearest measured bucket of the
+    same kind, N and K (log distance); None if the table has no such shape."""
+    table = _cached_table(path, card)
+    same = [b for (k, b, n, kk) in table if (k, n, kk) == (kind.value, N, K)]
+    if not same:
+        return None
+    want = rows_bucket(rows_per_expert)
+    nearest = min(same, key=lambda b: (abs(math.log2(b) - math.log2(want)), b))
+    return table[(kind.value, nearest, N, K)]
+
+
+def table_row(kind: GemmKind, bucket: int, N: int, K: int, best: GemmConfig, best_triton: GemmConfig,
+              timings_ms: dict[str, float]) -> dict:
+    """One entry as the benchmark writes it (timings of every candidate kept for the record)."""
+    as_dict = lambda c: {**asdict(c), "backend": c.backend.value}  # noqa: E731
+    return dict(kind=kind.value, bucket=bucket, N=N, K=K, best=as_dict(best), best_triton=as_dict(best_triton),
+                timings_ms=timings_ms)
+
+
+def write_table(path: Path, card: str, entries: list[dict], meta: dict) -> None:
+    """Replace `card`'s section of the table at `path`, keeping other cards' sections."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    doc.setdefault("cards", {})[card] = dict(meta, entries=entries)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    _cached_table.cache_clear()

@@ -1,0 +1,173 @@
+"""The Triton kernels behind `grouped_gemm.py`: one program per tile (pointer loads), and a persistent,
+TMA-fed one. Both compute, per 128-wide K block kb of an expert e's rows,
+    acc += dot(a[:, kb], b[e][:, kb].T) * a_scale[row, kb] * b_scale[e, n // 128, kb]
+and find their tiles on the device from the expert offsets (no host sync): expert e owns
+cdiv(rows_e, BLOCK_M) consecutive m-tiles, so an empty expert costs nothing.
+Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
+"""
+
+import torch
+
+from moeplace.kernels._triton import HAS_TRITON, tl, triton
+from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
+from moeplace.kernels.gemm_table import GemmConfig
+
+if HAS_TRITON:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@triton.jit
+def _expert_tiles(off_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert (vectors over E_P2): first row, end row, m-tiles, running end of the m-tiles."""
+    e_idx = tl.arange(0, E_P2)
+    lo = tl.load(off_ptr + e_idx, mask=e_idx < E, other=0)
+    hi = tl.load(off_ptr + e_idx + 1, mask=e_idx < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    return e_idx, lo, hi, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M: tl.constexpr):
+    """(expert, first row, expert's end row) of m-tile `tile_m`."""
+    e = tl.sum((tiles_end <= tile_m).to(tl.int32), axis=0)  # first expert whose tiles reach past tile_m
+    mine = e_idx == e
+    row_hi = tl.sum(tl.where(mine, hi, 0), axis=0)
+    m0 = tl.sum(tl.where(mine, lo + (tile_m - tiles_end + tiles) * BLOCK_M, 0), axis=0)
+    return e, m0, row_hi
+
+
+@triton.jit
+def _tile_coords(t, num_m, n_tiles, GROUP_M: tl.constexpr):
+    """Grouped order over (m-tile, n-tile): GROUP_M m-tiles share each sweep of the n-tiles."""
+    in_group = GROUP_M * n_tiles
+    first_m = (t // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (t % in_group) % group_size, (t % in_group) // group_size
+
+
+@triton.jit
+def _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm,
+              SWIGLU: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    rows64 = rows.to(tl.int64)
+    stored = (rows < row_hi)[:, None]
+    if SWIGLU:  # SiLU(gate)·up, quantised per 128 channels straight from fp32: one group per row of the tile
+        q, s = quant_rows(acc * tl.sigmoid(acc) * acc_up, FP8_MAX, EPS)
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], q, mask=stored)
+        tl.store(cs_ptr + rows64 * stride_csm + pid_n, s, mask=rows < row_hi)
+    else:
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=stored)
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, num_m_bound,
+                         stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
+                         E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWIGLU: tl.constexpr,
+                         FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # 1. tile and its expert; the grid is an upper bound, programs past the last tile exit at once
+    tile_m, pid_n = _tile_coords(tl.program_id(0), num_m_bound, N // BLOCK_N, GROUP_M)
+    e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M)
+    if tile_m >= tl.max(tiles_end, axis=0):
+        return
+    e, m0, row_hi = _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M)
+    # 2. main loop, one scale block of K per step
+    rows = m0 + tl.arange(0, BLOCK_M)
+    # rows past the expert's end re-read its last row (in bounds, no mask on the hot loads); never stored
+    rows_ld = tl.minimum(rows, row_hi - 1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_ld[:, None] * stride_am + ks[None, :]
+    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + cols[None, :] * stride_bn + ks[:, None]
+    as_ptrs = as_ptr + rows_ld * stride_asm
+    if BLOCK_N <= BLOCK_K:  # the tile sits in one weight-scale block: one scale per K step, not per column
+        bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+    else:
+        bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (cols // BLOCK_K)[None, :] * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SWIGLU: the up_proj half, weight rows N + cols
+    for kb in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs)
+        a_s = tl.load(as_ptrs + kb)[:, None]
+        # (a_s * b_s) first: with a scalar b_s that is [BLOCK_M, 1], and the update one FMA per element
+        acc += tl.dot(a, tl.load(b_ptrs)) * (a_s * tl.load(bs_ptrs + kb))
+        if SWIGLU:
+            up = tl.dot(a, tl.load(b_ptrs + N * stride_bn))
+            acc_up += up * (a_s * tl.load(bs_ptrs + (N // BLOCK_K) * stride_bsn + kb))
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    # 3. epilogue
+    _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX, EPS)
+
+
+@triton.jit
+def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
+                       stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
+                       E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
+                       SWIGLU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                       FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # A [M, K] and B [E * N_W, K] arrive through TMA descriptors: rows past M read as zeros, rows past an
+    # expert's end read the next expert's rows, and neither is ever stored. BLOCK_N ≤ 128, so one
+    # weight-scale block covers a tile's columns: the promotion is one FMA per accumulator element.
+    e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M)
+    num_m = tl.max(tiles_end, axis=0)
+    n_tiles = N // BLOCK_N
+    for t in tl.range(tl.program_id(0), num_m * n_tiles, NUM_PROGS, flatten=True,
+                      warp_specialize=WARP_SPECIALIZE):
+        tile_m, pid_n = _tile_coords(t, num_m, n_tiles, GROUP_M)
+        e, m0, row_hi = _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        as_ptrs = as_ptr + tl.minimum(rows, row_hi - 1).to(tl.int64) * stride_asm
+        bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+        b_row = e * N_W + pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // BLOCK_K):
+            a = a_desc.load([m0, kb * BLOCK_K])
+            scale = tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, b_desc.load([b_row, kb * BLOCK_K]).T) * scale
+            if SWIGLU:
+                up_scale = tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + (N // BLOCK_K) * stride_bsn + kb)
+                acc_up += tl.dot(a, b_desc.load([b_row + N, kb * BLOCK_K]).T) * up_scale
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX, EPS)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def tma_ready(a_MK: torch.Tensor, b_ENK: torch.Tensor, cfg: GemmConfig) -> bool:
+    """Whether TMA can read these operands: 16-byte aligned bases and row strides, experts' weights packed
+    back to back (one [E * N, K] view), and a tile no wider than one weight-scale block."""
+    E, N, K = b_ENK.shape
+    return (a_MK.data_ptr() % 16 == 0 and a_MK.stride(0) % 16 == 0 and b_ENK.data_ptr() % 16 == 0
+            and b_ENK.stride(1) % 16 == 0 and b_ENK.stride(0) == N * b_ENK.stride(1) and cfg.block_n <= GROUP)
+
+
+def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
+           cfg: GemmConfig, swiglu: bool) -> None:
+    """Run one Triton grouped GEMM into c (and c_scale with the SwiGLU epilogue); TMA when cfg asks and the
+    operands allow it, else the pointer kernel."""
+    (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
+    assert N_out % cfg.block_n == 0, f"N={N_out} is not a multiple of block_n={cfg.block_n}"
+    if M == 0:
+        return
+    # every expert adds at most one partly filled m-tile, and at most min(E, M) experts have rows
+    num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
+    common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+                  GROUP_M=cfg.group_m, SWIGLU=swiglu, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK, cfg):
+        progs = min(_num_sms(a_MK.device), num_m_bound * (N_out // cfg.block_n))
+        a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP])
+        b_desc = TensorDescriptor(b_ENK, [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, GROUP])
+        _persistent_kernel[(progs,)](
+            a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
+            a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0),
+            c_scale.stride(0), E, NUM_PROGS=progs, WARP_SPECIALIZE=cfg.warp_specialize, **common)
+        return
+    _grouped_gemm_kernel[(num_m_bound * (N_out // cfg.block_n),)](
+        a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, num_m_bound,
+        a_MK.stride(0), a_scale_MKb.stride(0), b_ENK.stride(0), b_ENK.stride(1), b_scale_ENbKb.stride(0),
+        b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E, **common)

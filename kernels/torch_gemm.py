@@ -1,0 +1,100 @@
+"""The grouped GEMM through torch's own block-scaled `_scaled_mm` (cuBLAS), one call per expert.
+
+torch 2.11's grouped scaled GEMM (`_scaled_grouped_mm`, `F.scaled_grouped_mm`) takes row-wise, MXFP8 and
+NVFP4 scales only, not DeepSeek's 1×128 / 128×128 blocks, while `_scaled_mm` takes those blocks on
+Hopper (its `block_1x128_128x128` recipe): so a loop over experts. The loop needs every expert's row
+count on the host, one device-to-host sync per call: the dispatcher never picks it while a CUDA graph
+is being captured. Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
+"""
+
+import torch
+
+from moeplace.kernels._triton import tl, triton
+from moeplace.kernels.fp8_quant import EPS, FP8, FP8_MAX, GROUP, quant_rows
+
+ROW_ALIGN = 4  # cuBLAS wants each call's rows (and its 1×128 scales' leading dimension) a multiple of 4
+
+
+def _spans(expert_offsets_E1: torch.Tensor) -> list[tuple[int, int, int]]:
+    off = expert_offsets_E1.tolist()  # the one host sync: the loop's trip count and slices need the counts
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(off[:-1], off[1:])) if hi > lo]
+
+
+@triton.jit
+def _scales_by_expert_kernel(as_ptr, off_ptr, out_ptr, stride_asm, E, Kb, E_P2: tl.constexpr, KB_P2: tl.constexpr,
+                             BLOCK_M: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    # program e: expert e's 1×128 scales, rows padded to ROW_ALIGN (padding 1.0), stored [Kb, m_pad]
+    # contiguous at Kb * (padded rows of the experts before it): the outer-dim-major layout cuBLAS reads
+    e = tl.program_id(0)
+    idx = tl.arange(0, E_P2)
+    m_pad = (tl.load(off_ptr + idx + 1, mask=idx < E, other=0) - tl.load(off_ptr + idx, mask=idx < E, other=0)
+             + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN
+    base = tl.sum(tl.where(idx < e, m_pad, 0), axis=0) * Kb
+    mine = tl.sum(tl.where(idx == e, m_pad, 0), axis=0)
+    lo, hi = tl.load(off_ptr + e), tl.load(off_ptr + e + 1)
+    ks = tl.arange(0, KB_P2)
+    for r0 in range(0, mine, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        s = tl.load(as_ptr + (lo + r).to(tl.int64)[:, None] * stride_asm + ks[None, :],
+                    mask=(lo + r < hi)[:, None] & (ks < Kb)[None, :], other=1.0)
+        tl.store(out_ptr + base + ks[None, :] * mine + r[:, None], s, mask=(r < mine)[:, None] & (ks < Kb)[None, :])
+
+
+def _scales_by_expert(a_scale_MKb: torch.Tensor, expert_offsets_E1: torch.Tensor) -> torch.Tensor:
+    """[Kb * (M + E * (ROW_ALIGN - 1))] float32: every expert's scales transposed and padded, one launch."""
+    (M, Kb), E = a_scale_MKb.shape, expert_offsets_E1.numel() - 1
+    out = torch.empty(Kb * (M + E * (ROW_ALIGN - 1)), dtype=torch.float32, device=a_scale_MKb.device)
+    _scales_by_expert_kernel[(E,)](a_scale_MKb, expert_offsets_E1, out, a_scale_MKb.stride(0), E, Kb,
+                                   E_P2=triton.next_power_of_2(E), KB_P2=triton.next_power_of_2(Kb), BLOCK_M=64,
+                                   ROW_ALIGN=ROW_ALIGN)
+    return out
+
+
+def grouped_gemm_torch(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: torch.Tensor,
+                       b_scale_ENbKb: torch.Tensor, expert_offsets_E1: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Same contract as `grouped_gemm_fp8` (operands checked there): [M, N] out_dtype, except that rows
+    from expert_offsets_E1[E] on may be written (with the products of whatever those rows hold).
+    Each expert's rows are padded to a multiple of ROW_ALIGN in place: the next expert's rows (whose
+    results that expert overwrites next), or spare rows past M."""
+    (M, K), N, Kb = a_MK.shape, b_ENK.shape[1], a_scale_MKb.shape[1]
+    scales = _scales_by_expert(a_scale_MKb, expert_offsets_E1)
+    c_pad = torch.empty(M + ROW_ALIGN, N, dtype=out_dtype, device=a_MK.device)
+    base = 0
+    for e, lo, hi in _spans(expert_offsets_E1):  # in expert order: padding rows are overwritten next
+        m = hi - lo + (-(hi - lo)) % ROW_ALIGN
+        s = scales[base: base + Kb * m].view(Kb, m).t()
+        a = a_MK[lo:lo + m] if lo + m <= M else torch.cat([a_MK[lo:], a_MK.new_zeros(lo + m - M, K)])
+        torch._scaled_mm(a, b_ENK[e].t(), s, b_scale_ENbKb[e].t(), out_dtype=out_dtype, out=c_pad[lo:lo + m])
+        base += Kb * m
+    return c_pad[:M]
+
+
+@triton.jit
+def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, M, F, stride_hm, stride_qm, stride_sm,
+                         BLOCK_M: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # program (i, g): rows [i*BLOCK_M, (i+1)*BLOCK_M), output channel group g (gate cols g, up cols F + g)
+    g = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = g * GROUP + tl.arange(0, GROUP)
+    mask = (rows < M)[:, None]
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
+    gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+    q, s = quant_rows(gate * tl.sigmoid(gate) * up, FP8_MAX, EPS)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * stride_sm + g, s, mask=rows < M)
+
+
+def swiglu_quant(h_M2F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(gate)·up of a [M, 2F] gate|up product, quantised per 128 channels: (g_MF fp8, g_scale [M, F/128])."""
+    M, F2 = h_M2F.shape
+    assert F2 % (2 * GROUP) == 0 and h_M2F.stride(1) == 1, f"h_M2F must be [M, 2F], 2F a multiple of 256: {F2}"
+    g_MF = torch.empty(M, F2 // 2, dtype=FP8, device=h_M2F.device)
+    g_scale = torch.empty(M, F2 // 2 // GROUP, dtype=torch.float32, device=h_M2F.device)
+    BLOCK_M = 16
+    if M:
+        _swiglu_quant_kernel[(triton.cdiv(M, BLOCK_M), F2 // 2 // GROUP)](
+            h_M2F, g_MF, g_scale, M, F2 // 2, h_M2F.stride(0), g_MF.stride(0), g_scale.stride(0),
+            BLOCK_M=BLOCK_M, GROUP=GROUP, FP8_MAX=FP8_MAX, EPS=EPS)
+    return g_MF, g_scale

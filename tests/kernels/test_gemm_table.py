@@ -1,0 +1,52 @@
+"""The measured dispatch table: written by the benchmark's sweep, read by the dispatcher, safe when absent."""
+
+import json
+
+import pytest
+import torch
+
+from moeplace.kernels.gemm_table import (Backend, GemmConfig, GemmKind, default_config, load_table, lookup,
+                                         rows_bucket, table_row, write_table)
+from moeplace.kernels.grouped_gemm import choose_config
+
+pytestmark = pytest.mark.ref_only
+
+
+def test_rows_bucket_rounds_up_to_powers_of_two():
+    assert [rows_bucket(r) for r in (0.2, 1, 3, 4, 4.5, 1000, 1e9)] == [1, 1, 4, 4, 8, 1024, 8192]
+
+
+def test_table_round_trip_nearest_bucket_and_other_cards(tmp_path):
+    path = tmp_path / "t.json"
+    loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
+    write_table(path, "H200", [table_row(GemmKind.plain, 1024, 4096, 7168, loop, tma, {"x": 1.0}),
+                               table_row(GemmKind.plain, 32, 4096, 7168, tma, tma, {})], {"date": "d"})
+    write_table(path, "H100", [table_row(GemmKind.swiglu, 8, 256, 128, tma, tma, {})], {})
+    assert set(json.loads(path.read_text())["cards"]) == {"H200", "H100"}, "a card's section replaces only its own"
+    entry = lookup(GemmKind.plain, 700.0, 4096, 7168, "H200", path)
+    assert entry.best == loop and entry.best_triton == tma
+    assert lookup(GemmKind.plain, 40.0, 4096, 7168, "H200", path).best == tma, "nearest measured bucket"
+    assert lookup(GemmKind.swiglu, 700.0, 4096, 7168, "H200", path) is None, "another kind is another key"
+    assert lookup(GemmKind.plain, 700.0, 4096, 7168, "A100", path) is None, "a card the sweep never saw"
+    assert load_table(tmp_path / "missing.json", "H200") == {}
+
+
+def test_config_rejects_a_tile_that_is_not_a_power_of_two():
+    with pytest.raises(AssertionError, match="GemmConfig.block_m must be a power of two, got 96"):
+        GemmConfig(block_m=96)
+    with pytest.raises(ValueError, match="'cutlass' is not a valid Backend"):
+        GemmConfig(backend="cutlass")
+
+
+def test_off_the_gpu_the_dispatch_is_the_default():
+    assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, torch.device("cpu")) == default_config(1024)
+
+
+def test_the_committed_table_covers_the_benchmark_shapes():
+    """kernels/gemm_table.json as the benchmark's sweep wrote it on an H200: every shape and kind there."""
+    from moeplace.kernels.gemm_table import TABLE_PATH
+    table = load_table(TABLE_PATH, "NVIDIA H200")
+    for kind, N, K in ((GemmKind.plain, 4096, 7168), (GemmKind.plain, 7168, 2048), (GemmKind.swiglu, 4096, 7168)):
+        for rows in (4, 32, 128, 1024):  # decode E256, decode E32, prefill E256, prefill E32
+            entry = lookup(kind, rows, N, K, "NVIDIA H200", TABLE_PATH)
+            assert (kind.value, rows_bucket(rows), N, K) in table and entry.best_triton.backend is not Backend.torch_loop
