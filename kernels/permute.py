@@ -43,12 +43,6 @@ def check_topk_ids(topk_ids_TK: torch.Tensor) -> None:
 # ---------------------------------------------------------------- routing plan
 
 
-def check_topk_ids(topk_ids_TK: torch.Tensor) -> None:
-    assert topk_ids_TK.dim() == 2, f"topk_ids_TK must be [T, K], got shape {tuple(topk_ids_TK.shape)}"
-    assert topk_ids_TK.dtype in (torch.int32, torch.int64), f"topk_ids_TK: integer ids expected, got {topk_ids_TK.dtype}"
-    assert topk_ids_TK.is_contiguous(), f"topk_ids_TK must be contiguous, strides {topk_ids_TK.stride()}"
-
-
 @triton.jit
 def _block_hits(ids_ptr, start, n, E, experts, BLOCK: tl.constexpr):
     """Rows [start, start + BLOCK): (valid [BLOCK], one-hot expert [BLOCK, E_P2] int32); ids outside
