@@ -173,7 +173,7 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port of rank 0.")] = 8000,
     device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL).")] = "cpu",
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="Required to bind off loopback.")] = None,
-    max_batch: Annotated[int, typer.Option(help="Sequences batched per step.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Sequences each rank serves at once.")] = 8,
     queue_limit: Annotated[int, typer.Option(help="Requests that may wait; more get 503 with Retry-After.")] = 64,
 ) -> None:
     """Serve a DeepSeek-V3-family FP8 model with expert parallelism over `--nproc` ranks (torchrun).

@@ -1,33 +1,40 @@
-"""Continuous-batching generation over an `EPModel` spread across ranks.
+"""Rank 0's scheduler: requests in, sequences assigned to ranks, lockstep steps, tokens back out.
 
-Rank 0 owns the request queue (fed by the HTTP server) and runs `Engine.run` in a thread: each step
-it takes the running sequences plus newly arrived ones (up to `max_batch`), broadcasts the batch on
-a gloo control group, and every rank runs the model's forward together (`worker_loop` on ranks
-1..P-1). The model recomputes the whole sequence each step (no KV cache): the embedded model is
-tiny, and recomputation keeps a sequence's logits independent of what it was batched with.
+Data-parallel attention with expert-parallel MoE (DeepSeek's deployment): each rank owns the
+sequences it is given (prompt, latent KV cache, sampling; runtime/ranks.py), and every rank steps
+in lockstep, meeting the others in each MoE layer's all-to-all. `Engine.run` (a thread on rank 0)
+loops: drop cancelled sequences, hand waiting requests to the least loaded rank that has room for
+them (sequences under `max_batch`, free KV-cache blocks for prompt + max_tokens, prefill tokens of
+this step under `max_prefill_tokens`), broadcast a `Step` (runtime/control.py), run rank 0's own
+share, gather every rank's sampled tokens, and hand them to the requests (`Request` events). A rank
+with no sequence steps an empty batch; with no sequence anywhere a `Tick` carries retirements,
+reshard actions and collects alone.
 
 Expert statistics stay on the GPUs between collects: about once a second (`stats_interval`, or when
-`flush_stats` asks), rank 0 marks a step (or an idle tick) as a collect, every rank then calls the
-model's `collect_stats` together, and rank 0 hands the window to `on_stats` (metrics, recorder).
+`flush_stats` asks), rank 0 marks a step (or a tick) as a collect, every rank then calls the model's
+`collect_stats` together, and rank 0 hands the window to `on_stats` (metrics, recorder).
 """
 
 from __future__ import annotations
 
-import queue
+import dataclasses
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 
-from moeplace.runtime.batch import pad_right
+from moeplace.runtime.control import Admit, Sampled, Step, Stop, Tick
+from moeplace.runtime.ranks import EngineConfig, RankWorker, broadcast, gather
 from moeplace.runtime.requests import FinishReason, Request
-from moeplace.runtime.sampling import SamplingParams, sample
+from moeplace.runtime.sampling import SEED_LIMIT, SamplingParams
 
 if TYPE_CHECKING:
     from moeplace.runtime.model import WindowStats
+
+__all__ = ["Engine", "EngineConfig", "QueueFull", "StatsWindow", "StepStats"]
 
 
 class QueueFull(Exception):
@@ -35,32 +42,27 @@ class QueueFull(Exception):
 
 
 @dataclass(slots=True)
-class EngineConfig:
-    max_batch: int = 8
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 256
-    queue_limit: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "queue_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine: '{name}' must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
 class _Sequence:
-    request: Request
-    generated: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    """A request on rank 0: its sequence id, the rank serving it (-1 while waiting), tokens generated,
+    cache blocks reserved on that rank, and the parameters the rank samples with (seed resolved)."""
 
-    @property
-    def ids(self) -> list[int]:
-        return [*self.request.prompt_ids, *self.generated]
+    request: Request
+    seq_id: int
+    params: SamplingParams
+    blocks: int
+    rank: int = -1
+    generated: int = 0
+
+
+@dataclass(slots=True)
+class _RankLoad:
+    sequences: int
+    free_blocks: int
 
 
 @dataclass(frozen=True)
 class StepStats:
-    """What the last step did, for /metrics."""
+    """What the last step did, for /metrics: wall seconds, sequences stepped, tokens computed (all ranks)."""
 
     seconds: float
     batch: int
@@ -84,24 +86,31 @@ class Engine:
 
     What the server uses, and all it may use: `submit(prompt_ids, SamplingParams) -> Request` (the handle
     in runtime/requests.py: events Token / Finished / Failed, `cancel()`, `result()`), `alive()`,
-    `error`, `stop()`, `queued()`, `flush_stats(then)`, and the callbacks `on_step` / `on_stats`."""
+    `error`, `stop()`, `flush_stats(then)`, and the callbacks `on_step` / `on_stats`."""
 
     def __init__(self, model, config: EngineConfig, control_group, eos_id: int, pad_id: int = 0,
                  resharder=None) -> None:
-        self.model = model
-        self.resharder = resharder
-        self.config = config
+        self.model, self.resharder, self.config = model, resharder, config
         self.control_group = control_group
         self.eos_id, self.pad_id = eos_id, pad_id
-        self._incoming: queue.Queue[_Sequence] = queue.Queue(maxsize=config.queue_limit)
-        self._running: list[_Sequence] = []
+        self.worker = RankWorker(model, config, 0, resharder)
+        self.shape = self.worker.cache.shape
+        world = dist.get_world_size(control_group) if control_group is not None else 1
+        self.loads = [_RankLoad(0, self.shape.num_blocks) for _ in range(world)]
+        self._waiting: deque[_Sequence] = deque()
+        self._live: dict[int, _Sequence] = {}
+        self._retire: list[int] = []  # ended sequences, freed on their ranks with the next message
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._next_id = 0
         self._stopping = threading.Event()
         self.on_step = None  # optional callback(StepStats), set by the server for metrics
         self.on_stats = None  # optional callback(StatsWindow), after each collect
         self.stats_interval = 1.0  # seconds between collects of the expert statistics
         self.steps = 0
+        self.served_by: dict[int, int] = {}  # seq_id -> rank, for tests and logs (ids grow from 0)
         self._window = [time.time(), 0, 0]  # start, steps, tokens since the last collect
-        self._flushes: queue.SimpleQueue[_Flush] = queue.SimpleQueue()  # asked by flush_stats
+        self._flushes: deque[_Flush] = deque()  # asked by flush_stats
         self._looping = threading.Event()  # set while `run` loops
         self.error: BaseException | None = None  # what ended `run`, if it failed
 
@@ -115,14 +124,22 @@ class Engine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, the limit is {self.config.max_prompt_tokens}")
         if params.max_tokens > self.config.max_new_tokens:
             raise ValueError(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {params.max_tokens}")
+        blocks = self.shape.blocks_for(len(prompt_ids) + params.max_tokens)
+        if blocks > self.shape.num_blocks:
+            raise ValueError(f"prompt + max_tokens ({len(prompt_ids) + params.max_tokens} tokens) exceed the KV "
+                             f"cache of a rank ({self.shape.num_blocks * self.shape.block_size} tokens)")
         if not self.alive():
             raise QueueFull("the engine has stopped")
-        seq = _Sequence(Request(prompt_ids, params), generator=params.generator())
-        try:
-            self._incoming.put_nowait(seq)
-        except queue.Full:
-            raise QueueFull(f"{self.config.queue_limit} requests are waiting") from None
-        return seq.request
+        if not params.greedy and params.seed is None:  # drawn here: the same draws whichever rank serves it
+            params = dataclasses.replace(params, seed=time.time_ns() % SEED_LIMIT)
+        request = Request(prompt_ids, params)
+        with self._lock:
+            if len(self._waiting) >= self.config.queue_limit:
+                raise QueueFull(f"{self.config.queue_limit} requests are waiting")
+            self._waiting.append(_Sequence(request, self._next_id, params, blocks))
+            self._next_id += 1
+        self._arrived.set()
+        return request
 
     def flush_stats(self, then=None, timeout: float = 30.0) -> None:
         """Collect the expert statistics at the next step boundary (every rank takes part), hand them to
@@ -130,7 +147,8 @@ class Engine:
         and raises what `then` raised. Where the engine loop is not running, there is nothing to collect
         and `then()` runs at once. TimeoutError when no collect came within `timeout` seconds."""
         flush = _Flush(then)
-        self._flushes.put(flush)
+        self._flushes.append(flush)
+        self._arrived.set()
         deadline = time.monotonic() + timeout
         while not flush.done.wait(0.05):
             if not self._looping.is_set():
@@ -140,11 +158,9 @@ class Engine:
         if flush.error is not None:
             raise flush.error
 
-    def queued(self) -> int:
-        return self._incoming.qsize() + len(self._running)
-
     def stop(self) -> None:
         self._stopping.set()
+        self._arrived.set()
 
     def alive(self) -> bool:
         """False once `run` has ended (stopped, or failed): /health says so and requests are refused."""
@@ -155,11 +171,13 @@ class Engine:
         self._looping.set()
         try:
             while not self._stopping.is_set():
-                self._admit()
-                if self._running:
-                    self.step()
-                else:
-                    self._tick()
+                self._drop_cancelled()
+                admit = self._schedule()
+                if self._live:
+                    self._step(admit)
+                elif not self._tick():
+                    self._arrived.wait(0.05)
+                    self._arrived.clear()
         except BaseException as exc:
             self.error = exc
             raise
@@ -168,46 +186,106 @@ class Engine:
             self._looping.clear()
             _finish(self._take_flushes())
             if self.error is None:  # after a failed collective the other ranks may be gone
-                _broadcast(("stop",), self.control_group)
+                broadcast(Stop(), self.control_group)
             self._fail_all("the engine has stopped" if self.error else "server is shutting down")
 
     def _fail_all(self, message: str) -> None:
         """Waiting requests too, or their clients would wait forever."""
-        while True:
-            try:
-                self._running.append(self._incoming.get_nowait())
-            except queue.Empty:
-                break
-        for seq in self._running:
+        with self._lock:
+            ended = [*self._live.values(), *self._waiting]
+            self._waiting.clear()
+        for seq in ended:
             seq.request.fail(message)
 
-    def _admit(self) -> None:
-        block = not self._running
-        while len(self._running) < self.config.max_batch:
-            try:
-                seq = self._incoming.get(timeout=0.05) if block else self._incoming.get_nowait()
-            except queue.Empty:
-                return
-            if seq.request.cancelled:
-                seq.request.finish(FinishReason.CANCELLED)
-                continue
-            self._running.append(seq)
-            block = False
+    def _schedule(self) -> list[Admit]:
+        """Waiting requests, first come first served, to the least loaded rank with room for them."""
+        admit, prefill = [], [0] * len(self.loads)
+        with self._lock:
+            while self._waiting:
+                seq = self._waiting[0]
+                n = len(seq.request.prompt_ids)
+                room = [r for r, load in enumerate(self.loads) if load.sequences < self.config.max_batch
+                        and load.free_blocks >= seq.blocks and prefill[r] + n <= self.config.max_prefill_tokens]
+                if not room:
+                    break
+                self._waiting.popleft()
+                seq.rank = min(room, key=lambda r: (self.loads[r].sequences, -self.loads[r].free_blocks, r))
+                self.loads[seq.rank].sequences += 1
+                self.loads[seq.rank].free_blocks -= seq.blocks
+                prefill[seq.rank] += n
+                self._live[seq.seq_id] = seq
+                self.served_by[seq.seq_id] = seq.rank
+                admit.append(Admit(seq_id=seq.seq_id, rank=seq.rank, prompt_ids=seq.request.prompt_ids,
+                                   params=seq.params))
+        return admit
 
-    def _tick(self) -> None:
-        """No sequence to step: still hand pending reshard actions (layer swaps) and a due collect of the
-        expert statistics to every rank."""
-        actions = self.resharder.due_actions() if self.resharder else []
-        collect = self._collect_due()
-        if actions or collect:
-            _broadcast(("tick", actions, collect), self.control_group)
-            _apply(self.resharder, actions)
-            if collect:
-                self._collect()
+    def _step(self, admit: list[Admit]) -> None:
+        start = time.perf_counter()
+        step = Step(admit=tuple(admit), retire=self._take_retired(), actions=self._due_actions(),
+                    collect=self._collect_due())
+        broadcast(step, self.control_group)
+        sampled = gather(self.worker.step(step), self.control_group)
+        tokens = len(self._live) - len(admit) + sum(len(a.prompt_ids) for a in admit)
+        self._window[1] += 1
+        self._window[2] += tokens
+        if step.collect:
+            self._collect()
+        for s in sampled:
+            self._advance(s)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(StepStats(time.perf_counter() - start, len(sampled), tokens))
+
+    def _tick(self) -> bool:
+        """No sequence to step: still hand retirements, reshard actions (layer swaps) and a due collect
+        of the expert statistics to every rank. False when there was nothing to hand."""
+        tick = Tick(retire=self._take_retired(), actions=self._due_actions(), collect=self._collect_due())
+        if not (tick.retire or tick.actions or tick.collect):
+            return False
+        broadcast(tick, self.control_group)
+        self.worker.tick(tick)
+        if tick.collect:
+            self._collect()
+        return True
+
+    def _due_actions(self) -> tuple:
+        return tuple(self.resharder.due_actions()) if self.resharder else ()
+
+    def _take_retired(self) -> tuple[int, ...]:
+        retired, self._retire = tuple(self._retire), []
+        return retired
+
+    def _advance(self, sampled: Sampled) -> None:
+        """Hand a sampled token to its request; end the sequence on a stop token or at max_tokens."""
+        seq = self._live[sampled.seq_id]
+        params = seq.request.params
+        if sampled.token == self.eos_id or sampled.token in params.stop_token_ids:
+            return self._end(seq, FinishReason.STOP)
+        seq.generated += 1
+        seq.request.emit(sampled.token)
+        if seq.generated >= params.max_tokens:
+            self._end(seq, FinishReason.LENGTH)
+
+    def _end(self, seq: _Sequence, reason: FinishReason) -> None:
+        seq.request.finish(reason)
+        del self._live[seq.seq_id]
+        self.loads[seq.rank].sequences -= 1
+        self.loads[seq.rank].free_blocks += seq.blocks
+        self._retire.append(seq.seq_id)
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests leave before the step: their cache blocks go to waiting ones."""
+        for seq in [s for s in self._live.values() if s.request.cancelled]:
+            self._end(seq, FinishReason.CANCELLED)
+        with self._lock:
+            cancelled = [s for s in self._waiting if s.request.cancelled]
+            self._waiting = deque(s for s in self._waiting if not s.request.cancelled)
+        for seq in cancelled:
+            seq.request.finish(FinishReason.CANCELLED)
 
     def _collect_due(self) -> bool:
         start, steps, _ = self._window
-        return not self._flushes.empty() or (steps > 0 and time.time() - start >= self.stats_interval)
+        return bool(self._flushes) or (steps > 0 and time.time() - start >= self.stats_interval)
 
     def _collect(self) -> None:
         """Every rank sums its window of expert statistics (model.collect_stats, a collective)."""
@@ -224,58 +302,9 @@ class Engine:
 
     def _take_flushes(self) -> list[_Flush]:
         flushes = []
-        while True:
-            try:
-                flushes.append(self._flushes.get_nowait())
-            except queue.Empty:
-                return flushes
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        self._drop_cancelled()
-        batch = self._running
-        if not batch:
-            return
-        ids_BT, mask_BT = pad_right([s.ids for s in batch], self.pad_id)
-        actions = self.resharder.due_actions() if self.resharder else []
-        collect = self._collect_due()
-        _broadcast(("step", actions, ids_BT, mask_BT, collect), self.control_group)
-        _apply(self.resharder, actions)
-        logits_BTV = self.model.forward(ids_BT, mask_BT)
-        self._window[1] += 1
-        step_tokens = int(mask_BT.sum())
-        self._window[2] += step_tokens
-        if collect:
-            self._collect()
-        last_BV = logits_BTV[torch.arange(len(batch)), mask_BT.sum(1) - 1]
-        still = []
-        for seq, logits_V in zip(batch, last_BV):
-            if self._advance(seq, sample(logits_V, seq.request.params, seq.generator)):
-                still.append(seq)
-        self._running = still
-        self.steps += 1
-        if self.on_step is not None:
-            self.on_step(StepStats(time.perf_counter() - start, len(batch), step_tokens))
-
-    def _advance(self, seq: _Sequence, token: int) -> bool:
-        """Hand `token` to the request; False once the sequence has ended."""
-        params = seq.request.params
-        if token == self.eos_id or token in params.stop_token_ids:
-            seq.request.finish(FinishReason.STOP)
-            return False
-        seq.generated.append(token)
-        seq.request.emit(token)
-        if len(seq.generated) >= params.max_tokens:
-            seq.request.finish(FinishReason.LENGTH)
-            return False
-        return True
-
-    def _drop_cancelled(self) -> None:
-        """Cancelled requests leave the batch before the step: their slots go to waiting ones."""
-        for seq in self._running:
-            if seq.request.cancelled:
-                seq.request.finish(FinishReason.CANCELLED)
-        self._running = [seq for seq in self._running if not seq.request.cancelled]
+        while self._flushes:
+            flushes.append(self._flushes.popleft())
+        return flushes
 
 
 @dataclass
@@ -296,31 +325,3 @@ def _finish(flushes: list[_Flush]) -> None:
             flush.error = exc
         finally:
             flush.done.set()
-
-
-def worker_loop(model, control_group, resharder=None) -> None:
-    """Ranks 1..P-1: apply the actions, run every step and collect rank 0 broadcasts, until it says stop."""
-    while True:
-        message = _broadcast(None, control_group)
-        if message[0] == "stop":
-            return
-        _apply(resharder, message[1])
-        if message[0] == "step":
-            model.forward(message[2], message[3])
-        if message[-1]:  # rank 0 collects the expert statistics after this step
-            model.collect_stats()
-
-
-def _apply(resharder, actions: list) -> None:
-    """Reshard actions take effect between two steps, on every rank in the same order."""
-    for action in actions:
-        resharder.apply(action)
-
-
-def _broadcast(message, group):
-    """Rank 0 sends `message` to every rank of the control group; others return what it sent."""
-    if group is None:
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]

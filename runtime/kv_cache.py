@@ -45,16 +45,21 @@ class CacheShape:
     @classmethod
     def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> CacheShape:
         """As many blocks as `budget_bytes` holds; ValueError when not even one fits."""
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        per_block = config.num_hidden_layers * block_size * width * torch.empty((), dtype=dtype).element_size()
+        per_block = block_bytes(config, block_size, dtype)
         if budget_bytes < per_block:
             raise ValueError(f"kv cache budget of {budget_bytes} bytes holds no block of {block_size} tokens "
                              f"({per_block} bytes)")
         return cls(num_layers=config.num_hidden_layers, num_blocks=budget_bytes // per_block,
-                   block_size=block_size, width=width)
+                   block_size=block_size, width=config.kv_lora_rank + config.qk_rope_head_dim)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+
+def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block: block_size tokens' latents in every layer."""
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    return config.num_hidden_layers * block_size * width * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True, kw_only=True)

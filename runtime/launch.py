@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             serve(config, model, tokenizer, control, resharder)
         else:
-            from moeplace.runtime.engine import worker_loop
+            from moeplace.runtime.ranks import worker_loop
 
-            worker_loop(model, control, resharder)
+            worker_loop(model, control, engine_config(config), resharder)
     finally:
         dist.destroy_process_group()
 
@@ -155,14 +155,20 @@ def load_model(config: ServeConfig, world: int, device: torch.device):
     return model, ByteTokenizer()
 
 
+def engine_config(config: ServeConfig):
+    """The engine's limits, the same on every rank (each sizes its own KV cache from them)."""
+    from moeplace.runtime.ranks import EngineConfig
+
+    return EngineConfig(max_batch=config.max_batch, queue_limit=config.queue_limit)
+
+
 def serve(config: ServeConfig, model, tokenizer, control, resharder) -> None:
     import uvicorn
 
-    from moeplace.runtime.engine import Engine, EngineConfig
+    from moeplace.runtime.engine import Engine
     from moeplace.runtime.server import create_app
 
-    engine_config = EngineConfig(max_batch=config.max_batch, queue_limit=config.queue_limit)
-    engine = Engine(model, engine_config, control, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+    engine = Engine(model, engine_config(config), control, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                     resharder=resharder)
     app = create_app(engine, model, tokenizer, model_name=str(config.model or "moeplace-tiny-dsv3"),
                      api_key=config.api_key, resharder=resharder)

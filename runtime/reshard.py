@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from moeplace.placement import Placement
+from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
 from moeplace.runtime.reshard_plan import Link, ReshardPlan, plan_reshard
 from moeplace.runtime.routing import SlotTable
 from moeplace.runtime.reshard_wire import SLOT_TENSORS, checksums, pack, unpack
@@ -128,10 +129,10 @@ class Resharder:
             job = JobStatus(uuid.uuid4().hex[:12], plan.num_layers, moved, moved * self.expert_bytes)
             self.jobs[job.id] = job
             self._active = job.id
-        self._actions.put(("start", job.id, new, plan))
+        self._actions.put(StartReshard(job.id, new, plan))
         return job
 
-    def due_actions(self) -> list[tuple]:
+    def due_actions(self) -> list[ReshardAction]:
         """Rank 0's serving loop broadcasts these with its next step (or an idle tick)."""
         out = []
         while True:
@@ -141,16 +142,16 @@ class Resharder:
                 return out
 
     # -- every rank: actions from the step broadcast (serving thread, between steps) -----------
-    def apply(self, action: tuple) -> None:
-        if action[0] == "start":
-            _, job_id, new, plan = action
-            fault = self.faults[self._started] if self._started < len(self.faults) else None
-            self._started += 1
-            threading.Thread(target=self._run, args=(job_id, new, plan, fault), name=f"reshard-{job_id}",
-                             daemon=True).start()
-        elif action[0] == "swap":
-            self._swap(action[1], action[2])
-            self._swapped.release()
+    def apply(self, action: ReshardAction) -> None:
+        match action:
+            case StartReshard(job_id=job_id, new=new, plan=plan):
+                fault = self.faults[self._started] if self._started < len(self.faults) else None
+                self._started += 1
+                threading.Thread(target=self._run, args=(job_id, new, plan, fault), name=f"reshard-{job_id}",
+                                 daemon=True).start()
+            case SwapLayer(row=row, phy2log_P=phy2log_P):
+                self._swap(row, phy2log_P)
+                self._swapped.release()
 
     def _swap(self, row: int, new_row_P: np.ndarray) -> None:
         """Steps 3 and 4 of one layer: staged experts into their slots, then the routing table."""
@@ -220,7 +221,7 @@ class Resharder:
                 self._staged.pop(row, None)
                 return f"layer {int(plan.layers[row])}: {error}"
             if self.rank == 0:
-                self._actions.put(("swap", row, target_LP[row]))
+                self._actions.put(SwapLayer(row, target_LP[row]))
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # staged copies done before the swap reads them
             self._swapped.acquire()  # the serving thread has swapped this layer

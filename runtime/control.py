@@ -1,0 +1,85 @@
+"""Messages between the ranks of a serving deployment: frozen dataclasses, matched with `match`.
+
+Rank 0 (the scheduler) broadcasts one message per loop iteration on the gloo control group:
+- `Step`: every rank retires the sequences named, admits those assigned to it, applies the reshard
+  actions, runs one model step of its own sequences (maybe none: an idle rank still meets the MoE
+  collectives) and sends back what it sampled (`Sampled`, gathered to rank 0); then, when `collect`,
+  every rank takes part in the collect of the expert statistics.
+- `Tick`: no model step (no sequence anywhere), but retirements, reshard actions or a collect are due.
+- `Stop`: the ranks leave their loops.
+Reshard actions (`StartReshard`, `SwapLayer`) ride in Step and Tick so they take effect between two
+steps, on every rank in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeplace.placement import Placement
+from moeplace.runtime.reshard_plan import ReshardPlan
+from moeplace.runtime.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class StartReshard:
+    """Every rank starts executing `plan` (a ReshardPlan to `new`) in its worker thread, as job `job_id`."""
+
+    job_id: str
+    new: Placement
+    plan: ReshardPlan
+
+
+@dataclass(frozen=True)
+class SwapLayer:
+    """Every rank installs its staged experts of layer row `row` and swaps in its routing row
+    phy2log_P [P] int64."""
+
+    row: int
+    phy2log_P: np.ndarray
+
+
+ReshardAction = StartReshard | SwapLayer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admit:
+    """Sequence `seq_id` starts on rank `rank`: its prompt token ids and sampling parameters (seed
+    always set, so its draws are the same whichever rank serves it)."""
+
+    seq_id: int
+    rank: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    admit: tuple[Admit, ...]
+    retire: tuple[int, ...]
+    actions: tuple[ReshardAction, ...]
+    collect: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tick:
+    retire: tuple[int, ...]
+    actions: tuple[ReshardAction, ...]
+    collect: bool
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Message = Step | Tick | Stop
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The token a rank sampled for one of its sequences in a step."""
+
+    seq_id: int
+    token: int
