@@ -93,8 +93,8 @@ class Engine:
         self.model, self.resharder, self.config = model, resharder, config
         self.control_group = control_group
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.worker = RankWorker(model, config, 0, resharder)
-        self.shape = self.worker.cache.shape
+        self.worker: RankWorker | None = None  # rank 0's own sequences: made by `run`
+        self.shape = config.cache_shape(model.config, model.dtype)
         world = dist.get_world_size(control_group) if control_group is not None else 1
         self.loads = [_RankLoad(0, self.shape.num_blocks) for _ in range(world)]
         self._waiting: deque[_Sequence] = deque()
@@ -170,6 +170,7 @@ class Engine:
     def run(self) -> None:
         self._looping.set()
         try:
+            self.worker = RankWorker(self.model, self.config, 0, self.resharder)
             while not self._stopping.is_set():
                 self._drop_cancelled()
                 admit = self._schedule()

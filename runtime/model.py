@@ -57,6 +57,7 @@ class EPModel:
                  comm: Comm, device: torch.device):
         self.hf_model, self.config, self.placement = hf_model, config, placement
         self.moe_layers, self.comm, self.device = moe_layers, comm, device
+        self.dtype = hf_model.dtype if hf_model is not None else torch.bfloat16  # activations, KV cache
         self.sample_rate = 0.0  # share of this rank's tokens whose top-k ids are kept (set on rank 0)
         self.max_samples = 8192  # per window: bounds the device memory the samples take
         self.sample_generator = np.random.default_rng(0)  # how many tokens a step samples

@@ -66,8 +66,7 @@ class _Owned:
 class RankWorker:
     def __init__(self, model, config: EngineConfig, rank: int, resharder=None) -> None:
         self.model, self.rank, self.resharder = model, rank, resharder
-        dtype = model.hf_model.dtype
-        self.cache = KVCache(config.cache_shape(model.config, dtype), model.device, dtype)
+        self.cache = KVCache(config.cache_shape(model.config, model.dtype), model.device, model.dtype)
         self._owned: dict[int, _Owned] = {}  # admission order
 
     @property

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -269,7 +270,8 @@ def test_every_endpoint_but_health_needs_the_key(server):
 def test_every_route_of_the_app_needs_the_key():
     """In process, over the app's own route table: a route added later cannot forget the key."""
     config = tiny_config()
-    model = SimpleNamespace(config=config, placement=trivial_placement(64, Topology(2, 1, 32), np.arange(1, 4), 4))
+    model = SimpleNamespace(config=config, placement=trivial_placement(64, Topology(2, 1, 32), np.arange(1, 4), 4),
+                            dtype=torch.float32)
     engine = Engine(model, EngineConfig(), None, eos_id=257)  # never run: no request gets past the key
     app = create_app(engine, model, tokenizer=None, model_name="m", api_key=KEY)
     routes = [(method, route.path.replace("{job_id}", "x")) for route in app.routes if isinstance(route, APIRoute)
