@@ -26,6 +26,7 @@ demo-env: $(DEMO_STAMP)
 # time stamp, which re-runs the install.
 PACKAGE_DIRS := core core/data placer profiler runtime kernels
 EDITABLE := --config-settings editable_mode=strict
+TEST_EXTRAS := [dev,kernels]
 
 define make_env
 	@echo "== $(1): creating the environment"
@@ -38,7 +39,7 @@ define make_env
 endef
 
 $(STAMP): pyproject.toml $(PACKAGE_DIRS)
-	$(call make_env,$(VENV),[dev,kernels])
+	$(call make_env,$(VENV),$(TEST_EXTRAS))
 	touch $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml $(PACKAGE_DIRS)

@@ -79,20 +79,20 @@ class Measured:
 
 def results_table(layers: np.ndarray, before: Measured, after: Measured) -> Table:
     """Before / after the live reshard, measured on the served model; every row says which way is better."""
-    table = Table(title="measured while serving: trivial layout (before) vs solved layout (after)",
-                  title_justify="left")
+    table = Table(title="measured while serving: trivial layout (before) vs solved layout (after); "
+                        "imbalance = max / mean GPU load", title_justify="left")
     for name, justify in (("metric", "left"), ("before", "right"), ("after", "right"), ("better", "left")):
         table.add_column(name, justify=justify)
     for row, layer in enumerate(layers):
-        table.add_row(f"layer {layer}: GPU imbalance (max / mean load)", f"{before.imbalance_L[row]:.3f}",
-                      f"{after.imbalance_L[row]:.3f}", "lower; 1.000 = perfect")
+        table.add_row(f"layer {layer}: GPU imbalance", f"{before.imbalance_L[row]:.3f}",
+                      f"{after.imbalance_L[row]:.3f}", "lower (1 = perfect)")
     table.add_row("mean GPU imbalance", f"{before.imbalance_L.mean():.3f}", f"{after.imbalance_L.mean():.3f}",
-                  "lower; 1.000 = perfect")
+                  "lower (1 = perfect)")
     table.add_row("nodes a routing group spans", f"{before.group_span_L.mean():.2f}",
-                  f"{after.group_span_L.mean():.2f}", "lower: less cross-node traffic")
+                  f"{after.group_span_L.mean():.2f}", "lower (less traffic)")
     if before.distinct_nodes_L is not None and after.distinct_nodes_L is not None:
         table.add_row("nodes per token (sampled)", f"{before.distinct_nodes_L.mean():.2f}",
-                      f"{after.distinct_nodes_L.mean():.2f}", "lower: less cross-node traffic")
+                      f"{after.distinct_nodes_L.mean():.2f}", "lower (less traffic)")
     table.caption = ("The solver trades node traffic for GPU balance (solve --traffic-weight): "
                      "the node rows may rise while the imbalance falls.")
     return table

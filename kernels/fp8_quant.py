@@ -1,18 +1,15 @@
-"""Per-token-group FP8 (e4m3) activation quantisation, as DeepSeek-V3 feeds its FP8 GEMMs.
-
-Each row is cut into groups of 128 channels; a group's scale is amax / 448, so the largest value of
-the group maps to the largest finite e4m3 value, and `x ≈ q * scale`.
+"""Per-token-group FP8 (e4m3) activation quantisation in Triton, as DeepSeek-V3 feeds its FP8 GEMMs;
+`quant_rows` is shared by every kernel that quantises activations. The convention and the plain-torch
+references are in fp8.py (importable without Triton).
 Dimensions: T = tokens (rows), D = channels, G = D // 128 groups.
 """
 
 import torch
 
 from moeplace.kernels._triton import require_triton, tl, triton
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-GROUP = 128  # channels per activation scale, and the side of a weight scale block
-EPS = 1e-10  # floor on amax, so that an all-zero group gets a finite scale and quantises to zeros
+# The plain-torch names are re-exported: the kernels and their tests import them from here too.
+from moeplace.kernels.fp8 import (EPS, FP8, FP8_MAX, GROUP, check_activations, dequant_rows_ref,  # noqa: F401
+                                  dequant_weight_blocks_ref, per_token_group_quant_fp8_ref, quant_weight_blocks_ref)
 
 
 @triton.jit
@@ -55,14 +52,6 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, T, stride_xt, stride_qt, stride_st,
     tl.store(s_ptr + rows * stride_st + g, s, mask=rows < T)
 
 
-def check_activations(x_TD: torch.Tensor, name: str = "x_TD") -> None:
-    """Preconditions shared by the wrappers that quantise activations."""
-    assert x_TD.dim() == 2, f"{name} must be [T, D], got shape {tuple(x_TD.shape)}"
-    assert x_TD.dtype in (torch.bfloat16, torch.float16, torch.float32), f"{name}: unsupported dtype {x_TD.dtype}"
-    assert x_TD.shape[1] % GROUP == 0, f"{name}: D={x_TD.shape[1]} is not a multiple of {GROUP}"
-    assert x_TD.stride(1) == 1, f"{name}: channels must be contiguous, strides {x_TD.stride()}"
-
-
 def per_token_group_quant_fp8(x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x_TD: [T, D] bf16/fp16/fp32 → (q_TD [T, D] float8_e4m3fn, scale_TG [T, D // 128] float32)."""
     require_triton()
@@ -75,39 +64,3 @@ def per_token_group_quant_fp8(x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.T
     _quant_kernel[grid](x_TD, q_TD, scale_TG, T, x_TD.stride(0), q_TD.stride(0), scale_TG.stride(0),
                         BLOCK_T=BLOCK_T, GROUP=GROUP, FP8_MAX=FP8_MAX, EPS=EPS)
     return q_TD, scale_TG
-
-
-def per_token_group_quant_fp8_ref(x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch reference of `per_token_group_quant_fp8`; float32 arithmetic like the kernel."""
-    check_activations(x_TD)
-    T, D = x_TD.shape
-    x = x_TD.float().view(T, D // GROUP, GROUP)
-    scale_TG = x.abs().amax(dim=-1).clamp_min(EPS) / FP8_MAX
-    q = (x / scale_TG[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(T, D), scale_TG
-
-
-def dequant_rows_ref(q_TD: torch.Tensor, scale_TG: torch.Tensor) -> torch.Tensor:
-    """Per-token-group FP8 → float64: [T, D] with scales [T, D // 128]."""
-    T, D = q_TD.shape
-    assert scale_TG.shape == (T, D // GROUP), f"scale shape {tuple(scale_TG.shape)} != {(T, D // GROUP)}"
-    return (q_TD.double().view(T, D // GROUP, GROUP) * scale_TG.double()[..., None]).view(T, D)
-
-
-def quant_weight_blocks_ref(w_ENK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [..., N, K] → (float8_e4m3fn [..., N, K], scale [..., N // 128, K // 128] float32), one
-    scale per 128×128 block, the layout of DeepSeek-V3's `weight_scale_inv`."""
-    *lead, N, K = w_ENK.shape
-    assert N % GROUP == 0 and K % GROUP == 0, f"weight [{N}, {K}] is not a multiple of {GROUP} on both sides"
-    blocks = w_ENK.float().reshape(*lead, N // GROUP, GROUP, K // GROUP, GROUP)
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp_min(EPS) / FP8_MAX
-    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.reshape(w_ENK.shape), scale
-
-
-def dequant_weight_blocks_ref(q_ENK: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quant_weight_blocks_ref`, in float64."""
-    *lead, N, K = q_ENK.shape
-    assert scale.shape == (*lead, N // GROUP, K // GROUP), f"scale {tuple(scale.shape)} does not fit weight {tuple(q_ENK.shape)}"
-    blocks = q_ENK.double().reshape(*lead, N // GROUP, GROUP, K // GROUP, GROUP)
-    return (blocks * scale.double()[..., :, None, :, None]).reshape(q_ENK.shape)

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moeplace.runtime.config import ModelConfig
-from moeplace.runtime.fp8 import dequantize_blockwise, scale_shape
+from moeplace.kernels.fp8 import dequant_weight_blocks_ref, scale_shape
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -88,7 +88,7 @@ class Checkpoint:
         """A non-expert tensor in `dtype`: float tensors are cast, FP8 ones dequantised with their scales."""
         _, part = self._slice(name)
         if part.get_dtype() == FP8:
-            return dequantize_blockwise(*self.read_fp8(name, shape), self.block, dtype)
+            return dequant_weight_blocks_ref(*self.read_fp8(name, shape), self.block, dtype)
         return self.read(name, FLOAT_DTYPES + (FP8,), shape).to(dtype)
 
     def read_fp8(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,8 @@ import enum
 import torch
 import torch.nn.functional as F
 
-from moeplace.runtime.fp8 import FP8_DTYPE, dequantize_blockwise
+from moeplace.kernels.fp8 import FP8, GROUP, dequant_weight_blocks_ref
 
-GROUP = 128  # channels per FP8 activation scale (kernels/fp8_quant.py)
 
 
 class ExpertPath(str, enum.Enum):
@@ -70,7 +69,7 @@ def decode_features(rows_MW: torch.Tensor, path: ExpertPath, hidden: int, dtype:
     if path is ExpertPath.reference:
         return rows_MW[:, : feature_bytes(path, hidden, dtype)].view(dtype)
     scales = rows_MW[:, hidden: feature_bytes(path, hidden, dtype)]
-    return rows_MW[:, :hidden].view(FP8_DTYPE), scales.view(torch.float32)
+    return rows_MW[:, :hidden].view(FP8), scales.view(torch.float32)
 
 
 def reference_experts(x_MD: torch.Tensor, counts_S: list[int], w13_SFD, w13_sinv_Sfd, w2_SDF, w2_sinv_Sdf,
@@ -90,9 +89,9 @@ def reference_experts(x_MD: torch.Tensor, counts_S: list[int], w13_SFD, w13_sinv
 def _expert(x_ND, w13_FD, w13_sinv_fd, w2_DF, w2_sinv_df, block) -> torch.Tensor:
     Fi, f = w2_DF.shape[1], w13_sinv_fd.shape[0] // 2
     # gate and up are dequantised apart: each has its own block grid when F is not a block multiple.
-    gate_FD = dequantize_blockwise(w13_FD[:Fi], w13_sinv_fd[:f], block, x_ND.dtype)
-    up_FD = dequantize_blockwise(w13_FD[Fi:], w13_sinv_fd[f:], block, x_ND.dtype)
-    down_DF = dequantize_blockwise(w2_DF, w2_sinv_df, block, x_ND.dtype)
+    gate_FD = dequant_weight_blocks_ref(w13_FD[:Fi], w13_sinv_fd[:f], block, x_ND.dtype)
+    up_FD = dequant_weight_blocks_ref(w13_FD[Fi:], w13_sinv_fd[f:], block, x_ND.dtype)
+    down_DF = dequant_weight_blocks_ref(w2_DF, w2_sinv_df, block, x_ND.dtype)
     return (F.silu(x_ND @ gate_FD.T) * (x_ND @ up_FD.T)) @ down_DF.T
 
 

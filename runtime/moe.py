@@ -35,7 +35,7 @@ from moeplace.runtime.comm import Comm
 from moeplace.runtime.config import ModelConfig
 from moeplace.runtime.experts import (ExpertPath, decode_features, encode_tokens, feature_bytes, fp8_experts,
                                       reference_experts)
-from moeplace.runtime.fp8 import FP8_DTYPE, scale_shape
+from moeplace.kernels.fp8 import FP8, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
 
 
@@ -123,9 +123,9 @@ class EPMoE(nn.Module):
         slots = lambda shape, dt: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         # Non-persistent: slots are filled by `load_slots` (this rank's experts only), not by state_dict.
         for name, tensor in {
-            "w13_SFD": slots((S, 2 * Fi, D), FP8_DTYPE),
+            "w13_SFD": slots((S, 2 * Fi, D), FP8),
             "w13_sinv_Sfd": slots((S, 2 * f, d), torch.float32),
-            "w2_SDF": slots((S, D, Fi), FP8_DTYPE),
+            "w2_SDF": slots((S, D, Fi), FP8),
             "w2_sinv_Sdf": slots((S, d, f), torch.float32),
             "slot_experts_S": torch.as_tensor(placement.phy2log_LP[row, first: first + S], device=device),
             "window_slots_GS": slots((comm.world_size, S), torch.int64),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeplace.runtime.checkpoint import Checkpoint
-from moeplace.runtime.fp8 import dequantize_blockwise
+from moeplace.kernels.fp8 import dequant_weight_blocks_ref
 from moeplace.runtime.model import build_dense_model
 
 
@@ -32,9 +32,9 @@ class ReferenceMoE(nn.Module):
         for e in range(config.n_routed_experts):
             w = ckpt.read_expert(layer_id, e)
             f = w.w13_sinv_fd.shape[0] // 2
-            gate.append(dequantize_blockwise(w.w13_FD[:Fi], w.w13_sinv_fd[:f], ckpt.block))
-            up.append(dequantize_blockwise(w.w13_FD[Fi:], w.w13_sinv_fd[f:], ckpt.block))
-            down.append(dequantize_blockwise(w.w2_DF, w.w2_sinv_df, ckpt.block))
+            gate.append(dequant_weight_blocks_ref(w.w13_FD[:Fi], w.w13_sinv_fd[:f], ckpt.block, torch.float32))
+            up.append(dequant_weight_blocks_ref(w.w13_FD[Fi:], w.w13_sinv_fd[f:], ckpt.block, torch.float32))
+            down.append(dequant_weight_blocks_ref(w.w2_DF, w.w2_sinv_df, ckpt.block, torch.float32))
         self.register_buffer("gate_EFD", torch.stack(gate), persistent=False)
         self.register_buffer("up_EFD", torch.stack(up), persistent=False)
         self.register_buffer("down_EDF", torch.stack(down), persistent=False)

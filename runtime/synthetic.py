@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from moeplace.runtime.checkpoint import INDEX_FILE
 from moeplace.runtime.config import ModelConfig
-from moeplace.runtime.fp8 import quantize_blockwise
+from moeplace.kernels.fp8 import quant_weight_blocks_ref
 from moeplace.runtime.tokenizer import ByteTokenizer
 
 REPORT_FILE = "moeplace_synthetic.json"
@@ -301,7 +301,7 @@ class _Tensors:
 
     def fp8(self, out: dict, name: str, rows: int, cols: int) -> None:
         # std 1/sqrt(fan_in): activations keep their scale through the layers.
-        w, scale = quantize_blockwise(self.normal(rows, cols) / cols**0.5, self.block)
+        w, scale = quant_weight_blocks_ref(self.normal(rows, cols) / cols**0.5, self.block)
         out[name + ".weight"], out[name + ".weight_scale_inv"] = w.cpu(), scale.cpu()
 
     def mlp(self, out: dict, prefix: str, hidden: int, dim: int) -> None:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from moeplace.resources import EXAMPLE_TRACE
 from moeplace.runtime.config import ModelConfig
-from moeplace.runtime.fp8 import quantize_blockwise
+from moeplace.kernels.fp8 import quant_weight_blocks_ref
 from moeplace.runtime.tokenizer import ByteTokenizer
 
 TINY_VERSION = 1  # bump when the generated tensors change: the cache folder name carries it
@@ -135,7 +135,7 @@ def _random_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     def linear(name: str, rows: int, cols: int) -> None:
         # std 1/sqrt(fan_in): activations keep their scale through the layers.
         w = torch.randn(rows, cols, generator=gen) / cols**0.5
-        out[name + ".weight"], out[name + ".weight_scale_inv"] = quantize_blockwise(w, config.weight_block_size)
+        out[name + ".weight"], out[name + ".weight_scale_inv"] = quant_weight_blocks_ref(w, config.weight_block_size)
 
     def norm(name: str, size: int) -> None:
         out[name + ".weight"] = (1 + 0.1 * torch.randn(size, generator=gen)).bfloat16()

@@ -18,7 +18,7 @@ from fuzzing import DEEP, FUZZ, library, mutated_bytes, mutated_json, runner, wr
 from moeplace.cli import app
 from moeplace.runtime.checkpoint import Checkpoint, expert_tensor, scale_name
 from moeplace.runtime.config import ModelConfig
-from moeplace.runtime.fp8 import quantize_blockwise
+from moeplace.kernels.fp8 import quant_weight_blocks_ref
 from moeplace.runtime.model import EPModel
 from moeplace.runtime.tiny import tiny_config
 
@@ -45,7 +45,7 @@ def mini_checkpoint_tensors() -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": torch.randn(c.vocab_size, D, generator=gen).bfloat16(),
            "model.layers.1.mlp.gate.weight": torch.randn(c.n_routed_experts, D, generator=gen).bfloat16()}
     for name, shape in fp8.items():
-        out[name], out[scale_name(name)] = quantize_blockwise(torch.randn(*shape, generator=gen), c.weight_block_size)
+        out[name], out[scale_name(name)] = quant_weight_blocks_ref(torch.randn(*shape, generator=gen), c.weight_block_size)
     return out
 
 
