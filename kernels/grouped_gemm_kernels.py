@@ -107,8 +107,8 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
                        SWIGLU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                        FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # A [M, K] and B [E * N_W, K] arrive through TMA descriptors: rows past M read as zeros, rows past an
-    # expert's end read the next expert's rows, and neither is ever stored. BLOCK_N ≤ 128, so one
-    # weight-scale block covers a tile's columns: the promotion is one FMA per accumulator element.
+    # expert's end read the next expert's rows, and neither is ever stored. With BLOCK_N ≤ 128 one
+    # weight-scale block covers a tile's columns and the promotion is one FMA per accumulator element.
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M)
     num_m = tl.max(tiles_end, axis=0)
     n_tiles = N // BLOCK_N
@@ -118,7 +118,11 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
         e, m0, row_hi = _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M)
         rows = m0 + tl.arange(0, BLOCK_M)
         as_ptrs = as_ptr + tl.minimum(rows, row_hi - 1).to(tl.int64) * stride_asm
-        bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+        if BLOCK_N <= BLOCK_K:
+            bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+        else:  # a [1, BLOCK_N] row of the weight scales, one per column
+            bs_cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) // BLOCK_K
+            bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + bs_cols[None, :] * stride_bsn
         b_row = e * N_W + pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,12 +141,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def tma_ready(a_MK: torch.Tensor, b_ENK: torch.Tensor, cfg: GemmConfig) -> bool:
-    """Whether TMA can read these operands: 16-byte aligned bases and row strides, experts' weights packed
-    back to back (one [E * N, K] view), and a tile no wider than one weight-scale block."""
+def tma_ready(a_MK: torch.Tensor, b_ENK: torch.Tensor) -> bool:
+    """Whether TMA can read these operands: 16-byte aligned bases and row strides, and experts' weights
+    packed back to back (one [E * N, K] view)."""
     E, N, K = b_ENK.shape
     return (a_MK.data_ptr() % 16 == 0 and a_MK.stride(0) % 16 == 0 and b_ENK.data_ptr() % 16 == 0
-            and b_ENK.stride(1) % 16 == 0 and b_ENK.stride(0) == N * b_ENK.stride(1) and cfg.block_n <= GROUP)
+            and b_ENK.stride(1) % 16 == 0 and b_ENK.stride(0) == N * b_ENK.stride(1))
 
 
 def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
@@ -158,7 +162,7 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
     common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
                   GROUP_M=cfg.group_m, SWIGLU=swiglu, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK, cfg):
+    if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK):
         progs = min(_num_sms(a_MK.device), num_m_bound * (N_out // cfg.block_n))
         a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP])
         b_desc = TensorDescriptor(b_ENK, [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, GROUP])

@@ -128,12 +128,14 @@ def moe_routing_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan
         _plan_one_program_kernel[(1,)](topk_ids_TK, expert_offsets_E1, row_pos_TK, n, E, E_P2=E_P2, BLOCK=BLOCK,
                                        num_warps=8)
     else:
-        BLOCK = max(16, min(256, 8192 // E_P2))
+        # each program re-reads all NB × E_P2 block counts (from L2): blocks of 32K one-hot elements keep
+        # that small (E 256: 256 programs × 256 KB), and each block's scan cheap
+        BLOCK = max(16, min(256, 32768 // E_P2))
         NB = triton.cdiv(n, BLOCK)
         block_counts = torch.empty(NB, E_P2, dtype=torch.int32, device=dev)
         _block_count_kernel[(NB,)](topk_ids_TK, block_counts, n, E, E_P2=E_P2, BLOCK=BLOCK)
         _block_place_kernel[(NB,)](topk_ids_TK, block_counts, expert_offsets_E1, row_pos_TK, n, E, NB, E_P2=E_P2,
-                                   BLOCK=BLOCK, CHUNK=max(1, 4096 // E_P2))
+                                   BLOCK=BLOCK, CHUNK=max(1, 4096 // E_P2), num_warps=8)
     return RoutingPlan(expert_offsets_E1, row_pos_TK)
 
 

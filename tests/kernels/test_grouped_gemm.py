@@ -28,7 +28,8 @@ def sorted_activations(ids, E, K_dim, gen, device):
 
 TMA = Backend.triton_tma
 CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2),
-           GemmConfig(16, 128, 2, 4, 2, backend=TMA), GemmConfig(32, 64, 4, 4, 3, backend=TMA, warp_specialize=True)]
+           GemmConfig(16, 128, 2, 4, 2, backend=TMA), GemmConfig(32, 64, 4, 4, 3, backend=TMA, warp_specialize=True),
+           GemmConfig(16, 256, 2, 4, 2, backend=TMA)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
