@@ -36,7 +36,7 @@ def test_every_row_says_which_way_is_better():
     before = Measured(np.array([1.5, 1.2]), np.array([1.0, 1.0]), np.array([1.8, 1.9]))
     after = Measured(np.array([1.1, 1.05]), np.array([2.0, 2.0]), None)
     text = rendered(results_table(np.array([1, 2]), before, after))
-    rows = [line for line in text.splitlines() if "layer" in line or "nodes" in line or "mean" in line]
+    rows = [line for line in text.splitlines() if line.startswith("│")]
     assert len(rows) == 4  # two layers, the mean, the group span; no token row without samples on both sides
     assert all("lower" in row for row in rows)
     assert "1.500" in text and "1.100" in text and "1.350" in text and "1.075" in text
