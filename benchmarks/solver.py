@@ -70,7 +70,7 @@ def run(traces: list[Trace], configs: list[str], options: SolveOptions) -> list[
                 "duplicates": int(sum(f.duplicates for f in cv.folds)),
                 "solve_seconds": cv.mean_seconds(),
                 "group_node_span": cv.mean_group_span(),
-                "per_file": {f.name: round(float(f.imbalance_equal_L.mean()), 4) for f in cv.folds},
+                "per_file": {f.name: round(float(f.imbalance_L.mean()), 4) for f in cv.folds},
                 "target": TARGETS.get(name),
             }
             rows.append(row)

@@ -333,7 +333,7 @@ def _progress() -> Progress:
 
 def _score_json(score) -> dict:
     out = score.summary()
-    out["imbalance_per_layer"] = score.imbalance_equal_L.round(5).tolist()
+    out["imbalance_per_layer"] = score.imbalance_L.round(5).tolist()
     out["best_split_per_layer"] = score.imbalance_best_L.round(5).tolist()
     return out
 

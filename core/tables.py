@@ -55,11 +55,11 @@ def score_table(scores: list[TraceScore], title: str) -> Table:
     """One row per trace; columns no trace has a value for are left out. Headers are words that wrap
     and names fold, so a narrow terminal or an 80-column pipe shows whole trace names, not "decode…"."""
     columns = {
-        "imbalance mean": lambda s: f"{s.imbalance_equal_L.mean():.4f}",
-        "worst layer": lambda s: f"{s.imbalance_equal_L.max():.4f}",
+        "imbalance mean": lambda s: f"{s.imbalance_L.mean():.4f}",
+        "worst layer": lambda s: f"{s.imbalance_L.max():.4f}",
         "best split": lambda s: f"{s.imbalance_best_L.mean():.4f}",
         "worst window": lambda s: None if s.worst_window_L is None else f"{s.worst_window_L.mean():.4f}",
-        "nodes per token": lambda s: None if s.distinct_nodes_L is None else f"{s.distinct_nodes_L.mean():.2f}",
+        "remote nodes per token": lambda s: f"{s.remote_nodes_L.mean():.2f}" + ("" if s.tokens_from == "samples" else "*"),
         "group span": lambda s: None if s.group_span_L is None else f"{s.group_span_L.mean():.2f}",
     }
     cells = {name: [cell(s) for s in scores] for name, cell in columns.items()}
@@ -70,10 +70,12 @@ def score_table(scores: list[TraceScore], title: str) -> Table:
         table.add_column(name, justify="right", overflow="fold")
     for i, s in enumerate(scores):
         table.add_row(Path(s.name).name, *("-" if cells[name][i] is None else cells[name][i] for name in shown))
-    table.caption = ("imbalance = max / mean GPU load per layer, each expert's tokens split equally over its "
-                     "replicas ('best split': split to cool the hottest GPU); 1 is perfect, lower is better. "
-                     "nodes per token, group span: nodes a token or a routing group reaches (lower is better). "
-                     "balancedness = 1 / imbalance, in --json")
+    dispatch = scores[0].dispatch.value if scores else "equal"
+    table.caption = (f"imbalance = max / mean GPU load per layer, each expert's tokens dispatched over its replicas "
+                     f"by '{dispatch}' ('best split': split to cool the hottest GPU); 1 is perfect, lower is better. "
+                     "remote nodes per token: expected distinct nodes besides its source's a token is sent to "
+                     "(* drawn from the counts by group-limited routing: no per-token samples); group span: nodes "
+                     "a routing group reaches (lower is better). balancedness = 1 / imbalance, in --json")
     return table
 
 

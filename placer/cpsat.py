@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -39,13 +40,17 @@ class SearchStats:
     improvements: int
 
 
-def improve_layer(packing: Packing, deadline: float, rng: np.random.Generator, patience: int = 40) -> SearchStats:
-    """Improve `packing` in place until `deadline` (time.monotonic()) or `patience` fruitless tries."""
-    swaps = swap_descent(packing, deadline)
+def improve_layer(packing: Packing, deadline: float, rng: np.random.Generator, patience: int = 40,
+                  on_change: Callable[[Packing], None] | None = None) -> SearchStats:
+    """Improve `packing` in place until `deadline` (time.monotonic()) or `patience` fruitless tries.
+    on_change(packing) is called after every accepted change (a migration path records them)."""
+    swaps = swap_descent(packing, deadline, on_change)
     p = packing.problem
     k = int(np.clip(np.ceil(NEIGHBOURHOOD_ITEMS / p.slots_per_gpu), 2, p.num_gpus))
     if k == p.num_gpus:
         status = _solve_neighbourhood(packing, np.arange(p.num_gpus), deadline)
+        if status and on_change:
+            on_change(packing)
         # The swap descent may already have beaten the greedy even when CP-SAT finds nothing more.
         label = "optimal" if status == "optimal" else "improved" if status or swaps else "greedy"
         return SearchStats(label, swaps, 1, int(bool(status)))
@@ -55,13 +60,15 @@ def improve_layer(packing: Packing, deadline: float, rng: np.random.Generator, p
         if _solve_neighbourhood(packing, _pick_neighbourhood(packing, k, rng), deadline):
             improved += 1
             fruitless = 0
-            swaps += swap_descent(packing, deadline)
+            if on_change:
+                on_change(packing)
+            swaps += swap_descent(packing, deadline, on_change)
         else:
             fruitless += 1
     return SearchStats("improved" if improved or swaps else "greedy", swaps, tried, improved)
 
 
-def swap_descent(packing: Packing, deadline: float) -> int:
+def swap_descent(packing: Packing, deadline: float, on_change: Callable[[Packing], None] | None = None) -> int:
     """Exchange one replica of the hottest GPU with one of another GPU while the objective falls (or
     stays the same and the hottest GPU cools, which cannot cycle: the pair's maximum strictly drops)."""
     done = 0
@@ -91,6 +98,8 @@ def swap_descent(packing: Packing, deadline: float) -> int:
             return done
         packing.swap(g, int(i), int(h), int(j))
         done += 1
+        if on_change:
+            on_change(packing)
     return done
 
 

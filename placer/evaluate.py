@@ -1,9 +1,10 @@
 """Solver-agnostic scoring of a placement on traces: the specification every solver is held to.
 
 Imbalance = max GPU load / mean GPU load (1.0 is perfect); balancedness = its inverse (SGLang's and
-vLLM's metric). "equal" splits each expert's tokens equally across its replicas (what static
-dispatch in SGLang/vLLM does); "best" splits them to minimise the hottest GPU (a linear program:
-what a runtime that splits each batch by load can reach).
+vLLM's metric). Each expert's tokens are split over its replicas by a dispatch rule (placer.dispatch:
+equal, the placement's own split, or SGLang's static tables); "best" splits them to minimise the
+hottest GPU (a linear program: the floor for any rule). Traffic: expected distinct remote nodes per
+token under the same rule (placer.traffic).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moeplace.placement import Placement
+from moeplace.placer.dispatch import Dispatch, DispatchModel, dispatch_model
+from moeplace.placer.traffic import remote_nodes_L, token_sample
 from moeplace.trace import Trace
 
 
@@ -21,25 +24,28 @@ class TraceScore:
     """Scores of one placement on one trace; arrays are per MoE layer [L]."""
 
     name: str
-    imbalance_equal_L: np.ndarray
+    dispatch: Dispatch
+    imbalance_L: np.ndarray  # under `dispatch`
     imbalance_best_L: np.ndarray
-    worst_window_L: np.ndarray | None  # worst window's equal-split imbalance, when the trace has several
-    distinct_nodes_L: np.ndarray | None  # mean distinct nodes per sampled token, when it has samples
+    worst_window_L: np.ndarray | None  # worst window's imbalance under `dispatch`, when it has several
+    remote_nodes_L: np.ndarray  # expected distinct remote nodes per token under `dispatch`
+    tokens_from: str  # where the tokens of remote_nodes_L came from (placer.traffic.TokenSample.source)
     group_span_L: np.ndarray | None = None  # nodes a routing group spans, weighted by its load (n_group > 1)
 
     def summary(self) -> dict:
         out = {
             "trace": self.name,
-            "imbalance_mean": float(self.imbalance_equal_L.mean()),
-            "imbalance_worst_layer": float(self.imbalance_equal_L.max()),
-            "balancedness_mean": float((1 / self.imbalance_equal_L).mean()),
+            "dispatch": self.dispatch.value,
+            "imbalance_mean": float(self.imbalance_L.mean()),
+            "imbalance_worst_layer": float(self.imbalance_L.max()),
+            "balancedness_mean": float((1 / self.imbalance_L).mean()),
             "best_split_imbalance_mean": float(self.imbalance_best_L.mean()),
             "best_split_imbalance_worst_layer": float(self.imbalance_best_L.max()),
+            "remote_nodes_per_token": float(self.remote_nodes_L.mean()),
+            "remote_nodes_from": self.tokens_from,
         }
         if self.worst_window_L is not None:
             out["worst_window_imbalance_mean"] = float(self.worst_window_L.mean())
-        if self.distinct_nodes_L is not None:
-            out["distinct_nodes_per_token"] = float(self.distinct_nodes_L.mean())
         if self.group_span_L is not None:
             out["group_node_span"] = float(self.group_span_L.mean())
         return out
@@ -83,36 +89,47 @@ def best_split(placement: Placement, load_LE: np.ndarray) -> tuple[np.ndarray, n
     """Per layer, split each expert's load across its replicas to minimise the hottest GPU.
 
     Returns imbalance_L [L] and split_LP [L, P] (share of its expert each replica takes)."""
+    return robust_split(placement, load_LE[None])
+
+
+def robust_split(placement: Placement, load_WLE: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, one split of each expert over its replicas minimising the hottest GPU of the worst
+    workload (what `solve --dispatch split` writes into the placement for the runtime to follow).
+
+    load_WLE [W, L, E]. Returns the worst workload's imbalance_L [L] and split_LP [L, P]."""
     imb, split = np.ones(placement.num_layers), np.zeros(placement.phy2log_LP.shape)
     for l in range(placement.num_layers):
-        imb[l], split[l] = _best_split_layer(placement, l, load_LE[l])
+        imb[l], split[l] = _best_split_layer(placement, l, load_WLE[:, l])
     return imb, split
 
 
-def _best_split_layer(placement: Placement, l: int, load_E: np.ndarray) -> tuple[float, np.ndarray]:
+def _best_split_layer(placement: Placement, l: int, load_WE: np.ndarray) -> tuple[float, np.ndarray]:
     phy2log = placement.phy2log_LP[l]
     P, S = len(phy2log), placement.topology.slots_per_gpu
     equal = 1.0 / placement.replica_count_LE[l, phy2log]
-    mean = load_E.sum() / placement.topology.num_gpus
-    if mean == 0:
+    mean_W = load_WE.sum(axis=1) / placement.topology.num_gpus
+    if not (mean_W > 0).any():
         return 1.0, equal
     from ortools.linear_solver import pywraplp  # here, so importing the scorer needs no ortools
 
-    scaled = load_E / mean  # keeps the LP well conditioned whatever the token counts
+    # Each workload scaled to mean GPU load 1 keeps the LP well conditioned whatever the token counts.
+    scaled_WE = load_WE[mean_W > 0] / mean_W[mean_W > 0, None]
     solver = pywraplp.Solver.CreateSolver("GLOP")
-    # f[p] = tokens slot p takes from its expert; hot >= every GPU's total.
-    f = [solver.NumVar(0.0, float(scaled[phy2log[p]]), f"f{p}") for p in range(P)]
+    # s[p] = share of its expert slot p takes; hot >= every workload's load on every GPU.
+    share = [solver.NumVar(0.0, 1.0, f"s{p}") for p in range(P)]
     hot = solver.NumVar(0.0, solver.infinity(), "hot")
     for e in np.unique(phy2log):
-        solver.Add(sum(f[p] for p in np.nonzero(phy2log == e)[0]) == float(scaled[e]))
-    for g in range(placement.topology.num_gpus):
-        solver.Add(sum(f[g * S : (g + 1) * S]) <= hot)
+        solver.Add(sum(share[p] for p in np.nonzero(phy2log == e)[0]) == 1.0)
+    for scaled_E in scaled_WE:
+        weight_P = scaled_E[phy2log]
+        for g in range(placement.topology.num_gpus):
+            solver.Add(sum(float(weight_P[p]) * share[p] for p in range(g * S, (g + 1) * S)) <= hot)
     solver.Minimize(hot)
     status = solver.Solve()
     assert status == pywraplp.Solver.OPTIMAL, f"best-split LP of layer {l} ended with status {status}"
-    flows = np.array([v.solution_value() for v in f])
-    share = np.where(scaled[phy2log] > 0, flows / np.where(scaled[phy2log] > 0, scaled[phy2log], 1), equal)
-    return hot.solution_value(), share
+    split = np.clip(np.array([v.solution_value() for v in share]), 0.0, 1.0)
+    sums = np.bincount(phy2log, weights=split, minlength=placement.num_experts)
+    return hot.solution_value(), split / sums[phy2log]
 
 
 def distinct_nodes(placement: Placement, topk_ids_TLK: np.ndarray) -> np.ndarray:
@@ -204,21 +221,24 @@ def align(placement: Placement, trace: Trace) -> np.ndarray:
     return rows
 
 
-def evaluate(placement: Placement, trace: Trace) -> TraceScore:
+def evaluate(placement: Placement, trace: Trace, dispatch: Dispatch | DispatchModel = Dispatch.equal) -> TraceScore:
+    """Score `placement` on `trace` under a dispatch rule (or a model of it from `dispatch_model`,
+    to score several traces without rebuilding SGLang's tables each time)."""
+    model = dispatch if isinstance(dispatch, DispatchModel) else dispatch_model(placement, dispatch)
     rows = align(placement, trace)
     counts_WLE = trace.counts_WLE[:, rows]
     total_LE = counts_WLE.sum(axis=0)
     worst = None
     if trace.num_windows > 1:
-        worst = np.max([imbalance(gpu_load_LG(placement, c)) for c in counts_WLE], axis=0)
-    nodes = None
-    if trace.topk_ids_TLK is not None:
-        nodes = distinct_nodes(placement, trace.topk_ids_TLK[:, rows])
+        worst = np.max([imbalance(gpu_load_LG(placement, c, model.shares_LP)) for c in counts_WLE], axis=0)
+    tokens = token_sample(trace, rows)
     return TraceScore(
         name=trace.source,
-        imbalance_equal_L=imbalance(gpu_load_LG(placement, total_LE)),
+        dispatch=model.dispatch,
+        imbalance_L=imbalance(gpu_load_LG(placement, total_LE, model.shares_LP)),
         imbalance_best_L=best_split(placement, total_LE)[0],
         worst_window_L=worst,
-        distinct_nodes_L=nodes,
+        remote_nodes_L=remote_nodes_L(placement, tokens.topk_ids_TLK, model.shares_LP, model.choice_GLE),
+        tokens_from=tokens.source,
         group_span_L=group_span(placement, total_LE, trace.n_group) if trace.n_group > 1 else None,
     )

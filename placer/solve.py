@@ -13,17 +13,21 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
 
 from moeplace.placement import Placement
 from moeplace.placer.cpsat import improve_layer
-from moeplace.placer.evaluate import experts_on_gpus
+from moeplace.placer.dispatch import Dispatch, DispatchModel, dispatch_model
+from moeplace.placer.evaluate import experts_on_gpus, gpu_load_LG, imbalance, robust_split
 from moeplace.placer.greedy import pack_for_scenarios, rebalance_experts, replicate_for_scenarios
 from moeplace.placer.layer import SCALE, LayerProblem, Packing
 from moeplace.placer.affinity import coactivation, coactivation_homes, group_homes
+from moeplace.placer.migrate import choose, path_from_old, snapshot
+from moeplace.placer.static_repair import repack_layer
+from moeplace.placer.traffic import draw_tokens, remote_nodes_L
 from moeplace.placer.workloads import routing_groups, token_samples, workload_shares
 from moeplace.topology import Topology
 from moeplace.trace import Trace
@@ -42,22 +46,24 @@ class SolveOptions:
     time_limit: float = 20.0  # wall-clock seconds for the whole solve, all layers
     traffic_weight: float = 0.05  # imbalance traded for all routed tokens leaving their group's node
     move_weight: float = 0.05  # imbalance traded for moving every expert of a layer (with `old`)
+    dispatch: Dispatch = Dispatch.equal  # the engine's rule for splitting an expert over its replicas
     seed: int = 0
     workers: int = 0  # processes; 0 = one per CPU core
     max_workloads: int = 32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerReport:
     layer: int
-    hottest: float  # worst workload's max GPU load / mean, equal split
+    hottest: float  # worst workload's max GPU load / mean, under the solve's dispatch rule
     off_home: float  # share of routed tokens whose expert is off its group's home node (0: no groups)
     moved: int  # (expert, GPU) pairs new relative to `old`
     objective: float
-    greedy_hottest: float
+    greedy_hottest: float  # the greedy warm start's, equal split
     bound: float  # lower bound on `hottest` for any placement with these slots
-    status: str  # optimal | improved | greedy | eplb
+    status: str  # optimal | improved | greedy | eplb | kept (the old layout) | path (searched from it)
     seconds: float
+    remote_nodes: float = float("nan")  # expected distinct remote nodes per token, planning workloads
 
     @property
     def gap(self) -> float:
@@ -90,8 +96,11 @@ def solve(
     if options.method in (Method.eplb, Method.eplb_global):
         groups = max(first.n_group, 1) if options.method is Method.eplb else 1
         rows, reports = _solve_eplb(share_WLE, topology, first, groups)
+        homes = None
     else:
-        budget = max(0.05, options.time_limit - (time.monotonic() - start) - _overhead(L))
+        # sglang-static: a share of the budget goes to simulating SGLang's tables and re-packing
+        reserve = 0.25 if options.dispatch is Dispatch.sglang_static else 0.0
+        budget = max(0.05, (options.time_limit - (time.monotonic() - start) - _overhead(L)) * (1 - reserve))
         tasks = [
             _LayerTask(
                 index=l,
@@ -100,7 +109,7 @@ def solve(
                 topology=topology,
                 group_E=group_E,
                 topk_ids_TK=None if samples_TLK is None else samples_TLK[:, l],
-                old_on_GE=None if old is None else experts_on_gpus(old, l),
+                old_GS=None if old is None else old.phy2log_LP[l].reshape(topology.num_gpus, -1),
                 options=options,
                 seconds=budget * _workers(options, L) / L,
             )
@@ -109,17 +118,78 @@ def solve(
         results = _run(tasks, _workers(options, L), on_layer_done)
         rows = np.stack([r[0] for r in results])
         reports = [r[1] for r in results]
+        homes = [r[2] for r in results]
+    static = None  # SGLang's tables, simulated once and carried through the re-packing
+    if options.dispatch is Dispatch.sglang_static and options.method in (Method.cpsat, Method.greedy):
+        rows, static = _repair_static(rows, share_WLE, topology, first, homes, old,
+                                      start + options.time_limit - _overhead(L))
     if old is not None and options.method in (Method.cpsat, Method.greedy):
-        rows = np.stack([_keep_slots(r, o.reshape(topology.num_gpus, -1)) for r, o in zip(rows, old.phy2log_LP)])
+        kept = np.stack([_keep_slots(r, o.reshape(topology.num_gpus, -1)) for r, o in zip(rows, old.phy2log_LP)])
+        static = None if static is None else _follow(static, rows.reshape(L, -1), kept.reshape(L, -1), topology)
+        rows = kept
     placement = Placement(
         phy2log_LP=rows.reshape(L, -1),
         num_experts=E,
         topology=topology,
         layers=first.layers,
         num_model_layers=first.num_model_layers,
-        provenance=_provenance(traces, names, options, reports, old),
+        provenance={},
     )
+    if options.dispatch is Dispatch.split and options.method in (Method.cpsat, Method.greedy):
+        placement = replace(placement, split_LP=robust_split(placement, share_WLE)[1])
+    reports = _final_reports(placement, share_WLE, traces, static or dispatch_model(placement, options.dispatch),
+                             reports)
+    placement = placement.with_provenance(**_provenance(traces, names, options, reports, old))
     return SolveResult(placement, tuple(reports), tuple(names), time.monotonic() - start)
+
+
+def _final_reports(placement: Placement, share_WLE: np.ndarray, traces: list[Trace], model: DispatchModel,
+                   reports: list[LayerReport]) -> list[LayerReport]:
+    """Each layer's hottest under the dispatch rule (exact for sglang-static) and its expected remote
+    nodes per token on the planning workloads."""
+    G = placement.topology.num_gpus
+    hottest_L = np.max([imbalance(gpu_load_LG(placement, share_LE * G, model.shares_LP)) for share_LE in share_WLE],
+                       axis=0)
+    ids_TLK = draw_tokens(traces, share_WLE.mean(axis=0))
+    remote_L = remote_nodes_L(placement, ids_TLK, model.shares_LP, model.choice_GLE)
+    return [replace(r, hottest=float(h), remote_nodes=float(n)) for r, h, n in zip(reports, hottest_L, remote_L)]
+
+
+def _repair_static(rows_LGS: np.ndarray, share_WLE: np.ndarray, topology: Topology, trace: Trace, homes,
+                   old: Placement | None, deadline: float) -> tuple[np.ndarray, DispatchModel]:
+    """Re-pack every layer with the exact per-slot loads of SGLang's static tables (placer.static_repair).
+    Returns the rows and the tables, which the re-packing carries along (they stay SGLang's exactly)."""
+    L = rows_LGS.shape[0]
+    draft = Placement(rows_LGS.reshape(L, -1), trace.num_experts, topology, trace.layers, trace.num_model_layers)
+    model = dispatch_model(draft, Dispatch.sglang_static)
+    out, shares, where_LP = [], [], []
+    for l in range(L):
+        phy2log = draft.phy2log_LP[l]
+        load_WP = share_WLE[:, l][:, phy2log] * topology.num_gpus * model.shares_LP[l]
+        old_GE = None if old is None else experts_on_gpus(old, l)
+        layer_deadline = time.monotonic() + max(0.0, deadline - time.monotonic()) / (L - l)
+        row, item_P = repack_layer(phy2log, load_WP, topology.gpus_per_node, topology.num_gpus, homes[l], old_GE,
+                                   layer_deadline)
+        out.append(row)
+        shares.append(model.shares_LP[l][item_P])
+        where_LP.append(np.argsort(item_P))  # new slot of each old slot
+    where_LP = np.stack(where_LP)
+    choice_GLE = np.take_along_axis(where_LP[None], model.choice_GLE, axis=2)
+    return np.stack(out).reshape(rows_LGS.shape), DispatchModel(Dispatch.sglang_static, np.stack(shares), choice_GLE)
+
+
+def _follow(model: DispatchModel, before_LP: np.ndarray, after_LP: np.ndarray, topology: Topology) -> DispatchModel:
+    """The model after each GPU's slots were reordered (an expert sits at most once on a GPU)."""
+    L, P = before_LP.shape
+    gpu_P = np.arange(P) // topology.slots_per_gpu
+    where_LP = np.zeros((L, P), dtype=np.int64)
+    for l in range(L):
+        slot_of = {(int(g), int(e)): p for p, (g, e) in enumerate(zip(gpu_P, after_LP[l]))}
+        where_LP[l] = [slot_of[(int(g), int(e))] for g, e in zip(gpu_P, before_LP[l])]
+    shares_LP = np.zeros_like(model.shares_LP)
+    np.put_along_axis(shares_LP, where_LP, model.shares_LP, axis=1)
+    choice_GLE = np.take_along_axis(where_LP[None], model.choice_GLE, axis=2)
+    return DispatchModel(model.dispatch, shares_LP, choice_GLE)
 
 
 def _check_request(trace: Trace, topology: Topology, old: Placement | None) -> None:
@@ -154,46 +224,67 @@ class _LayerTask:
     topology: Topology
     group_E: np.ndarray | None
     topk_ids_TK: np.ndarray | None
-    old_on_GE: np.ndarray | None
+    old_GS: np.ndarray | None  # the old layout of this layer [G, S], or None
     options: SolveOptions
     seconds: float
 
 
-def _solve_layer(task: _LayerTask) -> tuple[int, np.ndarray, LayerReport]:
+def _solve_layer(task: _LayerTask) -> tuple[int, np.ndarray, LayerReport, np.ndarray | None]:
     start = time.monotonic()
     topo, opts = task.topology, task.options
     replicas_E = replicate_for_scenarios(task.share_WE, topo.num_slots, max_replicas=topo.num_gpus)
+    old_on_GE = None
+    if task.old_GS is not None:
+        old_on_GE = np.zeros((topo.num_gpus, len(replicas_E)), dtype=bool)
+        old_on_GE[np.arange(topo.num_gpus)[:, None], task.old_GS] = True
+    home_node_E = _home_nodes(task)
     problem = LayerProblem(
         share_WE=task.share_WE,
         replicas_E=replicas_E,
         num_gpus=topo.num_gpus,
         gpus_per_node=topo.gpus_per_node,
         slots_per_gpu=topo.slots_per_gpu,
-        home_node_E=_home_nodes(task),
-        old_on_GE=task.old_on_GE,
+        home_node_E=home_node_E,
+        old_on_GE=old_on_GE,
         traffic_weight=opts.traffic_weight,
-        move_weight=opts.move_weight,
+        move_weight=0.0,  # with an old layout, moves are weighed in migrate.choose (monotone in the weight)
     )
     hint = pack_for_scenarios(problem.share_WE * topo.num_gpus, replicas_E, topo.num_gpus, topo.slots_per_gpu,
                               _greedy_costs(problem))
     packing = Packing(problem, hint)
     greedy_hottest = packing.hottest() / SCALE
     status = "greedy"
+    rng = np.random.default_rng([opts.seed, task.index])
+    share = 0.5 if task.old_GS is not None and opts.method is Method.cpsat else 1.0
     if opts.method is Method.cpsat:
-        rng = np.random.default_rng([opts.seed, task.index])
-        status = improve_layer(packing, start + task.seconds, rng).status
+        status = improve_layer(packing, start + task.seconds * share, rng).status
+    chosen = snapshot(packing, status)
+    if task.old_GS is not None:
+        path = path_from_old(problem, task.old_GS, start + task.seconds if share < 1 else start, rng)
+        chosen = choose([*path, chosen], opts.move_weight, problem.num_experts)
     report = LayerReport(
         layer=task.layer,
-        hottest=packing.hottest() / SCALE,
-        off_home=packing.off_home_share(),
-        moved=packing.moved(),
-        objective=packing.objective() / SCALE,
+        hottest=chosen.hottest / SCALE,
+        off_home=_off_home(problem, chosen.gpu_experts_GS),
+        moved=chosen.moved,
+        objective=chosen.base / SCALE + opts.move_weight * chosen.moved / problem.num_experts,
         greedy_hottest=greedy_hottest,
         bound=problem.lower_bound(),
-        status=status,
+        status=chosen.label,
         seconds=time.monotonic() - start,
     )
-    return task.index, np.sort(packing.gpu_experts, axis=1), report
+    return task.index, np.sort(chosen.gpu_experts_GS, axis=1), report, home_node_E
+
+
+def _off_home(problem: LayerProblem, rows_GS: np.ndarray) -> float:
+    """Share of routed (token, expert) pairs whose expert has no replica on its home node."""
+    if problem.home_node_E is None:
+        return 0.0
+    node_G = np.arange(problem.num_gpus) // problem.gpus_per_node
+    home = np.zeros(problem.num_experts, dtype=bool)
+    for g, row in enumerate(rows_GS):
+        home[row[problem.home_node_E[row] == node_G[g]]] = True
+    return float(problem.share_WE.mean(0)[~home].sum())
 
 
 def _home_nodes(task: _LayerTask) -> np.ndarray | None:
@@ -224,12 +315,12 @@ def _greedy_costs(problem: LayerProblem) -> np.ndarray | None:
     return cost_GE if cost_GE.any() else None
 
 
-def _run(tasks: list[_LayerTask], workers: int, on_layer_done) -> list[tuple[np.ndarray, LayerReport]]:
-    out: dict[int, tuple[np.ndarray, LayerReport]] = {}
+def _run(tasks: list[_LayerTask], workers: int, on_layer_done) -> list[tuple]:
+    out: dict[int, tuple] = {}
     if workers <= 1:
         for task in tasks:
-            i, rows, report = _solve_layer(task)
-            out[i] = (rows, report)
+            i, *result = _solve_layer(task)
+            out[i] = tuple(result)
             if on_layer_done:
                 on_layer_done(i)
     else:
@@ -239,8 +330,8 @@ def _run(tasks: list[_LayerTask], workers: int, on_layer_done) -> list[tuple[np.
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [pool.submit(_solve_layer, t) for t in tasks]
             for future in as_completed(futures):
-                i, rows, report = future.result()
-                out[i] = (rows, report)
+                i, *result = future.result()
+                out[i] = tuple(result)
                 if on_layer_done:
                     on_layer_done(i)
     return [out[i] for i in range(len(tasks))]
@@ -276,24 +367,13 @@ def _solve_eplb(share_WLE: np.ndarray, topology: Topology, trace: Trace, groups:
     weight_LE = share_WLE.mean(axis=0)
     nodes = topology.num_nodes if groups > 1 else 1
     phy2log, _, _ = rebalance_experts(weight_LE, topology.num_slots, groups, nodes, topology.num_gpus)
-    hottest_L = _hottest_equal_split(share_WLE, phy2log, topology)
-    # EPLB has no greedy start, bound or objective of ours: NaN there (tables print "-").
-    reports = [LayerReport(layer=int(layer), hottest=float(hottest_L[l]), off_home=0.0, moved=0,
+    # EPLB has no greedy start, bound or objective of ours: NaN there (tables print "-"); its hottest is
+    # filled in by _final_reports like every method's.
+    reports = [LayerReport(layer=int(layer), hottest=float("nan"), off_home=0.0, moved=0,
                            objective=float("nan"), greedy_hottest=float("nan"), bound=float("nan"),
                            status="eplb", seconds=0.0)
-               for l, layer in enumerate(trace.layers)]
+               for layer in trace.layers]
     return phy2log, reports
-
-
-def _hottest_equal_split(share_WLE: np.ndarray, phy2log_LP: np.ndarray, topology: Topology) -> np.ndarray:
-    """[L] worst workload's max GPU load / mean, each expert's load split equally over its replicas."""
-    W, L, E = share_WLE.shape
-    replicas_LE = np.stack([np.bincount(row, minlength=E) for row in phy2log_LP])
-    rows = np.arange(L)[:, None]
-    slot_WLP = share_WLE[:, rows, phy2log_LP] / replicas_LE[rows, phy2log_LP]
-    load_WLG = slot_WLP.reshape(W, L, topology.num_gpus, topology.slots_per_gpu).sum(axis=3)
-    mean_WL = np.maximum(load_WLG.mean(axis=2), 1e-300)
-    return (load_WLG.max(axis=2) / mean_WL).max(axis=0)
 
 
 def _provenance(traces, names, options: SolveOptions, reports, old: Placement | None) -> dict:

@@ -31,8 +31,8 @@ def test_folds_score_each_held_out_trace():
     cv = leave_one_out(traces, Topology(4, 2, 5), SolveOptions(method=Method.cpsat, time_limit=0.5, workers=1))
     assert [f.name for f in cv.folds] == ["w0", "w1", "w2"]
     for fold in cv.folds:
-        assert fold.imbalance_equal_L.shape == (2,)
-        assert (fold.imbalance_best_L <= fold.imbalance_equal_L + 1e-9).all()
+        assert fold.imbalance_L.shape == (2,)
+        assert (fold.imbalance_best_L <= fold.imbalance_L + 1e-9).all()
         assert (fold.imbalance_best_L >= 1.0 - 1e-9).all()
         assert fold.duplicates == 0
     assert cv.layers_worse_than_greedy(1e-4) == 0

@@ -60,15 +60,15 @@ def assert_sane(result, traces: list[Trace], method: Method) -> None:
         assert report.hottest == pytest.approx(hottest, abs=1e-4)
         assert report.hottest >= report.bound - 1e-4 and report.bound >= 1.0
         assert report.gap >= -1e-4
-        assert report.objective >= report.hottest - 1e-9
+        assert report.objective >= report.hottest - 1e-4  # integer units of 1e-5
         assert 0.0 <= report.off_home <= 1.0
         assert report.moved == 0  # no old placement
         if method is Method.greedy:
-            assert report.status == "greedy" and report.hottest == report.greedy_hottest
+            assert report.status == "greedy" and report.hottest == pytest.approx(report.greedy_hottest, abs=1e-4)
         else:
             assert report.status in ("optimal", "improved", "greedy")
             # "greedy" means the search kept the warm start: a cooler result must say so
-            assert report.status != "greedy" or report.hottest == report.greedy_hottest
+            assert report.status != "greedy" or report.hottest == pytest.approx(report.greedy_hottest, abs=1e-4)
     prov = p.provenance
     assert prov["solver"] == f"moeplace-{method.value}"
     assert prov["traces"] == [{"file": t.source, "sha256_16": t.digest()} for t in traces]
@@ -101,7 +101,7 @@ def test_cpsat_is_never_hotter_than_greedy(workers):
     cpsat = solve(TRACES, TOPO, options)
     greedy = solve(TRACES, TOPO, replace(options, method=Method.greedy))
     for c, g in zip(cpsat.reports, greedy.reports):
-        assert c.greedy_hottest == g.hottest  # the same deterministic warm start
+        assert c.greedy_hottest == pytest.approx(g.hottest, abs=1e-4)  # the same deterministic warm start
         assert c.hottest <= g.hottest + 1e-9
     assert_sane(cpsat, TRACES, Method.cpsat)
 

@@ -1,0 +1,116 @@
+"""Re-pack a placement for SGLang's static dispatch, with each slot's exact load.
+
+Under `sglang-static` a replica's load is not its expert's load / replicas: it is the share of
+source ranks whose table points at it (placer.dispatch), and those tables draw from one random
+stream per rank across all layers. The layer search plans with equal shares (spreading an expert's
+replicas over distinct nodes, where the expected static share IS the equal share); this pass then
+takes the exact shares of the whole placement and swaps slots between GPUs with moves that leave
+every rank's table, and so every draw, unchanged:
+
+- a replica moves to another GPU of its node (the ranks that prefer it are those of its node, and
+  its place in its expert's slot order is its node's): allowed when no other replica of its expert
+  shares that node (then "first on the node" could change);
+- an expert with one replica moves anywhere (all ranks send to it; no draw is made for it), when
+  that does not change whether it sits on its routing group's home node (the traffic term).
+
+So one simulation gives loads that stay exact through the whole pass. Swaps are taken on the
+hottest GPU while they cool it (the pair's new maximum below it), as in placer.cpsat's descent.
+Dimension letters: W workloads, P slots, G GPUs, S slots per GPU, E experts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def repack_layer(
+    phy2log_P: np.ndarray,
+    load_WP: np.ndarray,
+    gpus_per_node: int,
+    num_gpus: int,
+    home_node_E: np.ndarray | None,
+    old_on_GE: np.ndarray | None,
+    deadline: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(phy2log_P [P] with the GPUs' contents re-packed, item_P [P]: the old slot whose replica each
+    slot now holds, so shares and tables follow their replicas); load_WP [W, P] each slot's exact load.
+    old_on_GE [G, E]: the old layout (`solve --from`); swaps then keep the number of moves, so the
+    migration choice (placer.migrate) stays what it was."""
+    P = len(phy2log_P)
+    S = P // num_gpus
+    expert_GS = phy2log_P.reshape(num_gpus, S).copy()
+    item_GS = np.arange(P).reshape(num_gpus, S)
+    load_WGS = load_WP.reshape(-1, num_gpus, S).copy()
+    node_G = np.arange(num_gpus) // gpus_per_node
+    replicas_E = np.bincount(phy2log_P)
+    on_NE = np.zeros((num_gpus // gpus_per_node, len(replicas_E)), dtype=np.int64)
+    np.add.at(on_NE, (node_G[np.arange(P) // S], phy2log_P), 1)
+    locked_E = (on_NE > 1).any(axis=0)  # two replicas on one node: their order on it matters
+    while time.monotonic() < deadline:
+        if not _best_swap(expert_GS, item_GS, load_WGS, node_G, replicas_E, locked_E, home_node_E, old_on_GE):
+            break
+    return expert_GS.reshape(P), item_GS.reshape(P)
+
+
+def _best_swap(expert_GS, item_GS, load_WGS, node_G, replicas_E, locked_E, home_node_E, old_on_GE) -> bool:
+    """Make the swap of a slot of the hottest GPU that cools it most; False when none does."""
+    load_WG = load_WGS.sum(axis=2)
+    hot_G = load_WG.max(axis=0)
+    g = int(np.argmax(hot_G))
+    la_WS = load_WGS[:, g]
+    # new loads when a[i] (on g) swaps with expert_GS[h, j]: [W, S, G, S]
+    new_g = load_WG[:, g, None, None, None] - la_WS[:, :, None, None] + load_WGS[:, None]
+    new_h = load_WG[:, None, :, None] + la_WS[:, :, None, None] - load_WGS[:, None]
+    pair = np.maximum(new_g.max(axis=0), new_h.max(axis=0))
+    allowed = _allowed(g, expert_GS, node_G, replicas_E, locked_E, home_node_E)
+    if old_on_GE is not None:
+        allowed &= _moved_delta(g, expert_GS, old_on_GE) == 0
+    pair = np.where(allowed, pair, np.inf)
+    i, h, j = np.unravel_index(np.argmin(pair), pair.shape)
+    # Strictly cooler pair; the other GPUs do not change, so the hottest never rises.
+    if not pair[i, h, j] < hot_G[g] - 1e-12:
+        return False
+    a, b = expert_GS[g, i], expert_GS[h, j]
+    expert_GS[g, i], expert_GS[h, j] = b, a
+    item_GS[g, i], item_GS[h, j] = item_GS[h, j], item_GS[g, i]
+    la, lb = load_WGS[:, g, i].copy(), load_WGS[:, h, j].copy()
+    load_WGS[:, g, i], load_WGS[:, h, j] = lb, la
+    return True
+
+
+def _allowed(g, expert_GS, node_G, replicas_E, locked_E, home_node_E) -> np.ndarray:
+    """[S, G, S]: may slot i of GPU g swap with slot j of GPU h (rules in the module doc)?"""
+    G, S = expert_GS.shape
+    a_S = expert_GS[g]
+    holds_GE = np.zeros((G, len(replicas_E)), dtype=bool)
+    holds_GE[np.arange(G)[:, None], expert_GS] = True
+    no_dup = ~holds_GE[:, a_S].T[:, :, None] & ~holds_GE[g][expert_GS][None]  # a onto h, b onto g
+    same_node = (node_G == node_G[g])[None, :, None]
+    movable_a = ~locked_E[a_S]
+    movable_b = ~locked_E[expert_GS]
+    within = same_node & movable_a[:, None, None] & movable_b[None]
+    single_a = replicas_E[a_S] == 1
+    single_b = replicas_E[expert_GS] == 1
+    across = single_a[:, None, None] & single_b[None]
+    if home_node_E is not None:
+        # neither expert's "at home" changes: its home is neither of the two nodes
+        ng = node_G[g]
+        a_keeps = (home_node_E[a_S][:, None] != node_G[None, :]) & (home_node_E[a_S] != ng)[:, None]
+        b_keeps = (home_node_E[expert_GS] != node_G[:, None]) & (home_node_E[expert_GS] != ng)
+        across &= a_keeps[:, :, None] & b_keeps[None]
+    allowed = no_dup & (within | across)
+    allowed[:, g, :] = False
+    return allowed
+
+
+def _moved_delta(g: int, expert_GS: np.ndarray, old_on_GE: np.ndarray) -> np.ndarray:
+    """[S, G, S] change in (expert, GPU) pairs new relative to the old layout when a[i] (on g) swaps
+    with expert_GS[h, j] (on h)."""
+    a_S = expert_GS[g]
+    new_GE = ~old_on_GE
+    b_onto_g = new_GE[g][expert_GS]                       # [G, S]
+    a_onto_h = new_GE[:, a_S].T                           # [S, G]
+    return (b_onto_g[None].astype(np.int64) - new_GE[g][a_S][:, None, None]
+            + a_onto_h[:, :, None] - np.take_along_axis(new_GE, expert_GS, axis=1)[None])
