@@ -20,13 +20,15 @@ import numpy as np
 from moeplace import __version__
 from moeplace.fileio import check_output
 from moeplace.placement import load_placement, save_placement
+from moeplace.deployment import TopologyFlags, resolve_topology
+from moeplace.placer.dispatch import DEFAULT_DISPATCH, Dispatch, TargetEngine, dispatch_model
 from moeplace.placer.evaluate import evaluate as score_trace
 from moeplace.placer.evaluate import moves
 from moeplace.placer.export import FORMATS, export_placement
 from moeplace.placer.solve import Method, SolveOptions, solve as solve_placement
 from moeplace.readers import load_trace
 from moeplace.tables import moves_line, score_table, solve_table
-from moeplace.topology import DEEPSEEK_V3_EXPERT_BYTES, Topology
+
 from moeplace.trace import merge_traces, save_trace
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -66,17 +68,21 @@ def user_errors():
 def solve(
     traces: Annotated[list[Path], typer.Argument(help="Trace files: moeplace .safetensors, SGLang .json/.pt, TensorRT-LLM folders.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Placement JSON to write.")],
-    gpus: Annotated[int, typer.Option(help="GPUs (expert-parallel ranks).")],
-    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")],
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs (expert-parallel ranks); default: the served deployment's.")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(help="GPUs per node; default: the served deployment's.")] = None,
     slots_per_gpu: Annotated[Optional[int], typer.Option(help="Expert slots per GPU.")] = None,
     redundant: Annotated[Optional[int], typer.Option(help="Redundant slots in all (instead of --slots-per-gpu).")] = None,
+    like: Annotated[Optional[str], typer.Option(help="A running `moeplace serve`: plan for its topology.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="--like: the server's API key.")] = None,
+    engine: Annotated[TargetEngine, typer.Option(help="The engine the placement is for (sets the default --dispatch).")] = TargetEngine.moeplace,
+    dispatch: Annotated[Optional[Dispatch], typer.Option(help="How the engine splits an expert over its replicas: equal, split (moeplace serve) or sglang-static.")] = None,
     from_: Annotated[Optional[Path], typer.Option("--from", help="Current placement: plan an incremental move from it.")] = None,
     time_limit: Annotated[float, typer.Option(help="Wall-clock seconds for the whole solve.")] = 20.0,
     traffic_weight: Annotated[float, typer.Option(help="Weight of cross-node traffic (share of routed tokens off their group's node).")] = 0.05,
     move_weight: Annotated[float, typer.Option(help="With --from: weight of moving every expert of a layer.")] = 0.05,
     method: Annotated[Method, typer.Option(help="cpsat (moeplace), greedy (its warm start) or eplb (DeepSeek EPLB).")] = Method.cpsat,
     memory_budget_gb: Annotated[Optional[float], typer.Option(help="GPU memory for expert slots, GB.")] = None,
-    expert_bytes: Annotated[int, typer.Option(help="Bytes of one expert (default: DeepSeek-V3 FP8).")] = DEEPSEEK_V3_EXPERT_BYTES,
+    expert_bytes: Annotated[Optional[int], typer.Option(help="Bytes of one expert (default: the traced model's).")] = None,
     workers: Annotated[int, typer.Option(help="Processes solving layers in parallel (0 = CPU cores).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed of the search.")] = 0,
     per_layer: Annotated[bool, typer.Option(help="Print every layer, not only the summary.")] = True,
@@ -84,14 +90,14 @@ def solve(
     """Compute an expert -> GPU placement with redundant replicas from expert-load traces."""
     with user_errors():
         loaded = [load_trace(t) for t in traces]
-        topology = Topology.build(
-            gpus, gpus_per_node, loaded[0].num_experts, slots_per_gpu, redundant,
-            expert_bytes=expert_bytes,
-            gpu_memory_budget=None if memory_budget_gb is None else int(memory_budget_gb * 1e9),
-        )
+        flags = TopologyFlags(gpus=gpus, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu, redundant=redundant,
+                              expert_bytes=expert_bytes,
+                              gpu_memory_budget=None if memory_budget_gb is None else int(memory_budget_gb * 1e9))
+        topology = resolve_topology(flags, loaded[0], None if like is None else _live_placement(like, api_key))
         old = None if from_ is None else load_placement(from_)
+        rule = dispatch or DEFAULT_DISPATCH[engine]
         options = SolveOptions(method=method, time_limit=time_limit, traffic_weight=traffic_weight,
-                               move_weight=move_weight, seed=seed, workers=workers)
+                               move_weight=move_weight, dispatch=rule, seed=seed, workers=workers)
         check_output(output)
         with _progress() as progress:
             task = progress.add_task("solving layers", total=loaded[0].num_layers)
@@ -103,17 +109,27 @@ def solve(
     stdout().print(f"wrote {output}")
 
 
+def _live_placement(url: str, api_key: str | None):
+    from moeplace.client import ServerClient
+
+    return ServerClient(url, api_key).placement()
+
+
 @app.command()
 def evaluate(
     placement: Annotated[Path, typer.Argument(help="Placement JSON.")],
     traces: Annotated[list[Path], typer.Argument(help="Traces to score it on.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with per-layer numbers.")] = False,
     baseline: Annotated[Optional[Path], typer.Option(help="Another placement: experts/bytes to move from it.")] = None,
+    engine: Annotated[TargetEngine, typer.Option(help="The engine that serves it (sets the default --dispatch).")] = TargetEngine.moeplace,
+    dispatch: Annotated[Optional[Dispatch], typer.Option(help="How the engine splits an expert over its replicas: equal, split (moeplace serve) or sglang-static.")] = None,
 ) -> None:
-    """Score a placement: per-layer imbalance (equal and best split), balancedness, nodes per token."""
+    """Score a placement: per-layer imbalance under the engine's dispatch rule and with the best split,
+    balancedness, remote nodes per token."""
     with user_errors():
         scored = load_placement(placement)
-        scores = [score_trace(scored, load_trace(t)) for t in traces]
+        model = dispatch_model(scored, dispatch or DEFAULT_DISPATCH[engine])
+        scores = [score_trace(scored, load_trace(t), model) for t in traces]
         moved = None if baseline is None else moves(load_placement(baseline), scored)
     if as_json:
         out = {"placement": str(placement), "traces": [_score_json(s) for s in scores]}

@@ -17,12 +17,12 @@ def solve_table(result: SolveResult, per_layer: bool) -> Table:
     reports = result.reports
     table = Table(title=f"moeplace solve: {len(reports)} layers, {len(result.workloads)} workloads, "
                         f"{result.seconds:.1f} s", title_justify="left")
-    for name in ("layer", "hottest", "greedy", "bound", "gap", "off-home", "moved", "status"):
+    for name in ("layer", "hottest", "greedy", "bound", "gap", "off-home", "remote nodes", "moved", "status"):
         table.add_column(name, justify="right")
     rows = reports if per_layer else ()
     for r in rows:
         table.add_row(str(r.layer), _num(r.hottest, ".4f"), _num(r.greedy_hottest, ".4f"), _num(r.bound, ".4f"),
-                      _num(r.gap, ".2%"), f"{r.off_home:.3f}", str(r.moved), r.status)
+                      _num(r.gap, ".2%"), f"{r.off_home:.3f}", _num(r.remote_nodes, ".2f"), str(r.moved), r.status)
     if per_layer:
         table.add_section()
     statuses = sorted({r.status for r in reports})
@@ -34,15 +34,19 @@ def solve_table(result: SolveResult, per_layer: bool) -> Table:
         _num(column("bound").mean(), ".4f"),
         _num(column("gap").mean(), ".2%"),
         f"{column('off_home').mean():.3f}",
+        _num(column("remote_nodes").mean(), ".2f"),
         str(sum(r.moved for r in reports)),
         "/".join(f"{s}:{sum(r.status == s for r in reports)}" for s in statuses),
     )
     table.add_row("worst", _num(column("hottest").max(), ".4f"), _num(column("greedy_hottest").max(), ".4f"),
                   "", _num(column("gap").max(), ".2%"))
-    table.caption = ("hottest = max GPU load / mean over the worst planning workload, equal split (lower is "
-                     "better, 1 is perfect); bound = lower bound for any placement; off-home = routed share "
-                     "off its group's node; status greedy = the search found nothing better than the greedy "
-                     "start; - = not computed by this method")
+    dispatch = result.placement.provenance.get("options", {}).get("dispatch", "equal")
+    table.caption = (f"hottest = max GPU load / mean over the worst planning workload, dispatch '{dispatch}' "
+                     "(lower is better, 1 is perfect); greedy = the warm start's, equal split; bound = lower "
+                     "bound for any placement; off-home = routed share off its group's node; remote nodes = "
+                     "expected distinct nodes besides its source's a token is sent to; status greedy = the "
+                     "search found nothing better than the greedy start, kept = the old layout, path = searched "
+                     "from it; - = not computed by this method")
     return table
 
 

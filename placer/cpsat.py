@@ -89,6 +89,7 @@ def swap_descent(packing: Packing, deadline: float, on_change: Callable[[Packing
         cost += packing.traffic() + packing.move_int * packing.moved()
         cost += _traffic_delta(packing, g, a) + packing.move_int * _moved_delta(packing, g, a)
         forbidden = packing.on_GE[:, a].T[:, :, None] | packing.on_GE[g][rows][None]  # duplicates
+        forbidden |= _node_duplicates(packing, g, a)
         forbidden[:, g, :] = True
         cost = np.where(forbidden, np.iinfo(np.int64).max, cost)
         i, h, j = np.unravel_index(np.argmin(cost), cost.shape)
@@ -101,6 +102,18 @@ def swap_descent(packing: Packing, deadline: float, on_change: Callable[[Packing
         if on_change:
             on_change(packing)
     return done
+
+
+def _node_duplicates(packing: Packing, g: int, a: np.ndarray) -> np.ndarray:
+    """[S, G, S] swaps that put a second replica of a spread expert on a node (placer.layer)."""
+    spread_E = packing.spread_E()
+    if not spread_E.any():
+        return np.zeros((len(a), 1, 1), dtype=bool)
+    on_NE, node_G, rows = packing.on_NE(), packing.node_G, packing.gpu_experts
+    other = node_G != node_G[g]  # [G] a swap within a node changes no node's count
+    a_lands = (on_NE[node_G][:, a].T > 0) & spread_E[a][:, None] & other[None, :]  # [S, G]
+    b_lands = (on_NE[node_G[g]][rows] > 0) & spread_E[rows] & other[:, None]  # [G, S]
+    return a_lands[:, :, None] | b_lands[None]
 
 
 def _traffic_delta(packing: Packing, g: int, a: np.ndarray) -> np.ndarray:
@@ -209,6 +222,7 @@ def _neighbourhood_model(packing: Packing, gpus: np.ndarray) -> tuple[cp_model.C
     for w in range(load_WX.shape[0]):
         for j in range(len(gpus)):
             model.Add(cp_model.LinearExpr.WeightedSum(list(x[:, j]), load_WX[w].tolist()) <= hot)
+    _spread_constraints(model, packing, gpus, outside, experts, x)
     objective = [hot]
     objective += _traffic_terms(model, packing, gpus, outside, experts, x)
     if packing.move_int:
@@ -219,6 +233,24 @@ def _neighbourhood_model(packing: Packing, gpus: np.ndarray) -> tuple[cp_model.C
         for j, g in enumerate(gpus):
             model.AddHint(x[i, j], bool(packing.on_GE[g, e]))
     return model, x, experts
+
+
+def _spread_constraints(model, packing: Packing, gpus, outside, experts, x) -> None:
+    """A spread expert gets no more replicas on a node than max(1, what it has there now): never a
+    new second one, and a layout that already has one stays feasible (the hint must be)."""
+    spread_E = packing.spread_E()
+    if not spread_E.any():
+        return
+    p, node_G = packing.problem, packing.node_G
+    on_NE = packing.on_NE()
+    outside_NE = np.zeros_like(on_NE)
+    np.add.at(outside_NE, node_G[outside], packing.on_GE[outside].astype(np.int64))
+    for i, e in enumerate(experts):
+        if not spread_E[e]:
+            continue
+        for n in np.unique(node_G[gpus]):
+            inside = [x[i, j] for j in np.nonzero(node_G[gpus] == n)[0]]
+            model.Add(sum(inside) + int(outside_NE[n, e]) <= max(1, int(on_NE[n, e])))
 
 
 def _traffic_terms(model, packing: Packing, gpus, outside, experts, x) -> list:

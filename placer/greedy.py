@@ -143,12 +143,15 @@ def pack_for_scenarios(
     num_gpus: int,
     slots_per_gpu: int,
     extra_cost_GE: np.ndarray | None = None,
+    spread_nodes: int = 0,
 ) -> np.ndarray:
     """Place each replica, heaviest (in its worst workload) first, on the GPU with a free slot and no
     copy of that expert where the worst workload's GPU load after adding it is least.
 
     load_WE: [W, E] workload loads; replicas_E: [E]; extra_cost_GE: optional [G, E] cost added for
     putting a replica of e on g (moving it there, taking it off its home node), in load units.
+    spread_nodes: GPUs per node when an expert with at most one replica per node should get none
+    twice on a node (SGLang's static dispatch: placer.dispatch); such GPUs are then taken last.
     Returns gpu_experts_GS [G, slots_per_gpu].
     """
     W, E = load_WE.shape
@@ -165,6 +168,9 @@ def pack_for_scenarios(
         worst_after = (load_WG + per_replica_WE[:, e : e + 1]).max(axis=0)
         if extra_cost_GE is not None:
             worst_after = worst_after + extra_cost_GE[:, e]
+        if spread_nodes and replicas_E[e] <= num_gpus // spread_nodes:
+            on_node_G = has_GE[:, e].reshape(-1, spread_nodes).any(axis=1).repeat(spread_nodes)
+            worst_after = worst_after + 1e6 * on_node_G  # only when no other GPU has room
         cost = np.where((filled_G < slots_per_gpu) & ~has_GE[:, e], worst_after, np.inf)
         g = int(np.argmin(cost))
         if not np.isfinite(cost[g]):

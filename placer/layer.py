@@ -39,6 +39,9 @@ class LayerProblem:
     old_on_GE: np.ndarray | None = None
     traffic_weight: float = 0.0
     move_weight: float = 0.0
+    # SGLang's static dispatch gives an expert's replicas equal shares only on distinct nodes: keep an
+    # expert with at most one replica per node from a second one on a node (never create one).
+    spread_nodes: bool = False
 
     def __post_init__(self) -> None:
         W, E = self.share_WE.shape
@@ -120,6 +123,15 @@ class Packing:
         if self.problem.home_node_E is None:
             return 0.0
         return float(self.problem.share_WE.mean(0)[self.home_count_E() == 0].sum())
+
+    def spread_E(self) -> np.ndarray:
+        """[E] experts that must not get two replicas on one node (all False unless spread_nodes)."""
+        return self.problem.spread_nodes & (self.problem.replicas_E <= self.problem.num_nodes)
+
+    def on_NE(self) -> np.ndarray:
+        """[N, E] replicas of each expert on each node."""
+        p = self.problem
+        return self.on_GE.reshape(p.num_nodes, p.gpus_per_node, -1).sum(axis=1)
 
     def moved(self) -> int:
         if self.problem.old_on_GE is None:

@@ -248,9 +248,10 @@ def _solve_layer(task: _LayerTask) -> tuple[int, np.ndarray, LayerReport, np.nda
         old_on_GE=old_on_GE,
         traffic_weight=opts.traffic_weight,
         move_weight=0.0,  # with an old layout, moves are weighed in migrate.choose (monotone in the weight)
+        spread_nodes=opts.dispatch is Dispatch.sglang_static,
     )
     hint = pack_for_scenarios(problem.share_WE * topo.num_gpus, replicas_E, topo.num_gpus, topo.slots_per_gpu,
-                              _greedy_costs(problem))
+                              _greedy_costs(problem), topo.gpus_per_node if problem.spread_nodes else 0)
     packing = Packing(problem, hint)
     greedy_hottest = packing.hottest() / SCALE
     status = "greedy"

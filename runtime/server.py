@@ -25,6 +25,7 @@ from moeplace.runtime.requests import Completion, Failed, Finished, RequestFaile
 from moeplace.runtime.requests import Request as Handle
 from moeplace.runtime.reshard import ReshardBusy
 from moeplace.runtime.sampling import SamplingParams
+from moeplace.runtime.synthetic import expert_bytes
 from moeplace.trace import trace_to_bytes
 
 MAX_BODY_BYTES = 1 << 20
@@ -197,7 +198,8 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
             return busy
         try:
             trace = recorder.trace({"engine": "moeplace", "model": model_name,
-                                    "placement": placement_to_json(model.placement)})
+                                    "placement": placement_to_json(model.placement),
+                                    "expert_bytes": str(expert_bytes(model.config))})  # for solve's estimates
         except ValueError as exc:
             return _error(409, str(exc))
         return Response(trace_to_bytes(trace), media_type="application/octet-stream")
