@@ -72,8 +72,8 @@ def main(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def fork_ranks(world: int, out: Path) -> int:
-    """Run ranks 0..world-1 in forked children; the exit status is 1 when any rank failed."""
+def fork_ranks(world: int, out: Path, main=main) -> int:
+    """Run main(out) as ranks 0..world-1 in forked children; the exit status is 1 when any rank failed."""
     import traceback
 
     from transformers import DeepseekV3ForCausalLM  # noqa: F401 - imported once, before forking

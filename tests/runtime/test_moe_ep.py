@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +33,14 @@ from moeplace.resources import EXAMPLE_TRACE  # noqa: E402
 from moeplace.runtime.tiny import _random_tensors, tiny_config  # noqa: E402
 from moeplace.runtime.tokenizer import ByteTokenizer  # noqa: E402
 from moeplace.topology import Topology  # noqa: E402
+from ranks_launch import LAYERS, launch, replicated  # noqa: E402
 from moeplace.trace import Trace  # noqa: E402
 
 CPU = torch.device("cpu")
 TOK = ByteTokenizer()
 PROMPTS = [TOK.encode(t) for t in ("Experts on many GPUs, one step at a time.", "Hello!", "")]  # "" = BOS only
 STEPS = 3
-LAYERS = np.array([1, 2, 3])
 WORKER = Path(__file__).with_name("ep_worker.py")
-
-
-def replicated(gpus: int, per_node: int, slots: int, seed: int, split: bool = False) -> Placement:
-    """Every expert once plus random extra replicas (some on the same GPU as their twin)."""
-    rng = np.random.default_rng(seed)
-    rows, splits = [], []
-    for _ in LAYERS:
-        row = rng.permutation(np.concatenate([np.arange(64), rng.choice(64, gpus * slots - 64)]))
-        raw = rng.uniform(0.2, 1.0, len(row))
-        rows.append(row)
-        splits.append(raw / np.bincount(row, weights=raw, minlength=64)[row])
-    return Placement(np.stack(rows), 64, Topology(gpus, per_node, slots), LAYERS, 4,
-                     split_LP=np.stack(splits) if split else None)
 
 
 def solved(gpus: int, per_node: int, slots: int) -> Placement:
@@ -143,20 +127,9 @@ def run_ranks(world: int, device: str, model_dir: Path, scenarios: list[dict], o
     job = {"device": device, "model_dir": str(model_dir), "scenarios": scenarios}
     (out / "job.json").write_text(json.dumps(job))
     torch.save({"prompts": PROMPTS, "steps": STEPS, "pad": TOK.pad_id}, out / "inputs.pt")
-    launch(world, out)
+    launch(world, out, WORKER)
     return {s["name"]: [torch.load(out / f"{s['name']}.rank{r}.pt", weights_only=False) for r in range(s["world"])]
             for s in scenarios}
-
-
-def launch(world: int, job_dir: Path) -> None:
-    """Start `world` gloo ranks on 127.0.0.1 (torchrun's environment contract) and wait for all of them."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(WORKER), str(job_dir), "--ranks", str(world)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
-    assert done.returncode == 0, f"ranks failed:\n{done.stdout[-5000:]}"
 
 
 def check_ranks(results: list[dict], reference) -> None:
