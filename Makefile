@@ -26,7 +26,9 @@ demo-env: $(DEMO_STAMP)
 # time stamp, which re-runs the install.
 PACKAGE_DIRS := core core/data placer profiler runtime kernels
 EDITABLE := --config-settings editable_mode=strict
-TEST_EXTRAS := [dev,kernels]
+comma := ,
+# $(call ...) splits its arguments at commas: the extras' comma goes in as a variable.
+TEST_EXTRAS := [dev$(comma)kernels]
 
 define make_env
 	@echo "== $(1): creating the environment"
