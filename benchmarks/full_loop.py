@@ -159,7 +159,7 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
     """Steps 4-9: load, profile, solve, apply, profile, all against the running server."""
     from moeplace.client import LoadGenerator
     from moeplace.placement import load_placement
-    from moeplace.runtime.tiny import calibration_text
+    from moeplace.runtime.router_fit import calibration_text
 
     cli = [sys.executable, "-m", "moeplace.cli"]
     # The kind of text the router biases were fitted on (runtime/router_fit.py), other seeds.

@@ -75,7 +75,8 @@ def summary(times: dict[bool, list[float]], collect_ms: float, **extra) -> dict:
 def cpu(args) -> dict:
     from moeplace.runtime.batch import pad_right
     from moeplace.runtime.model import EPModel
-    from moeplace.runtime.tiny import calibration_text, default_model_dir
+    from moeplace.runtime.router_fit import calibration_text
+    from moeplace.runtime.tiny import default_model_dir
     from moeplace.runtime.tokenizer import ByteTokenizer
 
     torch.set_num_threads(1)

@@ -31,7 +31,8 @@ PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(l
 def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds: float = 4.0) -> bool:
     """Returns True when no request failed and the fixed prompts answered identically."""
     from moeplace.runtime.config import ModelConfig
-    from moeplace.runtime.tiny import calibration_text, default_model_dir
+    from moeplace.runtime.router_fit import calibration_text
+    from moeplace.runtime.tiny import default_model_dir
 
     config = ModelConfig.load(default_model_dir())
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,18 +6,12 @@ biases, so one layer's experts are in memory at a time (11.3 GB at DeepSeek-V3 s
 `e_score_correction_bias` moves until its share of (token, expert) assignments per expert matches the
 target on the fitting text; then the layer runs with that routing, and its output is kept for the
 layers after it. Popularity is measured on three texts of `sequences` x 128 bytes each:
-  fit       English-like words (tiny.calibration_text), the text the biases are fitted on;
-  held_out  the same kind of text from another seed: what the full-loop benchmark's clients send;
+  fit       English-like words (`calibration_text`), the text the biases are fitted on;
+  held_out  the same kind of text from another seed: what the demo's and benchmarks' clients send;
   ascii     random printable ASCII, a workload shift.
-Measured on the `small` preset (4 MoE layers following layers 3/22/41/60 of DeepSeek-V3's
-decode_in1000out1000 statistics; correlation / total variation distance per layer; a sample of the
-target itself of a text's size sits at the "floor"; uniform popularity is at 0.20-0.31):
-  fit text                          >= 0.998 / 0.011
-  held-out, 8 sequences per text    0.78-0.88 / 0.17-0.19   (floor 0.07)
-  held-out, 64 sequences per text   0.94-0.98 / 0.066-0.077 (floor 0.025)
-  random ASCII (64 sequences)       0.37-0.60 / 0.37-0.46: farther than uniform; the bias pulls towards
-                                    the trace for text of the fitted kind only, as routers do.
-More fitting text generalises better: the `deepseek-v3` preset uses 128 sequences, `small` 8 (tests).
+How close the fit gets, and how it generalises with more fitting text, is measured in
+benchmarks/BENCHMARKS.md ("Numbers moved out of docstrings"). Used by `moeplace make-model` and for
+the embedded tiny model.
 """
 
 from __future__ import annotations
@@ -34,11 +28,32 @@ from moeplace.runtime.routing import RouterConfig, select_experts
 
 SEQUENCE_BYTES = 128
 FIT_SEED, HELD_OUT_SEED, ASCII_SEED = 1234, 4321, 99
+# Words of the calibration text: common English, some of this field's jargon, code and numbers.
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but "
+    "have an they you were her she there one all we their has been if more when will would who so no "
+    "out up into do time only can two new may other these about than first also over after some like "
+    "most then very made what where just through long years three model expert token tokens GPU GPUs "
+    "network layer weights data route routing load balance node nodes step batch memory fast slow "
+    "def return import for x y self = ( ) [ ] : , ; 0 1 2 8 16 64 128 256 2024 3.14 42 % + - * /"
+).split()
+
+
+def calibration_text(seed: int, num_bytes: int) -> str:
+    """English-like text from WORDS: sentences of 4-14 words, capitalised, with punctuation."""
+    rng = np.random.default_rng(seed)
+    sentences, size = [], 0
+    while size < num_bytes:
+        words = list(rng.choice(WORDS, size=int(rng.integers(4, 15))))
+        words[0] = words[0].capitalize()
+        sentence = " ".join(words) + str(rng.choice([".", ".", ".", "?", "!", ":"]))
+        sentences.append(sentence)
+        size += len(sentence) + 1
+    return " ".join(sentences)[:num_bytes]
 
 
 def calibration_ids(sequences: int) -> dict[str, torch.Tensor]:
     """{set name: input ids [sequences, 128] int64} for the fit, held_out and ascii texts."""
-    from moeplace.runtime.tiny import calibration_text
     from moeplace.runtime.tokenizer import ByteTokenizer
 
     tok, size = ByteTokenizer(), sequences * SEQUENCE_BYTES

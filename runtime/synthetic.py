@@ -17,10 +17,9 @@ one dense layer first (DeepSeek-V3 has three), default RoPE instead of YaRN, and
 of the embedded tiny model (`ByteTokenizer`): 44.05 MB per expert, 11.3 GB per MoE layer.
 `small` keeps the routing shape (256 experts, 8 groups, top-8) at hidden 256, for tests on CPU.
 
-Weights are drawn on `device` (CUDA makes a DeepSeek layer in seconds), one generator per shard
-seeded from (seed, layer): the same seed on the same device type gives the same checkpoint.
-Router biases are then fitted (runtime/router_fit.py) so each MoE layer's expert popularity follows
-one layer of the routing trace. Everything is written into a temporary folder beside the output,
+Weights are drawn on `device` (CUDA makes a DeepSeek layer in seconds) by runtime/synthetic_weights.py,
+the same code that makes the embedded tiny model. Router biases are then fitted (runtime/router_fit.py)
+so each MoE layer's expert popularity follows one layer of the routing trace. Everything is written into a temporary folder beside the output,
 renamed into place at the end.
 """
 
@@ -39,11 +38,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from moeplace.runtime.checkpoint import INDEX_FILE
 from moeplace.runtime.config import ModelConfig
-from moeplace.kernels.fp8 import quant_weight_blocks_ref
+from moeplace.runtime.synthetic_weights import write_random_checkpoint, write_router_biases
 from moeplace.runtime.tokenizer import ByteTokenizer
 
 REPORT_FILE = "moeplace_synthetic.json"
@@ -136,12 +133,12 @@ def make_model(out_dir: Path, spec: SyntheticSpec, routing_trace: Path | None = 
     try:
         seconds = {}
         start = time.monotonic()
-        write_random_checkpoint(tmp, config, spec, log)
+        write_random_checkpoint(tmp, config, spec.seed, spec.torch_device, log=log)
         seconds["weights"] = time.monotonic() - start
         log(f"weights written in {seconds['weights']:.1f} s; fitting the router biases")
         start = time.monotonic()
         biases_LE, quality = fit_router_biases(tmp, targets_LE, spec.torch_device, spec.calibration_sequences, log)
-        _write_routers(tmp, config, biases_LE)
+        write_router_biases(tmp, config, biases_LE)
         seconds["router_fit"] = time.monotonic() - start
         report = {"preset": spec.preset.value, "moe_layers": spec.moe_layers, "seed": spec.seed,
                   "device": spec.device, "routing_trace": str(trace_path), "trace_layers": layers,
@@ -203,108 +200,3 @@ def checkpoint_bytes(config: ModelConfig) -> int:
     L = len(config.moe_layers)
     dense = config.num_hidden_layers * attention + 3 * D * config.intermediate_size + 3 * D * F * L
     return int(1.05 * (L * config.n_routed_experts * expert_bytes(config) + dense)) + (1 << 26)
-
-
-def shard_name(index: int, total: int) -> str:
-    return f"model-{index:05d}-of-{total:05d}.safetensors"
-
-
-def write_random_checkpoint(out_dir: Path, config: ModelConfig, spec: SyntheticSpec,
-                            log: Callable[[str], None] = lambda _: None) -> None:
-    """config.json, the index and every shard, router biases zero (fitted afterwards)."""
-    total = 2 + len(config.moe_layers)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    weight_map = {}
-
-    def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_file(tensors, out_dir / shard_name(index, total), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard_name(index, total)))
-
-    routers = {}
-    for layer in config.moe_layers:
-        gen = _Tensors(spec.torch_device, _seed(spec.seed, layer, 0), config.weight_block_size)
-        routers[f"model.layers.{layer}.mlp.gate.weight"] = gen.router(config.n_routed_experts, config.hidden_size)
-        routers[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = torch.zeros(config.n_routed_experts)
-    write(1, routers)
-    write(2, _dense_tensors(config, spec))
-    for index, layer in enumerate(config.moe_layers, start=3):
-        start = time.monotonic()
-        write(index, _expert_tensors(config, spec, layer))
-        log(f"layer {layer}: {config.n_routed_experts} experts in {time.monotonic() - start:.1f} s")
-    size = sum((out_dir / f).stat().st_size for f in set(weight_map.values()))
-    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-
-
-def _write_routers(out_dir: Path, config: ModelConfig, biases_LE: np.ndarray) -> None:
-    """Rewrite the routers' shard with the fitted biases (the gate weights as they are)."""
-    path = out_dir / shard_name(1, 2 + len(config.moe_layers))
-    routers = load_file(path)
-    for row, layer in enumerate(config.moe_layers):
-        routers[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = torch.as_tensor(biases_LE[row], dtype=torch.float32)
-    save_file(routers, path, metadata={"format": "pt"})
-
-
-def _dense_tensors(config: ModelConfig, spec: SyntheticSpec) -> dict[str, torch.Tensor]:
-    """Embeddings, norms, attention, the dense MLP, shared experts, head: everything but routers and routed experts."""
-    D, V, H = config.hidden_size, config.vocab_size, config.num_attention_heads
-    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    gen = _Tensors(spec.torch_device, _seed(spec.seed, 0, 1), config.weight_block_size)
-    out = {"model.embed_tokens.weight": gen.normal(V, D).bfloat16(), "model.norm.weight": gen.norm(D),
-           "lm_head.weight": (gen.normal(V, D) / D**0.5).bfloat16()}
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}"
-        out[f"{p}.input_layernorm.weight"] = gen.norm(D)
-        out[f"{p}.post_attention_layernorm.weight"] = gen.norm(D)
-        out[f"{p}.self_attn.q_a_layernorm.weight"] = gen.norm(config.q_lora_rank)
-        out[f"{p}.self_attn.kv_a_layernorm.weight"] = gen.norm(config.kv_lora_rank)
-        gen.fp8(out, f"{p}.self_attn.q_a_proj", config.q_lora_rank, D)
-        gen.fp8(out, f"{p}.self_attn.q_b_proj", H * qk, config.q_lora_rank)
-        gen.fp8(out, f"{p}.self_attn.kv_a_proj_with_mqa", config.kv_lora_rank + config.qk_rope_head_dim, D)
-        gen.fp8(out, f"{p}.self_attn.kv_b_proj", H * (config.qk_nope_head_dim + config.v_head_dim), config.kv_lora_rank)
-        gen.fp8(out, f"{p}.self_attn.o_proj", D, H * config.v_head_dim)
-        if layer < config.first_k_dense_replace:
-            gen.mlp(out, f"{p}.mlp", config.intermediate_size, D)
-        else:
-            gen.mlp(out, f"{p}.mlp.shared_experts", config.moe_intermediate_size * config.n_shared_experts, D)
-    return out
-
-
-def _expert_tensors(config: ModelConfig, spec: SyntheticSpec, layer: int) -> dict[str, torch.Tensor]:
-    gen = _Tensors(spec.torch_device, _seed(spec.seed, layer, 2), config.weight_block_size)
-    out: dict[str, torch.Tensor] = {}
-    for e in range(config.n_routed_experts):
-        gen.mlp(out, f"model.layers.{layer}.mlp.experts.{e}", config.moe_intermediate_size, config.hidden_size)
-    return out
-
-
-def _seed(seed: int, layer: int, part: int) -> int:
-    return (seed * 1000 + layer) * 4 + part
-
-
-class _Tensors:
-    """Random tensors drawn on `device` from one generator, handed back on the host (as save_file wants)."""
-
-    def __init__(self, device: torch.device, seed: int, block: tuple[int, int]) -> None:
-        self.device, self.block = device, block
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-
-    def normal(self, rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=self.gen, device=self.device)
-
-    def norm(self, size: int) -> torch.Tensor:
-        return (1 + 0.1 * torch.randn(size, generator=self.gen, device=self.device)).bfloat16().cpu()
-
-    def router(self, experts: int, hidden: int) -> torch.Tensor:
-        # std 1/sqrt(D) on RMS-normalised inputs: logits about N(0, 1), sigmoid scores well spread.
-        return (self.normal(experts, hidden) / hidden**0.5).bfloat16().cpu()
-
-    def fp8(self, out: dict, name: str, rows: int, cols: int) -> None:
-        # std 1/sqrt(fan_in): activations keep their scale through the layers.
-        w, scale = quant_weight_blocks_ref(self.normal(rows, cols) / cols**0.5, self.block)
-        out[name + ".weight"], out[name + ".weight_scale_inv"] = w.cpu(), scale.cpu()
-
-    def mlp(self, out: dict, prefix: str, hidden: int, dim: int) -> None:
-        self.fp8(out, prefix + ".gate_proj", hidden, dim)
-        self.fp8(out, prefix + ".up_proj", hidden, dim)
-        self.fp8(out, prefix + ".down_proj", dim, hidden)

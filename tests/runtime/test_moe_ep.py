@@ -30,7 +30,8 @@ from moeplace.runtime.model import EPModel  # noqa: E402
 from moeplace.runtime.moe import PhaseTimer  # noqa: E402
 from moeplace.runtime.reference import load_reference, reference_logits  # noqa: E402
 from moeplace.resources import EXAMPLE_TRACE  # noqa: E402
-from moeplace.runtime.tiny import _random_tensors, tiny_config  # noqa: E402
+from moeplace.runtime.synthetic_weights import random_tensors  # noqa: E402
+from moeplace.runtime.tiny import tiny_config  # noqa: E402
 from moeplace.runtime.tokenizer import ByteTokenizer  # noqa: E402
 from moeplace.topology import Topology  # noqa: E402
 from ranks_launch import LAYERS, launch, replicated  # noqa: E402
@@ -199,7 +200,7 @@ def test_partial_fp8_blocks_match_reference(tmp_path):
     config = dataclasses.replace(tiny_config(), hidden_size=192, intermediate_size=320, moe_intermediate_size=160,
                                  n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, q_lora_rank=72)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    save_file(_random_tensors(config, seed=3), tmp_path / "model.safetensors")
+    save_file(random_tensors(config, seed=3), tmp_path / "model.safetensors")
     phy2log = np.tile(np.concatenate([np.arange(16), [0, 0, 5, 9]]), (3, 1))
     placement = Placement(phy2log, 16, Topology(1, 1, 20), LAYERS, 4)
     ids_BT, mask_BT = pad_right(PROMPTS, TOK.pad_id)

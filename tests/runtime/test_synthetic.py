@@ -23,8 +23,8 @@ from moeplace.readers import load_trace
 from moeplace.runtime.checkpoint import INDEX_FILE, Checkpoint
 from moeplace.runtime.model import EPModel
 from moeplace.runtime.router_fit import calibration_ids, distance, shares
-from moeplace.runtime.synthetic import (DEFAULT_ROUTING_TRACE, REPORT_FILE, Preset, SyntheticSpec, _expert_tensors,
-                                        make_model, target_shares)
+from moeplace.runtime.synthetic import DEFAULT_ROUTING_TRACE, REPORT_FILE, Preset, SyntheticSpec, make_model, target_shares
+from moeplace.runtime.synthetic_weights import expert_tensors
 from moeplace.trace import Trace, save_trace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +91,8 @@ def test_popularity_follows_the_trace_on_the_models_own_hidden_states(small_mode
 
 def test_same_seed_same_tensors_other_seed_others():
     spec, config = SyntheticSpec(Preset.small, 1, seed=3), SyntheticSpec(Preset.small, 1).model_config()
-    a, b = _expert_tensors(config, spec, 1), _expert_tensors(config, spec, 1)
-    c = _expert_tensors(config, SyntheticSpec(Preset.small, 1, seed=4), 1)
+    a, b = (expert_tensors(config, spec.seed, spec.torch_device, 1) for _ in range(2))
+    c = expert_tensors(config, 4, spec.torch_device, 1)
     name = "model.layers.1.mlp.experts.7.up_proj.weight"
     assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8))
     assert not torch.equal(a[name].view(torch.uint8), c[name].view(torch.uint8))

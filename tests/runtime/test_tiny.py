@@ -10,7 +10,9 @@ from safetensors import safe_open
 
 from moeplace.runtime.config import ModelConfig
 from moeplace.runtime.model import EPModel
-from moeplace.runtime.tiny import CALIBRATION_SEED, _random_tensors, calibration_text, olmoe_shares, tiny_config, tiny_model_dir
+from moeplace.runtime.router_fit import FIT_SEED, calibration_text
+from moeplace.runtime.synthetic_weights import random_tensors
+from moeplace.runtime.tiny import FIT_SEQUENCES, TINY_VERSION, olmoe_shares, tiny_config, tiny_model_dir
 from moeplace.runtime.tokenizer import ByteTokenizer
 
 
@@ -22,14 +24,14 @@ def tensors_of(model_dir):
 def test_same_seed_same_checkpoint_written_once(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MOEPLACE_CACHE", str(tmp_path))
     cached = tiny_model_dir()
-    assert cached.parent == tmp_path and cached.name == "tiny-deepseek-v3-s0-v1"
+    assert cached.parent == tmp_path and cached.name == f"tiny-deepseek-v3-s0-v{TINY_VERSION}"
     fresh, session = tensors_of(cached), tensors_of(tiny_dir)
     assert fresh.keys() == session.keys()
     assert all(torch.equal(fresh[n].view(torch.uint8), session[n].view(torch.uint8)) for n in fresh)
     stamp = (cached / "model.safetensors").stat().st_mtime_ns
     assert tiny_model_dir() == cached and (cached / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no temporary folder left behind
-    other = _random_tensors(tiny_config(), seed=1)["model.layers.1.mlp.experts.0.up_proj.weight"]
+    other = random_tensors(tiny_config(), seed=1)["model.layers.1.mlp.experts.0.up_proj.weight"]
     assert not torch.equal(other.view(torch.uint8), session["model.layers.1.mlp.experts.0.up_proj.weight"].view(torch.uint8))
 
 
@@ -60,7 +62,7 @@ def popularity_distance(model: EPModel, text: str) -> tuple[np.ndarray, np.ndarr
 
 def test_expert_popularity_follows_olmoe(tiny_dir):
     model = EPModel.load(tiny_dir, None, group=None, device=torch.device("cpu"))
-    corr, tvd = popularity_distance(model, calibration_text(CALIBRATION_SEED, 16 * 128))
+    corr, tvd = popularity_distance(model, calibration_text(FIT_SEED, FIT_SEQUENCES * 128))
     assert (corr > 0.99).all() and (tvd < 0.01).all()  # the text the biases were fitted on
     corr, tvd = popularity_distance(model, calibration_text(7, 16 * 128))  # held-out text of the same kind
     assert (corr > 0.8).all() and (tvd < 0.1).all(), (corr, tvd)
