@@ -7,6 +7,7 @@ import enum
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,7 +25,7 @@ from moeplace.deployment import TopologyFlags, resolve_topology
 from moeplace.placer.dispatch import DEFAULT_DISPATCH, Dispatch, TargetEngine, dispatch_model
 from moeplace.placer.evaluate import evaluate as score_trace
 from moeplace.placer.evaluate import moves
-from moeplace.placer.export import FORMATS, export_placement
+from moeplace.placer.export import FORMATS, export_notes, export_placement, restart_instructions
 from moeplace.placer.solve import Method, SolveOptions, solve as solve_placement
 from moeplace.readers import load_trace
 from moeplace.tables import moves_line, score_table, solve_table
@@ -68,7 +69,7 @@ def user_errors():
 def solve(
     traces: Annotated[list[Path], typer.Argument(help="Trace files: moeplace .safetensors, SGLang .json/.pt, TensorRT-LLM folders.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Placement JSON to write.")],
-    gpus: Annotated[Optional[int], typer.Option(help="GPUs (expert-parallel ranks); default: the served deployment's.")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs (expert-parallel ranks); default: the served deployment's (--like, --from, or the trace's).")] = None,
     gpus_per_node: Annotated[Optional[int], typer.Option(help="GPUs per node; default: the served deployment's.")] = None,
     slots_per_gpu: Annotated[Optional[int], typer.Option(help="Expert slots per GPU.")] = None,
     redundant: Annotated[Optional[int], typer.Option(help="Redundant slots in all (instead of --slots-per-gpu).")] = None,
@@ -93,8 +94,9 @@ def solve(
         flags = TopologyFlags(gpus=gpus, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu, redundant=redundant,
                               expert_bytes=expert_bytes,
                               gpu_memory_budget=None if memory_budget_gb is None else int(memory_budget_gb * 1e9))
-        topology = resolve_topology(flags, loaded[0], None if like is None else _live_placement(like, api_key))
         old = None if from_ is None else load_placement(from_)
+        # the deployment to plan for: --like's live placement, else the one --from moves away from
+        topology = resolve_topology(flags, loaded[0], _live_placement(like, api_key) if like else old)
         rule = dispatch or DEFAULT_DISPATCH[engine]
         options = SolveOptions(method=method, time_limit=time_limit, traffic_weight=traffic_weight,
                                move_weight=move_weight, dispatch=rule, seed=seed, workers=workers)
@@ -152,11 +154,15 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
     num_model_layers: Annotated[Optional[int], typer.Option(help="Model layers (SGLang rows) if the placement lacks it.")] = None,
 ) -> None:
-    """Write a placement in an engine's format (SGLang, TensorRT-LLM, vLLM, DeepSeek EPLB)."""
+    """Write a placement in an engine's format (SGLang, TensorRT-LLM, DeepSeek EPLB; vLLM's is informational:
+    vLLM cannot load a placement). For SGLang, prints the server flags that must match the file."""
     with user_errors():
         check_output(output)
-        export_placement(load_placement(placement), fmt, output, num_model_layers=num_model_layers)
+        exported = load_placement(placement)
+        export_placement(exported, fmt, output, num_model_layers=num_model_layers)
     stdout().print(f"wrote {output} ({fmt})")
+    for line in export_notes(exported, fmt, output):
+        stdout().print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -211,6 +217,7 @@ class EngineKind(str, enum.Enum):
 
     moeplace = "moeplace"
     sglang = "sglang"
+    vllm = "vllm"
 
 
 @app.command()
@@ -223,29 +230,41 @@ def profile(
     dump_dir: Annotated[Optional[Path], typer.Option(help="sglang: the server's dump folder, seen from here.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="sglang: experts per token, for count dumps of non-DeepSeek models.")] = None,
     hf_model: Annotated[Optional[Path], typer.Option(help="A local Hugging Face MoE model folder to run offline.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="--hf-model: prompt file (one per line, JSON or JSONL).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="--hf-model: tokens to generate after each prompt.")] = 0,
+    prompts: Annotated[Optional[Path], typer.Option(help="--hf-model, vllm: prompt file (one per line, JSON or JSONL).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="--hf-model, vllm: tokens to generate after each prompt.")] = 0,
+    num_experts: Annotated[Optional[int], typer.Option(help="vllm: the model's routed experts (default: DeepSeek-V3's 256).")] = None,
     sample_rate: Annotated[float, typer.Option(help="Share of tokens whose top-k ids are kept (co-activation).")] = 0.0,
     device: Annotated[str, typer.Option(help="--hf-model: cpu or cuda.")] = "cpu",
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="The server's API key.")] = None,
+    admin_api_key: Annotated[Optional[str], typer.Option(envvar="SGLANG_ADMIN_API_KEY", help="sglang: its --admin-api-key (the recorder wants it).")] = None,
 ) -> None:
-    """Record per-layer expert load: from a running moeplace or SGLang server (--url), or by running a
-    Hugging Face MoE model on a prompt file (--hf-model, --prompts)."""
+    """Record per-layer expert load: from a running moeplace or SGLang server (--url), from a vLLM server's
+    routed experts on a prompt file (--engine vllm --prompts), or by running a Hugging Face MoE model
+    on a prompt file (--hf-model, --prompts)."""
     with user_errors():
         check_output(output)
         if (url is None) == (hf_model is None):
             raise ValueError("give exactly one of --url (a running engine) and --hf-model (an offline model)")
         if hf_model is None and duration <= 0:
             raise ValueError(f"--duration must be positive, got {duration}")
+        keys = _Keys(api_key, admin_api_key)
         trace = _record(url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts,
-                        max_tokens, sample_rate, device, api_key)
+                        max_tokens, sample_rate, device, keys, num_experts)
         save_trace(trace, output)
+    if "warnings" in trace.metadata:
+        Console(stderr=True).print(f"[yellow]warning:[/] {escape(trace.metadata['warnings'])}", highlight=False)
     stdout().print(f"wrote {output}: {trace.num_windows} windows x {trace.num_layers} layers x "
                    f"{trace.num_experts} experts" + ("" if trace.tokens_W is None else f", {int(trace.tokens_W.sum())} tokens"))
 
 
+@dataclass(frozen=True)
+class _Keys:
+    api_key: str | None
+    admin_api_key: str | None
+
+
 def _record(url, engine, duration, window_seconds, dump_dir, top_k, hf_model, prompts, max_tokens,
-            sample_rate, device, api_key):
+            sample_rate, device, keys: _Keys, num_experts):
     if hf_model is not None:
         from transformers.utils import logging as hf_logging
 
@@ -263,11 +282,24 @@ def _record(url, engine, duration, window_seconds, dump_dir, top_k, hf_model, pr
     if engine is EngineKind.sglang:
         from moeplace.profiler.sglang import record_sglang
 
-        return record_sglang(url, duration, dump_dir=dump_dir, api_key=api_key, top_k=top_k)
+        return record_sglang(url, duration, dump_dir=dump_dir, api_key=keys.api_key,
+                             admin_api_key=keys.admin_api_key, top_k=top_k)
+    if engine is EngineKind.vllm:
+        from moeplace.profiler.prompts import read_prompt_file
+        from moeplace.profiler.vllm import profile_vllm
+
+        if prompts is None:
+            raise ValueError("--engine vllm needs --prompts FILE (vLLM returns the routing of the requests we send)")
+        texts = read_prompt_file(prompts)
+        with _progress() as progress:
+            task = progress.add_task("prompts", total=len(texts))
+            return profile_vllm(url, texts, max_tokens=max_tokens or 16, api_key=keys.api_key, num_experts=num_experts,
+                                progress=lambda done, total: progress.update(task, completed=done))
     from moeplace.client import ServerClient
 
     with tempfile.TemporaryDirectory() as tmp:
-        return ServerClient(url, api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors", sample_rate)
+        return ServerClient(url, keys.api_key).profile(duration, window_seconds, Path(tmp) / "dump.safetensors",
+                                                       sample_rate)
 
 
 @app.command()
@@ -290,14 +322,24 @@ def report(
 @app.command()
 def apply(
     placement: Annotated[Path, typer.Argument(help="Placement JSON to make live.")],
-    url: Annotated[str, typer.Option(help="A running `moeplace serve`.")],
+    url: Annotated[Optional[str], typer.Option(help="A running `moeplace serve`.")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="The server's API key.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reshard.")] = 3600.0,
+    engine: Annotated[TargetEngine, typer.Option(help="What serves: moeplace reshards live; SGLang needs a restart.")] = TargetEngine.moeplace,
 ) -> None:
-    """Reshard a running server to PLACEMENT while it keeps serving; exit 0 only when it is live."""
+    """Reshard a running server to PLACEMENT while it keeps serving; exit 0 only when it is live.
+    --engine sglang: SGLang cannot take a placement while running; prints the restart command instead."""
     from moeplace.client import ServerClient
 
+    if engine is not TargetEngine.moeplace:
+        with user_errors():
+            lines = restart_instructions(load_placement(placement), placement, engine)
+        for line in lines:
+            stdout().print(line, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)  # nothing was applied
     with user_errors():
+        if url is None:
+            raise ValueError("give --url: the running `moeplace serve` to reshard")
         target = load_placement(placement)
         client = ServerClient(url, api_key)
         job = client.submit(target)

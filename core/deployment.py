@@ -2,7 +2,8 @@
 
 A trace recorded on `moeplace serve` carries the live placement in its metadata (`placement`, the
 placement JSON) and the served model's expert size (`expert_bytes`); `solve --like URL` asks a
-running server for its placement instead. Explicit flags always win over either.
+running server for its placement instead, and `solve --from OLD` plans for OLD's deployment.
+Explicit flags always win.
 """
 
 from __future__ import annotations
@@ -70,6 +71,6 @@ def resolve_topology(flags: TopologyFlags, trace: Trace, like: Placement | None 
     if missing:
         raise ValueError(f"give {', '.join(missing)}: --gpus {gpus} differs from the {base.num_gpus} GPUs "
                          f"{served.source} serves, so its {base.slots_per_gpu} slots per GPU do not apply")
-    size = flags.expert_bytes or expert_bytes_of(trace) or DEEPSEEK_V3_EXPERT_BYTES
+    size = flags.expert_bytes or expert_bytes_of(trace) or (base and base.expert_bytes) or DEEPSEEK_V3_EXPERT_BYTES
     return Topology.build(gpus, per_node, trace.num_experts, slots, redundant, expert_bytes=size,
                           gpu_memory_budget=flags.gpu_memory_budget)

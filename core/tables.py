@@ -84,5 +84,6 @@ def score_table(scores: list[TraceScore], title: str) -> Table:
 
 
 def moves_line(report: MoveReport) -> str:
-    return (f"experts to move: {report.experts} ({report.bytes / 1e9:.2f} GB), "
+    size = f"{report.bytes / 1e9:.2f} GB" if report.bytes >= 1e9 else f"{report.bytes / 1e6:.2f} MB"
+    return (f"experts to move: {report.experts} ({size} at {report.expert_bytes} bytes per expert), "
             f"{int(report.intra_node_L.sum())} of them from a copy on the same node")

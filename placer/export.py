@@ -14,7 +14,8 @@ slots, R replicas. Each format's layout was taken from the engine's own source:
   `layer_updates_per_iter`). Assignments are keyed by the model layer id of the MoE module (3..60 for
   DeepSeek-R1, as `examples/ep_load_balancer/generate_eplb_config.py` and its README write them), each
   a list of P expert ids. `layer_updates_per_iter: 0` keeps the placement static (offline EPLB).
-- `vllm`: `.safetensors` with vLLM's EPLB state (vllm-project/vllm `vllm/distributed/eplb/eplb_state.py`):
+- `vllm` (informational: vLLM 0.33.0 cannot load a placement; its EPLB starts from the trivial layout
+  and re-plans itself, `vllm/distributed/eplb/eplb_state.py`): `.safetensors` with vLLM's EPLB state (vllm-project/vllm `vllm/distributed/eplb/eplb_state.py`):
   `physical_to_logical_map` [L, P], `logical_to_physical_map` [L, E, P - E + 1] (-1 = no replica, the
   documented `num_redundant_experts + 1` width), `logical_replica_count` [L, E]; int64, rows are MoE
   layers only.
@@ -41,6 +42,27 @@ from moeplace.fileio import atomic_write_bytes
 from moeplace.placement import Placement
 
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
+SGLANG_EPLB_WARNING = (
+    "do not start SGLang with --enable-eplb: its EPLB replaces this placement with its own after "
+    "--eplb-rebalance-num-iterations forward passes (1000 by default)")
+VLLM_NOTE = ("vLLM 0.33.0 cannot load a placement (its EPLB always starts from the trivial layout and "
+             "re-plans itself): this file is for reading, not for vLLM to serve")
+
+
+def sglang_server_flags(placement: Placement, path: str | Path) -> list[str]:
+    """The SGLang 0.5.23 server flags the exported file needs; SGLang checks none of them against the
+    file (python/sglang/srt/eplb/expert_location.py), so a mismatch serves a wrong layout silently.
+    Slots = experts + --ep-num-redundant-experts, split over --ep-size ranks on --nnodes nodes; static
+    dispatch (what `solve --engine sglang` plans for) needs an all-to-all backend (DeepEP)."""
+    topo = placement.topology
+    return [
+        "--init-expert-location", str(path),
+        "--ep-num-redundant-experts", str(topo.num_slots - placement.num_experts),
+        "--tp-size", str(topo.num_gpus), "--ep-size", str(topo.num_gpus),
+        "--nnodes", str(topo.num_nodes),
+        "--moe-a2a-backend", "deepep",
+        "--ep-dispatch-algorithm", "static",
+    ]
 
 
 def export_placement(placement: Placement, fmt: str, path: str | Path, *, num_model_layers: int | None = None) -> None:
@@ -82,6 +104,39 @@ def export_bytes(placement: Placement, fmt: str, *, num_model_layers: int | None
     return _safetensors(tensors, _metadata(placement, fmt, M))
 
 
+def export_notes(placement: Placement, fmt: str, path: str | Path) -> list[str]:
+    """What the user must know to use the written file: SGLang's matching flags and its EPLB, the EP size
+    TensorRT-LLM must serve with, that vLLM cannot load a placement."""
+    if fmt == "sglang":
+        return [f"start SGLang with: {' '.join(sglang_server_flags(placement, path))}",
+                f"(SGLang checks none of these against the file), and {SGLANG_EPLB_WARNING}"]
+    if fmt == "trtllm":
+        topo = placement.topology
+        return [f"serve with moe_expert_parallel_size {topo.num_gpus} ({topo.num_nodes} nodes x {topo.gpus_per_node}): "
+                "TensorRT-LLM accepts another EP size silently and regroups the slots"]
+    if fmt == "vllm":
+        return [VLLM_NOTE]
+    return []
+
+
+def restart_instructions(placement: Placement, path: str | Path, engine: str) -> list[str]:
+    """`apply --engine sglang` (or another engine without a live reshard): what to do instead."""
+    engine = getattr(engine, "value", engine)
+    if engine != "sglang":
+        return [f"{engine} cannot take a placement while it runs, and moeplace cannot apply one to it: "
+                f"export it (moeplace export {path} --format {engine} -o FILE) and restart the engine with it"
+                + (" (vLLM 0.33.0 cannot load one at all)" if engine == "vllm" else "")]
+    exported = Path(path).with_suffix(".sglang.json")
+    flags = " ".join(sglang_server_flags(placement, exported))
+    return [
+        "SGLang 0.5.23 has no endpoint that takes a new placement on a running server: nothing was applied. "
+        "Restart SGLang with the placement:",
+        f"  moeplace export {path} --format sglang -o {exported}",
+        f"  python -m sglang.launch_server <your model and serving flags> {flags}",
+        f"and {SGLANG_EPLB_WARNING}.",
+    ]
+
+
 def _model_layers(placement: Placement, override: int | None, *, required: bool) -> int | None:
     """The model's layer count: the argument, else the placement's, else L when layers are 0..L-1."""
     layers = placement.layers
@@ -116,6 +171,9 @@ def _trtllm_yaml(placement: Placement, M: int | None) -> str:
     topo = placement.topology
     head = [
         f"# moeplace {__version__} placement for TensorRT-LLM moe_config.load_balancer",
+        f"# planned for EP size {topo.num_gpus} ({topo.num_nodes} nodes x {topo.gpus_per_node} GPUs): serve with "
+        f"moe_expert_parallel_size {topo.num_gpus}; TensorRT-LLM accepts another EP size silently and regroups "
+        "the slots",
         f"# {placement.num_experts} experts, {topo.num_gpus} GPUs x {topo.slots_per_gpu} slots, "
         f"model layers {int(placement.layers[0])}..{int(placement.layers[-1])}"
         + (f" of {M}" if M is not None else ""),

@@ -9,7 +9,10 @@ What SGLang offers (read in sgl-project/sglang, summarised in our words):
   record; dump writes the record to files and clears it. An exception in the HTTP process is FastAPI's
   plain-text 500; SGLang's own errors are JSON `{"object": "error", "message": ..., "code": ...}`; with
   `--api-key` every path but `/health*` wants `Authorization: Bearer KEY`, else 401
-  `{"error": "Unauthorized"}` (`add_api_key_middleware` in sglang.srt.utils). `GET /get_server_info` (renamed
+  `{"error": "Unauthorized"}` (`add_api_key_middleware` in sglang.srt.utils). SGLang 0.5.23 adds
+  `--admin-api-key` (`python/sglang/srt/utils/auth.py` `decide_request_auth`): the recorder routes are
+  "admin optional" (the admin key when one is set, else the API key), `/server_info` is a normal route
+  (the API key when one is set), so with both keys each call needs its own. `GET /get_server_info` (renamed
   `/server_info` in newer versions, the old path kept as deprecated) returns the server args, among them
   `expert_distribution_recorder_mode`, `tp_size` and `model_path`.
 - `--expert-distribution-recorder-mode` is one of stat, stat_approx, per_pass, per_token and defaults to
@@ -23,6 +26,10 @@ What SGLang offers (read in sgl-project/sglang, summarised in our words):
   over ranks. per_pass/per_token: every rank writes `expert_distribution_recorder_{time}_{rank}.pt`, rank
   being the TP rank (`python/sglang/srt/model_executor/model_runner.py`), each file holding that rank's
   forward passes. The formats are described in `moeplace.readers`, which reads a single file.
+- stat modes keep a ring of `--expert-distribution-recorder-buffer-size` passes (`_CircularBuffer` in
+  expert_distribution.py; `arg_groups/parallel_hook.py` sets it to --eplb-rebalance-num-iterations, 1000
+  by default, even without EPLB; -1 = unbounded): a longer recording keeps only the last passes. The
+  trace then says so in its metadata (`warnings`), with the number of passes kept.
 
 So the client must see the server's dump folder (`dump_dir`: the same machine, or a shared folder that
 every rank writes to). It notes which dump files exist before the start, and after the dump waits for new
@@ -66,6 +73,7 @@ def record_sglang(
     *,
     dump_dir: Path | None = None,
     api_key: str | None = None,
+    admin_api_key: str | None = None,
     timeout: float = 30,
     top_k: int | None = None,
 ) -> Trace:
@@ -74,7 +82,8 @@ def record_sglang(
     dump_dir: the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR as seen from here (default: that
         variable in this environment, else /tmp). timeout: seconds per HTTP call and for the dump files
         to appear. top_k: the model's top-k, needed for stat dumps of models other than DeepSeek-V3
-        (per-token dumps show it). Every failure is a `ValueError` naming the URL or the file.
+        (per-token dumps show it). api_key / admin_api_key: the server's --api-key / --admin-api-key.
+        Every failure is a `ValueError` naming the URL or the file.
     """
     if not (math.isfinite(duration) and duration >= 0):
         raise ValueError(f"duration must be a non-negative number of seconds, got {duration}")
@@ -86,10 +95,12 @@ def record_sglang(
     folder = Path(dump_dir or os.environ.get("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", DEFAULT_DUMP_DIR))
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: dump_dir is a file, not the folder SGLang dumps into")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as http:
+    recorder_key = admin_api_key or api_key
+    headers = {"Authorization": f"Bearer {recorder_key}"} if recorder_key else {}
+    info_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=timeout) as http:
         # 1. what the server records, before touching the recorder
-        info = _server_info(http, url)
+        info = _server_info(http, url, info_headers)
         mode = _recorder_mode(info, url)
         if mode in PER_RANK_MODES and info.get("pp_size", 1) != 1:
             # each pipeline stage numbers its files by TP rank, so the stages' files cannot be told apart
@@ -98,13 +109,13 @@ def record_sglang(
         before = _dump_files(folder)
         # 2. record; stop is sent even when the wait is interrupted, so the server does not record on
         started = time.time()
-        _call(http, url, "/start_expert_distribution_record")
+        _call(http, url, "/start_expert_distribution_record", headers=headers)
         try:
             time.sleep(duration)
         finally:
-            _call(http, url, "/stop_expert_distribution_record")
+            _call(http, url, "/stop_expert_distribution_record", headers=headers)
         stopped = time.time()
-        _call(http, url, "/dump_expert_distribution_record")
+        _call(http, url, "/dump_expert_distribution_record", headers=headers)
     # 3. read what the dump wrote
     ranks = 1 if mode in STAT_MODES else _positive_int(info.get("tp_size", 1), "tp_size", url)
     files = _wait_for_dump(folder, before, mode, ranks, timeout, url)
@@ -121,7 +132,20 @@ def record_sglang(
     )
     if info.get("model_path"):
         metadata["model"] = str(info["model_path"])
+    full = _ring_full(info, mode, trace.num_windows)
+    if full:
+        metadata["warnings"] = full
     return replace(trace, metadata=metadata, source=f"{url} ({folder})")
+
+
+def _ring_full(info: dict, mode: str, kept: int) -> str | None:
+    """A warning when the stat recorder's ring of passes was full (older passes were overwritten)."""
+    size = info.get("expert_distribution_recorder_buffer_size")
+    if mode not in STAT_MODES or isinstance(size, bool) or not isinstance(size, int) or size <= 0 or kept < size:
+        return None
+    return (f"SGLang's recorder ring was full: the trace keeps the last {kept} forward passes of a longer "
+            f"recording (--expert-distribution-recorder-buffer-size {size}); record for less time, or restart "
+            "SGLang with a larger --expert-distribution-recorder-buffer-size (-1: unbounded)")
 
 
 def read_sglang_rank_dumps(paths: list[Path], *, top_k: int | None = None) -> Trace:
@@ -273,13 +297,13 @@ def _dump_files(folder: Path) -> dict[str, tuple]:
     return files
 
 
-def _server_info(http: httpx.Client, url: str) -> dict:
-    """The server args (newer SGLang: /server_info; older: /get_server_info)."""
-    response = _call(http, url, "/server_info", method="GET", missing_ok=True)
+def _server_info(http: httpx.Client, url: str, headers: dict[str, str]) -> dict:
+    """The server args (newer SGLang: /server_info; older: /get_server_info), with the API key."""
+    response = _call(http, url, "/server_info", method="GET", missing_ok=True, headers=headers)
     path = "/server_info"
     if response is None:
         path = "/get_server_info"
-        response = _call(http, url, path, method="GET")
+        response = _call(http, url, path, method="GET", headers=headers)
     try:
         info = response.json()
     except ValueError:
@@ -303,9 +327,10 @@ def _recorder_mode(info: dict, url: str) -> str:
     return mode
 
 
-def _call(http: httpx.Client, url: str, path: str, method: str = "POST", missing_ok: bool = False) -> httpx.Response | None:
+def _call(http: httpx.Client, url: str, path: str, method: str = "POST", missing_ok: bool = False,
+          headers: dict[str, str] | None = None) -> httpx.Response | None:
     try:
-        response = http.request(method, path)
+        response = http.request(method, path, headers=headers)
     except httpx.TimeoutException:
         raise ValueError(f"{url}{path}: no answer within {http.timeout.read:g} s") from None
     except httpx.HTTPError as exc:

@@ -43,6 +43,8 @@ class FakeSGLang:
         self.raw: bytes | None = None  # written as the stat file instead, when set
         self.fail: dict[str, Response] = {}
         self.api_key: str | None = None
+        self.admin_api_key: str | None = None  # SGLang 0.5.23's --admin-api-key
+        self.buffer_size: int | None = None  # --expert-distribution-recorder-buffer-size in the server info
         self.calls: list[tuple[str, str, int]] = []
 
     def write_dump(self) -> None:
@@ -64,7 +66,13 @@ def sglang_app(state: FakeSGLang) -> FastAPI:
 
     @app.middleware("http")
     async def log_and_authenticate(request: Request, call_next):
-        if state.api_key and request.headers.get("Authorization") != f"Bearer {state.api_key}":
+        # SGLang 0.5.23's rules (utils/auth.py): the recorder routes are "admin optional" (the admin key
+        # when set, else the API key); the rest, /server_info included, want the API key when set.
+        if request.url.path in ENDPOINTS:
+            key = state.admin_api_key or state.api_key
+        else:
+            key = state.api_key
+        if key and request.headers.get("Authorization") != f"Bearer {key}":
             response = JSONResponse({"error": "Unauthorized"}, status_code=401)
         else:
             response = await call_next(request)
@@ -74,8 +82,11 @@ def sglang_app(state: FakeSGLang) -> FastAPI:
     # Older SGLang: /get_server_info only (newer ones add /server_info), so the client's fallback runs.
     @app.get("/get_server_info")
     async def get_server_info():
-        return {"model_path": "deepseek-ai/DeepSeek-V3", "tp_size": state.tp_size, "dp_size": 1, "ep_size": state.tp_size,
+        info = {"model_path": "deepseek-ai/DeepSeek-V3", "tp_size": state.tp_size, "dp_size": 1, "ep_size": state.tp_size,
                 "expert_distribution_recorder_mode": state.mode, "internal_states": [{}], "version": "fake"}
+        if state.buffer_size is not None:
+            info["expert_distribution_recorder_buffer_size"] = state.buffer_size
+        return info
 
     def endpoint(path: str, text: str):
         def handle():
@@ -339,3 +350,37 @@ def test_interrupted_recording_is_stopped(sglang, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         record_sglang(url, 60, dump_dir=state.folder, timeout=5)
     assert [path for _, path, _ in state.calls][-2:] == ["/start_expert_distribution_record", "/stop_expert_distribution_record"]
+
+
+def test_api_key_and_admin_api_key_each_where_sglang_wants_it(sglang):
+    state, url = sglang
+    state.api_key, state.admin_api_key = "user-key", "admin-key"
+    state.dump = {None: stat_dump(np.random.default_rng(5))}
+    trace = record_sglang(url, 0.01, dump_dir=state.folder, timeout=5, api_key="user-key", admin_api_key="admin-key")
+    assert trace.num_windows == 3
+    assert [c[2] for c in state.calls] == [404, 200, 200, 200, 200]  # /server_info is older SGLang's 404
+    with pytest.raises(ValueError, match="start_expert_distribution_record: HTTP 401: Unauthorized"):
+        record_sglang(url, 0.01, dump_dir=state.folder, timeout=5, api_key="user-key")  # no admin key
+
+
+def test_admin_api_key_alone_unlocks_the_recorder(sglang):
+    state, url = sglang
+    state.admin_api_key = "admin-key"
+    state.dump = {None: stat_dump(np.random.default_rng(6))}
+    assert record_sglang(url, 0.01, dump_dir=state.folder, timeout=5, admin_api_key="admin-key").num_windows == 3
+
+
+@pytest.mark.parametrize("buffer_size, warned", [(3, True), (5, False), (-1, False)])
+def test_a_full_recorder_ring_is_reported(sglang, buffer_size, warned):
+    state, url = sglang
+    state.buffer_size = buffer_size
+    dump = stat_dump(np.random.default_rng(7), steps=5 if buffer_size == 5 else 3)
+    if buffer_size == 5:
+        dump["logical_count"][3:] = 0  # two steps of the ring never written
+    state.dump = {None: dump}
+    trace = record_sglang(url, 0.01, dump_dir=state.folder, timeout=5)
+    assert trace.num_windows == 3
+    if warned:
+        assert "ring was full" in trace.metadata["warnings"] and "last 3 forward passes" in trace.metadata["warnings"]
+    else:
+        assert "warnings" not in trace.metadata
