@@ -74,6 +74,7 @@ def solve(
     slots_per_gpu: Annotated[Optional[int], typer.Option(help="Expert slots per GPU.")] = None,
     redundant: Annotated[Optional[int], typer.Option(help="Redundant slots in all (instead of --slots-per-gpu).")] = None,
     like: Annotated[Optional[str], typer.Option(help="A running `moeplace serve`: plan for its topology.")] = None,
+    trtllm_config: Annotated[Optional[Path], typer.Option(help="TensorRT-LLM load-balancer YAML: folds statistics of slot ids to experts.")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="--like: the server's API key.")] = None,
     engine: Annotated[TargetEngine, typer.Option(help="The engine the placement is for (sets the default --dispatch).")] = TargetEngine.moeplace,
     dispatch: Annotated[Optional[Dispatch], typer.Option(help="How the engine splits an expert over its replicas: equal, split (moeplace serve) or sglang-static.")] = None,
@@ -90,7 +91,7 @@ def solve(
 ) -> None:
     """Compute an expert -> GPU placement with redundant replicas from expert-load traces."""
     with user_errors():
-        loaded = [load_trace(t) for t in traces]
+        loaded = [load_trace(t, trtllm_config=trtllm_config) for t in traces]
         flags = TopologyFlags(gpus=gpus, gpus_per_node=gpus_per_node, slots_per_gpu=slots_per_gpu, redundant=redundant,
                               expert_bytes=expert_bytes,
                               gpu_memory_budget=None if memory_budget_gb is None else int(memory_budget_gb * 1e9))
@@ -125,13 +126,14 @@ def evaluate(
     baseline: Annotated[Optional[Path], typer.Option(help="Another placement: experts/bytes to move from it.")] = None,
     engine: Annotated[TargetEngine, typer.Option(help="The engine that serves it (sets the default --dispatch).")] = TargetEngine.moeplace,
     dispatch: Annotated[Optional[Dispatch], typer.Option(help="How the engine splits an expert over its replicas: equal, split (moeplace serve) or sglang-static.")] = None,
+    trtllm_config: Annotated[Optional[Path], typer.Option(help="TensorRT-LLM load-balancer YAML: folds statistics of slot ids to experts.")] = None,
 ) -> None:
     """Score a placement: per-layer imbalance under the engine's dispatch rule and with the best split,
     balancedness, remote nodes per token."""
     with user_errors():
         scored = load_placement(placement)
         model = dispatch_model(scored, dispatch or DEFAULT_DISPATCH[engine])
-        scores = [score_trace(scored, load_trace(t), model) for t in traces]
+        scores = [score_trace(scored, load_trace(t, trtllm_config=trtllm_config), model) for t in traces]
         moved = None if baseline is None else moves(load_placement(baseline), scored)
     if as_json:
         out = {"placement": str(placement), "traces": [_score_json(s) for s in scores]}

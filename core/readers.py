@@ -34,7 +34,14 @@ every rank writes `rank{R}.safetensors`, one int64 [E] bincount of its selected 
 "{iteration}_{layer}", layer being the model's absolute id (3..60 for DeepSeek-V3, as
 `examples/wide_ep/ep_load_balancer/README.md` shows). `examples/wide_ep/ep_load_balancer/utils.py`
 (commit 7ce477f3) sums the rank files and skips `rank*_raw.safetensors`; so do we (the raw per-token
-files are not read).
+files are not read). With the MoE load balancer on, the MoE modules (`fused_moe_*.py`, e.g.
+`ExpertStatistic.maybe_add_info(self.num_slots, token_selected_slots)`) count SLOT ids after the
+balancer's routing, and meta_info's num_experts is then the slot count (288 for DeepSeek-R1 with 32
+redundant): read as experts that plans nonsense. Such folders are folded slot -> expert with the
+balancer's YAML (`num_slots`, `initial_global_assignments` {layer: [expert of each slot]},
+`layer_updates_per_iter`, as `moeplace export --format trtllm` writes it); without the YAML they are
+refused where the shape shows them (DeepSeek's layers 3..60 of top-8 with num_experts other than 256),
+and always when the YAML says the balancer moved experts during the run (layer_updates_per_iter > 0).
 """
 
 from __future__ import annotations
@@ -68,18 +75,21 @@ class LayerMap:
     num_model_layers: int
 
 
-def load_trace(path: str | Path, *, num_model_layers: int | None = None, top_k: int | None = None) -> Trace:
+def load_trace(path: str | Path, *, num_model_layers: int | None = None, top_k: int | None = None,
+               trtllm_config: str | Path | None = None) -> Trace:
     """Read a trace, choosing the reader by the path.
 
     `.safetensors`: moeplace trace file. `.json` / `.pt`: SGLang expert-distribution dump. A folder
     (or its `meta_info.json`): TensorRT-LLM expert statistic. `num_model_layers` places dumps of MoE
-    rows only (vLLM style); `top_k` is needed for count-only dumps of shapes not recognised.
+    rows only (vLLM style); `top_k` is needed for count-only dumps of shapes not recognised;
+    `trtllm_config`: TensorRT-LLM's load-balancer YAML, to fold statistics of slot ids to experts.
     """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: file not found")
     if path.is_dir() or path.name == "meta_info.json":
-        return read_trtllm_statistic(path if path.is_dir() else path.parent, num_model_layers=num_model_layers)
+        return read_trtllm_statistic(path if path.is_dir() else path.parent, num_model_layers=num_model_layers,
+                                     trtllm_config=trtllm_config)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return _read_native(path)
@@ -207,8 +217,10 @@ def _fold_topk(src: str, field: str, value: object, p2l_RP: np.ndarray) -> np.nd
     return np.where(ids_RTK >= 0, logical, -1).transpose(1, 0, 2)
 
 
-def read_trtllm_statistic(folder: str | Path, *, num_model_layers: int | None = None) -> Trace:
-    """Read a TensorRT-LLM expert statistic folder: one window per iteration, counts summed over ranks."""
+def read_trtllm_statistic(folder: str | Path, *, num_model_layers: int | None = None,
+                          trtllm_config: str | Path | None = None) -> Trace:
+    """Read a TensorRT-LLM expert statistic folder: one window per iteration, counts summed over ranks;
+    slot-id statistics (load balancer on) folded to experts with `trtllm_config` (module doc)."""
     folder = Path(folder)
     meta_path = folder / "meta_info.json"
     if not meta_path.is_file():
@@ -239,8 +251,72 @@ def read_trtllm_statistic(folder: str | Path, *, num_model_layers: int | None = 
                 raise ValueError(f"{folder}: no rank file holds tensor '{i}_{layer}' (iteration {i}, layer {layer})")
     counts_WLE = np.array([[totals[(i, layer)] for layer in layers] for i in iters])
     info = {"engine": "tensorrt-llm", "format": "tensorrt-llm expert statistic", "ranks": str(len(files))}
+    if trtllm_config is not None:
+        counts_WLE = _fold_trtllm_slots(counts_WLE, layers, Path(trtllm_config), meta_path, info)
+    elif K == 8 and layers[0] == 3 and E != 256:
+        raise ValueError(
+            f"{meta_path}: num_experts is {E} for DeepSeek's layers 3..{layers[-1]} of top-8, whose models have 256 "
+            "experts: the statistic counts load-balancer slots; give the load balancer's YAML (--trtllm-config) "
+            "to fold slots to experts")
     return _build_trace(folder, counts_WLE, info, window_names=[f"iteration {i}" for i in iters],
                         layer_ids=layers, num_model_layers=num_model_layers, top_k=K)
+
+
+def _fold_trtllm_slots(counts_WLP: np.ndarray, layers: list[int], config: Path, meta_path: Path,
+                       info: dict[str, str]) -> np.ndarray:
+    """[W, L, P] slot counts -> [W, L, E] expert counts through the YAML's initial_global_assignments;
+    counts already per expert (balancer off: num_experts = the experts) are returned unchanged."""
+    slots, assignments = _read_balancer_yaml(config)
+    P = counts_WLP.shape[2]
+    experts = 1 + max(max(row) for row in assignments.values())
+    if P == experts and P != slots:
+        info["notes"] = f"{config.name}: statistic counts experts (balancer off); nothing folded"
+        return counts_WLP
+    if P != slots:
+        raise ValueError(f"{meta_path}: num_experts is {P}, neither the {slots} slots of {config} nor its "
+                         f"{experts} experts: the statistic and the YAML are not of one deployment")
+    missing = [layer for layer in layers if layer not in assignments]
+    if missing:
+        raise ValueError(f"{config}: initial_global_assignments has no layer {missing[0]} of the statistic")
+    out = np.zeros(counts_WLP.shape[:2] + (experts,))
+    for l, layer in enumerate(layers):
+        np.add.at(out[:, l], (slice(None), np.asarray(assignments[layer])), counts_WLP[:, l])
+    info["folded"] = f"{P} load-balancer slots folded to {experts} experts with {config.name}"
+    return out
+
+
+def _read_balancer_yaml(config: Path) -> tuple[int, dict[int, list[int]]]:
+    """TensorRT-LLM's MoeLoadBalancerConfig YAML: num_slots and initial_global_assignments, checked."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{config}: no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{config}: not a readable YAML file ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and isinstance(data.get("moe_config"), dict):  # a whole extra-options file
+        data = data["moe_config"].get("load_balancer", data)
+    if not isinstance(data, dict) or "num_slots" not in data or "initial_global_assignments" not in data:
+        raise ValueError(f"{config}: expected TensorRT-LLM load-balancer keys 'num_slots' and "
+                         "'initial_global_assignments'")
+    slots = check_positive_int(str(config), "num_slots", data["num_slots"])
+    updates = data.get("layer_updates_per_iter", 0)
+    if updates:
+        raise ValueError(f"{config}: layer_updates_per_iter is {updates}: the balancer moved experts while "
+                         "recording, so slot counts cannot be folded with the initial assignments")
+    assignments = data["initial_global_assignments"]
+    if not isinstance(assignments, dict) or not assignments:
+        raise ValueError(f"{config}: 'initial_global_assignments' must map layer ids to slot lists")
+    out = {}
+    for layer, row in assignments.items():
+        field = f"initial_global_assignments[{layer}]"
+        ids = check_array(str(config), field, _numeric(str(config), field, row), ndim=1, kind="i", shape=(slots,))
+        check_range(str(config), field, ids, 0, slots)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"{config}: layer key {layer!r} of 'initial_global_assignments' is not an integer")
+        out[layer] = ids.tolist()
+    return slots, out
 
 
 def _build_trace(

@@ -227,14 +227,15 @@ def check_placement(placement: Placement, config: ModelConfig, world_size: int, 
     """ValueError unless `placement` is for this model (experts, MoE layer ids) and this many ranks."""
     src = placement.source
     if placement.num_experts != config.n_routed_experts:
-        raise ValueError(f"{src}: placement has {placement.num_experts} experts, model {model} has {config.n_routed_experts}")
+        raise ValueError(f"{src}: placement has {placement.num_experts} experts, {model} has {config.n_routed_experts}")
     if placement.layers.tolist() != config.moe_layers:
         raise ValueError(
             f"{src}: placement layers {_span(placement.layers.tolist())} are not the MoE layers "
             f"{_span(config.moe_layers)} of model {model}"
         )
     if placement.num_model_layers not in (None, config.num_hidden_layers):
-        raise ValueError(f"{src}: placement is for a {placement.num_model_layers}-layer model, {model} has {config.num_hidden_layers}")
+        raise ValueError(f"{src}: placement is for a {placement.num_model_layers}-layer model, {model} has "
+                         f"{config.num_hidden_layers} layers")
     if placement.topology.num_gpus != world_size:
         raise ValueError(f"{src}: placement is for {placement.topology.num_gpus} GPUs, but {world_size} rank(s) serve")
 

@@ -207,7 +207,8 @@ def _check_compatible(old: Placement, new: Placement) -> None:
         ("slots_per_gpu", a.slots_per_gpu, b.slots_per_gpu),
     ):
         if x != y:
-            raise ValueError(f"{new.source}: cannot reshard from {old.source}: {what} is {y}, {old.source} has {x}")
+            # Named by role, not by source: a layout applied earlier is itself named "request body".
+            raise ValueError(f"{new.source}: cannot reshard to it: its {what} is {y}, the current layout's is {x}")
 
 
 def _plan_layer(old: Placement, new: Placement, l: int) -> list[tuple[int, int, int, int]]:

@@ -377,3 +377,59 @@ def test_bad_trtllm_folder(tmp_path, meta, tensors, problem):
     save_file(tensors, str(tmp_path / "rank0.safetensors"))
     with raises_for(tmp_path, problem):
         load_trace(tmp_path)
+
+
+# ---------------------------------------------------------------- TensorRT-LLM with its load balancer
+
+
+def balancer_yaml(path: Path, assignments: dict[int, list[int]], slots: int, updates: int = 0) -> Path:
+    """The load-balancer YAML as `moeplace export --format trtllm` (and TensorRT-LLM's example) writes it."""
+    lines = [f"num_slots: {slots}", f"layer_updates_per_iter: {updates}", "initial_global_assignments:"]
+    lines += [f"  {layer}: {json.dumps(row)}" for layer, row in assignments.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_trtllm_slot_statistics_fold_to_experts(tmp_path):
+    # DeepSeek-like: 256 experts in 288 slots; TensorRT-LLM counts slot ids and says num_experts 288
+    layers = [3, 4, 60]
+    assignments = {layer: RNG.permutation(np.concatenate([np.arange(256), RNG.integers(0, 256, 32)])).tolist()
+                   for layer in layers}
+    slot_counts = RNG.integers(0, 30, size=(2, 2, 3, 288)).astype(np.int64)  # ranks, iterations, layers, slots
+    folder = tmp_path / "stat"
+    write_trtllm(folder, slot_counts, iters=[10, 11], layers=layers, top_k=8)
+    config = balancer_yaml(tmp_path / "eplb.yaml", assignments, 288)
+    trace = load_trace(folder, trtllm_config=config)
+    assert trace.num_experts == 256 and trace.layers.tolist() == layers
+    total = slot_counts.sum(axis=0)
+    for l, layer in enumerate(layers):
+        expected = np.zeros((2, 256))
+        for slot, expert in enumerate(assignments[layer]):
+            expected[:, expert] += total[:, l, slot]
+        np.testing.assert_array_equal(trace.counts_WLE[:, l], expected)
+    assert "288 load-balancer slots folded to 256 experts" in trace.metadata["folded"]
+    with pytest.raises(ValueError, match="num_experts is 288 for DeepSeek's layers 3..60 of top-8.*--trtllm-config"):
+        load_trace(folder)
+
+
+def test_trtllm_fold_refuses_what_it_cannot_fold(tmp_path):
+    layers = [3, 4]
+    assignments = {layer: list(range(256)) + list(range(32)) for layer in layers}
+    folder = tmp_path / "stat"
+    write_trtllm(folder, np.ones((1, 1, 2, 288), dtype=np.int64), iters=[0], layers=layers, top_k=8)
+    moving = balancer_yaml(tmp_path / "online.yaml", assignments, 288, updates=1)
+    with pytest.raises(ValueError, match="layer_updates_per_iter is 1: the balancer moved experts"):
+        load_trace(folder, trtllm_config=moving)
+    other = balancer_yaml(tmp_path / "other.yaml", {3: list(range(256)) + list(range(64)), 4: list(range(320))[:320]}, 320)
+    with pytest.raises(ValueError, match="num_experts is 288, neither the 320 slots"):
+        load_trace(folder, trtllm_config=other)
+    (tmp_path / "bad.yaml").write_text("num_slots: [1\n")
+    with pytest.raises(ValueError, match="bad.yaml: not a readable YAML file"):
+        load_trace(folder, trtllm_config=tmp_path / "bad.yaml")
+    short = balancer_yaml(tmp_path / "short.yaml", {3: assignments[3]}, 288)
+    with pytest.raises(ValueError, match="has no layer 4 of the statistic"):
+        load_trace(folder, trtllm_config=short)
+    # the balancer off: expert counts stay as they are
+    plain = tmp_path / "plain"
+    write_trtllm(plain, np.ones((1, 1, 2, 256), dtype=np.int64), iters=[0], layers=layers, top_k=8)
+    assert load_trace(plain, trtllm_config=balancer_yaml(tmp_path / "e.yaml", assignments, 288)).num_experts == 256

@@ -163,16 +163,17 @@ def test_sources_prefer_the_same_node_and_balance_senders():
     assert got[7][1] == got[11][1] == N_ and {got[7][0], got[11][0]} == {0, 1}
 
 
-def test_incompatible_placements_name_both_sources():
-    a = placement([[0, 1, 2, 3, 4, 5, 0, 1]], TOPO_2x2x2, 6, "live")
+def test_incompatible_placements_name_the_values_the_right_way_round():
+    # The current layout may itself be named "request body" (applied earlier): roles, not sources.
+    a = placement([[0, 1, 2, 3, 4, 5, 0, 1]], TOPO_2x2x2, 6, "request body")
     other_topo = Topology(num_gpus=4, gpus_per_node=1, slots_per_gpu=2)
     for new, what in [
-        (placement([[0, 1, 2, 3, 4, 5, 6, 1]], TOPO_2x2x2, 7, "b.json"), "num_experts is 7"),
-        (Placement(a.phy2log_LP, 6, TOPO_2x2x2, np.array([4]), source="b.json"), "layers is [4]"),
-        (placement([[0, 1, 2, 3, 4, 5, 0, 1]], other_topo, 6, "b.json"), "gpus_per_node is 1"),
-        (placement([[0, 1, 2, 3, 4, 5]], Topology(3, 1, 2), 6, "b.json"), "num_gpus is 3"),
+        (placement([[0, 1, 2, 3, 4, 5, 6, 1]], TOPO_2x2x2, 7, "b.json"), "num_experts is 7, the current layout's is 6"),
+        (Placement(a.phy2log_LP, 6, TOPO_2x2x2, np.array([4]), source="b.json"), "layers is [4], the current layout's is [3]"),
+        (placement([[0, 1, 2, 3, 4, 5, 0, 1]], other_topo, 6, "b.json"), "gpus_per_node is 1, the current layout's is 2"),
+        (placement([[0, 1, 2, 3, 4, 5]], Topology(3, 1, 2), 6, "b.json"), "num_gpus is 3, the current layout's is 4"),
     ]:
-        with pytest.raises(ValueError, match=re.escape(f"b.json: cannot reshard from live: {what}")):
+        with pytest.raises(ValueError, match=re.escape(f"b.json: cannot reshard to it: its {what}")):
             plan_reshard(a, new)
 
 
