@@ -14,12 +14,15 @@ steps, on every rank in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moeplace.placement import Placement
-from moeplace.runtime.reshard_plan import ReshardPlan
 from moeplace.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the planner (networkx, the placer) is not needed to pass a plan along
+    from moeplace.runtime.reshard_plan import ReshardPlan
 
 
 @dataclass(frozen=True)

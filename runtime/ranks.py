@@ -85,10 +85,14 @@ class RankWorker:
         plan = self.cache.plan(decode, [(a.seq_id, len(a.prompt_ids)) for a in new])
         token_ids = [self._owned[seq].next_token for seq in decode] + [t for a in new for t in a.prompt_ids]
         logits_SV = self.model.step(self.cache, plan, torch.tensor(token_ids, dtype=torch.int64))
+        seqs = decode + [a.seq_id for a in new]
+        # Greedy rows in one argmax and one copy to the host: a sync per sequence would cost more than the step.
+        greedy_S = logits_SV.argmax(dim=-1).tolist() if seqs else []
         sampled = []
-        for seq, logits_V in zip(decode + [a.seq_id for a in new], logits_SV):
+        for seq, logits_V, greedy in zip(seqs, logits_SV, greedy_S):
             owned = self._owned[seq]
-            owned.next_token = sample(logits_V, owned.admit.params, owned.generator)
+            params = owned.admit.params
+            owned.next_token = greedy if params.greedy else sample(logits_V, params, owned.generator)
             sampled.append(Sampled(seq, owned.next_token))
         return tuple(sampled)
 
