@@ -7,6 +7,9 @@ Two steps, because the GPU machine has neither ../shared nor OR-Tools:
     # on the GPU machine, one process per GPU (DATA carried along, uncommitted)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       torchrun --nproc-per-node 4 benchmarks/moe_layer.py run --data .bench_moe --iters 30 --json out.json
+    # the decode step alone: fixed-capacity dispatch, eager vs CUDA graph vs reading the weights once
+    # (no prepared data; moe_layer_decode.py)
+    torchrun --nproc-per-node 2 benchmarks/moe_layer.py decode --json decode.json
 
 Layer: hidden 7168, expert intermediate 2048, 256 experts, top-8, FP8 128x128 block-scaled random
 weights made on the device in the slot tensors; 288 slots over G GPUs (256 + G*k when G does not
@@ -302,8 +305,22 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--inter", type=int, default=FI)
     r.add_argument("--shrink", type=int, default=1, help="divide the tokens per rank (quick checks)")
     r.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (use small --hidden/--inter)")
+    d = sub.add_parser("decode", help="decode step eager vs CUDA graph vs weights read (moe_layer_decode.py)")
+    d.add_argument("--tokens", type=int, default=STEPS["decode"][0], help="decode tokens per rank")
+    d.add_argument("--iters", type=int, default=30)
+    d.add_argument("--warmup", type=int, default=5)
+    d.add_argument("--copy-mib", type=int, default=4096, help="buffer of the device-copy bandwidth")
+    d.add_argument("--json", type=Path, default=None)
+    d.add_argument("--hidden", type=int, default=D)
+    d.add_argument("--inter", type=int, default=FI)
+    d.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (use small --hidden/--inter)")
     args = parser.parse_args(argv)
-    prepare(args) if args.command == "prepare" else run(args)
+    if args.command == "decode":
+        from moe_layer_decode import bench
+
+        bench(args)
+    else:
+        prepare(args) if args.command == "prepare" else run(args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ class Comm:
         dist.all_to_all_single(out, wire, recv_counts, send_counts, group=self.group)
         return out if wire.dtype == x_MX.dtype else out.view(x_MX.dtype)
 
+    def all_to_all_equal(self, x_GX: torch.Tensor) -> torch.Tensor:
+        """x_GX [G, ...]: block g goes to rank g; returns [G, ...] with block g from rank g.
+
+        Equal splits, so no sizes travel and nothing is read on the host: capturable in a CUDA graph
+        (NCCL), and the fixed-capacity decode dispatch's only collective. Every rank passes one shape."""
+        assert x_GX.shape[0] == self.world_size, f"{x_GX.shape[0]} blocks for {self.world_size} ranks"
+        if self.world_size == 1:
+            return x_GX
+        wire = x_GX.contiguous() if x_GX.dtype in _WIRE_DTYPES else x_GX.contiguous().view(torch.uint8)
+        out = torch.empty_like(wire)
+        dist.all_to_all_single(out, wire, group=self.group)
+        return out if wire.dtype == x_GX.dtype else out.view(x_GX.dtype)
+
     def exchange_counts(self, send_G: torch.Tensor) -> torch.Tensor:
         """send_G int64 [G] rows for each rank -> recv_G int64 [G] rows coming from each rank."""
         if self.world_size == 1:

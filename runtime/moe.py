@@ -33,6 +33,8 @@ from moeplace.placement import Placement
 from moeplace.runtime.checkpoint import Checkpoint
 from moeplace.runtime.comm import Comm
 from moeplace.runtime.config import ModelConfig
+from moeplace.runtime.decode import check_capacity, combine, group_by_slot, pack_rows, scatter_results, \
+    slot_counts
 from moeplace.runtime.experts import (ExpertPath, decode_features, encode_tokens, feature_bytes, fp8_experts,
                                       reference_experts)
 from moeplace.kernels.fp8 import FP8, scale_shape
@@ -127,11 +129,12 @@ class EPMoE(nn.Module):
             "w13_sinv_Sfd": slots((S, 2 * f, d), torch.float32),
             "w2_SDF": slots((S, D, Fi), FP8),
             "w2_sinv_Sdf": slots((S, d, f), torch.float32),
-            "slot_experts_S": torch.as_tensor(placement.phy2log_LP[row, first: first + S], device=device),
+            # copies (torch.tensor), never views of the placement's arrays: `use_layout` writes in place
+            "slot_experts_S": torch.tensor(placement.phy2log_LP[row, first: first + S], device=device),
             "window_slots_GS": slots((comm.world_size, S), torch.int64),
             "window_counts_E": slots((E,), torch.int64),
             "window_rows_G": slots((comm.world_size,), torch.int64),
-            "phy2log_P": torch.as_tensor(placement.phy2log_LP[row], dtype=torch.int64, device=device),
+            "phy2log_P": torch.tensor(placement.phy2log_LP[row], dtype=torch.int64, device=device),
             "slot_tokens_S": slots((S,), torch.int64),
         }.items():
             self.register_buffer(name, tensor, persistent=False)
@@ -152,6 +155,16 @@ class EPMoE(nn.Module):
         self.window_counts_E.index_add_(0, self.phy2log_P, self.window_slots_GS.reshape(-1))
         self.window_rows_G.add_(self.window_slots_GS.sum(dim=1))
         self.window_slots_GS.zero_()
+
+    def use_layout(self, placement: Placement) -> None:
+        """This layer's routing table, slot experts and slot -> expert map from `placement`, copied into
+        the tensors in place, so CUDA graphs that captured them stay valid. The caller folds the window
+        before (the counts so far belong to the old layout) and installs the moved slots' weights."""
+        S, device = self.w13_SFD.shape[0], self.phy2log_P.device
+        row_P = torch.as_tensor(placement.phy2log_LP[self.row], dtype=torch.int64)
+        self.slot_experts_S.copy_(row_P[self.comm.rank * S: (self.comm.rank + 1) * S])
+        self.phy2log_P.copy_(row_P)
+        self.table.copy_from(SlotTable.from_placement(placement, self.row, device))
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         """Data-parallel attention: every token of x_TD [T, D] is this rank's own (T may be 0, an idle
@@ -181,6 +194,57 @@ class EPMoE(nn.Module):
         ids_TK, weights_TK = select_experts(logits_TE, self.gate.e_score_correction_bias, self.router)
         y_TD, traffic = self.step_with_ids(x_TD, ids_TK, weights_TK)
         return MoEOutput(y_TD, ids_TK, traffic)
+
+    def forward_decode(self, x_CD: torch.Tensor, live_C: torch.Tensor) -> MoEOutput:
+        """`forward` through fixed-capacity buffers (`decode_step`): static shapes, no host sync on the fp8
+        path, capturable in a CUDA graph. x_CD [C, D] this rank's decode tokens padded to the step's
+        capacity C (the same on every rank); live_C bool [C] the real ones. y_TD [C, D]: padding rows are
+        the shared expert of their input (the caller drops them); ids_TK [C, K] (padding rows: any ids);
+        traffic: the fixed blocks that move whatever the batch."""
+        logits_CE = F.linear(x_CD.float(), self.gate.weight)
+        ids_CK, weights_CK = select_experts(logits_CE, self.gate.e_score_correction_bias, self.router)
+        y_CD = self.decode_step(x_CD, ids_CK, weights_CK, live_C) + self.shared_experts(x_CD)
+        return MoEOutput(y_CD, ids_CK, self._decode_traffic(x_CD, ids_CK.shape[1]))
+
+    def _decode_traffic(self, x_CD: torch.Tensor, K: int) -> Traffic:
+        (C, D), G = x_CD.shape, self.comm.world_size
+        row_bytes = _ids_offset(self.expert_path, D, x_CD.dtype) + 4 * K
+        return Traffic([C] * G, [C * K] * G, [C] * G, [C * K] * G, row_bytes, D * x_CD.element_size())
+
+    def decode_step(self, x_CD: torch.Tensor, ids_CK: torch.Tensor, weights_CK: torch.Tensor, live_C: torch.Tensor,
+                    timer: PhaseTimer | None = None) -> torch.Tensor:
+        """`step_with_ids` through fixed-capacity buffers (runtime/decode.py): y_CD [C, D] x's dtype, zeros on
+        padding. x_CD [C, D], ids_CK int64 [C, K] (any valid expert id on padding rows), weights_CK float32,
+        live_C bool [C] (the real tokens). A collective in which every rank passes the same C. Static
+        shapes, no host sync on the fp8 path: capturable in a CUDA graph (the reference path reads the
+        per-slot counts on the host). Counts into the window like `step_with_ids`; sets neither
+        `last_ids_TK` nor `last_traffic` (host values a replayed graph would not update)."""
+        lap = timer.lap if timer else _no_lap
+        (C, D), K = x_CD.shape, ids_CK.shape[1]
+        G, S, ids_at = self.comm.world_size, self.w13_SFD.shape[0], _ids_offset(self.expert_path, D, x_CD.dtype)
+        check_capacity(ids_CK.shape[0], C)
+        # 1. route
+        slots_CK = assign_slots(ids_CK, self.table, self.comm.rank, live_C)
+        if self.counting:
+            self.window_slots_GS.add_(slot_counts(slots_CK, G * S).view(G, S))
+        lap("route")
+        # 2. dispatch
+        send_GCW = pack_rows(x_CD, slots_CK, S, G, self.expert_path, ids_at)
+        lap("dispatch")
+        recv_GCW = self.comm.all_to_all_equal(send_GCW)
+        lap("dispatch_a2a")
+        # 3. experts
+        groups = group_by_slot(recv_GCW, S, K, ids_at)
+        self.slot_tokens_S.copy_(groups.counts_S)
+        rows_MW = recv_GCW.view(G * C, -1)[groups.order_M // K]
+        back_GQD = scatter_results(self._slot_experts(rows_MW, groups.counts_S, x_CD.dtype), groups, G)
+        lap("experts")
+        # 4. combine
+        back_GQD = self.comm.all_to_all_equal(back_GQD)
+        lap("combine_a2a")
+        y_CD = combine(back_GQD, slots_CK, S, weights_CK, self.expert_path)
+        lap("combine")
+        return y_CD
 
     def step_with_ids(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                       timer: PhaseTimer | None = None) -> tuple[torch.Tensor, Traffic]:
@@ -266,22 +330,26 @@ class EPMoE(nn.Module):
         counts_GS = plan.recv_GX[:, :S]
         self.slot_tokens_S.copy_(counts_GS.sum(0))
         # 2. compute
-        rows_MW = received_UW[row_M]
-        if self.expert_path is ExpertPath.fp8:
-            offsets_S1 = torch.zeros(S + 1, dtype=torch.int32, device=device)
-            offsets_S1[1:] = counts_GS.sum(0).cumsum(0)
-            a_MD, a_scale_Md = decode_features(rows_MW, self.expert_path, D, dtype)
-            y_MD = fp8_experts(a_MD, a_scale_Md, offsets_S1, self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF,
-                               self.w2_sinv_Sdf, dtype)
-        else:
-            y_MD = reference_experts(decode_features(rows_MW, self.expert_path, D, dtype), counts_GS.sum(0).tolist(),
-                                     self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf, self.block)
+        y_MD = self._slot_experts(received_UW[row_M], counts_GS.sum(0), dtype)
         # 3. back to the sources' order: source-major, then (slot, token) as each source sorted them
         source_M = torch.repeat_interleave(torch.arange(G, device=device), plan.recv_GX[:, S], output_size=U)[row_M]
         by_source_GS = (counts_GS.reshape(-1).cumsum(0) - counts_GS.reshape(-1)).view(G, S)
         by_slot_SG = (counts_GS.t().reshape(-1).cumsum(0) - counts_GS.t().reshape(-1)).view(S, G)
         position_M = by_source_GS[source_M, slot_M] + torch.arange(M, device=device) - by_slot_SG[slot_M, source_M]
         return torch.empty_like(y_MD).index_copy_(0, position_M, y_MD)
+
+    def _slot_experts(self, rows_MW: torch.Tensor, counts_S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows grouped by slot (counts_S [S] int64 rows each, in slot order; rows past their sum are spare)
+        through their slots' experts: [M, D] `dtype`, spare rows unwritten."""
+        D = self.w13_SFD.shape[2]
+        if self.expert_path is ExpertPath.fp8:
+            offsets_S1 = torch.zeros(counts_S.shape[0] + 1, dtype=torch.int32, device=rows_MW.device)
+            offsets_S1[1:] = counts_S.cumsum(0)
+            a_MD, a_scale_Md = decode_features(rows_MW, self.expert_path, D, dtype)
+            return fp8_experts(a_MD, a_scale_Md, offsets_S1, self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF,
+                               self.w2_sinv_Sdf, dtype)
+        return reference_experts(decode_features(rows_MW, self.expert_path, D, dtype), counts_S.tolist(),
+                                 self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf, self.block)
 
     def _combine(self, y_AD: torch.Tensor, plan: _Plan, weights_TK: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
         """Σ_k w[t, k] · y[t, k] from the results in slot-sorted assignment order: [T, D]."""

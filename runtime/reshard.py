@@ -42,7 +42,6 @@ import torch.distributed as dist
 from moeplace.placement import Placement
 from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
 from moeplace.runtime.reshard_plan import Link, ReshardPlan, plan_reshard
-from moeplace.runtime.routing import SlotTable
 from moeplace.runtime.reshard_wire import SLOT_TENSORS, checksums, pack, unpack
 
 
@@ -163,11 +162,7 @@ class Resharder:
                 getattr(moe, name)[slot].copy_(value)
         self._phy2log[row] = new_row_P
         current = _with_rows(self.model.placement, self._phy2log)
-        S = current.topology.slots_per_gpu
-        # A new tensor, not copy_: the loaded buffer may share memory with the placement's array.
-        moe.slot_experts_S = torch.tensor(new_row_P[self.rank * S: (self.rank + 1) * S], device=moe.slot_experts_S.device)
-        moe.table = SlotTable.from_placement(current, row, moe.slot_experts_S.device)
-        moe.phy2log_P = torch.tensor(new_row_P, dtype=torch.int64, device=moe.slot_experts_S.device)
+        moe.use_layout(current)  # in place: CUDA graphs that captured the layer stay valid
 
     # -- every rank: the worker thread ---------------------------------------------------------
     def _run(self, job_id: str, new: Placement, plan: ReshardPlan, fault: str | None) -> None:

@@ -6,6 +6,7 @@ A = T*K (token, k) assignments in row-major (token) order, N nodes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,8 @@ def select_experts(
         group_score_TG = biased_TE.view(T, cfg.n_group, per_group).topk(2, dim=-1).values.sum(dim=-1)
         kept_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
         kept_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1).indices, True)
-        biased_TE = biased_TE.masked_fill(~kept_TG.repeat_interleave(per_group, dim=1), float("-inf"))
+        kept_TE = kept_TG[:, :, None].expand(T, cfg.n_group, per_group).reshape(T, E)  # no host sync, unlike repeat_interleave
+        biased_TE = biased_TE.masked_fill(~kept_TE, float("-inf"))
     topk_ids_TK = biased_TE.topk(cfg.top_k, dim=-1).indices
     topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
     if cfg.norm_topk_prob:
@@ -60,7 +62,10 @@ class SlotTable:
 
     log2phy_ER int64 global slot of each replica (-1 = none); node_ER int64 its node (-1 = none);
     share_ER float64 share of the expert's tokens each replica takes (sums to 1 per expert, 0 on
-    padding); slots_per_rank; ranks_per_node; num_nodes.
+    padding); slots_per_rank; ranks_per_node; num_nodes. R is padded to `max_replicas(topology, E)`,
+    the most replicas any placement of the topology can give one expert, so every placement of a
+    deployment has tables of one shape: a reshard copies the new one into the old one's tensors
+    (`copy_from`) and a CUDA graph that captured them stays valid.
     """
 
     log2phy_ER: torch.Tensor
@@ -73,7 +78,11 @@ class SlotTable:
     @classmethod
     def from_placement(cls, placement: Placement, row: int, device: torch.device) -> SlotTable:
         topo = placement.topology
-        log2phy = placement.log2phy_LER[row]
+        R = max_replicas(topo.num_slots, placement.num_experts)
+        log2phy = np.full((placement.num_experts, R), -1, dtype=np.int64)
+        held = placement.log2phy_LER[row]
+        assert held.shape[1] <= R, f"an expert has {held.shape[1]} replicas, more than the {R} slots allow"
+        log2phy[:, : held.shape[1]] = held
         valid = log2phy >= 0
         node = np.where(valid, log2phy // topo.slots_per_gpu // topo.gpus_per_node, -1)
         if placement.split_LP is None:
@@ -85,11 +94,27 @@ class SlotTable:
         return cls(as_tensor(log2phy, torch.int64), as_tensor(node, torch.int64), as_tensor(share, torch.float64),
                    topo.slots_per_gpu, topo.gpus_per_node, topo.num_nodes)
 
+    def copy_from(self, other: SlotTable) -> None:
+        """Take `other`'s layout in place (same topology): tensors captured by a CUDA graph stay valid."""
+        same = (other.slots_per_rank, other.ranks_per_node, other.num_nodes) == \
+            (self.slots_per_rank, self.ranks_per_node, self.num_nodes)
+        assert same and other.log2phy_ER.shape == self.log2phy_ER.shape, "copy_from needs the same topology"
+        for name in ("log2phy_ER", "node_ER", "share_ER"):
+            getattr(self, name).copy_(getattr(other, name))
 
-def assign_slots(topk_ids_TK: torch.Tensor, table: SlotTable, rank: int) -> torch.Tensor:
+
+def max_replicas(num_slots: int, num_experts: int) -> int:
+    """Most replicas one expert can have when every expert has at least one: P - E + 1."""
+    return num_slots - num_experts + 1
+
+
+def assign_slots(topk_ids_TK: torch.Tensor, table: SlotTable, rank: int,
+                 live_T: torch.Tensor | None = None) -> torch.Tensor:
     """Logical experts -> physical slots for the tokens of source rank `rank`: slot_ids_TK int64.
 
-    Deterministic rule, for each expert e with replicas r = 0..n-1 (placement order):
+    live_T bool [T] (default all): tokens to route; the others (a fixed-capacity batch's padding) get
+    slot -1 and take no quota. Static shapes, no host sync, no boolean-mask indexing: capturable in a
+    CUDA graph. Deterministic rule, for each expert e with replicas r = 0..n-1 (placement order):
     1. Quotas: the rank's c tokens of e are split by the replicas' shares (equal split unless the
        placement has `split`): replica r gets floor(share_r * c), and the leftover tokens go one each
        to the replicas with the largest fractional parts, ties to the replica (r - rank) mod n first
@@ -100,39 +125,82 @@ def assign_slots(topk_ids_TK: torch.Tensor, table: SlotTable, rank: int) -> torc
     4. The remaining assignments of e, in token order, fill the replicas' remaining quotas in
        replica order.
     Each replica thus gets exactly its quota: the split is balanced whatever the node preferences.
+    `assign_slots_ref` is the same rule, one assignment at a time.
     """
     T, K = topk_ids_TK.shape
     E, R = table.log2phy_ER.shape
     device = topk_ids_TK.device
     e_A = topk_ids_TK.reshape(-1)
-    t_A = torch.arange(T, device=device).repeat_interleave(K)
+    t_A = torch.arange(T * K, device=device) // K
+    live_A = torch.ones_like(e_A, dtype=torch.bool) if live_T is None else live_T[t_A]
     valid_ER = table.log2phy_ER >= 0
     # 1. quotas
-    tokens_E = torch.bincount(e_A, minlength=E)
+    tokens_E = torch.zeros(E, dtype=torch.int64, device=device).index_add_(0, e_A, live_A.long())
     quota_ER = _quotas(tokens_E, table.share_ER, valid_ER, rank)
-    # 2. visited nodes
-    visited_TN = torch.zeros(T, table.num_nodes, dtype=torch.bool, device=device)
-    visited_TN[:, rank // table.ranks_per_node] = True
-    single_A = valid_ER.sum(dim=1)[e_A] == 1
-    visited_TN[t_A[single_A], table.node_ER[e_A[single_A], 0]] = True
-    # 3. preferred replicas, while quota lasts
+    # 2. visited nodes; column N (one past the last node) absorbs the writes of assignments that visit none
+    N = table.num_nodes
+    visited_TN = torch.zeros(T, N + 1, dtype=torch.bool, device=device)
+    visited_TN[:, rank // table.ranks_per_node].fill_(True)
+    single_A = live_A & (valid_ER.sum(dim=1)[e_A] == 1)
+    # a device tensor of values, not `= True`: a Python scalar would be copied from the host in a graph
+    visited_TN.index_put_((t_A, torch.where(single_A, table.node_ER[e_A, 0], N)), torch.ones_like(single_A))
+    # 3. preferred replicas, while quota lasts; occurrences counted among the wanting assignments only
     node_AR = table.node_ER[e_A]
     prefer_AR = (node_AR >= 0) & visited_TN[t_A[:, None], node_AR.clamp(min=0)]
     pref_A = prefer_AR.int().argmax(dim=1)
-    want_A = prefer_AR.any(dim=1)
-    taken_A = torch.zeros_like(want_A)
-    taken_A[want_A] = _occurrence(e_A[want_A] * R + pref_A[want_A]) < quota_ER[e_A[want_A], pref_A[want_A]]
+    want_A = live_A & prefer_AR.any(dim=1)
+    key_A = e_A * R + pref_A
+    taken_A = want_A & (_occurrence(torch.where(want_A, key_A, E * R)) < quota_ER.view(-1)[key_A])
     # 4. the rest fill the remaining quotas in replica order
-    used_ER = torch.zeros_like(quota_ER)
-    used_ER.index_put_((e_A[taken_A], pref_A[taken_A]), torch.ones_like(e_A[taken_A]), accumulate=True)
+    used_ER = torch.zeros_like(quota_ER).view(-1).index_add_(0, key_A, taken_A.long()).view(E, R)
     fill_ER = (quota_ER - used_ER).cumsum(dim=1)
-    rest_A = ~taken_A
-    nth = _occurrence(e_A[rest_A])
-    replica_A = pref_A.clone()
-    replica_A[rest_A] = (nth[:, None] >= fill_ER[e_A[rest_A]]).sum(dim=1)
-    slot_A = table.log2phy_ER[e_A, replica_A]
-    assert bool((slot_A >= 0).all()), "an assignment fell on a padding replica"
+    rest_A = live_A & ~taken_A
+    nth_A = _occurrence(torch.where(rest_A, e_A, E))
+    replica_A = torch.where(rest_A, (nth_A[:, None] >= fill_ER[e_A]).sum(dim=1), pref_A)
+    slot_A = torch.where(live_A, table.log2phy_ER[e_A, replica_A.clamp(max=R - 1)], -1)
     return slot_A.view(T, K)
+
+
+def assign_slots_ref(topk_ids_TK: torch.Tensor, table: SlotTable, rank: int,
+                     live_T: torch.Tensor | None = None) -> torch.Tensor:
+    """`assign_slots`'s rule in plain Python, one assignment at a time (the test's specification)."""
+    T, K = topk_ids_TK.shape
+    ids = topk_ids_TK.tolist()
+    live = [True] * T if live_T is None else live_T.tolist()
+    log2phy, node, share = table.log2phy_ER.tolist(), table.node_ER.tolist(), table.share_ER.tolist()
+    replicas = {e: [r for r, p in enumerate(row) if p >= 0] for e, row in enumerate(log2phy)}
+    tokens = [0] * len(log2phy)
+    for t in range(T):
+        for e in ids[t] if live[t] else ():
+            tokens[e] += 1
+    quota = {e: _quota_ref(tokens[e], [share[e][r] for r in rs], rank) for e, rs in replicas.items()}
+    out = [[-1] * K for _ in range(T)]
+    for t in range(T):  # 2.-3. visited nodes, preferred replicas while their quota lasts
+        if not live[t]:
+            continue
+        visited = {rank // table.ranks_per_node} | {node[e][0] for e in ids[t] if len(replicas[e]) == 1}
+        for k, e in enumerate(ids[t]):
+            pref = next((i for i, r in enumerate(replicas[e]) if node[e][r] in visited), None)
+            if pref is not None and quota[e][pref] > 0:
+                quota[e][pref] -= 1
+                out[t][k] = log2phy[e][replicas[e][pref]]
+    for t in range(T):  # 4. the rest, in token order, replica by replica
+        for k, e in enumerate(ids[t]):
+            if live[t] and out[t][k] < 0:
+                i = next(i for i, q in enumerate(quota[e]) if q > 0)
+                quota[e][i] -= 1
+                out[t][k] = log2phy[e][replicas[e][i]]
+    return torch.tensor(out, dtype=torch.int64).view(T, K)
+
+
+def _quota_ref(count: int, shares: list[float], rank: int) -> list[int]:
+    n = len(shares)
+    exact = [s * count for s in shares]
+    base = [math.floor(x) for x in exact]
+    by_fraction = sorted(range(n), key=lambda r: (-(exact[r] - base[r]), (r - rank) % n))
+    for r in by_fraction[: max(count - sum(base), 0)]:
+        base[r] += 1
+    return base
 
 
 def _quotas(tokens_E: torch.Tensor, share_ER: torch.Tensor, valid_ER: torch.Tensor, rank: int) -> torch.Tensor:

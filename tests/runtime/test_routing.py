@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeplace.placement import Placement, trivial_placement
-from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
+from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, assign_slots_ref, select_experts
 from moeplace.topology import Topology
 
 CPU = torch.device("cpu")
@@ -77,7 +77,7 @@ def placement_with_replicas(seed: int, gpus=4, per_node=2, slots=20, E=64, split
 
 def random_ids(T, E=64, K=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
 
 
 def test_no_replicas_maps_each_expert_to_its_slot():
@@ -136,3 +136,39 @@ def test_deterministic_and_empty():
     cfg = RouterConfig(8, 8, 4, True, 2.5)
     empty_ids, empty_w = select_experts(torch.zeros(0, 64), torch.zeros(64), cfg)
     assert empty_ids.shape == empty_w.shape == (0, 8)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_device_rule_equals_the_one_at_a_time_reference(seed):
+    """Random placements with replicas (1-3 nodes, with and without split), source ranks, batch sizes
+    (0 included) and padding masks: the static-shape rule gives exactly the reference's slots."""
+    rng = np.random.default_rng(seed)
+    gpus, per_node = [(4, 2), (4, 1), (6, 3), (2, 2), (6, 2), (4, 4), (3, 1), (2, 1)][seed]
+    slots = -(-64 // gpus) + int(rng.integers(1, 8))
+    placement = placement_with_replicas(seed, gpus, per_node, slots, split=bool(seed % 2))
+    table = SlotTable.from_placement(placement, 0, CPU)
+    for rank in range(gpus):
+        T = int(rng.choice([0, 1, 7, 130]))
+        ids = random_ids(T, seed=seed * 10 + rank)
+        live = torch.from_numpy(rng.random(T) < 0.8) if rank % 2 else None
+        got = assign_slots(ids, table, rank, live)
+        assert torch.equal(got, assign_slots_ref(ids, table, rank, live)), f"rank {rank}, {T} tokens"
+
+
+def test_padding_takes_no_quota():
+    placement = placement_with_replicas(seed=3)
+    table = SlotTable.from_placement(placement, 0, CPU)
+    ids = random_ids(120, seed=3)
+    live = torch.rand(120, generator=torch.Generator().manual_seed(3)) < 0.6
+    slots = assign_slots(ids, table, 1, live)
+    assert (slots[~live] == -1).all()
+    assert torch.equal(slots[live], assign_slots(ids[live], table, 1))  # as if the padding were not there
+
+
+def test_tables_of_one_topology_have_one_shape_and_copy_in_place():
+    a, b = (SlotTable.from_placement(placement_with_replicas(seed=s, split=s == 2), 0, CPU) for s in (1, 2))
+    assert a.log2phy_ER.shape == b.log2phy_ER.shape == (64, 4 * 20 - 64 + 1)
+    held = a.log2phy_ER
+    ids = random_ids(50, seed=4)
+    a.copy_from(b)
+    assert a.log2phy_ER is held and torch.equal(assign_slots(ids, a, 2), assign_slots(ids, b, 2))
