@@ -111,41 +111,46 @@ def bench(args) -> None:
     it, wu = args.iters, args.warmup
     out = {"date": str(date.today()), "device": name, "gpus": world, "torch": torch.__version__, "tokens": T,
            "slots_per_gpu": S, "hidden": args.hidden, "inter": args.inter}
+
+    def record(key: str, value) -> None:  # printed as measured: a run cut short still reports what it had
+        out[key] = value
+        if rank == 0:
+            print(f"{key}: {value}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1))
+
     # 1. the floor: this GPU's expert weights read once
     slot_bytes = sum(getattr(moe, n).nbytes for n in SLOT_TENSORS)
-    out["copy_gbs"] = copy_bandwidth(device, args.copy_mib << 20)
-    out["weights_read_ms"] = slot_bytes / out["copy_gbs"] / 1e6
-    # 2. routing alone
+    record("copy_gbs", copy_bandwidth(device, args.copy_mib << 20))
+    record("weights_read_ms", slot_bytes / out["copy_gbs"] / 1e6)
+    # 2. eager: routing alone, the routed experts (variable and fixed-capacity paths), the whole layer
     route = lambda x_, live_: assign_slots(ids, moe.table, rank, live_)  # noqa: E731
-    out["route_eager_ms"] = timed(lambda: route(x, live), it, wu, device)
-    route_graphs = DecodeGraphs(route, [T], args.hidden, dtype, device)
-    out["route_graph_ms"] = timed(lambda: route_graphs.run(x, T), it, wu, device)
-    # 3. routed experts from given ids: variable path, decode path eager and graph
     routed = lambda x_, live_: moe.decode_step(x_, ids, w, live_)  # noqa: E731
-    routed_graphs = DecodeGraphs(routed, [T], args.hidden, dtype, device)
-    out["routed_variable_ms"] = timed(lambda: moe.step_with_ids(x, ids, w), it, wu, device)
-    out["routed_decode_eager_ms"] = timed(lambda: routed(x, live), it, wu, device)
-    out["routed_decode_graph_ms"] = timed(lambda: routed_graphs.run(x, T), it, wu, device)
-    # 4. the whole layer
     layer = lambda x_, live_: moe.forward_decode(x_, live_).y_TD  # noqa: E731
-    layer_graphs = DecodeGraphs(layer, [T], args.hidden, dtype, device)
-    out["layer_eager_ms"] = timed(lambda: layer(x, live), it, wu, device)
-    out["layer_graph_ms"] = timed(lambda: layer_graphs.run(x, T), it, wu, device)
-    out.update(checks(moe, routed_graphs, layer_graphs, x, ids, w, live, device))
-    # 5. a reshard's swap: the layout in place (graphs stay valid), or capturing the bucket again
+    record("route_eager_ms", timed(lambda: route(x, live), it, wu, device))
+    record("routed_variable_ms", timed(lambda: moe.step_with_ids(x, ids, w), it, wu, device))
+    record("routed_decode_eager_ms", timed(lambda: routed(x, live), it, wu, device))
+    record("layer_eager_ms", timed(lambda: layer(x, live), it, wu, device))
+    # 3. the same as CUDA graphs (routing alone first: it holds no collective)
+    route_graphs, routed_graphs, layer_graphs = (DecodeGraphs(f, [T], args.hidden, dtype, device)
+                                                 for f in (route, routed, layer))
+    record("route_graph_ms", timed(lambda: route_graphs.run(x, T), it, wu, device))
+    record("routed_decode_graph_ms", timed(lambda: routed_graphs.run(x, T), it, wu, device))
+    record("layer_graph_ms", timed(lambda: layer_graphs.run(x, T), it, wu, device))
+    record("capture_s", {"route": route_graphs.capture_seconds[T], "routed": routed_graphs.capture_seconds[T],
+                         "layer": layer_graphs.capture_seconds[T]})
+    record("layer_graph_vs_weights_read", out["layer_graph_ms"] / out["weights_read_ms"])
+    record("routed_graph_vs_weights_read", out["routed_decode_graph_ms"] / out["weights_read_ms"])
+    for key, value in checks(moe, routed_graphs, layer_graphs, x, ids, w, live, device).items():
+        record(key, value)
+    # 4. a reshard's swap: the layout in place (graphs stay valid), or capturing the bucket again
     other = trivial_placement(E, topology, np.array([10]), 61)
     other = type(other)(np.roll(other.phy2log_LP, S, axis=1), E, topology, np.array([10]), 61)
-    out["swap_in_place_ms"] = timed(lambda: (moe.use_layout(other), moe.use_layout(placement)), it, wu, device) / 2
+    record("swap_in_place_ms", timed(lambda: (moe.use_layout(other), moe.use_layout(placement)), it, wu, device) / 2)
     layer_graphs.drop()
     start = time.perf_counter()
     layer_graphs.run(x, T)
-    out["recapture_ms"] = (time.perf_counter() - start) * 1e3
-    out["layer_graph_vs_weights_read"] = out["layer_graph_ms"] / out["weights_read_ms"]
-    out["routed_graph_vs_weights_read"] = out["routed_decode_graph_ms"] / out["weights_read_ms"]
-    if rank == 0:
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1))
-        print(json.dumps(out, indent=1))
+    record("recapture_ms", (time.perf_counter() - start) * 1e3)
     dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moeplace import client
 from moeplace.placement import save_placement, trivial_placement
 from moeplace.topology import Topology
 
@@ -21,7 +22,8 @@ SMALL = ["--hidden", "256", "--inter", "128", "--cpu-smoke"]
 
 
 def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0", str(BENCH), *args]
+    port = str(client.free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, str(BENCH), *args]
     done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
