@@ -75,6 +75,9 @@ class DecodeGraphs:
     def drop(self) -> None:
         """Forget every captured graph (the next use of a bucket captures again)."""
         self._by_size.clear()
+        # The old graphs' pool goes with them; capturing into its handle again trips the caching
+        # allocator (seen on torch 2.11: `use_count > 0` internal assert): a fresh pool.
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def _capture(self, bucket: int) -> _Bucket:
         start = time.perf_counter()
