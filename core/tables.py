@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from moeplace.placer.evaluate import MoveReport, TraceScore
 from moeplace.placer.solve import SolveResult
@@ -55,9 +57,13 @@ def _num(value: float, fmt: str) -> str:
     return "-" if np.isnan(value) else format(value, fmt)
 
 
-def score_table(scores: list[TraceScore], title: str) -> Table:
-    """One row per trace; columns no trace has a value for are left out. Headers are words that wrap
-    and names fold, so a narrow terminal or an 80-column pipe shows whole trace names, not "decode…"."""
+# Longest trace name kept in the table's first column; longer names are numbered, listed below it, so an
+# 80-column terminal or pipe shows every name whole (never "decode…") and every column.
+NAME_COLUMN = 24
+
+
+def score_table(scores: list[TraceScore], title: str) -> Group:
+    """One row per trace; columns no trace has a value for are left out; headers are words that wrap."""
     columns = {
         "imbalance mean": lambda s: f"{s.imbalance_L.mean():.4f}",
         "worst layer": lambda s: f"{s.imbalance_L.max():.4f}",
@@ -68,19 +74,23 @@ def score_table(scores: list[TraceScore], title: str) -> Table:
     }
     cells = {name: [cell(s) for s in scores] for name, cell in columns.items()}
     shown = [name for name, values in cells.items() if any(v is not None for v in values)]
+    names = [Path(s.name).name for s in scores]
+    numbered = max(map(len, names), default=0) > NAME_COLUMN
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("trace", overflow="fold", no_wrap=True)  # shrunk last: other headers wrap first
+    table.add_column("trace", no_wrap=True)
     for name in shown:
         table.add_column(name, justify="right", overflow="fold")
     for i, s in enumerate(scores):
-        table.add_row(Path(s.name).name, *("-" if cells[name][i] is None else cells[name][i] for name in shown))
+        table.add_row(f"#{i + 1}" if numbered else names[i],
+                      *("-" if cells[name][i] is None else cells[name][i] for name in shown))
     dispatch = scores[0].dispatch.value if scores else "equal"
     table.caption = (f"imbalance = max / mean GPU load per layer, each expert's tokens dispatched over its replicas "
                      f"by '{dispatch}' ('best split': split to cool the hottest GPU); 1 is perfect, lower is better. "
                      "remote nodes per token: expected distinct nodes besides its source's a token is sent to "
                      "(* drawn from the counts by group-limited routing: no per-token samples); group span: nodes "
                      "a routing group reaches (lower is better). balancedness = 1 / imbalance, in --json")
-    return table
+    legend = [Text(f"#{i + 1}  {name}", overflow="fold") for i, name in enumerate(names)] if numbered else []
+    return Group(table, *legend)
 
 
 def moves_line(report: MoveReport) -> str:
