@@ -59,3 +59,30 @@ def test_benchmark_script_reduced(tmp_path):
         assert by[(config, "cpsat")]["layers_worse_than_greedy"] == 0
         # the scenario-aware greedy already beats EPLB's mean-workload planning on held-out files
         assert by[(config, "greedy")]["imbalance_mean"] < by[(config, "eplb-global")]["imbalance_mean"]
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_smoke_runs_every_study(tmp_path):
+    """`solver.py --cpu-smoke` on synthetic SGLang statistics (the real ones need ../shared): every study
+    (methods, dispatch rules, traffic frontier, migration) on 2 layers of 3 files at EP32/288."""
+    rng = np.random.default_rng(0)
+    popularity = rng.lognormal(0, 1, (61, 256))
+    popularity[:3] = 0  # dense layers
+    for i in range(3):
+        counts = np.rint(popularity * rng.lognormal(0, 0.3, (61, 256)) * 100)
+        (tmp_path / f"workload{i}.json").write_text(json.dumps({"logical_count": counts.astype(int).tolist()}))
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "solver.py"), "--cpu-smoke", "--traces", str(tmp_path),
+           "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert {r["method"] for r in result["methods"]} == {"eplb", "eplb-global", "greedy", "cpsat"}
+    rules = {(r["planned_for"], r["scored_under"]) for r in result["dispatch"]}
+    assert rules == {("equal", "equal"), ("equal", "sglang-static"), ("sglang-static", "sglang-static")}
+    assert "gap_mean" in result["dispatch"][-1]
+    assert {r["method"] for r in result["frontier"]} >= {"eplb hierarchical", "eplb global", "moeplace w=0"}
+    assert all(r["remote_nodes"] > 0 for r in result["frontier"])
+    moves = [r["moves"] for r in result["moves"]]
+    assert all(b <= a for a, b in zip(moves, moves[1:]))
+    assert "moves never rise with the weight: True" in done.stdout
