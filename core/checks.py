@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Exporters write a row per model layer and the runtime builds every layer, so a layer count from a
+# corrupt file must stop here, not at an allocation. No released model comes near 1000 layers.
+MAX_MODEL_LAYERS = 10_000
+
 
 def check_array(
     source: str,
@@ -71,3 +75,18 @@ def check_positive_int(source: str, field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{source}: field '{field}' must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_layers(source: str, layers: object, num_layers: int, num_model_layers: object) -> np.ndarray:
+    """[num_layers] int64 model layer ids: non-negative, increasing, below `num_model_layers` (when
+    given, an integer of at most MAX_MODEL_LAYERS). The one check of a trace's and a placement's layers."""
+    out = check_array(source, "layers", layers, ndim=1, kind="i", shape=(num_layers,)).astype(np.int64)
+    if (out < 0).any() or (np.diff(out) <= 0).any():
+        raise ValueError(f"{source}: field 'layers' must be non-negative and increasing, got {out.tolist()}")
+    n = MAX_MODEL_LAYERS if num_model_layers is None else check_positive_int(source, "num_model_layers", num_model_layers)
+    if n > MAX_MODEL_LAYERS:
+        raise ValueError(f"{source}: field 'num_model_layers' is {n}, more than the {MAX_MODEL_LAYERS} layers any model has")
+    if out[-1] >= n:
+        name = "num_model_layers" if num_model_layers is not None else "the limit of model layers"
+        raise ValueError(f"{source}: layer id {int(out[-1])} is not below {name} {n}")
+    return out

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moeplace.checks import check_array, check_counts, check_positive_int, check_range
+from moeplace.checks import check_array, check_counts, check_layers, check_positive_int, check_range
 from moeplace.fileio import atomic_write_text
 from moeplace.topology import Topology
-from moeplace.trace import check_model_layers
 
 PLACEMENT_FORMAT = "moeplace.placement"
 PLACEMENT_FORMAT_VERSION = 1
@@ -47,11 +46,8 @@ class Placement:
         check_range(src, "phy2log", phy2log, 0, E)
         phy2log = phy2log.astype(np.int64)
         object.__setattr__(self, "phy2log_LP", phy2log)
-        layers = check_array(src, "layers", self.layers, ndim=1, kind="i", shape=(L,)).astype(np.int64)
-        if (layers < 0).any() or (np.diff(layers) <= 0).any():
-            raise ValueError(f"{src}: field 'layers' must be non-negative and increasing, got {layers.tolist()}")
+        layers = check_layers(src, self.layers, L, self.num_model_layers)
         object.__setattr__(self, "layers", layers)
-        check_model_layers(src, layers, self.num_model_layers)
         counts = np.stack([np.bincount(row, minlength=E) for row in phy2log])
         missing = np.argwhere(counts == 0)
         if len(missing):

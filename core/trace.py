@@ -13,14 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from moeplace.checks import check_array, check_counts, check_positive_int, check_range
+from moeplace.checks import check_array, check_counts, check_layers, check_positive_int, check_range
 from moeplace.fileio import atomic_write_bytes
 
 TRACE_FORMAT = "moeplace.trace"
 TRACE_FORMAT_VERSION = 1
-# Exporters write a row per model layer and the runtime builds every layer, so a layer count from a
-# corrupt file must stop here, not at an allocation. No released model comes near 1000 layers.
-MAX_MODEL_LAYERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -58,14 +55,10 @@ class Trace:
         if W == 0 or L == 0 or E == 0:
             raise ValueError(f"{src}: field 'counts_WLE' is empty, shape {list(counts.shape)}")
         object.__setattr__(self, "counts_WLE", counts)
-        layers = check_array(src, "layers", self.layers, ndim=1, kind="i", shape=(L,)).astype(np.int64)
-        if (layers < 0).any() or (np.diff(layers) <= 0).any():
-            raise ValueError(f"{src}: field 'layers' must be non-negative and increasing, got {layers.tolist()}")
-        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "layers", check_layers(src, self.layers, L, self.num_model_layers))
         top_k = check_positive_int(src, "top_k", self.top_k)
         if top_k > E:
             raise ValueError(f"{src}: field 'top_k' is {top_k}, more than the {E} experts")
-        check_model_layers(src, layers, self.num_model_layers)
         n_group = check_positive_int(src, "n_group", self.n_group)
         topk_group = check_positive_int(src, "topk_group", self.topk_group)
         if E % n_group or topk_group > n_group:
@@ -162,16 +155,6 @@ def _qualified_window_names(trace: Trace) -> list[str]:
     if not isinstance(names, list) or len(names) != trace.num_windows:
         names = [str(w) for w in range(trace.num_windows)]
     return [f"{stem}:{name}" for name in names]
-
-
-def check_model_layers(src: str, layers: np.ndarray, num_model_layers: object) -> None:
-    """Layer ids [L] (non-negative, increasing) lie below num_model_layers, itself at most MAX_MODEL_LAYERS."""
-    n = MAX_MODEL_LAYERS if num_model_layers is None else check_positive_int(src, "num_model_layers", num_model_layers)
-    if n > MAX_MODEL_LAYERS:
-        raise ValueError(f"{src}: field 'num_model_layers' is {n}, more than the {MAX_MODEL_LAYERS} layers any model has")
-    if layers[-1] >= n:
-        name = "num_model_layers" if num_model_layers is not None else "the limit of model layers"
-        raise ValueError(f"{src}: layer id {int(layers[-1])} is not below {name} {n}")
 
 
 def save_trace(trace: Trace, path: str | Path) -> None:

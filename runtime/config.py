@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeplace.trace import MAX_MODEL_LAYERS
+from moeplace.checks import MAX_MODEL_LAYERS
 
 # model_type values of checkpoints that use the DeepSeek-V3 architecture unchanged (DeepSeek-V3, R1,
 # V3.1 and Kimi-K2 ship "deepseek_v3" / "kimi_k2" with architectures ["DeepseekV3ForCausalLM"]).
