@@ -36,7 +36,7 @@ Steps of `run` (each adds its numbers to --json as it ends, so an interrupted ru
     timed by benchmarks/moe_layer.py's `time_steps`) for each MoE layer, tokens routed with the
     popularity profiled in step 5: uniform (every slot equally loaded), before (trivial) and after
     (solved), at decode (128 tokens per rank) and prefill (4096) sizes: step time (slowest rank) and
-    each GPU's expert time. The server itself recomputes whole sequences each step (no KV cache), so its
+    each GPU's expert time. The server's step mixes prefill and decode of every rank's sequences, so its
     step time is not an MoE step time.
 """
 

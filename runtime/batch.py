@@ -1,7 +1,8 @@
 """Batches of prompts for `EPModel.forward`: right padding, and a plain greedy loop.
 
 The serving engine batches continuously; `greedy_continue` is the simplest user of the model
-(tests, examples): it recomputes the whole batch each step, as the runtime keeps no KV cache.
+(tests, examples): it recomputes the whole batch each step (`EPModel.forward`, no KV cache): the
+oracle the serving engine's cached steps are checked against.
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ class StepPlan:
     Rows of the step: the decoding sequences' one token each (rows 0..Bd-1, sequence order), then each
     prefilled prompt's tokens in order. write_N [N] cache row of each new token; positions_N [N] its
     position in its sequence. decode: rows_BX [Bd, X] cache rows of each decoding sequence's context
-    (padding repeats row 0), context_B [Bd] its length (the new token included). prefill: lengths
-    (host ints) of the prompts, each starting at position 0. last_S [Bd + Bp] step row of each
+    (padding: other rows, masked out), context_B [Bd] its length (the new token included). prefill:
+    lengths (host ints) of the prompts, each starting at position 0. last_S [Bd + Bp] step row of each
     sequence's last token (whose logits sample its next one)."""
 
     write_N: torch.Tensor
@@ -127,28 +127,33 @@ class KVCache:
 
     def plan(self, decode: list, prefill: list[tuple[object, int]]) -> StepPlan:
         """The plan of a step that adds one token to each sequence of `decode` and a whole prompt of
-        (sequence, length) to each of `prefill` (admitted, still empty). Advances their lengths."""
-        write, positions = [], []
+        (sequence, length) to each of `prefill` (admitted, still empty). Advances their lengths.
+        Built from the block tables with tensor ops (a per-position Python loop would cost more than
+        the step at a few hundred sequences), on the host, then moved to the device at once."""
+        bs = self.shape.block_size
+        write = [self._row(seq, self._length[seq]) for seq in decode]
+        positions = [self._length[seq] for seq in decode]
+        context = [n + 1 for n in positions]
         for seq in decode:
-            write.append(self._row(seq, self._length[seq]))
-            positions.append(self._length[seq])
             self._length[seq] += 1
+        write_N, positions_N = [torch.tensor(write, dtype=torch.int64)], [torch.tensor(positions, dtype=torch.int64)]
         for seq, n in prefill:
             assert self._length[seq] == 0, f"sequence {seq} is prefilled twice"
-            write += [self._row(seq, p) for p in range(n)]
-            positions += range(n)
+            p_T = torch.arange(n)
+            write_N.append(torch.tensor(self._blocks[seq])[p_T // bs] * bs + p_T % bs)
+            positions_N.append(p_T)
             self._length[seq] = n
-        context = [self._length[seq] for seq in decode]
-        bucket = self.context_bucket
-        X = -(-max(context, default=0) // bucket) * bucket
-        rows = [[self._row(seq, p) for p in range(c)] + [0] * (X - c) for seq, c in zip(decode, context)]
-        ends = [len(decode) + sum(n for _, n in prefill[: i + 1]) - 1 for i in range(len(prefill))]
+        X = -(-max(context, default=0) // self.context_bucket) * self.context_bucket
+        M = -(-X // bs)
+        table_BM = torch.tensor([(self._blocks[seq] + [0] * M)[:M] for seq in decode], dtype=torch.int64)
+        x_X = torch.arange(X)
+        rows_BX = table_BM.view(len(decode), M)[:, x_X // bs] * bs + x_X % bs
+        ends = torch.tensor([n for _, n in prefill], dtype=torch.int64).cumsum(0) + len(decode) - 1
         device = self.latent_LNC.device
-        as_long = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
-        return StepPlan(write_N=as_long(write), positions_N=as_long(positions),
-                        rows_BX=as_long(rows).view(len(decode), X), context_B=as_long(context),
+        return StepPlan(write_N=torch.cat(write_N).to(device), positions_N=torch.cat(positions_N).to(device),
+                        rows_BX=rows_BX.to(device), context_B=torch.tensor(context, dtype=torch.int64).to(device),
                         prefill_lengths=tuple(n for _, n in prefill),
-                        last_S=as_long(list(range(len(decode))) + ends))
+                        last_S=torch.cat([torch.arange(len(decode)), ends]).to(device))
 
     def _row(self, seq, position: int) -> int:
         block = self._blocks[seq][position // self.shape.block_size]
