@@ -61,14 +61,16 @@ def run(args) -> dict:
     experts = ModelConfig.load(model).n_routed_experts
     slots = -(-(experts + experts // 8) // args.gpus)  # 1/8 redundant slots (DeepSeek-V3: 256 + 32)
     placement = _trivial_placement(model, args.gpus, slots, work / "trivial.json")
-    out = work / "serve_workers.json"
+    # beside --json (on a GPU machine: under $OUT), so a run cut short still brings back what it measured
+    out = args.json.with_name(args.json.stem + "_ranks.json") if args.json else work / "serve_ranks.json"
+    flags = {"--model": model, "--placement": placement, "--levels": args.levels,
+             "--solved-levels": args.solved_levels or args.levels, "--prompt-tokens": args.prompt_tokens,
+             "--max-tokens": args.max_tokens, "--level-seconds": args.level_seconds,
+             "--warmup-seconds": args.warmup_seconds, "--solve-seconds": args.solve_seconds,
+             "--moe-tokens": args.moe_tokens, "--micro-batch": args.micro_batch, "--iters": args.iters, "--json": out}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-               str(HERE / "serve_workers.py"), "--model", str(model), "--placement", str(placement),
-               "--levels", args.levels, "--prompt-tokens", str(args.prompt_tokens), "--max-tokens",
-               str(args.max_tokens), "--level-seconds", str(args.level_seconds), "--warmup-seconds",
-               str(args.warmup_seconds), "--solve-seconds", str(args.solve_seconds), "--moe-tokens",
-               str(args.moe_tokens), "--micro-batch", str(args.micro_batch), "--iters", str(args.iters),
-               "--json", str(out)] + (["--cpu"] if args.device == "cpu" else [])
+               str(HERE / "serve_workers.py"), *[str(x) for pair in flags.items() for x in pair]]
+    command += ["--cpu"] if args.device == "cpu" else []
     _cli(command, env, work / "serve_workers.log")
     results = {"date": str(date.today()), "device": _device_name(args.device), "argv": sys.argv,
                "model": str(model), "model_seconds": model_s, **json.loads(out.read_text())}
@@ -80,23 +82,25 @@ def run(args) -> dict:
 
 def table(r: dict) -> str:
     m = r["micro"]
+    long, short = m["decode_step_ms_ctx2048"], m["decode_step_ms_ctx128"]
     lines = [f"# {r['date']} {r['device']}, {r['gpus']} GPUs, {r['moe_layers']} MoE layers",
              f"MoE layer decode step, {m['moe_tokens_per_rank']} tokens/rank: {m['moe_decode_ms']:.3f} ms = "
              f"{m['moe_vs_read']:.2f}x reading the slots once ({m['slot_bytes'] / 1e9:.2f} GB at "
              f"{m['copy_GBps']:.0f} GB/s copy: {m['read_slots_ms']:.3f} ms; target <= 1.5x)",
-             f"decode step, {m['decode_batch_per_rank']} seqs/rank: ctx 2048 {m['decode_step_ms_ctx2048']:.2f} ms vs "
-             f"ctx 128 {m['decode_step_ms_ctx128']:.2f} ms = "
-             f"{m['decode_step_ms_ctx2048'] / m['decode_step_ms_ctx128']:.2f}x (target <= 1.3x)"]
+             f"decode step, {m['decode_batch_per_rank']} seqs/rank: ctx 2048 {long:.2f} ms vs ctx 128 {short:.2f} ms "
+             f"= {long / short:.2f}x (target <= 1.3x)"]
     if "reshard" in r:
         rs = r["reshard"]
         lines.append(f"solve {rs['solve_seconds']:.1f} s, reshard {rs['state']}: {rs['experts_moved']} experts, "
                      f"{rs['bytes_moved'] / 1e9:.2f} GB in {rs['reshard_seconds']:.2f} s")
-    lines.append("placement  conc  tok/s/GPU  layer-tok/s/GPU (DeepSeek 107k)  TTFT p50/p99 ms  ITL p50/p99 ms  step ms")
+    lines.append("placement  conc  tok/s/GPU  layer-tok/s/GPU (vs DeepSeek's 107k)  TTFT p50/p99 ms  ITL p50/p99 ms  "
+                 "step ms")
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     for name in ("trivial", "solved"):
         for x in r.get(name, []):
-            lines.append(f"{name:9} {x['concurrency']:5d} {x['output_tokens_per_s_per_gpu']:10.1f} "
-                         f"{x['layer_tokens_per_s_per_gpu']:16.0f} ({x['layer_tokens_per_s_per_gpu'] / DEEPSEEK_LAYER_TOKENS_PER_GPU:5.1%})"
+            layer = x["layer_tokens_per_s_per_gpu"]
+            lines.append(f"{name:9} {x['concurrency']:5d} {x['output_tokens_per_s_per_gpu']:10.1f} {layer:16.0f} "
+                         f"({layer / DEEPSEEK_LAYER_TOKENS_PER_GPU:6.1%})"
                          f"   {fmt(x['ttft_ms_p50'], '.0f')}/{fmt(x['ttft_ms_p99'], '.0f')}"
                          f"   {fmt(x['itl_ms_p50'], '.1f')}/{fmt(x['itl_ms_p99'], '.1f')}"
                          f"   {fmt(x['engine_step_ms_mean'], '.1f')}")
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path(".serve"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--levels", default="64,256,512", help="concurrent sequences, one load level each")
+    p.add_argument("--solved-levels", default=None, help="levels on the solved placement (default: --levels)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--level-seconds", type=float, default=20.0)

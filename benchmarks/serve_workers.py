@@ -61,7 +61,8 @@ def micro(model: EPModel, args, device: torch.device) -> dict:
     copy_gbps = 2 * nbytes / copy_ms / 1e6  # read + write
     del src
     moe = model.moe_layers[0]
-    slot_bytes = sum(t.numel() * t.element_size() for t in (moe.w13_SFD, moe.w13_sinv_Sfd, moe.w2_SDF, moe.w2_sinv_Sdf))
+    slots = (moe.w13_SFD, moe.w13_sinv_Sfd, moe.w2_SDF, moe.w2_sinv_Sdf)
+    slot_bytes = sum(t.numel() * t.element_size() for t in slots)
     x_TD = torch.randn(args.moe_tokens, model.config.hidden_size, device=device, dtype=model.dtype)
     with torch.no_grad():
         moe_ms = timed_ms(lambda: moe(x_TD), args.iters, device)
@@ -74,8 +75,9 @@ def micro(model: EPModel, args, device: torch.device) -> dict:
 
 def decode_ms(model: EPModel, batch: int, context: int, iters: int, device: torch.device) -> float:
     """The whole decode step (every layer) for `batch` sequences of `context` tokens on each rank."""
-    shape = CacheShape(num_layers=model.config.num_hidden_layers, num_blocks=batch * (context // 64 + 1),
-                       block_size=64, width=model.config.kv_lora_rank + model.config.qk_rope_head_dim)
+    cfg = model.config
+    shape = CacheShape(num_layers=cfg.num_hidden_layers, num_blocks=batch * (context // 64 + 1), block_size=64,
+                       width=cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     cache = KVCache(shape, device, model.dtype)
     for seq in range(batch):
         cache.admit(seq, context)
@@ -118,7 +120,7 @@ class ClosedLoop:
             self._live = still
             while len(self._live) < self.level:
                 self._submit()
-            time.sleep(0.002)
+            time.sleep(0.01)  # the engine thread needs the GIL more than this loop
         end = time.perf_counter()
         for handle, sent, times in self._live:
             handle.cancel()
@@ -148,25 +150,25 @@ def level_report(loop: ClosedLoop, start: float, end: float, warmup: float, worl
             "requests_done": len(loop.done)}
 
 
-def drive(engine: Engine, resharder: Resharder, model: EPModel, args, world: int) -> dict:
-    """Rank 0, steps 2-4: the load at each level, on the trivial placement then the solved one."""
+def drive(engine: Engine, resharder: Resharder, model: EPModel, args, world: int, results: dict) -> None:
+    """Rank 0, steps 2-4: the load at each level, on the trivial placement then the solved one; `results`
+    written to --json after each level, so a run cut short keeps what it measured."""
     tok = ByteTokenizer()
     prompts = [tok.encode(calibration_text(20_000 + i, args.prompt_tokens - 1)) for i in range(64)]
     steps, windows = [], []
     engine.on_step = lambda s: steps.append((time.perf_counter(), s.seconds, s.batch))
     engine.on_stats = windows.append
-    out = {}
-    for name in ("trivial", "solved"):
+    for name, levels in (("trivial", args.levels), ("solved", args.solved_levels or args.levels)):
         if name == "solved":
-            out["reshard"] = reshard_to_solved(engine, resharder, model, windows, args)
-        out[name] = []
-        for level in args.levels:
+            results["reshard"] = reshard_to_solved(engine, resharder, model, windows, args)
+        results[name] = []
+        for level in levels:
             loop = ClosedLoop(engine, prompts, level, args.max_tokens)
             start, end = loop.run(args.level_seconds)
-            out[name].append(level_report(loop, start, end, args.warmup_seconds, world, len(model.moe_layers),
-                                          steps))
-            print(json.dumps({name: out[name][-1]}), flush=True)
-    return out
+            results[name].append(level_report(loop, start, end, args.warmup_seconds, world,
+                                              len(model.moe_layers), steps))
+            print(json.dumps({name: results[name][-1]}), flush=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def reshard_to_solved(engine: Engine, resharder: Resharder, model: EPModel, windows: list, args) -> dict:
@@ -195,7 +197,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--placement", type=Path, required=True)
-    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], required=True)
+    p.add_argument("--levels", type=_ints, required=True)
+    p.add_argument("--solved-levels", type=_ints, default=None, help="default: --levels")
     p.add_argument("--prompt-tokens", type=int, required=True)
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--level-seconds", type=float, required=True)
@@ -218,7 +221,9 @@ def main() -> None:
     model = EPModel.load(args.model, load_placement(args.placement), group=dist.group.WORLD, device=device)
     resharder = Resharder(model, reshard_group, rank, control=reshard_control)
     resharder.connect()
-    results = {"micro": micro(model, args, device)}
+    results = {"micro": micro(model, args, device), "moe_layers": len(model.moe_layers), "gpus": world}
+    if rank == 0:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
     per_rank = -(-max(args.levels) // world)
     config = EngineConfig(max_batch=per_rank, max_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_tokens,
                           queue_limit=max(args.levels) + 8, block_size=64,
@@ -230,13 +235,15 @@ def main() -> None:
         loop = threading.Thread(target=engine.run, name="engine")
         loop.start()
         try:
-            results.update(drive(engine, resharder, model, args, world))
+            drive(engine, resharder, model, args, world, results)
         finally:
             engine.stop()
             loop.join()
-        results["moe_layers"], results["gpus"] = len(model.moe_layers), world
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
     dist.destroy_process_group()
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 if __name__ == "__main__":
