@@ -34,7 +34,7 @@ from moeplace.runtime.model import EPModel
 from moeplace.runtime.ranks import worker_loop
 from moeplace.runtime.reshard import Resharder
 from moeplace.runtime.sampling import SamplingParams
-from moeplace.runtime.tiny import calibration_text
+from moeplace.runtime.router_fit import calibration_text
 from moeplace.runtime.tokenizer import ByteTokenizer
 
 
