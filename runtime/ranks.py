@@ -89,10 +89,10 @@ class RankWorker:
         # Greedy rows in one argmax and one copy to the host: a sync per sequence would cost more than the step.
         greedy_S = logits_SV.argmax(dim=-1).tolist() if seqs else []
         sampled = []
-        for seq, logits_V, greedy in zip(seqs, logits_SV, greedy_S):
+        for i, (seq, greedy) in enumerate(zip(seqs, greedy_S)):
             owned = self._owned[seq]
             params = owned.admit.params
-            owned.next_token = greedy if params.greedy else sample(logits_V, params, owned.generator)
+            owned.next_token = greedy if params.greedy else sample(logits_SV[i], params, owned.generator)
             sampled.append(Sampled(seq, owned.next_token))
         return tuple(sampled)
 
