@@ -80,7 +80,8 @@ def make_layer(args, placement, comm: Comm, device: torch.device, dtype: torch.d
         getattr(moe, name).copy_(value)
     gen = torch.Generator(device=device).manual_seed(7)  # gate and shared expert: the same on every rank
     with torch.no_grad():
-        moe.gate.weight.copy_(torch.randn(moe.gate.weight.shape, device=device, generator=gen) / args.hidden ** 0.5)
+        gate = torch.randn(moe.gate.weight.shape, device=device, generator=gen)
+        moe.gate.weight.copy_(gate / args.hidden ** 0.5)
         for p in moe.shared_experts.parameters():
             p.copy_(torch.randn(p.shape, device=device, generator=gen) / p.shape[-1] ** 0.5)
     return moe
@@ -146,7 +147,8 @@ def bench(args) -> None:
     # 4. a reshard's swap: the layout in place (graphs stay valid), or capturing the bucket again
     other = trivial_placement(E, topology, np.array([10]), 61)
     other = type(other)(np.roll(other.phy2log_LP, S, axis=1), E, topology, np.array([10]), 61)
-    record("swap_in_place_ms", timed(lambda: (moe.use_layout(other), moe.use_layout(placement)), it, wu, device) / 2)
+    swap_both = lambda: (moe.use_layout(other), moe.use_layout(placement))  # noqa: E731
+    record("swap_in_place_ms", timed(swap_both, it, wu, device) / 2)
     layer_graphs.drop()
     start = time.perf_counter()
     layer_graphs.run(x, T)
@@ -161,8 +163,8 @@ def checks(moe: EPMoE, routed_graphs, layer_graphs, x, ids, w, live, device) -> 
     graph_layer, eager_layer = layer_graphs.run(x, T).clone(), moe.forward_decode(x, live).y_TD
     variable = moe.step_with_ids(x, ids, w)[0]
     rel = ((eager_routed.double() - variable.double()).norm() / variable.double().norm()).reshape(1)
-    flags = torch.tensor([float(torch.equal(graph_routed, eager_routed)), float(torch.equal(graph_layer, eager_layer))],
-                         device=device)
+    same = [torch.equal(graph_routed, eager_routed), torch.equal(graph_layer, eager_layer)]
+    flags = torch.tensor([float(v) for v in same], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     dist.all_reduce(rel, op=dist.ReduceOp.MAX)
     synced = "not checked (CPU)"

@@ -64,7 +64,8 @@ def pack_rows(x_CD: torch.Tensor, slots_CK: torch.Tensor, slots_per_rank: int, w
     # (dest, c, k) is written by (c, k) alone; padding writes its -1 into block 0, which holds -1 there
     token_CK = torch.arange(C, device=device)[:, None].expand(C, K)
     k_CK = torch.arange(K, device=device)[None, :].expand(C, K)
-    ids_GCK[torch.where(routed_CK, slots_CK // S, 0), token_CK, k_CK] = torch.where(routed_CK, slots_CK % S, -1).int()
+    local_CK = torch.where(routed_CK, slots_CK % S, -1).int()
+    ids_GCK[torch.where(routed_CK, slots_CK // S, 0), token_CK, k_CK] = local_CK
     send_GCW = tokens_CW.unsqueeze(0).repeat(G, 1, 1)
     send_GCW[:, :, ids_at:] = ids_GCK.view(torch.uint8).view(G, C, 4 * K)
     return send_GCW

@@ -57,10 +57,14 @@ def recompute(hf_model, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> Forward:
     return _output(hf_model.lm_head(body.norm(x)).float(), moe_L)
 
 
-def cached_step(hf_model, cache: KVCache, plan: StepPlan, token_ids_N: torch.Tensor) -> Forward:
+def cached_step(hf_model, cache: KVCache, plan: StepPlan, token_ids_N: torch.Tensor,
+                live_N: torch.Tensor | None = None) -> Forward:
     """One step of this rank's sequences: token_ids_N int64 [N] in the plan's row order (N may be 0).
     Writes the new tokens' latents into `cache`; logits [S, V] of each sequence's last row.
-    A collective (the MoE layers): every rank calls it in the same step."""
+    A collective (the MoE layers): every rank calls it in the same step. live_N bool [N], for a
+    decode-only step whose N every rank shares (a batch bucket): the MoE layers take the fixed-capacity
+    path (`EPMoE.forward_decode`: static shapes, no host sync, what a CUDA graph of the step holds),
+    and rows marked False route to no expert."""
     body = hf_model.model
     x = body.embed_tokens(token_ids_N)
     cos, sin = body.rotary_emb(x[None], plan.positions_N[None])
@@ -69,7 +73,7 @@ def cached_step(hf_model, cache: KVCache, plan: StepPlan, token_ids_N: torch.Ten
         x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos[0], sin[0], cache.latent_LNC[i], plan)
         h = layer.post_attention_layernorm(x)
         if isinstance(layer.mlp, EPMoE):
-            moe_L.append(layer.mlp(h))
+            moe_L.append(layer.mlp(h) if live_N is None else layer.mlp.forward_decode(h, live_N))
             x = x + moe_L[-1].y_TD
         else:
             x = x + layer.mlp(h)

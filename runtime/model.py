@@ -142,11 +142,20 @@ class EPModel:
             self._sample_tokens(out.ids_L)
         return out.logits
 
-    def decode_step(self, cache: KVCache, plan: StepPlan, token_ids_B: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, cache: KVCache, plan: StepPlan, token_ids_B: torch.Tensor,
+                    live_B: torch.Tensor | None = None) -> torch.Tensor:
         """`step` of decoding sequences only (one new token each): logits_BV. Static shapes for a given
-        (batch, context bucket): the function a CUDA graph of the decode step captures."""
+        (batch, context bucket): the function a CUDA graph of the decode step captures. With live_B
+        (bool [B], B the same on every rank) the MoE layers take the fixed-capacity path, which holds no
+        host sync (`cached_step`); the recorder's samples then come from the live rows."""
         assert not plan.prefill_lengths, "decode_step takes decoding sequences only"
-        return self.step(cache, plan, token_ids_B)
+        if live_B is None:
+            return self.step(cache, plan, token_ids_B)
+        with torch.no_grad():
+            out = cached_step(self.hf_model, cache, plan, token_ids_B.to(self.device), live_B)
+            if self.sample_rate > 0:  # boolean indexing syncs: only when sampling, and never in a graph
+                self._sample_tokens([ids_BK[live_B] for ids_BK in out.ids_L])
+        return out.logits
 
     __call__ = forward
 

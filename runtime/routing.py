@@ -47,7 +47,8 @@ def select_experts(
         group_score_TG = biased_TE.view(T, cfg.n_group, per_group).topk(2, dim=-1).values.sum(dim=-1)
         kept_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
         kept_TG.scatter_(1, group_score_TG.topk(cfg.topk_group, dim=-1).indices, True)
-        kept_TE = kept_TG[:, :, None].expand(T, cfg.n_group, per_group).reshape(T, E)  # no host sync, unlike repeat_interleave
+        # expand, not repeat_interleave: no host sync
+        kept_TE = kept_TG[:, :, None].expand(T, cfg.n_group, per_group).reshape(T, E)
         biased_TE = biased_TE.masked_fill(~kept_TE, float("-inf"))
     topk_ids_TK = biased_TE.topk(cfg.top_k, dim=-1).indices
     topk_weights_TK = scores_TE.gather(1, topk_ids_TK)

@@ -104,6 +104,40 @@ def run_scenario(scenario: dict, groups: dict, rank: int, device: torch.device, 
     torch.save(result, out / f"{scenario['name']}.rank{rank}.pt")
 
 
+def run_engine_scenario(scenario: dict, groups: dict, rank: int, device: torch.device, out: Path) -> None:
+    """The engine's decode step (attention with the KV cache + every layer) through the variable-size and
+    the fixed-capacity MoE paths on two identical caches: the logits of each step, per path."""
+    from moeplace.runtime.kv_cache import CacheShape, KVCache
+    from moeplace.runtime.model import EPModel
+
+    world = scenario["world"]
+    if rank >= world:
+        return
+    placement = load_placement(scenario["placement"]) if scenario["placement"] else None
+    model = EPModel.load(Path(scenario["model_dir"]), placement, group=groups[world], device=device)
+    config, B = model.config, scenario["sequences"]
+    shape = CacheShape(num_layers=config.num_hidden_layers, num_blocks=4 * B, block_size=16,
+                       width=config.kv_lora_rank + config.qk_rope_head_dim)
+    caches = [KVCache(shape, device, model.dtype) for _ in range(2)]
+    gen = torch.Generator().manual_seed(rank)
+    prompts = [torch.randint(3, 250, (3 + 4 * b + rank,), generator=gen) for b in range(B)]
+    for cache in caches:
+        for b, prompt in enumerate(prompts):
+            cache.admit(b, len(prompt) + scenario["steps"])
+        prefill = cache.plan([], [(b, len(p)) for b, p in enumerate(prompts)])
+        logits = model.step(cache, prefill, torch.cat(prompts))
+    token_B = logits.argmax(dim=-1)
+    live_B = torch.ones(B, dtype=torch.bool, device=device)
+    result = {"variable": [], "fixed": []}
+    for _ in range(scenario["steps"]):
+        variable = model.decode_step(caches[0], caches[0].plan(list(range(B)), []), token_B)
+        fixed = model.decode_step(caches[1], caches[1].plan(list(range(B)), []), token_B, live_B)
+        result["variable"].append(variable.cpu())
+        result["fixed"].append(fixed.cpu())
+        token_B = variable.argmax(dim=-1)
+    torch.save(result, out / f"{scenario['name']}.rank{rank}.pt")
+
+
 def main(out: Path) -> None:
     job = json.loads((out / "job.json").read_text())
     rank = int(os.environ["RANK"])
@@ -117,7 +151,8 @@ def main(out: Path) -> None:
     if world > 2:
         groups[2] = dist.new_group([0, 1])  # every rank calls new_group
     for scenario in job["scenarios"]:
-        run_scenario(scenario, groups, rank, device, out)
+        run = run_engine_scenario if scenario.get("kind") == "engine" else run_scenario
+        run(scenario, groups, rank, device, out)
     dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ from ranks_launch import LAYERS, launch, replicated
 from moeplace.placement import save_placement, trivial_placement
 from moeplace.runtime.decode import check_capacity
 from moeplace.runtime.graphs import DecodeGraphs
+from moeplace.runtime.tokenizer import ByteTokenizer
 from moeplace.topology import Topology
 
 WORKER = os.path.join(os.path.dirname(__file__), "decode_worker.py")
@@ -26,7 +27,8 @@ def scenarios(out, device: str) -> list[dict]:
         "w1": (trivial_placement(64, Topology(1, 1, 64), LAYERS, 4), replicated(1, 1, 64, seed=1), [C]),
         "w1-empty": (replicated(1, 1, 70, seed=2), replicated(1, 1, 70, seed=3), [0]),
         "w2-2nodes": (replicated(2, 1, 40, seed=10), replicated(2, 1, 40, seed=4, split=True), [5, 0]),
-        "w2-trivial": (trivial_placement(64, Topology(2, 2, 32), LAYERS, 4), replicated(2, 2, 32, seed=11), [C, 9]),
+        "w2-trivial": (trivial_placement(64, Topology(2, 2, 32), LAYERS, 4), replicated(2, 2, 32, seed=11),
+                       [C, 9]),
         "w4-trivial": (trivial_placement(64, Topology(4, 2, 16), LAYERS, 4), replicated(4, 2, 16, seed=5),
                        [C, 0, 3, C - 1]),
         "w4-replicas": (replicated(4, 2, 20, seed=6), replicated(4, 2, 20, seed=7, split=True), [7, C, 1, 0]),
@@ -43,8 +45,8 @@ def scenarios(out, device: str) -> list[dict]:
     return jobs
 
 
-def run(out, device: str, world: int) -> dict:
-    jobs = scenarios(out, device)
+def run(out, device: str, world: int, jobs: list[dict] | None = None) -> dict:
+    jobs = jobs or scenarios(out, device)
     (out / "job.json").write_text(json.dumps({"device": device, "scenarios": jobs}))
     launch(world, out, WORKER)
     return {j["name"]: [torch.load(out / f"{j['name']}.rank{r}.pt") for r in range(j["world"])] for j in jobs}
@@ -65,7 +67,8 @@ def test_decode_equals_the_variable_path_exactly(cpu_ranks):
             assert torch.equal(r["decode"][:n], r["variable"]), where
             assert not r["decode"][n:].any(), f"{where}: padding rows must come out zero"
             for counter in ("window_slots_GS", "slot_tokens_S"):
-                assert torch.equal(r["decode_counts"][counter], r["variable_counts"][counter]), f"{where} {counter}"
+                same = torch.equal(r["decode_counts"][counter], r["variable_counts"][counter])
+                assert same, f"{where} {counter}"
     loads = [r["variable_counts"]["slot_tokens_S"].sum() for r in cpu_ranks["w4-replicas"]]
     assert sum(loads) == 20 * 8 and min(loads) > 0  # the batches really crossed ranks
 
@@ -86,6 +89,20 @@ def test_layout_swapped_in_place_equals_a_layer_built_on_it(cpu_ranks):
     for name, per_rank in cpu_ranks.items():
         for rank, r in enumerate(per_rank):
             assert torch.equal(r["swapped_graph"], r["fresh_layer"]), f"{name} rank {rank}"
+
+
+@pytest.mark.slow
+def test_engine_decode_step_takes_the_fixed_capacity_path(tiny_dir, tmp_path):
+    """EPModel.decode_step with a live mask (the MoE layers through `forward_decode`) gives the logits of
+    the variable-size path, step after step, with the KV cache, on 2 ranks (2 nodes, replicas)."""
+    save_placement(replicated(2, 1, 40, seed=12), tmp_path / "p.json")
+    jobs = [{"name": "engine", "kind": "engine", "world": 2, "placement": str(tmp_path / "p.json"),
+             "model_dir": str(tiny_dir), "sequences": 3, "steps": 3}]
+    for rank, r in enumerate(run(tmp_path, "cpu", 2, jobs)["engine"]):
+        assert len(r["fixed"]) == 3
+        for step, (fixed, variable) in enumerate(zip(r["fixed"], r["variable"])):
+            assert fixed.shape == variable.shape == (3, ByteTokenizer().vocab_size)
+            assert torch.equal(fixed, variable), f"rank {rank} step {step}"
 
 
 def test_capacity_overflow_is_refused():

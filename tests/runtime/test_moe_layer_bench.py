@@ -23,7 +23,8 @@ SMALL = ["--hidden", "256", "--inter", "128", "--cpu-smoke"]
 
 def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     port = str(client.free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, str(BENCH), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, str(BENCH),
+           *args]
     done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -36,8 +37,8 @@ def test_run_smoke(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     probs = rng.dirichlet(np.ones(256), size=1).tolist()
-    (data / "probs.json").write_text(json.dumps({"layers": [10], "rows": [0], "experts": 256,
-                                                 "probs": {"prefill_in4096": probs, "decode_in1000out1000": probs}}))
+    workloads = {"prefill_in4096": probs, "decode_in1000out1000": probs}
+    (data / "probs.json").write_text(json.dumps({"layers": [10], "rows": [0], "experts": 256, "probs": workloads}))
     for method in ("trivial", "eplb", "greedy", "cpsat"):
         save_placement(trivial_placement(256, Topology(2, 2, 144), np.array([10]), 61), data / f"G2_{method}.json")
     done = torchrun(["run", "--data", str(data), "--iters", "1", "--warmup", "0", "--shrink", "32",
