@@ -108,7 +108,7 @@ class Engine:
         self.on_stats = None  # optional callback(StatsWindow), after each collect
         self.stats_interval = 1.0  # seconds between collects of the expert statistics
         self.steps = 0
-        self.served_by: dict[int, int] = {}  # seq_id -> rank, for tests and logs (ids grow from 0)
+        self.on_admit = None  # optional callback(Admit): which rank serves a request (tests, logs)
         self._window = [time.time(), 0, 0]  # start, steps, tokens since the last collect
         self._flushes: deque[_Flush] = deque()  # asked by flush_stats
         self._looping = threading.Event()  # set while `run` loops
@@ -215,9 +215,11 @@ class Engine:
                 self.loads[seq.rank].free_blocks -= seq.blocks
                 prefill[seq.rank] += n
                 self._live[seq.seq_id] = seq
-                self.served_by[seq.seq_id] = seq.rank
                 admit.append(Admit(seq_id=seq.seq_id, rank=seq.rank, prompt_ids=seq.request.prompt_ids,
                                    params=seq.params))
+        if self.on_admit is not None:
+            for a in admit:
+                self.on_admit(a)
         return admit
 
     def _step(self, admit: list[Admit]) -> None:

@@ -38,7 +38,8 @@ def serve_scenario(job: dict, scenario: dict, groups: dict, rank: int, out: Path
     if rank > 0:
         return worker_loop(model, control, config)
     engine = Engine(model, config, control, eos_id=-1)  # no end-of-sequence: every answer is max_tokens long
-    peak = [0] * world
+    peak, served_by = [0] * world, {}
+    engine.on_admit = lambda admit: served_by.__setitem__(admit.seq_id, admit.rank)
     engine.on_step = lambda _: peak.__setitem__(slice(None), [max(p, load.sequences) for p, load in
                                                               zip(peak, engine.loads)])
     loop = threading.Thread(target=engine.run, name="engine")
@@ -53,8 +54,8 @@ def serve_scenario(job: dict, scenario: dict, groups: dict, rank: int, out: Path
     finally:
         engine.stop()
         loop.join(timeout=120)
-    served_by = [engine.served_by[i] for i in sorted(engine.served_by)]
-    result = {"alone": alone, "together": together, "seeded": seeded, "served_by": served_by, "peak": peak}
+    result = {"alone": alone, "together": together, "seeded": seeded, "peak": peak,
+              "served_by": [served_by[i] for i in sorted(served_by)]}
     (out / f"{scenario['name']}.json").write_text(json.dumps(result))
 
 
