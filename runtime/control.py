@@ -59,10 +59,14 @@ class Admit:
 
 @dataclass(frozen=True, kw_only=True)
 class Step:
+    """bucket: 0, or (a decode-only step) the batch every rank pads its decode rows to, so the MoE layers
+    take the fixed-capacity path with one shape on all ranks (what a CUDA graph of the step holds)."""
+
     admit: tuple[Admit, ...]
     retire: tuple[int, ...]
     actions: tuple[ReshardAction, ...]
     collect: bool
+    bucket: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

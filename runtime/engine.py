@@ -225,7 +225,7 @@ class Engine:
     def _step(self, admit: list[Admit]) -> None:
         start = time.perf_counter()
         step = Step(admit=tuple(admit), retire=self._take_retired(), actions=self._due_actions(),
-                    collect=self._collect_due())
+                    collect=self._collect_due(), bucket=0 if admit else self._bucket())
         broadcast(step, self.control_group)
         sampled = gather(self.worker.step(step), self.control_group)
         tokens = len(self._live) - len(admit) + sum(len(a.prompt_ids) for a in admit)
@@ -238,6 +238,13 @@ class Engine:
         self.steps += 1
         if self.on_step is not None:
             self.on_step(StepStats(time.perf_counter() - start, len(sampled), tokens))
+
+    def _bucket(self) -> int:
+        """A decode-only step's shared batch size: the next power of two over the busiest rank's
+        sequences (at least `decode_bucket`); 0 where the fixed-capacity path is off."""
+        least = self.config.decode_bucket
+        busiest = max(load.sequences for load in self.loads)
+        return max(least, 1 << (busiest - 1).bit_length()) if least else 0
 
     def _tick(self) -> bool:
         """No sequence to step: still hand retirements, reshard actions (layer swaps) and a due collect

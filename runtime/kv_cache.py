@@ -93,8 +93,10 @@ class KVCache:
 
     def __init__(self, shape: CacheShape, device: torch.device, dtype: torch.dtype, context_bucket: int = 64) -> None:
         self.shape = shape
-        self.latent_LNC = torch.zeros(shape.num_layers, shape.num_blocks * shape.block_size, shape.width,
+        # One block past the budget's: the scratch rows that a padded decode batch's padding writes.
+        self.latent_LNC = torch.zeros(shape.num_layers, (shape.num_blocks + 1) * shape.block_size, shape.width,
                                       device=device, dtype=dtype)
+        self._scratch = shape.num_blocks
         self.context_bucket = context_bucket  # decode context padded to a multiple: few distinct shapes
         self._free = list(range(shape.num_blocks - 1, -1, -1))  # a stack: lowest block first
         self._blocks: dict[object, list[int]] = {}
@@ -125,14 +127,18 @@ class KVCache:
     def length(self, seq) -> int:
         return self._length[seq]
 
-    def plan(self, decode: list, prefill: list[tuple[object, int]]) -> StepPlan:
+    def plan(self, decode: list, prefill: list[tuple[object, int]], pad_to: int | None = None) -> StepPlan:
         """The plan of a step that adds one token to each sequence of `decode` and a whole prompt of
         (sequence, length) to each of `prefill` (admitted, still empty). Advances their lengths.
+        pad_to (decode only): that many decode rows, the ones past `decode` padding that writes the
+        scratch block and attends to it alone (context 1), so every rank can share one batch shape.
         Built from the block tables with tensor ops (a per-position Python loop would cost more than
         the step at a few hundred sequences), on the host, then moved to the device at once."""
         bs = self.shape.block_size
-        write = [self._row(seq, self._length[seq]) for seq in decode]
-        positions = [self._length[seq] for seq in decode]
+        pad = 0 if pad_to is None else pad_to - len(decode)
+        assert pad >= 0 and not (pad and prefill), (pad_to, len(decode), len(prefill))
+        write = [self._row(seq, self._length[seq]) for seq in decode] + [self._scratch * bs] * pad
+        positions = [self._length[seq] for seq in decode] + [0] * pad
         context = [n + 1 for n in positions]
         for seq in decode:
             self._length[seq] += 1
@@ -145,15 +151,16 @@ class KVCache:
             self._length[seq] = n
         X = -(-max(context, default=0) // self.context_bucket) * self.context_bucket
         M = -(-X // bs)
-        table_BM = torch.tensor([(self._blocks[seq] + [0] * M)[:M] for seq in decode], dtype=torch.int64)
+        tables = [(self._blocks[seq] + [0] * M)[:M] for seq in decode] + [[self._scratch] * M] * pad
         x_X = torch.arange(X)
-        rows_BX = table_BM.view(len(decode), M)[:, x_X // bs] * bs + x_X % bs
-        ends = torch.tensor([n for _, n in prefill], dtype=torch.int64).cumsum(0) + len(decode) - 1
+        rows_BX = torch.tensor(tables, dtype=torch.int64).view(len(tables), M)[:, x_X // bs] * bs + x_X % bs
+        B = len(tables)
+        ends = torch.tensor([n for _, n in prefill], dtype=torch.int64).cumsum(0) + B - 1
         device = self.latent_LNC.device
         return StepPlan(write_N=torch.cat(write_N).to(device), positions_N=torch.cat(positions_N).to(device),
                         rows_BX=rows_BX.to(device), context_B=torch.tensor(context, dtype=torch.int64).to(device),
                         prefill_lengths=tuple(n for _, n in prefill),
-                        last_S=torch.cat([torch.arange(len(decode)), ends]).to(device))
+                        last_S=torch.cat([torch.arange(B), ends]).to(device))
 
     def _row(self, seq, position: int) -> int:
         block = self._blocks[seq][position // self.shape.block_size]

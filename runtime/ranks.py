@@ -23,7 +23,11 @@ from moeplace.runtime.sampling import sample
 class EngineConfig:
     """Per rank: at most `max_batch` sequences; `kv_cache_bytes` of latent cache (None: room for
     max_batch sequences of max_prompt_tokens + max_new_tokens) in blocks of `block_size` tokens; at
-    most `max_prefill_tokens` prompt tokens admitted in one step. `queue_limit` requests may wait."""
+    most `max_prefill_tokens` prompt tokens admitted in one step. `queue_limit` requests may wait.
+    `decode_bucket` > 0: decode-only steps pad every rank's batch to the same power of two (at least
+    this) and the MoE layers take the fixed-capacity path (static shapes, no host sync; eager it is
+    slower than the variable-size path, so it pays off once the step is replayed from a CUDA graph);
+    0: the variable-size path."""
 
     max_batch: int = 8
     max_prompt_tokens: int = 1024
@@ -32,6 +36,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     block_size: int = 16
     max_prefill_tokens: int = 4096
+    decode_bucket: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "queue_limit", "block_size",
@@ -82,9 +87,12 @@ class RankWorker:
             self._owned[admit.seq_id] = _Owned(admit, admit.params.generator())
         self.apply(step.actions)
         decode = [seq for seq, owned in self._owned.items() if owned.next_token is not None]
-        plan = self.cache.plan(decode, [(a.seq_id, len(a.prompt_ids)) for a in new])
         token_ids = [self._owned[seq].next_token for seq in decode] + [t for a in new for t in a.prompt_ids]
-        logits_SV = self.model.step(self.cache, plan, torch.tensor(token_ids, dtype=torch.int64))
+        if step.bucket:
+            logits_SV = self._padded_decode(decode, token_ids, step.bucket)
+        else:
+            plan = self.cache.plan(decode, [(a.seq_id, len(a.prompt_ids)) for a in new])
+            logits_SV = self.model.step(self.cache, plan, torch.tensor(token_ids, dtype=torch.int64))
         seqs = decode + [a.seq_id for a in new]
         # Greedy rows in one argmax and one copy to the host: a sync per sequence would cost more than the step.
         greedy_S = logits_SV.argmax(dim=-1).tolist() if seqs else []
@@ -95,6 +103,14 @@ class RankWorker:
             owned.next_token = greedy if params.greedy else sample(logits_SV[i], params, owned.generator)
             sampled.append(Sampled(seq, owned.next_token))
         return tuple(sampled)
+
+    def _padded_decode(self, decode: list[int], token_ids: list[int], bucket: int) -> torch.Tensor:
+        """The decode step at the shared bucket size: padding rows hold token 0 and route to no expert."""
+        assert len(decode) <= bucket, (len(decode), bucket)
+        plan = self.cache.plan(decode, [], pad_to=bucket)
+        ids_B = torch.tensor(token_ids + [0] * (bucket - len(decode)), dtype=torch.int64)
+        live_B = (torch.arange(bucket) < len(decode)).to(self.model.device)
+        return self.model.decode_step(self.cache, plan, ids_B, live_B)[: len(decode)]
 
     def tick(self, tick: Tick) -> None:
         self._retire(tick.retire)

@@ -1,7 +1,8 @@
 """The engine on 2 and 4 real gloo ranks (data-parallel attention, KV cache, EP MoE): every answer is
 the 1-process recompute path's greedy answer, submitted alone (the other ranks step empty batches) or
-all at once (mixed lengths, spread over the ranks), with and without replicas; a seeded sampled
-request gives the same tokens on whichever rank serves it."""
+all at once (mixed lengths, spread over the ranks), with and without replicas, and with decode steps
+padded to a batch bucket shared by the ranks (the fixed-capacity MoE path); a seeded sampled request
+gives the same tokens on whichever rank serves it."""
 
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ WORKER = Path(__file__).with_name("engine_worker.py")
 def served(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine-ranks")
     placements = {"w4-trivial": trivial_placement(64, Topology(4, 2, 16), LAYERS, 4),
-                  "w4-replicas": replicated(4, 2, 20, seed=1), "w2-replicas": replicated(2, 1, 40, seed=4)}
+                  "w4-replicas": replicated(4, 2, 20, seed=1), "w2-replicas": replicated(2, 1, 40, seed=4),
+                  "w2-buckets": replicated(2, 1, 40, seed=4)}
     scenarios = []
     for name, placement in placements.items():
         save_placement(placement, out / f"{name}.json")
+        engine = {"max_batch": 2, "block_size": 8, "decode_bucket": 2 if name == "w2-buckets" else 0}
         scenarios.append({"name": name, "world": int(name[1]), "placement": str(out / f"{name}.json"),
-                          "engine": {"max_batch": 2, "block_size": 8}})
+                          "engine": engine})
     job = {"model_dir": str(tiny_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "seeded": SEEDED,
            "scenarios": scenarios}
     (out / "job.json").write_text(json.dumps(job))
@@ -58,7 +61,7 @@ def one_process(tiny_dir):
     return {"greedy": greedy_continue(model, PROMPTS, MAX_TOKENS, pad_id=0), "seeded": seeded}
 
 
-@pytest.mark.parametrize("name", ["w4-trivial", "w4-replicas", "w2-replicas"])
+@pytest.mark.parametrize("name", ["w4-trivial", "w4-replicas", "w2-replicas", "w2-buckets"])
 def test_answers_do_not_depend_on_ranks_or_batching(served, one_process, name):
     result = served[name]
     assert result["alone"] == one_process["greedy"]
