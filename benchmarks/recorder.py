@@ -137,7 +137,7 @@ def gpu(args) -> dict:
                     out = moe(h)
                     h = out.y_TD
                     ids_L.append(out.ids_TK)
-                model._sample_tokens(ids_L)
+                model.record_samples(ids_L)
 
         times = alternate(step, model, rate, args.blocks, args.per_block, sync)
         results[step_name] = summary(times, time_collect(model, 50, sync), tokens_per_rank=tokens)

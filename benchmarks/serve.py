@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 from full_loop import NO_MULTICAST, _cli, _device_name, _model, _trivial_placement  # noqa: E402
 
 DEEPSEEK_LAYER_TOKENS_PER_GPU = 14_800 * 58 / 8  # published: 14.8k output tokens/s per 8-GPU node, 58 MoE layers
-CPU_SMOKE = dict(gpus=2, device="cpu", levels="4", prompt_tokens=24, max_tokens=6, level_seconds=4.0,
+CPU_SMOKE = dict(gpus=2, device="cpu", levels="4", graph_levels="4", prompt_tokens=24, max_tokens=6, level_seconds=4.0,
                  warmup_seconds=1.0, solve_seconds=1.0, moe_tokens=16, micro_batch=2, iters=2)
 
 
@@ -65,6 +65,7 @@ def run(args) -> dict:
     out = args.json.with_name(args.json.stem + "_ranks.json") if args.json else work / "serve_ranks.json"
     flags = {"--model": model, "--placement": placement, "--levels": args.levels,
              "--solved-levels": args.solved_levels or args.levels, "--prompt-tokens": args.prompt_tokens,
+             **({"--graph-levels": args.graph_levels} if args.graph_levels else {}),
              "--max-tokens": args.max_tokens, "--level-seconds": args.level_seconds,
              "--warmup-seconds": args.warmup_seconds, "--solve-seconds": args.solve_seconds,
              "--moe-tokens": args.moe_tokens, "--micro-batch": args.micro_batch, "--iters": args.iters, "--json": out}
@@ -93,13 +94,13 @@ def table(r: dict) -> str:
         rs = r["reshard"]
         lines.append(f"solve {rs['solve_seconds']:.1f} s, reshard {rs['state']}: {rs['experts_moved']} experts, "
                      f"{rs['bytes_moved'] / 1e9:.2f} GB in {rs['reshard_seconds']:.2f} s")
-    lines.append("placement  conc  tok/s/GPU  layer-tok/s/GPU (vs DeepSeek's 107k)  TTFT p50/p99 ms  ITL p50/p99 ms  "
+    lines.append("placement      conc  tok/s/GPU  layer-tok/s/GPU (vs DeepSeek's 107k)  TTFT p50/p99 ms  ITL p50/p99 ms  "
                  "step ms")
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-    for name in ("trivial", "solved"):
+    for name in ("trivial", "solved", "solved_graphs"):
         for x in r.get(name, []):
             layer = x["layer_tokens_per_s_per_gpu"]
-            lines.append(f"{name:9} {x['concurrency']:5d} {x['output_tokens_per_s_per_gpu']:10.1f} {layer:16.0f} "
+            lines.append(f"{name:13} {x['concurrency']:5d} {x['output_tokens_per_s_per_gpu']:10.1f} {layer:16.0f} "
                          f"({layer / DEEPSEEK_LAYER_TOKENS_PER_GPU:6.1%})"
                          f"   {fmt(x['ttft_ms_p50'], '.0f')}/{fmt(x['ttft_ms_p99'], '.0f')}"
                          f"   {fmt(x['itl_ms_p50'], '.1f')}/{fmt(x['itl_ms_p99'], '.1f')}"
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--levels", default="64,256,512", help="concurrent sequences, one load level each")
     p.add_argument("--solved-levels", default=None, help="levels on the solved placement (default: --levels)")
+    p.add_argument("--graph-levels", default=None, help="then levels with CUDA graphs of the decode step")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--level-seconds", type=float, default=20.0)

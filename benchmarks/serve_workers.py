@@ -10,13 +10,16 @@ Steps (all ranks together):
     replaced at once), prompts of --prompt-tokens, --max-tokens each, for --level-seconds; output tokens
     per second, TTFT and inter-token latency from each request's event times, engine step times;
  3. solve a placement from the expert counts collected during step 2 and reshard to it live;
- 4. the same load on the solved placement.
+ 4. the same load on the solved placement;
+ 5. with --graph-levels, a new engine whose decode-only steps replay CUDA graphs of the whole step
+    (batch buckets from 8, runtime/step_graphs.py), the same load on the solved placement.
 Rank 0 writes --json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import threading
@@ -150,15 +153,40 @@ def level_report(loop: ClosedLoop, start: float, end: float, warmup: float, worl
             "requests_done": len(loop.done)}
 
 
-def drive(engine: Engine, resharder: Resharder, model: EPModel, args, world: int, results: dict) -> None:
-    """Rank 0, steps 2-4: the load at each level, on the trivial placement then the solved one; `results`
-    written to --json after each level, so a run cut short keeps what it measured."""
+def serve_phases(model: EPModel, resharder: Resharder, control, rank: int, world: int, args, results: dict) -> None:
+    """Steps 2-5, one engine per configuration: ranks > 0 follow each until rank 0 stops it."""
+    per_rank = -(-max(args.levels + args.graph_levels) // world)
+    eager = EngineConfig(max_batch=per_rank, max_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_tokens,
+                         queue_limit=max(args.levels + args.graph_levels) + 8, block_size=64,
+                         max_prefill_tokens=max(8192, args.prompt_tokens))
+    configs = [(eager, [("trivial", args.levels), ("solved", args.solved_levels or args.levels)])]
+    if args.graph_levels:
+        graphed = dataclasses.replace(eager, decode_bucket=8, decode_graphs=True)
+        configs.append((graphed, [("solved_graphs", args.graph_levels)]))
+    for config, phases in configs:
+        if rank > 0:
+            worker_loop(model, control, config, resharder)
+            continue
+        engine = Engine(model, config, control, eos_id=-1, resharder=resharder)  # every answer max_tokens long
+        loop = threading.Thread(target=engine.run, name="engine")
+        loop.start()
+        try:
+            drive(engine, resharder, model, args, world, results, phases)
+        finally:
+            engine.stop()
+            loop.join()
+
+
+def drive(engine: Engine, resharder: Resharder, model: EPModel, args, world: int, results: dict,
+          phases: list[tuple[str, list[int]]]) -> None:
+    """Rank 0: the load at each level of each phase ("solved": after solving and resharding live);
+    `results` written to --json after each level, so a run cut short keeps what it measured."""
     tok = ByteTokenizer()
     prompts = [tok.encode(calibration_text(20_000 + i, args.prompt_tokens - 1)) for i in range(64)]
     steps, windows = [], []
     engine.on_step = lambda s: steps.append((time.perf_counter(), s.seconds, s.batch))
     engine.on_stats = windows.append
-    for name, levels in (("trivial", args.levels), ("solved", args.solved_levels or args.levels)):
+    for name, levels in phases:
         if name == "solved":
             results["reshard"] = reshard_to_solved(engine, resharder, model, windows, args)
         results[name] = []
@@ -199,6 +227,7 @@ def main() -> None:
     p.add_argument("--placement", type=Path, required=True)
     p.add_argument("--levels", type=_ints, required=True)
     p.add_argument("--solved-levels", type=_ints, default=None, help="default: --levels")
+    p.add_argument("--graph-levels", type=_ints, default=[], help="then on the solved placement, decode graphs")
     p.add_argument("--prompt-tokens", type=int, required=True)
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--level-seconds", type=float, required=True)
@@ -224,21 +253,7 @@ def main() -> None:
     results = {"micro": micro(model, args, device), "moe_layers": len(model.moe_layers), "gpus": world}
     if rank == 0:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    per_rank = -(-max(args.levels) // world)
-    config = EngineConfig(max_batch=per_rank, max_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_tokens,
-                          queue_limit=max(args.levels) + 8, block_size=64,
-                          max_prefill_tokens=max(8192, args.prompt_tokens))
-    if rank > 0:
-        worker_loop(model, control, config, resharder)
-    else:
-        engine = Engine(model, config, control, eos_id=-1, resharder=resharder)  # every answer max_tokens long
-        loop = threading.Thread(target=engine.run, name="engine")
-        loop.start()
-        try:
-            drive(engine, resharder, model, args, world, results)
-        finally:
-            engine.stop()
-            loop.join()
+    serve_phases(model, resharder, control, rank, world, args, results)
     dist.destroy_process_group()
 
 

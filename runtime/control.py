@@ -60,13 +60,15 @@ class Admit:
 @dataclass(frozen=True, kw_only=True)
 class Step:
     """bucket: 0, or (a decode-only step) the batch every rank pads its decode rows to, so the MoE layers
-    take the fixed-capacity path with one shape on all ranks (what a CUDA graph of the step holds)."""
+    take the fixed-capacity path with one shape on all ranks; context: 0, or the decode context width
+    every rank uses (with bucket, the shape of the step's CUDA graph, captured by all ranks together)."""
 
     admit: tuple[Admit, ...]
     retire: tuple[int, ...]
     actions: tuple[ReshardAction, ...]
     collect: bool
     bucket: int = 0
+    context: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -225,7 +225,8 @@ class Engine:
     def _step(self, admit: list[Admit]) -> None:
         start = time.perf_counter()
         step = Step(admit=tuple(admit), retire=self._take_retired(), actions=self._due_actions(),
-                    collect=self._collect_due(), bucket=0 if admit else self._bucket())
+                    collect=self._collect_due(), bucket=0 if admit else self._bucket(),
+                    context=0 if admit or not self.config.decode_graphs else self._context())
         broadcast(step, self.control_group)
         sampled = gather(self.worker.step(step), self.control_group)
         tokens = len(self._live) - len(admit) + sum(len(a.prompt_ids) for a in admit)
@@ -245,6 +246,13 @@ class Engine:
         least = self.config.decode_bucket
         busiest = max(load.sequences for load in self.loads)
         return max(least, 1 << (busiest - 1).bit_length()) if least else 0
+
+    def _context(self) -> int:
+        """A graphed decode step's shared context width: the longest sequence's context (prompt and
+        tokens fed so far, this step's included), rounded up as the caches round it."""
+        longest = max(len(s.request.prompt_ids) + s.generated for s in self._live.values())
+        bucket = self.worker.cache.context_bucket
+        return -(-longest // bucket) * bucket
 
     def _tick(self) -> bool:
         """No sequence to step: still hand retirements, reshard actions (layer swaps) and a due collect

@@ -127,11 +127,13 @@ class KVCache:
     def length(self, seq) -> int:
         return self._length[seq]
 
-    def plan(self, decode: list, prefill: list[tuple[object, int]], pad_to: int | None = None) -> StepPlan:
+    def plan(self, decode: list, prefill: list[tuple[object, int]], pad_to: int | None = None,
+             width: int | None = None) -> StepPlan:
         """The plan of a step that adds one token to each sequence of `decode` and a whole prompt of
         (sequence, length) to each of `prefill` (admitted, still empty). Advances their lengths.
         pad_to (decode only): that many decode rows, the ones past `decode` padding that writes the
-        scratch block and attends to it alone (context 1), so every rank can share one batch shape.
+        scratch block and attends to it alone (context 1), so every rank can share one batch shape;
+        width: the decode context X (at least the longest context), so every rank can share that too.
         Built from the block tables with tensor ops (a per-position Python loop would cost more than
         the step at a few hundred sequences), on the host, then moved to the device at once."""
         bs = self.shape.block_size
@@ -150,6 +152,8 @@ class KVCache:
             positions_N.append(p_T)
             self._length[seq] = n
         X = -(-max(context, default=0) // self.context_bucket) * self.context_bucket
+        assert width is None or width >= X, (width, X)
+        X = width or X
         M = -(-X // bs)
         tables = [(self._blocks[seq] + [0] * M)[:M] for seq in decode] + [[self._scratch] * M] * pad
         x_X = torch.arange(X)

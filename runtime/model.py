@@ -130,7 +130,7 @@ class EPModel:
         check_inputs(input_ids_BT, attention_mask_BT, self.config.vocab_size)
         with torch.no_grad():
             out = recompute(self.hf_model, input_ids_BT.to(self.device), attention_mask_BT.to(self.device))
-            self._sample_tokens(out.ids_L)
+            self.record_samples(out.ids_L)
         return out
 
     def step(self, cache: KVCache, plan: StepPlan, token_ids_N: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,7 @@ class EPModel:
         rank calls it in the same step, with its own sequences (maybe none)."""
         with torch.no_grad():
             out = cached_step(self.hf_model, cache, plan, token_ids_N.to(self.device))
-            self._sample_tokens(out.ids_L)
+            self.record_samples(out.ids_L)
         return out.logits
 
     def decode_step(self, cache: KVCache, plan: StepPlan, token_ids_B: torch.Tensor,
@@ -154,7 +154,7 @@ class EPModel:
         with torch.no_grad():
             out = cached_step(self.hf_model, cache, plan, token_ids_B.to(self.device), live_B)
             if self.sample_rate > 0:  # boolean indexing syncs: only when sampling, and never in a graph
-                self._sample_tokens([ids_BK[live_B] for ids_BK in out.ids_L])
+                self.record_samples([ids_BK[live_B] for ids_BK in out.ids_L])
         return out.logits
 
     __call__ = forward
@@ -180,7 +180,7 @@ class EPModel:
         stats = stats.cpu().numpy()
         return WindowStats(stats[:, :E], stats[:, E:], samples)
 
-    def _sample_tokens(self, ids_L: list[torch.Tensor]) -> None:
+    def record_samples(self, ids_L: list[torch.Tensor]) -> None:
         """Keep the top-k ids of a random `sample_rate` share of this rank's tokens of a forward
         (ids_L: per MoE layer [T, K], the same T tokens in every layer)."""
         if self.sample_rate <= 0 or self._sampled >= self.max_samples or not ids_L:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from moeplace.runtime.control import Admit, Sampled, Step, Stop, Tick
 from moeplace.runtime.kv_cache import CacheShape, KVCache, block_bytes
 from moeplace.runtime.sampling import sample
+from moeplace.runtime.step_graphs import DecodeStepGraphs
 
 
 @dataclass(slots=True)
@@ -27,7 +28,8 @@ class EngineConfig:
     `decode_bucket` > 0: decode-only steps pad every rank's batch to the same power of two (at least
     this) and the MoE layers take the fixed-capacity path (static shapes, no host sync; eager it is
     slower than the variable-size path, so it pays off once the step is replayed from a CUDA graph);
-    0: the variable-size path."""
+    0: the variable-size path. `decode_graphs` (needs decode_bucket): those steps replay a CUDA graph
+    of the whole step per (bucket, context width) (runtime/step_graphs.py; eager on CPU)."""
 
     max_batch: int = 8
     max_prompt_tokens: int = 1024
@@ -37,6 +39,7 @@ class EngineConfig:
     block_size: int = 16
     max_prefill_tokens: int = 4096
     decode_bucket: int = 0
+    decode_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "queue_limit", "block_size",
@@ -46,6 +49,8 @@ class EngineConfig:
         if self.max_prefill_tokens < self.max_prompt_tokens:
             raise ValueError(f"engine: 'max_prefill_tokens' ({self.max_prefill_tokens}) must hold the longest "
                              f"prompt (max_prompt_tokens {self.max_prompt_tokens})")
+        if self.decode_graphs and not self.decode_bucket:
+            raise ValueError("engine: 'decode_graphs' needs 'decode_bucket' (the graphs' batch sizes)")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"engine: 'kv_cache_bytes' must be >= 1, got {self.kv_cache_bytes}")
 
@@ -72,6 +77,7 @@ class RankWorker:
     def __init__(self, model, config: EngineConfig, rank: int, resharder=None) -> None:
         self.model, self.rank, self.resharder = model, rank, resharder
         self.cache = KVCache(config.cache_shape(model.config, model.dtype), model.device, model.dtype)
+        self.graphs = DecodeStepGraphs(model, self.cache) if config.decode_graphs else None
         self._owned: dict[int, _Owned] = {}  # admission order
 
     @property
@@ -89,7 +95,7 @@ class RankWorker:
         decode = [seq for seq, owned in self._owned.items() if owned.next_token is not None]
         token_ids = [self._owned[seq].next_token for seq in decode] + [t for a in new for t in a.prompt_ids]
         if step.bucket:
-            logits_SV = self._padded_decode(decode, token_ids, step.bucket)
+            logits_SV = self._padded_decode(decode, token_ids, step.bucket, step.context or None)
         else:
             plan = self.cache.plan(decode, [(a.seq_id, len(a.prompt_ids)) for a in new])
             logits_SV = self.model.step(self.cache, plan, torch.tensor(token_ids, dtype=torch.int64))
@@ -104,12 +110,14 @@ class RankWorker:
             sampled.append(Sampled(seq, owned.next_token))
         return tuple(sampled)
 
-    def _padded_decode(self, decode: list[int], token_ids: list[int], bucket: int) -> torch.Tensor:
+    def _padded_decode(self, decode: list[int], token_ids: list[int], bucket: int, width: int | None) -> torch.Tensor:
         """The decode step at the shared bucket size: padding rows hold token 0 and route to no expert."""
         assert len(decode) <= bucket, (len(decode), bucket)
-        plan = self.cache.plan(decode, [], pad_to=bucket)
-        ids_B = torch.tensor(token_ids + [0] * (bucket - len(decode)), dtype=torch.int64)
+        plan = self.cache.plan(decode, [], pad_to=bucket, width=width)
+        ids_B = torch.tensor(token_ids + [0] * (bucket - len(decode)), dtype=torch.int64, device=self.model.device)
         live_B = (torch.arange(bucket) < len(decode)).to(self.model.device)
+        if self.graphs is not None:
+            return self.graphs.run(plan, ids_B, live_B)[: len(decode)]
         return self.model.decode_step(self.cache, plan, ids_B, live_B)[: len(decode)]
 
     def tick(self, tick: Tick) -> None:

@@ -1,8 +1,9 @@
 """The engine on 2 and 4 real gloo ranks (data-parallel attention, KV cache, EP MoE): every answer is
 the 1-process recompute path's greedy answer, submitted alone (the other ranks step empty batches) or
 all at once (mixed lengths, spread over the ranks), with and without replicas, and with decode steps
-padded to a batch bucket shared by the ranks (the fixed-capacity MoE path); a seeded sampled request
-gives the same tokens on whichever rank serves it."""
+padded to a batch bucket shared by the ranks (the fixed-capacity MoE path), also through the decode-step
+graphs' static tensors (replayed eagerly on CPU); a seeded sampled request gives the same tokens on
+whichever rank serves it."""
 
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ def served(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine-ranks")
     placements = {"w4-trivial": trivial_placement(64, Topology(4, 2, 16), LAYERS, 4),
                   "w4-replicas": replicated(4, 2, 20, seed=1), "w2-replicas": replicated(2, 1, 40, seed=4),
-                  "w2-buckets": replicated(2, 1, 40, seed=4)}
+                  "w2-buckets": replicated(2, 1, 40, seed=4), "w2-graphs": replicated(2, 1, 40, seed=4)}
     scenarios = []
     for name, placement in placements.items():
         save_placement(placement, out / f"{name}.json")
-        engine = {"max_batch": 2, "block_size": 8, "decode_bucket": 2 if name == "w2-buckets" else 0}
+        engine = {"max_batch": 2, "block_size": 8, "decode_bucket": 2 if name in ("w2-buckets", "w2-graphs") else 0,
+                  "decode_graphs": name == "w2-graphs"}
         scenarios.append({"name": name, "world": int(name[1]), "placement": str(out / f"{name}.json"),
                           "engine": engine})
     job = {"model_dir": str(tiny_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "seeded": SEEDED,
@@ -61,7 +63,7 @@ def one_process(tiny_dir):
     return {"greedy": greedy_continue(model, PROMPTS, MAX_TOKENS, pad_id=0), "seeded": seeded}
 
 
-@pytest.mark.parametrize("name", ["w4-trivial", "w4-replicas", "w2-replicas", "w2-buckets"])
+@pytest.mark.parametrize("name", ["w4-trivial", "w4-replicas", "w2-replicas", "w2-buckets", "w2-graphs"])
 def test_answers_do_not_depend_on_ranks_or_batching(served, one_process, name):
     result = served[name]
     assert result["alone"] == one_process["greedy"]
