@@ -4,18 +4,15 @@ evaluate, topology from the served deployment (trace metadata, --like), export n
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from typer.testing import CliRunner
 
+from http_fixture import serving
 from moeplace.cli import app
 from moeplace.placement import load_placement, placement_to_json, trivial_placement
 from moeplace.readers import load_trace
@@ -107,18 +104,8 @@ def live_server():
     async def placement():
         return PlainTextResponse(placement_to_json(live), media_type="application/json")
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(5)
+    with serving(api) as url:
+        yield url
 
 
 def test_like_asks_the_server(tmp_path, live_server):

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from moeplace.placer.evaluate import gpu_load_LG, imbalance
 from moeplace.placer.layer import SCALE
 from moeplace.placer.migrate import Candidate, choose
 from moeplace.placer.solve import Method, SolveOptions, solve
@@ -25,16 +26,8 @@ def traces(seed: int, E: int, L: int = 2) -> list[Trace]:
 
 
 def hottest_L(placement, trs) -> np.ndarray:
-    """[L] worst window's max/mean GPU load, equal split, from scratch."""
-    G, S = placement.topology.num_gpus, placement.topology.slots_per_gpu
-    out = np.zeros(placement.num_layers)
-    for l, row in enumerate(placement.phy2log_LP):
-        replicas = np.bincount(row, minlength=placement.num_experts)
-        for t in trs:
-            for counts in t.counts_WLE[:, l]:
-                load = (counts[row] / replicas[row]).reshape(G, S).sum(1)
-                out[l] = max(out[l], load.max() / load.mean())
-    return out
+    """[L] worst window's max/mean GPU load, equal split (the scorer, not the solver)."""
+    return np.max([imbalance(gpu_load_LG(placement, counts)) for t in trs for counts in t.counts_WLE], axis=0)
 
 
 @pytest.mark.parametrize("E, topo", [(16, Topology(4, 2, 5)), (64, Topology(8, 4, 10))])

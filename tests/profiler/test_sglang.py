@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from http_fixture import serving
 from moeplace.profiler.sglang import read_sglang_rank_dumps, record_sglang
 
 ENDPOINTS = {
@@ -106,18 +106,8 @@ def sglang_app(state: FakeSGLang) -> FastAPI:
 @pytest.fixture(scope="module")
 def server():
     state = FakeSGLang()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(sglang_app(state), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "the fake SGLang server did not start"
-        time.sleep(0.01)
-    yield state, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(5)
+    with serving(sglang_app(state)) as url:
+        yield state, url
 
 
 @pytest.fixture

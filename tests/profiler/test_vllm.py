@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from http_fixture import serving
 from moeplace.profiler.vllm import decode_routed_experts, profile_vllm
 
 LAYERS, DENSE, TOP_K, EXPERTS = 61, 3, 8, 256  # DeepSeek-V3
@@ -77,18 +75,8 @@ def vllm_app(state: FakeVLLM) -> FastAPI:
 @pytest.fixture(scope="module")
 def server():
     state = FakeVLLM()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(vllm_app(state), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "the fake vLLM server did not start"
-        time.sleep(0.01)
-    yield state, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(5)
+    with serving(vllm_app(state)) as url:
+        yield state, url
 
 
 @pytest.fixture
