@@ -29,7 +29,11 @@ from moeplace.placer.layer import Packing
 # Items (replicas) in one CP-SAT neighbourhood: big enough to escape swap-local optima, small enough
 # to solve to optimality in a few milliseconds.
 NEIGHBOURHOOD_ITEMS = 40
-SUBMODEL_SECONDS = 0.5
+# The sub-model's budget in CP-SAT's deterministic time (about seconds of an unloaded core), not wall
+# time: with one worker the result then does not depend on how loaded the machine is, so a search
+# that ends by its patience gives the same layout every run (migrate.py's monotone choice relies on
+# it). Only the whole solve's deadline is wall time.
+SUBMODEL_DETERMINISTIC = 0.5
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ def _solve_neighbourhood(packing: Packing, gpus: np.ndarray, deadline: float) ->
     model, x, experts = _neighbourhood_model(packing, gpus)
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
-    solver.parameters.max_time_in_seconds = max(0.01, min(SUBMODEL_SECONDS, deadline - time.monotonic()))
+    solver.parameters.max_time_in_seconds = max(0.01, deadline - time.monotonic())
+    solver.parameters.max_deterministic_time = SUBMODEL_DETERMINISTIC
     status = solver.Solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         # UNKNOWN (time ran out before the hint was even confirmed) keeps the current layout;

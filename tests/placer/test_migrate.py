@@ -15,7 +15,7 @@ from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
-WEIGHTS = [0.0, 0.01, 0.05, 0.2, 1.0, 5.0, 100.0]
+WEIGHTS = [0.0, 0.02, 0.2, 1.0, 100.0]
 
 
 def traces(seed: int, E: int, L: int = 2) -> list[Trace]:
@@ -30,9 +30,12 @@ def hottest_L(placement, trs) -> np.ndarray:
     return np.max([imbalance(gpu_load_LG(placement, counts)) for t in trs for counts in t.counts_WLE], axis=0)
 
 
-@pytest.mark.parametrize("E, topo", [(16, Topology(4, 2, 5)), (64, Topology(8, 4, 10))])
+@pytest.mark.parametrize("E, topo", [(16, Topology(4, 2, 5)), (32, Topology(8, 4, 5))])
+@pytest.mark.slow
 def test_more_move_weight_never_more_moves(E, topo):
-    options = SolveOptions(time_limit=3.0, workers=1, traffic_weight=0.0, seed=1)
+    # A generous limit: the searches end by their patience, so every weight sees the same candidates
+    # (CP-SAT on deterministic time), whatever else loads the machine.
+    options = SolveOptions(time_limit=60.0, workers=1, traffic_weight=0.0, seed=1)
     old = solve(traces(1, E), topo, options).placement
     new_traces = traces(2, E)
     moved = []
