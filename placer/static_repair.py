@@ -24,6 +24,49 @@ import time
 
 import numpy as np
 
+from moeplace.placement import Placement
+from moeplace.placer.dispatch import Dispatch, DispatchModel, dispatch_model
+from moeplace.placer.evaluate import experts_on_gpus
+from moeplace.topology import Topology
+from moeplace.trace import Trace
+
+
+def repair_placement(rows_LGS: np.ndarray, share_WLE: np.ndarray, topology: Topology, trace: Trace, homes,
+                   old: Placement | None, deadline: float) -> tuple[np.ndarray, DispatchModel]:
+    """Re-pack every layer with the exact per-slot loads of SGLang's static tables (placer.static_repair).
+    Returns the rows and the tables, which the re-packing carries along (they stay SGLang's exactly)."""
+    L = rows_LGS.shape[0]
+    draft = Placement(rows_LGS.reshape(L, -1), trace.num_experts, topology, trace.layers, trace.num_model_layers)
+    model = dispatch_model(draft, Dispatch.sglang_static)
+    out, shares, where_LP = [], [], []
+    for l in range(L):
+        phy2log = draft.phy2log_LP[l]
+        load_WP = share_WLE[:, l][:, phy2log] * topology.num_gpus * model.shares_LP[l]
+        old_GE = None if old is None else experts_on_gpus(old, l)
+        layer_deadline = time.monotonic() + max(0.0, deadline - time.monotonic()) / (L - l)
+        row, item_P = repack_layer(phy2log, load_WP, topology.gpus_per_node, topology.num_gpus, homes[l], old_GE,
+                                   layer_deadline)
+        out.append(row)
+        shares.append(model.shares_LP[l][item_P])
+        where_LP.append(np.argsort(item_P))  # new slot of each old slot
+    where_LP = np.stack(where_LP)
+    choice_GLE = np.take_along_axis(where_LP[None], model.choice_GLE, axis=2)
+    return np.stack(out).reshape(rows_LGS.shape), DispatchModel(Dispatch.sglang_static, np.stack(shares), choice_GLE)
+
+
+def follow_slots(model: DispatchModel, before_LP: np.ndarray, after_LP: np.ndarray, topology: Topology) -> DispatchModel:
+    """The model after each GPU's slots were reordered (an expert sits at most once on a GPU)."""
+    L, P = before_LP.shape
+    gpu_P = np.arange(P) // topology.slots_per_gpu
+    where_LP = np.zeros((L, P), dtype=np.int64)
+    for l in range(L):
+        slot_of = {(int(g), int(e)): p for p, (g, e) in enumerate(zip(gpu_P, after_LP[l]))}
+        where_LP[l] = [slot_of[(int(g), int(e))] for g, e in zip(gpu_P, before_LP[l])]
+    shares_LP = np.zeros_like(model.shares_LP)
+    np.put_along_axis(shares_LP, where_LP, model.shares_LP, axis=1)
+    choice_GLE = np.take_along_axis(where_LP[None], model.choice_GLE, axis=2)
+    return DispatchModel(model.dispatch, shares_LP, choice_GLE)
+
 
 def repack_layer(
     phy2log_P: np.ndarray,

@@ -11,7 +11,7 @@ import pytest
 from moeplace.placer.evaluate import gpu_load_LG, imbalance
 from moeplace.placer.layer import SCALE
 from moeplace.placer.migrate import Candidate, choose
-from moeplace.placer.solve import Method, SolveOptions, solve
+from moeplace.placer.solve import SolveOptions, solve
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
