@@ -89,7 +89,9 @@ def table(r: dict) -> str:
              f"{m['moe_vs_read']:.2f}x reading the slots once ({m['slot_bytes'] / 1e9:.2f} GB at "
              f"{m['copy_GBps']:.0f} GB/s copy: {m['read_slots_ms']:.3f} ms; target <= 1.5x)",
              f"decode step, {m['decode_batch_per_rank']} seqs/rank: ctx 2048 {long:.2f} ms vs ctx 128 {short:.2f} ms "
-             f"= {long / short:.2f}x (target <= 1.3x)"]
+             f"= {long / short:.2f}x (target <= 1.3x); CUDA graph {m['decode_graph_ms_ctx2048']:.2f} vs "
+             f"{m['decode_graph_ms_ctx128']:.2f} ms = {m['decode_graph_ms_ctx2048'] / m['decode_graph_ms_ctx128']:.2f}x "
+             f"(graph vs eager logits max |diff| {m['decode_graph_vs_eager_max_abs_ctx2048']:.2g})"]
     if "reshard" in r:
         rs = r["reshard"]
         lines.append(f"solve {rs['solve_seconds']:.1f} s, reshard {rs['state']}: {rs['experts_moved']} experts, "

@@ -37,6 +37,7 @@ from moeplace.runtime.model import EPModel
 from moeplace.runtime.ranks import worker_loop
 from moeplace.runtime.reshard import Resharder
 from moeplace.runtime.sampling import SamplingParams
+from moeplace.runtime.step_graphs import DecodeStepGraphs
 from moeplace.runtime.router_fit import calibration_text
 from moeplace.runtime.tokenizer import ByteTokenizer
 
@@ -72,12 +73,14 @@ def micro(model: EPModel, args, device: torch.device) -> dict:
     read_ms = slot_bytes / (copy_gbps * 1e6)
     return {"copy_GBps": copy_gbps, "slot_bytes": slot_bytes, "read_slots_ms": read_ms,
             "moe_decode_ms": moe_ms, "moe_tokens_per_rank": args.moe_tokens, "moe_vs_read": moe_ms / read_ms,
-            **{f"decode_step_ms_ctx{c}": decode_ms(model, args.micro_batch, c, args.iters, device)
-               for c in (128, 2048)}, "decode_batch_per_rank": args.micro_batch}
+            **decode_ms(model, args.micro_batch, 128, args.iters, device),
+            **decode_ms(model, args.micro_batch, 2048, args.iters, device), "decode_batch_per_rank": args.micro_batch}
 
 
-def decode_ms(model: EPModel, batch: int, context: int, iters: int, device: torch.device) -> float:
-    """The whole decode step (every layer) for `batch` sequences of `context` tokens on each rank."""
+def decode_ms(model: EPModel, batch: int, context: int, iters: int, device: torch.device) -> dict:
+    """The whole decode step (every layer) for `batch` sequences of `context` tokens on each rank: eager
+    on the variable-size MoE path, and replayed from a CUDA graph (fixed-capacity path), with the largest
+    logit difference between the graph and the same step run eagerly."""
     cfg = model.config
     shape = CacheShape(num_layers=cfg.num_hidden_layers, num_blocks=batch * (context // 64 + 1), block_size=64,
                        width=cfg.kv_lora_rank + cfg.qk_rope_head_dim)
@@ -87,9 +90,15 @@ def decode_ms(model: EPModel, batch: int, context: int, iters: int, device: torc
         cache.assume_written(seq, context - 1)
     plan = cache.plan(list(range(batch)), [])  # reused: each run writes the same rows again
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-    ms = timed_ms(lambda: model.decode_step(cache, plan, ids), iters, device)
-    del cache
-    return ms
+    live = torch.ones(batch, dtype=torch.bool, device=device)
+    eager_ms = timed_ms(lambda: model.decode_step(cache, plan, ids), iters, device)
+    graphs = DecodeStepGraphs(model, cache)
+    fixed = model.decode_step(cache, plan, ids, live)
+    diff = float((graphs.run(plan, ids, live) - fixed).abs().max())  # the first run captures
+    graph_ms = timed_ms(lambda: graphs.run(plan, ids, live), iters, device)
+    del cache, graphs
+    return {f"decode_step_ms_ctx{context}": eager_ms, f"decode_graph_ms_ctx{context}": graph_ms,
+            f"decode_graph_vs_eager_max_abs_ctx{context}": diff}
 
 
 class ClosedLoop:

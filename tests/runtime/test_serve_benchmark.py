@@ -28,4 +28,5 @@ def test_serve_benchmark_cpu_smoke(tiny_dir, tmp_path):
         assert level["output_tokens_per_s"] > 0 and level["itl_ms_p50"] > 0
     micro = r["micro"]
     assert micro["moe_decode_ms"] > 0 and micro["decode_step_ms_ctx2048"] > 0 and micro["slot_bytes"] > 0
+    assert micro["decode_graph_ms_ctx128"] > 0 and micro["decode_graph_vs_eager_max_abs_ctx128"] == 0  # eager on CPU
     assert "layer-tok/s/GPU" in done.stdout.splitlines()[-4]  # the table comes last
