@@ -98,9 +98,8 @@ def solve(
         rows, reports = _solve_eplb(share_WLE, topology, first, groups)
         homes = None
     else:
-        # sglang-static: a share of the budget goes to simulating SGLang's tables and re-packing
-        reserve = 0.25 if options.dispatch is Dispatch.sglang_static else 0.0
-        budget = max(0.05, (options.time_limit - (time.monotonic() - start) - _overhead(L)) * (1 - reserve))
+        left = options.time_limit - (time.monotonic() - start) - _overhead(L)
+        budget = max(0.05, left - _static_reserve(options, topology, first, left))
         tasks = [
             _LayerTask(
                 index=l,
@@ -303,6 +302,17 @@ def _run(tasks: list[_LayerTask], workers: int, on_layer_done) -> list[tuple]:
 
 def _workers(options: SolveOptions, num_layers: int) -> int:
     return max(1, min(options.workers or os.cpu_count() or 1, num_layers))
+
+
+def _static_reserve(options: SolveOptions, topology: Topology, trace: Trace, left: float) -> float:
+    """Seconds kept for simulating SGLang's tables (one Python shuffle per rank and replicated expert
+    it has no near copy of: about 2.5 us x rows x redundant slots x G^1.5 on this project's CPU) and
+    for the re-packing after it; at most 70% of what is left."""
+    if options.dispatch is not Dispatch.sglang_static:
+        return 0.0
+    rows = trace.num_model_layers or trace.num_layers
+    simulate = 2.5e-6 * rows * max(topology.num_slots - trace.num_experts, 1) * topology.num_gpus ** 1.5
+    return min(0.7 * left, 3 * simulate + 0.15 * left)
 
 
 def _overhead(num_layers: int) -> float:

@@ -10,6 +10,7 @@ import random
 import types
 import typing
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,31 @@ def test_agrees_with_sglang_own_code(G, nodes):
         per_rank = ns["_compute_logical_to_all_physical_map"](torch.tensor(rows), E, G, rank)
         theirs.append(ns["compute_logical_to_rank_dispatch_physical_map"](per_rank, G, P, rank).numpy())
     np.testing.assert_array_equal(sglang_static_choice(rows, E, G, G // nodes), np.stack(theirs))
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+def test_solving_for_static_dispatch_reports_what_sglang_would_do(with_old):
+    """The re-packing carries SGLang's tables along; the reported hottest must be what a fresh
+    simulation of the final placement gives, and static planning must beat equal planning under it."""
+    from moeplace.placer.evaluate import gpu_load_LG, imbalance
+    from moeplace.placer.solve import SolveOptions, solve
+    from moeplace.trace import Trace
+
+    rng = np.random.default_rng(4)
+    E, L = 32, 2
+    base = rng.lognormal(0, 1.2, (L, E))
+    traces = [Trace(base[None] * rng.lognormal(0, 0.2, (2, L, E)) * 1000, np.arange(1, 1 + L), 4,
+                    num_model_layers=1 + L, n_group=4, topk_group=2, source=f"w{i}") for i in range(2)]
+    topo = Topology(8, 2, 5)
+    options = SolveOptions(time_limit=4.0, workers=1)
+    old = solve(traces[:1], topo, options).placement if with_old else None
+    static = solve(traces, topo, replace(options, dispatch=Dispatch.sglang_static), old=old)
+    fresh = dispatch_model(static.placement, Dispatch.sglang_static)
+    windows = [t.counts_WLE[w] for t in traces for w in range(2)]
+    hottest = np.max([imbalance(gpu_load_LG(static.placement, c, fresh.shares_LP)) for c in windows], axis=0)
+    np.testing.assert_allclose([r.hottest for r in static.reports], hottest, atol=1e-9)
+    if old is None:
+        equal = solve(traces, topo, options).placement
+        under_static = dispatch_model(equal, Dispatch.sglang_static)
+        equal_hottest = np.max([imbalance(gpu_load_LG(equal, c, under_static.shares_LP)) for c in windows], axis=0)
+        assert hottest.mean() <= equal_hottest.mean() + 1e-9
