@@ -38,7 +38,10 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 4
     backend: Backend = Backend.triton
-    warp_specialize: bool = False  # triton_tma only: Triton's automatic producer/consumer warp split
+    # triton_tma only: ask for Triton's automatic producer/consumer split (3.6 ignores it on sm_90 here:
+    # its TTGIR keeps the loop attribute and makes no partitions)
+    warp_specialize: bool = False
+    prefetch_scales: bool = False  # Triton: load each K block's scales ahead of its promotion
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -50,9 +53,9 @@ class GemmConfig:
     def label(self) -> str:
         if self.backend is Backend.torch_loop:
             return "torch _scaled_mm loop"
-        ws = " ws" if self.warp_specialize else ""
+        flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
-                f"s{self.num_stages}{ws}")
+                f"s{self.num_stages}{flags}")
 
 
 def default_config(rows_per_expert: float) -> GemmConfig:

@@ -46,6 +46,19 @@ def _tile_coords(t, num_m, n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_scales(as_ptrs, bs_ptrs, kb, N, stride_bsn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """K block kb's scales: activations [BLOCK_M, 1], weights (a scalar, or [1, BLOCK_N] for wide tiles),
+    and the up_proj rows' weights under SWIGLU (else the same as the weights')."""
+    a_s = tl.load(as_ptrs + kb)[:, None]
+    b_s = tl.load(bs_ptrs + kb)
+    if SWIGLU:
+        u_s = tl.load(bs_ptrs + (N // BLOCK_K) * stride_bsn + kb)
+    else:
+        u_s = b_s
+    return a_s, b_s, u_s
+
+
+@triton.jit
 def _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm,
               SWIGLU: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     rows64 = rows.to(tl.int64)
@@ -63,7 +76,7 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, off_ptr, N
                          stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
                          E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWIGLU: tl.constexpr,
-                         FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+                         PREFETCH: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # 1. tile and its expert; the grid is an upper bound, programs past the last tile exit at once
     tile_m, pid_n = _tile_coords(tl.program_id(0), num_m_bound, N // BLOCK_N, GROUP_M)
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M)
@@ -85,14 +98,23 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, off_ptr, N
         bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (cols // BLOCK_K)[None, :] * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SWIGLU: the up_proj half, weight rows N + cols
+    last = K // BLOCK_K - 1
+    a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, 0, N, stride_bsn, BLOCK_K, SWIGLU)
     for kb in range(0, K // BLOCK_K):
+        # Triton leaves the scale loads unpipelined (a plain load, waited on by the promotion): PREFETCH
+        # issues them a K block early. Two blocks ahead here stops Triton pipelining A and B (ptxas report).
+        if PREFETCH:
+            nxt = tl.minimum(kb + 1, last)
+            a_s1, b_s1, u_s1 = _load_scales(as_ptrs, bs_ptrs, nxt, N, stride_bsn, BLOCK_K, SWIGLU)
+        else:
+            a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, kb, N, stride_bsn, BLOCK_K, SWIGLU)
         a = tl.load(a_ptrs)
-        a_s = tl.load(as_ptrs + kb)[:, None]
         # (a_s * b_s) first: with a scalar b_s that is [BLOCK_M, 1], and the update one FMA per element
-        acc += tl.dot(a, tl.load(b_ptrs)) * (a_s * tl.load(bs_ptrs + kb))
+        acc += tl.dot(a, tl.load(b_ptrs)) * (a_s * b_s)
         if SWIGLU:
-            up = tl.dot(a, tl.load(b_ptrs + N * stride_bn))
-            acc_up += up * (a_s * tl.load(bs_ptrs + (N // BLOCK_K) * stride_bsn + kb))
+            acc_up += tl.dot(a, tl.load(b_ptrs + N * stride_bn)) * (a_s * u_s)
+        if PREFETCH:
+            a_s, b_s, u_s = a_s1, b_s1, u_s1
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     # 3. epilogue
@@ -104,7 +126,7 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
                        stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                        E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
-                       SWIGLU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                       SWIGLU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PREFETCH: tl.constexpr,
                        FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # A [M, K] and B [E * N_W, K] arrive through TMA descriptors: rows past M read as zeros, rows past an
     # expert's end read the next expert's rows, and neither is ever stored. With BLOCK_N ≤ 128 one
@@ -126,13 +148,21 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
         b_row = e * N_W + pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        last = K // BLOCK_K - 1
+        a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, 0, N, stride_bsn, BLOCK_K, SWIGLU)
+        a_s1, b_s1, u_s1 = _load_scales(as_ptrs, bs_ptrs, tl.minimum(1, last), N, stride_bsn, BLOCK_K, SWIGLU)
         for kb in range(0, K // BLOCK_K):
+            if PREFETCH:  # as in the pointer kernel, but two K blocks ahead (the TMA pipeline survives it)
+                nxt = tl.minimum(kb + 2, last)
+                a_s2, b_s2, u_s2 = _load_scales(as_ptrs, bs_ptrs, nxt, N, stride_bsn, BLOCK_K, SWIGLU)
+            else:
+                a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, kb, N, stride_bsn, BLOCK_K, SWIGLU)
             a = a_desc.load([m0, kb * BLOCK_K])
-            scale = tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + kb)
-            acc += tl.dot(a, b_desc.load([b_row, kb * BLOCK_K]).T) * scale
+            acc += tl.dot(a, b_desc.load([b_row, kb * BLOCK_K]).T) * (a_s * b_s)
             if SWIGLU:
-                up_scale = tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + (N // BLOCK_K) * stride_bsn + kb)
-                acc_up += tl.dot(a, b_desc.load([b_row + N, kb * BLOCK_K]).T) * up_scale
+                acc_up += tl.dot(a, b_desc.load([b_row + N, kb * BLOCK_K]).T) * (a_s * u_s)
+            if PREFETCH:
+                a_s, b_s, u_s, a_s1, b_s1, u_s1 = a_s1, b_s1, u_s1, a_s2, b_s2, u_s2
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX, EPS)
 
@@ -160,8 +190,8 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
     # every expert adds at most one partly filled m-tile, and at most min(E, M) experts have rows
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
     common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
-                  GROUP_M=cfg.group_m, SWIGLU=swiglu, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  GROUP_M=cfg.group_m, SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK):
         progs = min(_num_sms(a_MK.device), num_m_bound * (N_out // cfg.block_n))
         a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP])

@@ -29,7 +29,7 @@ def sorted_activations(ids, E, K_dim, gen, device):
 TMA = Backend.triton_tma
 CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2),
            GemmConfig(16, 128, 2, 4, 2, backend=TMA), GemmConfig(32, 64, 4, 4, 3, backend=TMA, warp_specialize=True),
-           GemmConfig(16, 256, 2, 4, 2, backend=TMA)]
+           GemmConfig(16, 256, 2, 4, 2, backend=TMA, prefetch_scales=True), GemmConfig(16, 128, 1, 4, 2, prefetch_scales=True)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
@@ -60,8 +60,8 @@ def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, 
     assert rel_err(c[plan.row_pos_TK[:, 0].long()], exact) < 0.06, "beyond FP8 (e4m3) input error"
 
 
-@pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2), GemmConfig(64, 128, 4, 4, 3, backend=TMA)],
-                         ids=["m16", "m64-tma"])
+@pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2, prefetch_scales=True),
+                                 GemmConfig(64, 128, 4, 4, 3, backend=TMA, prefetch_scales=True)], ids=["m16", "m64-tma"])
 def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(30, 8, 16, local=10)
     _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row
