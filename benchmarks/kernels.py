@@ -34,7 +34,8 @@ GPU_SCENARIOS = [  # name, trace file, routed rows M, experts E; most important 
     ("prefill E256", "prefill_in4096.json", 4096 * TOPK, 256),
 ]
 GPU_SHAPE = dict(D=7168, F=2048)
-SMOKE_SCENARIOS = [("prefill E4", "prefill_in4096.json", 96, 4), ("decode E6", "decode_in1000out1000.json", 24, 6)]
+SMOKE_SCENARIOS = [("prefill E4", "prefill_in4096.json", 96, 4),
+                   ("decode E6", "decode_in1000out1000.json", 24, 6)]
 SMOKE_SHAPE = dict(D=256, F=128)
 
 
@@ -44,18 +45,20 @@ def sweep(rows_per_expert: float, smoke: bool):
     from moeplace.kernels.gemm_table import Backend, GemmConfig as C
     tma, pf, loop = dict(backend=Backend.triton_tma), dict(prefetch_scales=True), C(backend=Backend.torch_loop)
     if smoke:
-        return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **tma, **pf), C(16, 128, 1, 4, 2, **tma, warp_specialize=True)]
+        return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **tma, **pf),
+                C(16, 128, 1, 4, 2, **tma, warp_specialize=True)]
     if rows_per_expert > 256:  # prefill at EP8: compute-bound
         return [C(128, 128, 16, 8, 4), C(128, 128, 16, 8, 4, **pf), C(128, 128, 8, 8, 3, **tma),
-                C(128, 128, 8, 8, 3, **tma, **pf), C(128, 128, 8, 8, 4, **tma, **pf), C(256, 128, 8, 16, 3, **tma, **pf),
-                C(64, 128, 8, 8, 4, **pf), loop]
+                C(128, 128, 8, 8, 3, **tma, **pf), C(128, 128, 8, 8, 4, **tma, **pf),
+                C(256, 128, 8, 16, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf), loop]
     if rows_per_expert > 64:  # prefill over all experts
         return [C(128, 128, 8, 8, 3, **tma), C(128, 128, 8, 8, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf),
                 C(64, 128, 8, 4, 4, **pf), C(128, 128, 16, 8, 4, **pf), loop]
     if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
         return [C(64, 128, 1, 4, 4), C(64, 128, 1, 4, 4, **pf), C(32, 128, 1, 4, 4, **pf),
                 C(64, 128, 1, 4, 4, **tma, **pf), C(128, 128, 1, 8, 4, **tma, **pf)]
-    return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf), C(16, 128, 1, 4, 4, **tma, **pf)]
+    return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf),
+            C(16, 128, 1, 4, 4, **tma, **pf)]
 
 
 # ---------------------------------------------------------------- inputs
@@ -204,10 +207,14 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
     flops, wbytes = 2.0 * M * N * K, active * N * K * (1 + 4 / 128**2)
     ref_rows = min(M, 2048)
     ref_args = (a[:ref_rows], a_s[:ref_rows], w, w_s, offsets.clamp(max=ref_rows))
-    ref = dequant_rows_ref(*grouped_gemm_swiglu_ref(*ref_args)) if kind is GemmKind.swiglu else grouped_gemm_ref(*ref_args)
+    if kind is GemmKind.swiglu:
+        ref = dequant_rows_ref(*grouped_gemm_swiglu_ref(*ref_args))
+    else:
+        ref = grouped_gemm_ref(*ref_args)
     timings, best, best_triton = {}, None, None
     for cfg in cands:
-        if kind is GemmKind.swiglu and cfg.backend is not Backend.torch_loop and (cfg.block_n != 128 or cfg.block_m > 128):
+        wide = cfg.block_n != 128 or cfg.block_m > 128
+        if kind is GemmKind.swiglu and cfg.backend is not Backend.torch_loop and wide:
             continue  # one 128-channel group per tile (the fused quantisation); 256 rows of two accumulators spill
         if time.monotonic() > deadline:
             print(f"  (time budget spent: {cfg.label} not timed)")

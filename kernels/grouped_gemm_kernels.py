@@ -68,12 +68,14 @@ def _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, 
         tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], q, mask=stored)
         tl.store(cs_ptr + rows64 * stride_csm + pid_n, s, mask=rows < row_hi)
     else:
-        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=stored)
+        c = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], c, mask=stored)
 
 
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, num_m_bound,
-                         stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
+                         stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm,
+                         stride_csm,
                          E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWIGLU: tl.constexpr,
                          PREFETCH: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
@@ -118,7 +120,8 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, off_ptr, N
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     # 3. epilogue
-    _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX, EPS)
+    _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX,
+              EPS)
 
 
 @triton.jit
@@ -164,7 +167,8 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
             if PREFETCH:
                 a_s, b_s, u_s, a_s1, b_s1, u_s1 = a_s1, b_s1, u_s1, a_s2, b_s2, u_s2
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX, EPS)
+        _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX,
+              EPS)
 
 
 def _num_sms(device: torch.device) -> int:

@@ -21,8 +21,8 @@ def _spans(expert_offsets_E1: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 @triton.jit
-def _scales_by_expert_kernel(as_ptr, off_ptr, out_ptr, stride_asm, E, Kb, E_P2: tl.constexpr, KB_P2: tl.constexpr,
-                             BLOCK_M: tl.constexpr, ROW_ALIGN: tl.constexpr):
+def _scales_by_expert_kernel(as_ptr, off_ptr, out_ptr, stride_asm, E, Kb, E_P2: tl.constexpr,
+                             KB_P2: tl.constexpr, BLOCK_M: tl.constexpr, ROW_ALIGN: tl.constexpr):
     # program e: expert e's 1×128 scales, rows padded to ROW_ALIGN (padding 1.0), stored [Kb, m_pad]
     # contiguous at Kb * (padded rows of the experts before it): the outer-dim-major layout cuBLAS reads
     e = tl.program_id(0)
@@ -37,7 +37,8 @@ def _scales_by_expert_kernel(as_ptr, off_ptr, out_ptr, stride_asm, E, Kb, E_P2: 
         r = r0 + tl.arange(0, BLOCK_M)
         s = tl.load(as_ptr + (lo + r).to(tl.int64)[:, None] * stride_asm + ks[None, :],
                     mask=(lo + r < hi)[:, None] & (ks < Kb)[None, :], other=1.0)
-        tl.store(out_ptr + base + ks[None, :] * mine + r[:, None], s, mask=(r < mine)[:, None] & (ks < Kb)[None, :])
+        mask = (r < mine)[:, None] & (ks < Kb)[None, :]
+        tl.store(out_ptr + base + ks[None, :] * mine + r[:, None], s, mask=mask)
 
 
 def _scales_by_expert(a_scale_MKb: torch.Tensor, expert_offsets_E1: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,8 @@ def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, M, F, stride_hm, stride_qm, stride
 
 
 def swiglu_quant(h_M2F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU(gate)·up of a [M, 2F] gate|up product, quantised per 128 channels: (g_MF fp8, g_scale [M, F/128])."""
+    """SiLU(gate)·up of a [M, 2F] gate|up product, quantised per 128 channels:
+    (g_MF [M, F] float8_e4m3fn, g_scale [M, F/128] float32)."""
     M, F2 = h_M2F.shape
     assert F2 % (2 * GROUP) == 0 and h_M2F.stride(1) == 1, f"h_M2F must be [M, 2F], 2F a multiple of 256: {F2}"
     g_MF = torch.empty(M, F2 // 2, dtype=FP8, device=h_M2F.device)
