@@ -6,6 +6,7 @@ import contextlib
 import enum
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,25 +194,44 @@ def serve(
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node (0: all ranks on one node).")] = 0,
     model: Annotated[Optional[Path], typer.Option(help="DeepSeek-V3-family checkpoint folder (default: the embedded tiny model).")] = None,
     placement: Annotated[Optional[Path], typer.Option(help="Placement JSON to serve with (default: trivial).")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind (loopback unless --api-key is given).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless an API key is given).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port of rank 0.")] = 8000,
     device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL).")] = "cpu",
-    api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", help="Required to bind off loopback.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="MOEPLACE_API_KEY", show_envvar=True, help="Required to bind off loopback; prefer the environment variable or --api-key-file (a command line is visible in ps).")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the API key.")] = None,
     max_batch: Annotated[int, typer.Option(help="Sequences each rank serves at once.")] = 8,
     queue_limit: Annotated[int, typer.Option(help="Requests that may wait; more get 503 with Retry-After.")] = 64,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning or info (info: one access-log line per request).")] = "warning",
+    read_timeout: Annotated[float, typer.Option(help="Seconds a client has to send a whole request; slower connections are closed.")] = 10.0,
 ) -> None:
-    """Serve a DeepSeek-V3-family FP8 model with expert parallelism over `--nproc` ranks (torchrun).
-    Extra arguments are passed to torchrun (multi-node: --nnodes, --node-rank, --rdzv-endpoint ...)."""
-    import subprocess
-
-    from moeplace.runtime.launch import ServeConfig, preflight, torchrun_command
+    """Serve a DeepSeek-V3-family FP8 model with expert parallelism over `--nproc` ranks.
+    Extra arguments go to torchrun, which then starts the ranks (several nodes: --nnodes, --node-rank,
+    --rdzv-endpoint ...). SIGTERM or Ctrl-C stops every rank within 10 s."""
+    from moeplace.runtime.launch import ServeConfig
+    from moeplace.runtime.supervise import preflight, run_ranks
 
     with user_errors():
-        config = ServeConfig(model, placement, host, port, device, gpus_per_node, api_key, max_batch, queue_limit)
-        command = torchrun_command(config, nproc, list(ctx.args))
-        preflight(config, None if ctx.args else nproc)
-    env = dict(os.environ, MOEPLACE_API_KEY=api_key or "")
-    raise typer.Exit(subprocess.call(command, env=env))
+        key = _read_key(api_key_file) if api_key_file is not None else api_key
+        config = ServeConfig(model=model, placement=placement, host=host, port=port, device=device,
+                             gpus_per_node=gpus_per_node, api_key=key or None, max_batch=max_batch,
+                             queue_limit=queue_limit, log_level=log_level, read_timeout=read_timeout)
+        preflight(config, nproc, list(ctx.args))
+    code = run_ranks(config, nproc, list(ctx.args))
+    # Skip the interpreter's teardown of torch (seconds on a loaded machine): the ranks are gone, and
+    # a process manager expects the whole server to end within its stop timeout.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _read_key(path: Path) -> str:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the API key ({exc.__class__.__name__})") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{path}: the first line (the API key) is empty")
+    return lines[0].strip()
 
 
 class EngineKind(str, enum.Enum):

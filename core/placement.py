@@ -19,6 +19,9 @@ from moeplace.topology import Topology
 
 PLACEMENT_FORMAT = "moeplace.placement"
 PLACEMENT_FORMAT_VERSION = 1
+# log2phy_LER holds L x E x (most replicas of one expert) slot ids: a placement that copies one expert
+# into most of many slots would make it huge from a small file, so it is refused past this many entries.
+MAX_LOG2PHY_ENTRIES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class Placement:
             raise ValueError(
                 f"{src}: layer {int(layers[l])} has no replica of expert {e} ({len(missing)} expert(s) missing in all)"
             )
+        R = int(counts.max())
+        if L * E * R > MAX_LOG2PHY_ENTRIES:
+            raise ValueError(f"{src}: {L} layers x {E} experts x {R} replicas of the most copied expert is over "
+                             f"{MAX_LOG2PHY_ENTRIES} replica entries: not a placement any engine could use")
         object.__setattr__(self, "replica_count_LE", counts)
         object.__setattr__(self, "log2phy_LER", _log2phy(phy2log, counts))
         if self.split_LP is not None:
@@ -149,10 +156,14 @@ def load_placement(path: str | Path) -> Placement:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{src}: cannot read ({exc})") from None
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"{src}: not valid JSON ({exc})") from None
     return placement_from_dict(data, src)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")  # NaN / Infinity: the file would not read back elsewhere
 
 
 def placement_from_dict(data: object, src: str = "placement") -> Placement:

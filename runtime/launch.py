@@ -1,47 +1,81 @@
-"""Entry point of one rank under torchrun (`moeplace serve` builds the torchrun command).
+"""Entry point of one rank (`moeplace serve` starts P of them: runtime/supervise.py, or torchrun).
 
-    python -m torch.distributed.run --nproc-per-node P ... -m moeplace.runtime.launch --port 8000 ...
+    MOEPLACE_SERVE_CONFIG='{...}' RANK=r WORLD_SIZE=P ... python -m moeplace.runtime.launch
 
-Rank 0 serves HTTP and schedules; the other ranks follow its broadcast steps.
+The options come as one JSON `ServeConfig` in the environment (declared once, by the CLI; the API key
+never reaches a command line). Rank 0 serves HTTP and schedules; the other ranks follow its steps.
+Stopping: SIGTERM or SIGINT makes rank 0 fail its in-flight requests, tell every rank to stop and
+exit 0; a rank still running `GRACE_S` seconds after the signal exits anyway.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
+import json
 import os
+import signal
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+CONFIG_ENV = "MOEPLACE_SERVE_CONFIG"
+STORE_ENV = "MOEPLACE_STORE"  # host:port of a TCPStore the supervisor already serves (single node)
+GRACE_S = 6.0  # after a stop signal, the most a rank waits for the orderly way out
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    model: Path | None
-    placement: Path | None
-    host: str
-    port: int
-    device: str
-    gpus_per_node: int
-    api_key: str | None
-    max_batch: int
+    """What `moeplace serve` was asked for (the CLI declares and documents each option)."""
+
+    model: Path | None = None
+    placement: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"
+    gpus_per_node: int = 0  # 0: every rank on one node
+    api_key: str | None = None
+    max_batch: int = 8
     queue_limit: int = 64  # requests waiting beyond max_batch; more are answered 503 with Retry-After
+    log_level: str = "warning"  # "info": one access-log line per request
+    read_timeout: float = 10.0  # seconds a client has to send a whole request (headers and body)
 
     def __post_init__(self) -> None:
-        if self.queue_limit < 1:
-            raise ValueError(f"--queue-limit must be >= 1, got {self.queue_limit}")
+        for name in ("max_batch", "queue_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.read_timeout <= 3600:
+            raise ValueError(f"--read-timeout must be in (0, 3600] seconds, got {self.read_timeout}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if not is_loopback(self.host) and not self.api_key:
             raise ValueError(f"binding to {self.host} (not loopback) requires --api-key")
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"{self.model}: not a model folder (no config.json)")
+
+    def to_json(self) -> str:
+        return json.dumps({k: None if v is None else str(v) if isinstance(v, Path) else v
+                           for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        fields = json.loads(text)
+        for name in ("model", "placement"):
+            fields[name] = None if fields[name] is None else Path(fields[name])
+        return cls(**fields)
+
+    @property
+    def model_name(self) -> str:
+        """The name /v1/models lists and requests may ask for."""
+        return self.model.name if self.model is not None else "moeplace-tiny-dsv3"
 
 
 def is_loopback(host: str) -> bool:
@@ -53,79 +87,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_args(argv: list[str] | None = None) -> ServeConfig:
-    p = argparse.ArgumentParser(prog="moeplace.runtime.launch")
-    p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--placement", type=Path, default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 = every rank on one node")
-    p.add_argument("--api-key", default=os.environ.get("MOEPLACE_API_KEY"))
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--queue-limit", type=int, default=64, help="waiting requests before 503 + Retry-After")
-    a = p.parse_args(argv)
-    return ServeConfig(a.model, a.placement, a.host, a.port, a.device, a.gpus_per_node, a.api_key, a.max_batch,
-                       a.queue_limit)
+def main() -> None:
+    import torch
 
-
-def torchrun_command(config: ServeConfig, nproc: int, torchrun_args: list[str]) -> list[str]:
-    """The command `moeplace serve` runs: torchrun with `nproc` ranks on this node, then this module.
-    Multi-node deployments pass torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint ...)."""
-    if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    if config.gpus_per_node and nproc % config.gpus_per_node and not torchrun_args:
-        raise ValueError(f"--nproc {nproc} is not a multiple of --gpus-per-node {config.gpus_per_node}")
-    rendezvous = [] if torchrun_args else ["--standalone"]
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rendezvous, *torchrun_args,
-            "-m", "moeplace.runtime.launch", "--host", config.host, "--port", str(config.port),
-            "--device", config.device, "--gpus-per-node", str(config.gpus_per_node), "--max-batch", str(config.max_batch),
-            "--queue-limit", str(config.queue_limit)]
-    if config.model is not None:
-        args += ["--model", str(config.model)]
-    if config.placement is not None:
-        args += ["--placement", str(config.placement)]
-    return args
-
-
-def preflight(config: ServeConfig, world_size: int | None) -> None:
-    """Check the model folder and the placement against each other before any rank starts, so a bad
-    input is one line from `moeplace serve` instead of an error in every rank. world_size None
-    (multi-node: torchrun decides) skips the rank-count check. Generates the embedded model if needed."""
-    from moeplace.placement import load_placement
-    from moeplace.runtime.config import ModelConfig
-    from moeplace.runtime.model import check_placement
-    from moeplace.runtime.tiny import default_model_dir
-
-    model_dir = config.model or default_model_dir()
-    model_config = ModelConfig.load(model_dir)
-    if config.placement is None:
-        return
-    placement = load_placement(config.placement)
-    check_placement(placement, model_config, world_size or placement.topology.num_gpus, str(model_dir))
-    if config.gpus_per_node and placement.topology.gpus_per_node != config.gpus_per_node:
-        raise ValueError(f"{config.placement}: placement has {placement.topology.gpus_per_node} GPUs per node, "
-                         f"--gpus-per-node is {config.gpus_per_node}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
+    config = ServeConfig.from_json(os.environ[CONFIG_ENV])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stop = StopSignal(rank)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if config.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+    code = run_rank(config, rank, world, device, stop)
+    # Skip the interpreter's teardown of torch and the model (seconds of freeing on a loaded machine):
+    # the process is done, and a stop must be over within 10 s.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_rank(config: ServeConfig, rank: int, world: int, device, stop: StopSignal) -> int:
+    """Load this rank's part of the model, then serve (rank 0) or follow (the others): the exit status."""
+    import torch.distributed as dist
+
     # Control messages (the batch of each step) travel on gloo whatever the data backend; a live
     # reshard moves weights on a group of its own so its transfers never queue behind a step's.
     control = dist.new_group(backend="gloo")
     reshard_group = dist.new_group(backend="gloo" if device.type == "cpu" else "nccl")
+    code = 1
     try:
         try:
             model, tokenizer = load_model(config, world, device)
         except ValueError as exc:  # raised on every rank (the load is collective): one line, from rank 0
             if rank == 0:
-                print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
         from moeplace.runtime.reshard import Resharder
 
         # On GPUs the reshard's agreements and handshakes go on gloo: a rank waiting there waits on the host.
@@ -133,16 +128,86 @@ def main(argv: list[str] | None = None) -> None:
         resharder = Resharder(model, reshard_group, rank, control=reshard_control)
         resharder.connect()
         if rank == 0:
-            serve(config, model, tokenizer, control, resharder)
+            from moeplace.runtime.serving import serve
+
+            code = serve(config, model, tokenizer, control, resharder, stop, world)
         else:
-            from moeplace.runtime.ranks import worker_loop
-
-            worker_loop(model, control, engine_config(config), resharder)
+            code = _follow(model, control, resharder, stop, rank, config)
+        return code
     finally:
-        dist.destroy_process_group()
+        if code == 0:  # a failed rank skips it: the others may never join the teardown
+            dist.destroy_process_group()
 
 
-def load_model(config: ServeConfig, world: int, device: torch.device):
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if STORE_ENV not in os.environ:  # under torchrun: its rendezvous
+        dist.init_process_group(backend)
+        return
+    host, port = os.environ[STORE_ENV].rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), world, is_master=False)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
+def _follow(model, control, resharder, stop: StopSignal, rank: int, config: ServeConfig) -> int:
+    from moeplace.runtime.ranks import worker_loop
+
+    try:
+        worker_loop(model, control, engine_config(config), resharder)
+    except Exception as exc:  # noqa: BLE001 - rank 0 (or a peer) went away: one line, not a traceback
+        if stop.received is None:
+            print(f"error: rank {rank} stopped: {exc.__class__.__name__}: {exc}"[:500], file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+class StopSignal:
+    """SIGTERM / SIGINT handling of one rank. `on_stop` (set by rank 0's server) starts the orderly
+    shutdown in the main thread; a watchdog thread, woken through the signal wakeup fd even while the
+    main thread is blocked in a collective, ends the process `GRACE_S` seconds later if it still runs.
+    When the supervisor dies first, the kernel sends SIGTERM (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.received, self.on_stop = rank, None, None
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        threading.Thread(target=self._watchdog, args=(read_fd,), name="stop-watchdog", daemon=True).start()
+        _die_with_parent()
+
+    def _handle(self, signum, _frame) -> None:
+        first = self.received is None
+        self.received = signum
+        if first and self.on_stop is not None:
+            self.on_stop()
+
+    def _watchdog(self, read_fd: int) -> None:
+        signum = os.read(read_fd, 1)[0]
+        time.sleep(GRACE_S)
+        os.write(2, f"error: rank {self.rank} did not stop within {GRACE_S:.0f} s of signal {signum}\n".encode())
+        os._exit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM to this rank when the process that started it ends, even by SIGKILL."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def load_model(config: ServeConfig, world: int, device):
+    import torch.distributed as dist
+
     from moeplace.placement import load_placement
     from moeplace.runtime.model import EPModel
     from moeplace.runtime.tiny import default_model_dir
@@ -160,25 +225,6 @@ def engine_config(config: ServeConfig):
     from moeplace.runtime.ranks import EngineConfig
 
     return EngineConfig(max_batch=config.max_batch, queue_limit=config.queue_limit)
-
-
-def serve(config: ServeConfig, model, tokenizer, control, resharder) -> None:
-    import uvicorn
-
-    from moeplace.runtime.engine import Engine
-    from moeplace.runtime.server import create_app
-
-    engine = Engine(model, engine_config(config), control, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                    resharder=resharder)
-    app = create_app(engine, model, tokenizer, model_name=str(config.model or "moeplace-tiny-dsv3"),
-                     api_key=config.api_key, resharder=resharder)
-    loop = threading.Thread(target=engine.run, name="engine", daemon=True)
-    loop.start()
-    try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
-    finally:
-        engine.stop()
-        loop.join()
 
 
 if __name__ == "__main__":

@@ -307,6 +307,37 @@ def test_placement_enormous_claims_fail_fast(tmp_path, change, problem):
         load_placement(write(tmp_path, "deep.json", DEEP))
 
 
+def amplifying_placement(slots: int, experts: int) -> dict:
+    """One GPU whose slots hold every expert once and expert 0 in all the others: a small file whose
+    replica table (layers x experts x most replicas) would be huge."""
+    row = list(range(experts)) + [0] * (slots - experts)
+    return {**placement_dict(), "num_experts": experts, "phy2log": [row] * len(LAYERS),
+            "topology": {"num_gpus": 1, "gpus_per_node": 1, "slots_per_gpu": slots}}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"provenance": {"budget": float("nan")}}, "NaN is not a JSON number"),
+    ({"topology": {"num_gpus": 2, "gpus_per_node": 1, "slots_per_gpu": 5, "nvlink_gbps": float("inf")}},
+     "Infinity is not a JSON number"),
+    ({"topology": {"num_gpus": 2, "gpus_per_node": 1, "slots_per_gpu": 5, "gpu_memory_budget": float("-inf")}},
+     "-Infinity is not a JSON number"),
+])
+def test_placement_non_finite_numbers_are_refused(tmp_path, change, problem):
+    """Before the fix they were accepted, and a server then served JSON that strict parsers reject."""
+    with pytest.raises(ValueError, match=problem):
+        load_placement(write(tmp_path, "p.json", json.dumps({**placement_dict(), **change})))
+
+
+def test_size_amplifying_placement_fails_fast_in_evaluate(tmp_path, base):
+    """Before the fix 124 KB asked for 2.4 GB and about 1 MB for 170 GiB, with a traceback."""
+    path = write(tmp_path, "amplify.json", json.dumps(amplifying_placement(60_000, 30_000)))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="replicas of the most copied expert"):
+        load_placement(path)
+    assert time.perf_counter() - start < 2
+    assert cli("evaluate cli", ["evaluate", path, base["trace"]], tmp_path) == 1
+
+
 # -- the CLI on fuzzed files -------------------------------------------------------------------
 
 @CLI_FUZZ

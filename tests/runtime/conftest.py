@@ -3,6 +3,8 @@ and real servers started as subprocesses."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,27 @@ def tiny_variant(tiny_dir, tmp_path_factory):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """One `moeplace serve` for the test modules that only send it requests: 2 gloo ranks, the embedded
+    model, a solved placement with redundant replicas, access log on, 2 s read timeout.
+    {"url", "model_dir", "placement", "proc" (the `moeplace serve` process), "log"}."""
+    from moeplace.runtime.tiny import default_model_dir
+    from served import solved_placement
+
+    root = tmp_path_factory.mktemp("serve")
+    env = dict(os.environ, MOEPLACE_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
+    os.environ["MOEPLACE_CACHE"] = env["MOEPLACE_CACHE"]
+    model_dir = default_model_dir()
+    placement = solved_placement(root / "placement.json")
+    port = client.free_port()
+    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1",
+           "--placement", str(placement), "--port", str(port), "--max-batch", "4", "--log-level", "info",
+           "--read-timeout", "2"]
+    with client.running_server(cmd, env, root / "serve.log", port) as (url, proc):
+        yield {"url": url, "model_dir": model_dir, "placement": placement, "proc": proc, "log": root / "serve.log"}
 
 
 @pytest.fixture(scope="session")

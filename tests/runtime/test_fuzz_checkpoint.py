@@ -153,12 +153,12 @@ def test_model_refuses_a_config_claiming_sizes_its_weights_lack(checkpoint_parts
     ('{"model_type": "deepseek_v3", ', "cannot read"),
 ])
 def test_serve_refuses_a_bad_config_in_one_line(tmp_path, monkeypatch, config_text, problem):
-    import subprocess
+    from moeplace.runtime import supervise
 
     def no_ranks(*_, **__):  # a config that passed the preflight would start a real server here
         raise AssertionError(f"moeplace serve accepted {tmp_path / 'config.json'}")
 
-    monkeypatch.setattr(subprocess, "call", no_ranks)
+    monkeypatch.setattr(supervise, "run_ranks", no_ranks)
     write(tmp_path, "config.json", config_text)
     result = runner.invoke(app, ["serve", "--model", str(tmp_path), "--nproc", "2"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output

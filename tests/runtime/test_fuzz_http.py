@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +36,7 @@ from moeplace.runtime.engine import Engine, EngineConfig
 from moeplace.runtime.launch import ServeConfig
 from moeplace.runtime.server import MAX_BODY_BYTES, create_app
 from moeplace.runtime.tiny import tiny_config
+from processes import rank_pids
 from moeplace.topology import Topology
 
 KEY = "fuzz-key-4c1d7e0b9a"
@@ -44,6 +46,7 @@ TRIED: Counter = Counter()  # requests sent per endpoint, printed at the end (RE
 TEXT = st.text(alphabet="ab_01.-/ \n\x00é\u2603", max_size=6)
 HUGE = [10**9, 2**31, 2**63 - 1, 2**63, 2**64, 10**30, -(2**63) - 1, 1e308, 5e-324]
 DEEP = "[" * 3000 + "]" * 3000  # deeper than Python's json nests
+NEST = '{"a": ' * 500 + "1" + "}" * 500  # parses, but 500 levels deep: pickle recursed to death on it
 PROMPT = "The expert route of the token"
 
 
@@ -52,8 +55,10 @@ PROMPT = "The expert route of the token"
 def server(tiny_dir, tmp_path_factory, running_server, free_port):
     root = tmp_path_factory.mktemp("fuzz-http")
     port = free_port()
+    key_file = root / "key"
+    key_file.write_text(KEY + "\n")
     cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1",
-           "--model", str(tiny_dir), "--port", str(port), "--max-batch", "4", "--api-key", KEY]
+           "--model", str(tiny_dir), "--port", str(port), "--max-batch", "4", "--api-key-file", str(key_file)]
     env = {k: v for k, v in os.environ.items() if k != "MOEPLACE_API_KEY"} | {"OMP_NUM_THREADS": "1"}
     log_path = root / "serve.log"
     with running_server(cmd, env, log_path, port) as (url, proc):
@@ -83,13 +88,13 @@ def check_answer(r: httpx.Response, *, ok: tuple[int, ...] = ()) -> None:
 
 def json_value() -> st.SearchStrategy:
     leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.sampled_from(HUGE),
-                     st.floats(allow_nan=True, allow_infinity=True), TEXT, st.just("@DEEP@"))
+                     st.floats(allow_nan=True, allow_infinity=True), TEXT, st.sampled_from(["@DEEP@", "@NEST@"]))
     return st.recursive(leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=3),
                         max_leaves=10)
 
 
 def encode(body: object) -> bytes:
-    return json.dumps(body).replace('"@DEEP@"', DEEP).encode()
+    return json.dumps(body).replace('"@DEEP@"', DEEP).replace('"@NEST@"', NEST).encode()
 
 
 COMPLETION_FIELDS = {
@@ -156,7 +161,7 @@ def bad_placements(draw, base: dict) -> bytes:
     doc = copy.deepcopy(base)
     phy2log = doc["phy2log"]
     op = draw(st.sampled_from(["replace", "delete", "entry", "shape", "split", "topology", "provenance",
-                               "num_model_layers", "other deployment", "raw"]))
+                               "num_model_layers", "other deployment", "raw", "deep", "non-finite", "amplify"]))
     if op == "replace":
         field = draw(st.sampled_from(["format", "format_version", "num_experts", "layers", "topology", "phy2log"]))
         doc[field] = draw(junk_unlike(doc[field]))
@@ -186,6 +191,22 @@ def bad_placements(draw, base: dict) -> bytes:
             lambda v: not isinstance(v, (int, float))))  # true > 0: Topology takes it as 1 GB/s
     elif op == "provenance":
         doc["provenance"] = draw(json_value().filter(lambda v: v and not isinstance(v, dict)))
+    elif op == "deep":  # valid but for a nesting no rank may be sent
+        doc["provenance"] = {"note": "@NEST@"}
+    elif op == "non-finite":  # json.dumps writes NaN / Infinity literals, which strict JSON has not
+        where = draw(st.sampled_from(["provenance", "nvlink_gbps", "gpu_memory_budget", "split"]))
+        value = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        if where == "provenance":
+            doc["provenance"] = {"x": value}
+        elif where == "split":
+            doc["split"] = [[value] * len(phy2log[0])] * len(phy2log)
+        else:
+            doc["topology"][where] = value
+    elif op == "amplify":  # one GPU, expert 0 copied into most slots: small body, huge replica table
+        slots = draw(st.integers(1_000, 60_000))
+        experts = draw(st.integers(1, slots))
+        doc.update(num_experts=experts, phy2log=[list(range(experts)) + [0] * (slots - experts)] * len(phy2log),
+                   topology={"num_gpus": 1, "gpus_per_node": 1, "slots_per_gpu": slots})
     elif op == "num_model_layers":
         doc["num_model_layers"] = draw(st.sampled_from([0, 1, 3, 5, 10**4, 10**9, -1, 3.5, "4", True, [4]]))
     elif op == "other deployment":
@@ -244,6 +265,58 @@ def test_unknown_paths_and_methods_answer_json(server):
         check_answer(r)
 
 
+# -- hostile placements (each once killed or stalled the server) -------------------------------
+
+def put(server, body: bytes) -> httpx.Response:
+    TRIED["PUT /moeplace/placement"] += 1
+    return server.client.put("/moeplace/placement", content=body, headers={"content-type": "application/json"})
+
+
+def test_deep_provenance_is_refused_and_the_server_keeps_resharding(server):
+    """The live placement with provenance nested 500 levels (4 KB) was accepted; pickling it for the
+    other ranks killed the engine thread, leaving a server that answered 503 and 409 forever."""
+    doc = live(server)
+    r = put(server, encode({**doc, "provenance": {"note": "@NEST@"}}))
+    assert r.status_code == 400 and "nested more than 16 levels" in r.json()["error"], r.text
+    assert server.client.get("/health").json() == {"status": "ok"}
+    again = put(server, server.before["placement"].encode())  # the live layout again: a reshard moving nothing
+    assert again.status_code == 202, again.text
+    job = again.json()["id"]
+    deadline = time.monotonic() + 120
+    while (state := server.client.get(f"/moeplace/reshard/{job}").json()["state"]) not in ("done", "failed",
+                                                                                           "rolled_back"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state == "done"
+
+
+@pytest.mark.parametrize("where", ["provenance", "nvlink_gbps", "gpu_memory_budget"])
+def test_non_finite_numbers_are_refused_and_get_stays_strict_json(server, where):
+    doc = live(server)
+    if where == "provenance":
+        doc["provenance"] = {"budget": math.inf}
+    else:
+        doc["topology"] = {**doc["topology"], where: math.nan}
+    r = put(server, encode(doc))
+    assert r.status_code == 400 and "is not a JSON number" in r.json()["error"], r.text
+    json.loads(server.client.get("/moeplace/placement").text, parse_constant=lambda c: pytest.fail(c))
+
+
+def test_size_amplifying_placement_is_refused_before_any_array(server):
+    """1,035,055 bytes like these asked rank 0 for 170 GiB (HTTP 500 with a traceback); 124 KB for 2.4 GB
+    and blocked /health for 6 s."""
+    slots = 330_000
+    doc = {**live(server), "num_experts": 64, "topology": {"num_gpus": 1, "gpus_per_node": 1, "slots_per_gpu": slots},
+           "phy2log": [list(range(64)) + [0] * (slots - 64)]}
+    body = encode(doc)
+    assert 900_000 < len(body) < MAX_BODY_BYTES
+    start = time.monotonic()
+    r = put(server, body)
+    assert r.status_code == 400 and "topology.num_gpus is 1, the server runs 2" in r.json()["error"], r.text
+    assert time.monotonic() - start < 30
+    assert server.client.get("/health").status_code == 200
+
+
 # -- security ----------------------------------------------------------------------------------
 
 ENDPOINTS = [("GET", "/metrics"), ("GET", "/moeplace/placement"), ("PUT", "/moeplace/placement"),
@@ -291,10 +364,10 @@ def test_binding_off_loopback_needs_a_key():
     assert "binding to 0.0.0.0 (not loopback) requires --api-key" in done.stderr
     for host in ("10.0.0.1", "::", "example.com"):
         with pytest.raises(ValueError, match="requires --api-key"):
-            ServeConfig(None, None, host, 8000, "cpu", 0, None, 8)
-        ServeConfig(None, None, host, 8000, "cpu", 0, "k", 8)
+            ServeConfig(host=host)
+        ServeConfig(host=host, api_key="k")
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
-        ServeConfig(None, None, host, 8000, "cpu", 0, None, 8)
+        ServeConfig(host=host)
 
 
 # -- after everything: the server is as it was ------------------------------------------------
@@ -302,17 +375,8 @@ def test_binding_off_loopback_needs_a_key():
 def test_server_unchanged_after_fuzzing_and_key_never_logged(server):
     assert observe(server.client) == server.before
     assert KEY not in server.log.read_text()
-    # the CLI hands the key to the ranks in their environment, never on a command line
-    ranks = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_of(int(pid), server.url)]
+    # read from a file, handed to the ranks in their environment: on no command line
+    ranks = rank_pids(server.proc.pid)
     assert len(ranks) == 2
-    for pid in ranks:
+    for pid in [server.proc.pid, *ranks]:
         assert KEY not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
-
-
-def _is_rank_of(pid: int, url: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    port = url.rsplit(":", 1)[1].encode()
-    return b"moeplace.runtime.launch" in cmdline and port in cmdline and b"torch.distributed.run" not in cmdline

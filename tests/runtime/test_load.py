@@ -8,6 +8,7 @@ retried.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,6 @@ from moeplace.placement import load_placement, placement_from_dict, save_placeme
 from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.readers import load_trace
 from moeplace.runtime.batch import greedy_continue
-from moeplace.runtime.launch import ServeConfig, torchrun_command
 from moeplace.runtime.model import EPModel
 from moeplace.runtime.tokenizer import ByteTokenizer
 from moeplace.topology import Topology
@@ -65,22 +65,23 @@ def server(tiny_dir, tmp_path_factory, running_server, free_port):
     a, b = placement_for([0, 1, 2], root / "a.json"), placement_for([3, 4, 5], root / "b.json")
     assert not np.array_equal(load_placement(a).phy2log_LP, load_placement(b).phy2log_LP)
     port = free_port()
-    config = ServeConfig(tiny_dir, a, "127.0.0.1", port, "cpu", 1, None, MAX_BATCH, queue_limit=QUEUE_LIMIT)
+    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1", "--model", str(tiny_dir),
+           "--placement", str(a), "--port", str(port), "--max-batch", str(MAX_BATCH), "--queue-limit", str(QUEUE_LIMIT)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULT, MOEPLACE_API_KEY="")
     log_path = root / "serve.log"
     expected = references(tiny_dir)
-    with running_server(torchrun_command(config, 2, []), env, log_path, port) as (url, proc):
+    with running_server(cmd, env, log_path, port) as (url, proc):
         yield SimpleNamespace(url=url, proc=proc, a=a, b=b, expected=expected, log=log_path)
 
 
-def rank_rss_kb(torchrun_pid: int) -> dict[int, int]:
-    """{rank: VmRSS in kB} of the torchrun's children (rank read from each child's environment)."""
+def rank_rss_kb(serve_pid: int) -> dict[int, int]:
+    """{rank: VmRSS in kB} of the `moeplace serve` process's children (rank read from each child's environment)."""
     out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != torchrun_pid:
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != serve_pid:
                 continue
             env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
             status = Path(f"/proc/{pid}/status").read_text()

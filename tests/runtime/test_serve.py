@@ -1,5 +1,7 @@
-"""`moeplace serve` end to end: torchrun with 2 gloo ranks, a real HTTP server on loopback, a solved
-placement with redundant replicas, answers compared with a single-process model."""
+"""`moeplace serve` end to end: 2 gloo ranks, a real HTTP server on loopback, a solved placement with
+redundant replicas, answers compared with a single-process model; the OpenAI-style API (streaming,
+stop, top_p, chat, models, refused fields) read with OpenAI's own client; disconnects, slow clients,
+the ready line, the access log, what the server listens on and its idle CPU."""
 
 from __future__ import annotations
 
@@ -20,23 +22,11 @@ from moeplace.placer.solve import Method, SolveOptions, solve
 from moeplace.readers import load_trace
 from moeplace.runtime.batch import greedy_continue
 from moeplace.runtime.model import EPModel
-from moeplace.runtime.tiny import default_model_dir
 from moeplace.runtime.tokenizer import ByteTokenizer
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):"]
-
-
-def solved_placement(path: Path) -> Path:
-    """A CP-SAT placement for 2 ranks x 36 slots (8 redundant) from the OLMoE counts the tiny model follows."""
-    olmoe = load_trace(EXAMPLE_TRACE)
-    trace = Trace(olmoe.counts_WLE, np.array([1, 2, 3]), 8, num_model_layers=4, n_group=8, topk_group=4,
-                  source="olmoe-on-tiny")
-    result = solve([trace], Topology(2, 1, 36), SolveOptions(method=Method.cpsat, time_limit=2, workers=1))
-    assert (result.placement.replica_count_LE > 1).any()
-    save_placement(result.placement, path)
-    return path
 
 
 def greedy_reference(model_dir: Path, prompt: str, max_tokens: int) -> str:
@@ -48,17 +38,8 @@ def greedy_reference(model_dir: Path, prompt: str, max_tokens: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, running_server, free_port):
-    root = tmp_path_factory.mktemp("serve")
-    env = dict(os.environ, MOEPLACE_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
-    os.environ["MOEPLACE_CACHE"] = env["MOEPLACE_CACHE"]
-    model_dir = default_model_dir()
-    placement = solved_placement(root / "placement.json")
-    port = free_port()
-    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1",
-           "--placement", str(placement), "--port", str(port), "--max-batch", "4"]
-    with running_server(cmd, env, root / "serve.log", port) as (url, _):
-        yield {"url": url, "model_dir": model_dir, "placement": placement}
+def server(served):
+    return served
 
 
 def complete(url: str, prompt: str, max_tokens: int = 8, **extra) -> dict:
@@ -157,3 +138,39 @@ def test_serve_rejects_non_loopback_without_key():
 
 def test_serve_rejects_folder_that_is_not_a_model(tmp_path):
     one_line_error(serve_cli("--model", str(tmp_path)), "not a model folder")
+
+
+def test_serve_rejects_what_it_cannot_start_before_any_rank(tmp_path, monkeypatch):
+    """Port in use, CUDA asked for without CUDA, a missing model: one line each, exit 1, no rank started."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from moeplace.cli import app
+    from moeplace.runtime import supervise
+
+    def no_ranks(*_, **__):
+        raise AssertionError("a rank was started")
+
+    monkeypatch.setattr(supervise, "run_ranks", no_ranks)
+    runner = CliRunner(env={"COLUMNS": "200", "MOEPLACE_API_KEY": None})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [(["--port", port], f"port {port} on 127.0.0.1 is in use"),
+                 (["--model", str(tmp_path / "nope")], "nope: not a model folder")]
+        if not torch.cuda.is_available():
+            cases.append((["--device", "cuda", "--nproc", "2"], "--device cuda: this PyTorch has no CUDA"))
+        for args, message in cases:
+            done = runner.invoke(app, ["serve", *args])
+            assert done.exit_code == 1 and isinstance(done.exception, SystemExit), (args, done.output)
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+
+
+def test_serve_reads_the_api_key_from_a_file(tmp_path):
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    one_line_error(serve_cli("--api-key-file", str(empty)), "the first line (the API key) is empty")
+    one_line_error(serve_cli("--api-key-file", str(tmp_path / "missing")), "cannot read the API key")
