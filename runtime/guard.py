@@ -61,7 +61,7 @@ def check_fits_served(data: object, served: Placement, src: str) -> None:
     layers = served.layers.tolist()
     if not isinstance(data.get("layers"), list) or len(data["layers"]) != len(layers) or \
             not all(_equal_int(a, b) for a, b in zip(data["layers"], layers)):
-        raise ValueError(f"{src}: layers are {_show(data.get('layers'))}, the model's MoE layers are {layers}")
+        raise ValueError(f"{src}: layers {_show(data.get('layers'))} are not the MoE layers {layers} of the served model")
     for field in ("phy2log", "split"):
         rows = data.get(field)
         if field == "split" and rows is None:
