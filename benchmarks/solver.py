@@ -102,7 +102,7 @@ def dispatch_study(traces: list[Trace], configs: list[str], options: SolveOption
         for plan, score in ((Dispatch.equal, Dispatch.equal), (Dispatch.equal, Dispatch.sglang_static),
                             (Dispatch.sglang_static, Dispatch.sglang_static)):
             start = time.monotonic()
-            cv = leave_one_out(traces, topology, replace(options, dispatch=plan), score)
+            cv = leave_one_out(traces, topology, replace(options, dispatch=plan), score, with_best_split=False)
             cells[(plan, score)] = cv
             row = {"config": f"{name.upper()}/{topology.num_slots}", "planned_for": plan.value, "scored_under": score.value,
                    "imbalance_mean": cv.mean_imbalance(), "imbalance_worst_layer": cv.worst_layer_imbalance(),
@@ -129,7 +129,8 @@ def frontier_study(traces: list[Trace], configs: list[str], options: SolveOption
                  ("eplb global", replace(options, method=Method.eplb_global))]
         for label, opts in runs:
             start = time.monotonic()
-            cv = leave_one_out(traces, topology, replace(opts, dispatch=Dispatch.equal), Dispatch.equal)
+            cv = leave_one_out(traces, topology, replace(opts, dispatch=Dispatch.equal), Dispatch.equal,
+                               with_best_split=False)
             row = {"config": f"{name.upper()}/{topology.num_slots}", "method": label,
                    "imbalance_mean": cv.mean_imbalance(), "imbalance_worst_layer": cv.worst_layer_imbalance(),
                    "remote_nodes": cv.mean_remote_nodes(), "wall_s": time.monotonic() - start}

@@ -67,9 +67,10 @@ class CrossValidation:
 
 
 def leave_one_out(traces: list[Trace], topology: Topology, options: SolveOptions,
-                  score_dispatch: Dispatch | None = None) -> CrossValidation:
+                  score_dispatch: Dispatch | None = None, with_best_split: bool = True) -> CrossValidation:
     """Needs at least two traces; each fold plans on all traces but one (for `options.dispatch`) and
-    scores on the held-out one under `score_dispatch` (default: the rule it was planned for)."""
+    scores on the held-out one under `score_dispatch` (default: the rule it was planned for).
+    with_best_split=False skips the per-layer LP (imbalance_best_L is then NaN)."""
     if len(traces) < 2:
         raise ValueError("leave-one-out needs at least two traces")
     folds = []
@@ -85,7 +86,8 @@ def leave_one_out(traces: list[Trace], topology: Topology, options: SolveOptions
             HeldOut(
                 name=held.source.rsplit("/", 1)[-1],
                 imbalance_L=imbalance(gpu_load_LG(placement, total_LE, model.shares_LP)),
-                imbalance_best_L=best_split(placement, total_LE)[0],
+                imbalance_best_L=(best_split(placement, total_LE)[0] if with_best_split
+                                  else np.full(placement.num_layers, np.nan)),
                 planning_hottest_L=planning,
                 greedy_hottest_L=np.array([r.greedy_hottest for r in result.reports]),
                 duplicates=placement.duplicate_replicas(),
