@@ -51,7 +51,7 @@ def test_benchmark_script_reduced(tmp_path):
            "--configs", "ep8,ep32", "--workers", "1", "--skip-full", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text())["methods"]  # the methods study (the default)
     by = {(r["config"], r["method"]): r for r in rows}
     assert set(by) == {(c, m) for c in ("EP8/288", "EP32/288") for m in ("eplb", "eplb-global", "greedy", "cpsat")}
     for config in ("EP8/288", "EP32/288"):
