@@ -10,7 +10,7 @@ profiled, solved and resharded live while decode-style load keeps coming (issue 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
     python3 benchmarks/full_loop.py run --gpus 4 --moe-layers 4 --routing-trace .dsv3/routing.safetensors \\
         --json $OUT/full_loop.json
-    # here, to check the script: small shapes, gloo, 4 ranks on CPU
+    # here, to check the script: small shapes, gloo, 2 ranks on CPU
     python benchmarks/full_loop.py run --cpu-smoke --json out.json
 
 Steps of `run` (each adds its numbers to --json as it ends, so an interrupted run keeps what it measured):
@@ -61,8 +61,9 @@ SHARED_DSV3 = HERE.parents[1] / "shared" / "traces" / "sglang-dsv3-ep-statistics
 E, SLOTS = 256, 288
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-CPU_SMOKE = dict(preset="small", device="cpu", moe_layers=2, clients=4, max_tokens=4, warmup_seconds=1.0,
-                 profile_seconds=4.0, solve_seconds=2.0, measure_tokens="16,64", measure_iters=3)
+# Small enough for make test (tests/test_benchmark_smokes.py): 2 ranks, one MoE layer, short phases.
+CPU_SMOKE = dict(preset="small", device="cpu", gpus=2, moe_layers=1, clients=2, max_tokens=4, warmup_seconds=0.5,
+                 profile_seconds=2.0, solve_seconds=1.0, measure_tokens="16", measure_iters=2)
 
 
 # ---------------------------------------------------------------- prepare (CPU machine)

@@ -1,16 +1,18 @@
-"""Live reshard benchmark: DeepSeek-size FP8 experts (44 MB each) moved GPU to GPU while decode-like
-steps keep running, compared with the NCCL P2P bandwidth measured in the same run.
+"""Live reshard benchmark: DeepSeek-size FP8 experts (44 MB each) moved GPU to GPU by moeplace's
+`Resharder` (the code `moeplace serve` runs) while serving-like steps keep running; compared with the
+peer bandwidth measured in the same run (NCCL P2P, and copy-engine peer copies).
 
-    torchrun --nproc-per-node G benchmarks/reshard.py --old OLD.json --new NEW.json [--layers L] [--json out.json]
+    torchrun --nproc-per-node G benchmarks/reshard.py [--layers L] [--rates GBPS,...] [--json out.json]
+    torchrun --nproc-per-node 2 benchmarks/reshard.py --cpu-smoke      # gloo, tiny experts, seconds
 
-Every rank holds `slots_per_gpu` slots of L MoE layers (real slot tensors: gate/up [2048*2, 7168] and
-down [7168, 2048] float8_e4m3fn with 128x128 float32 scales) and runs moeplace's `Resharder` — the same
-code `moeplace serve` runs — from OLD to NEW. Meanwhile the serving thread runs steps (per layer a
-decode-sized expert GEMM on this rank plus an all-reduce, standing in for the MoE layer's compute and
-collective) and applies layer swaps between steps exactly as the engine does (rank 0 broadcasts them).
-Reported: steady-state and during-reshard step times (p50 / p99 / max), reshard wall time, experts and
-bytes moved, effective transfer bandwidth per GPU vs NCCL P2P measured on the same GPUs.
-CPU (gloo) works too with --tiny, to check the script without a GPU.
+Every rank holds `slots_per_gpu` slots of L EPMoE layers (gate/up [2*2048, 7168], down [7168, 2048]
+float8_e4m3fn with 128x128 float32 scales; each expert's bytes drawn from its (layer, expert) seed,
+so replicas agree). Placements: the trivial layout and one solved from real DeepSeek-V3 statistics
+(../shared/traces, else the package's example trace scaled to 256 experts). The serving thread runs
+steps (per layer a decode-sized GEMM and an all-reduce, standing in for the MoE layer's compute and
+collective) and applies the reshard's actions between steps, as the engine does. Per rate limit
+(0 = unlimited) two reshards, there and back: reshard seconds, busiest GPU's received bytes / seconds
+vs the best peer bandwidth, experts moved vs the plan's minimum, step p50/p99 during vs steady.
 """
 
 from __future__ import annotations
@@ -19,48 +21,105 @@ import argparse
 import json
 import os
 import time
-from types import SimpleNamespace
+from datetime import date
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from moeplace.placement import load_placement
-from moeplace.runtime.reshard import Resharder
-from moeplace.runtime.routing import SlotTable
+from moeplace.placement import Placement, trivial_placement
+from moeplace.topology import Topology
 
-FP8 = torch.float8_e4m3fn
-
-
-def make_layer(placement, row: int, rank: int, hidden: int, inter: int, device) -> SimpleNamespace:
-    """One MoE layer's slots on this rank, filled with random FP8 weights and scales."""
-    S = placement.topology.slots_per_gpu
-    fp8 = lambda *shape: torch.randn(*shape, device=device).clamp(-448, 448).to(FP8)  # noqa: E731
-    blocks = lambda a, b: (S, -(-a // 128), -(-b // 128))  # noqa: E731
-    experts = torch.tensor(placement.phy2log_LP[row, rank * S: (rank + 1) * S], device=device)
-    return SimpleNamespace(
-        w13_SFD=fp8(S, 2 * inter, hidden), w13_sinv_Sfd=torch.rand(blocks(2 * inter, hidden), device=device),
-        w2_SDF=fp8(S, hidden, inter), w2_sinv_Sdf=torch.rand(blocks(hidden, inter), device=device),
-        slot_experts_S=experts, table=SlotTable.from_placement(placement, row, device),
-    )
+E, TOPK = 256, 8
 
 
-def p2p_bandwidth(group, device, nbytes: int) -> float:
+def placements(world: int, layers: int, cpu_smoke: bool) -> tuple[Placement, Placement]:
+    """(trivial, solved) over `world` GPUs, 256 experts + 32 redundant slots (fewer for the smoke)."""
+    from moeplace.placer.solve import Method, SolveOptions, solve
+    from moeplace.readers import load_trace
+    from moeplace.resources import EXAMPLE_TRACE
+    from moeplace.trace import Trace
+
+    experts = 64 if cpu_smoke else E
+    slots = (experts + 8 * world) // world
+    topology = Topology(world, world, slots)
+    counts = load_trace(EXAMPLE_TRACE).counts_WLE.astype(np.int64)  # [W, 3, 64]
+    counts_WLE = np.tile(counts, (1, -(-layers // counts.shape[1]), experts // counts.shape[2]))[:, :layers]
+    ids = np.arange(layers)
+    trace = Trace(counts_WLE, ids, TOPK, num_model_layers=layers, n_group=8, topk_group=4, source="example")
+    old = trivial_placement(experts, topology, ids, layers)
+    new = solve([trace], topology, SolveOptions(method=Method.greedy, workers=1)).placement
+    return old, new
+
+
+def build_model(placement: Placement, rank: int, hidden: int, inter: int, device):
+    """L EPMoE layers holding this rank's slots, each expert's bytes from its (layer, expert) seed."""
+    from types import SimpleNamespace
+
+    from moeplace.runtime.comm import Comm
+    from moeplace.runtime.config import ModelConfig
+    from moeplace.runtime.moe import EPMoE
+
+    config = ModelConfig(
+        vocab_size=1024, hidden_size=hidden, intermediate_size=4 * inter, moe_intermediate_size=inter,
+        num_hidden_layers=placement.num_layers, first_k_dense_replace=0, n_routed_experts=placement.num_experts,
+        n_shared_experts=1, num_experts_per_tok=TOPK, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        norm_topk_prob=True, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=16,
+        qk_rope_head_dim=16, v_head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=256, source="reshard benchmark")
+    hf_config, comm = config.to_hf(), Comm.of(dist.group.WORLD)
+    layers = []
+    for row in range(placement.num_layers):
+        moe = EPMoE(config, hf_config, row, row, placement, comm, device, torch.bfloat16)
+        for s, expert in enumerate(moe.slot_experts_S.tolist()):
+            gen = torch.Generator(device=device).manual_seed(row * placement.num_experts + expert)
+            for t in moe.read_slot(s).wire():
+                t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8, device=device, generator=gen))
+        layers.append(moe)
+    return SimpleNamespace(placement=placement, moe_layers=layers)
+
+
+def nccl_p2p(group, device, nbytes: int) -> float:
     """GB/s per GPU: every rank sends `nbytes` to the next and receives from the previous, at once."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    recv = torch.empty_like(send)
-    ops = lambda: [dist.P2POp(dist.isend, send, (rank + 1) % world, group),  # noqa: E731
-                   dist.P2POp(dist.irecv, recv, (rank - 1) % world, group)]
-    for w in dist.batch_isend_irecv(ops()):
-        w.wait()
+    send, recv = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def ring():
+        ops = [dist.P2POp(dist.isend, send, (rank + 1) % world, group),
+               dist.P2POp(dist.irecv, recv, (rank - 1) % world, group)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+
+    return nbytes / _seconds(ring, device) / 1e9
+
+
+def copy_engine_p2p(device, nbytes: int) -> float:
+    """GB/s of a peer copy from the next GPU into this one on a side stream (copy engines, no SMs),
+    both directions at once: rank r pulls from GPU r+1 (this process maps it), every rank together."""
+    peer = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
+    src = torch.empty(nbytes, dtype=torch.uint8, device=peer)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream, peer_stream = torch.cuda.Stream(device), torch.cuda.Stream(peer)
+
+    def pull():
+        with torch.cuda.stream(stream), torch.cuda.stream(peer_stream):
+            dst.copy_(src, non_blocking=True)
+        peer_stream.synchronize()
+        stream.synchronize()
+
+    dist.barrier()
+    return nbytes / _seconds(pull, device) / 1e9
+
+
+def _seconds(fn, device, reps: int = 5) -> float:
+    fn()
     _sync(device)
     start = time.perf_counter()
-    for _ in range(5):
-        for w in dist.batch_isend_irecv(ops()):
-            w.wait()
+    for _ in range(reps):
+        fn()
     _sync(device)
-    return 5 * nbytes / (time.perf_counter() - start) / 1e9
+    return (time.perf_counter() - start) / reps
 
 
 def _sync(device) -> None:
@@ -68,100 +127,113 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(model, control, resharder, work_KN, x_MK, world_group) -> float:
-    """One serving step: apply due swaps (rank 0 decides), then per layer a GEMM and an all-reduce."""
+def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, bool]:
+    """One serving step: apply due actions (rank 0 decides, and tells whether job `job_id` has ended),
+    then per layer a GEMM and an all-reduce. (seconds, ended)."""
     start = time.perf_counter()
-    box = [resharder.due_actions() if dist.get_rank() == 0 else None]
+    ended = job_id is not None and resharder.jobs.get(job_id).state.final if dist.get_rank() == 0 else None
+    box = [(resharder.due_actions(), ended) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0, group=control)
-    for action in box[0]:
+    for action in box[0][0]:
         resharder.apply(action)
     for _ in model.moe_layers:
         y = x_MK @ work_KN
-        dist.all_reduce(y[:1], group=world_group)
+        dist.all_reduce(y[:1])
     _sync(x_MK.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, bool(box[0][1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--old", required=True)
-    p.add_argument("--new", required=True)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--steady-steps", type=int, default=50)
-    p.add_argument("--tiny", action="store_true", help="small experts, CPU/gloo check")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
-    control = dist.new_group(backend="gloo")
-    reshard_group = dist.new_group(backend="nccl" if cuda else "gloo")
-    hidden, inter = (256, 128) if args.tiny else (7168, 2048)
-    old, new = load_placement(args.old), load_placement(args.new)
-    rows = list(range(min(args.layers, old.num_layers)))
-    old, new = (_rows(pl, rows) for pl in (old, new))
-    model = SimpleNamespace(placement=old, moe_layers=[make_layer(old, r, rank, hidden, inter, device) for r in rows])
-    resharder = Resharder(model, reshard_group, rank, timeout_s=600)
-    bandwidth = p2p_bandwidth(reshard_group, device, (1 << 30) if cuda else (1 << 22))
-    dtype = torch.bfloat16 if cuda else torch.float32
-    work_KN = torch.randn(hidden, inter, device=device, dtype=dtype)
-    x_MK = torch.randn(128 * 8 // dist.get_world_size(), hidden, device=device, dtype=dtype)
-    steady = [step(model, control, resharder, work_KN, x_MK, dist.group.WORLD) for _ in range(args.steady_steps)]
-    results = []
-    # Twice: OLD -> NEW, then NEW -> OLD. The first also pays for NCCL's lazy set-up of the
-    # point-to-point connections between rank pairs the warm-up did not use.
-    for target, source in ((new, old), (old, new)):
-        job = resharder.submit(target) if rank == 0 else None
-        during = []
-        while True:
-            during.append(step(model, control, resharder, work_KN, x_MK, dist.group.WORLD))
-            flag = torch.tensor([1 if rank == 0 and job.state in ("done", "rolled_back", "failed") else 0], device=device)
-            dist.broadcast(flag, src=0)
-            if int(flag):
-                break
-        if rank == 0:
-            moved_per_gpu = np.bincount(_receivers(resharder, source, target), minlength=dist.get_world_size()).max()
-            results.append({
-                "from": source.source, "to": target.source, "state": job.state, "error": job.error,
-                "experts_moved": job.experts_moved, "bytes_moved": job.bytes_moved, "reshard_seconds": job.seconds,
-                "busiest_gpu_received_bytes": int(moved_per_gpu * resharder.expert_bytes),
-                "effective_gbps_per_gpu": moved_per_gpu * resharder.expert_bytes / job.seconds / 1e9,
-                "during_ms": _percentiles(during), "steps_during": len(during),
-            })
-    if rank == 0:
-        out = {
-            "gpus": dist.get_world_size(), "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "layers": len(rows), "expert_bytes": resharder.expert_bytes, "nccl_p2p_gbps_per_gpu": bandwidth,
-            "steady_ms": _percentiles(steady), "reshards": results,
-        }
-        print(json.dumps(out, indent=1), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-    dist.destroy_process_group()
+def reshard(model, control, resharder, target, work_KN, x_MK) -> tuple[object, list[float]]:
+    """Submit `target` (rank 0) and keep stepping until the job ends: (final JobStatus on rank 0, step seconds)."""
+    job = resharder.submit(target) if dist.get_rank() == 0 else None
+    during, ended = [], False
+    while not ended:
+        seconds, ended = step(model, control, resharder, work_KN, x_MK, job.id if job else None)
+        during.append(seconds)
+    return (resharder.jobs.get(job.id) if job else None), during
 
 
-def _receivers(resharder, old, new) -> np.ndarray:
+def received_by_busiest(old: Placement, new: Placement) -> int:
+    """Experts the busiest GPU receives over a link in the plan old -> new."""
     from moeplace.runtime.reshard_plan import NETWORK_LINKS, plan_reshard
 
     plan = plan_reshard(old, new)
     x = np.isin(plan.kind_X, NETWORK_LINKS)
-    return plan.dst_slot_X[x] // plan.topology.slots_per_gpu
+    return int(np.bincount(plan.dst_slot_X[x] // plan.topology.slots_per_gpu, minlength=plan.topology.num_gpus).max())
 
 
-def _percentiles(seconds: list[float]) -> dict:
-    ms = np.array(seconds) * 1e3
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rates", default="0,100,50,25,12", help="rate limits to run, GB/s per GPU (0 = unlimited)")
+    p.add_argument("--steady-steps", type=int, default=50)
+    p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny experts: checks the script")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    from moeplace.runtime.reshard import Resharder
+    from moeplace.runtime.reshard_options import ReshardOptions
+
+    cuda = not args.cpu_smoke
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    control = dist.new_group(backend="gloo")  # steps' broadcasts, and the reshard's agreements
+    reshard_group = dist.new_group(backend="nccl" if cuda else "gloo")
+    hidden, inter = (7168, 2048) if cuda else (256, 128)
+    old, new = placements(world, args.layers, args.cpu_smoke)
+    model = build_model(old, rank, hidden, inter, device)
+    peer = {"nccl_p2p": nccl_p2p(reshard_group, device, (1 << 30) if cuda else (1 << 20))}
+    if cuda and torch.cuda.device_count() > 1:
+        peer["copy_engine"] = copy_engine_p2p(device, 1 << 30)
+    best = max(peer.values())
+    dtype = torch.bfloat16 if cuda else torch.float32
+    work_KN = torch.randn(hidden, inter, device=device, dtype=dtype)
+    x_MK = torch.randn(128 * 8 // world, hidden, device=device, dtype=dtype)
+    results, steady = [], None
+    for rate in [float(r) for r in args.rates.split(",")]:
+        options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
+                                          **({"staging_bytes": 1 << 40} if not cuda else {}))
+        resharder = Resharder(model, reshard_group, rank, control=control if cuda else None, options=options)
+        resharder.connect()
+        steady = [step(model, control, resharder, work_KN, x_MK)[0] for _ in range(args.steady_steps)]
+        for source, target in ((old, new), (new, old)):
+            job, during = reshard(model, control, resharder, target, work_KN, x_MK)
+            if rank == 0:
+                results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during))
+                print(_line(results[-1]), flush=True)
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        out = {"date": str(date.today()), "device": name, "gpus": world, "layers": args.layers,
+               "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results}
+        print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+    dist.destroy_process_group()
 
 
-def _rows(placement, rows):
-    from moeplace.placement import Placement
+def _result(job, rate, source, target, expert_bytes, best, steady, during) -> dict:
+    from moeplace.placer.evaluate import moves
 
-    return Placement(placement.phy2log_LP[rows], placement.num_experts, placement.topology, placement.layers[rows],
-                     placement.num_model_layers, None, placement.provenance, placement.source)
+    busiest = received_by_busiest(source, target) * expert_bytes
+    gbps = busiest / job.seconds / 1e9 if job.seconds > 0 else 0.0
+    pct = lambda xs, q: float(np.percentile(np.array(xs) * 1e3, q))  # noqa: E731
+    return {"rate_gbps": rate, "to": "solved" if target.source != source.source else "?", "state": job.state.value,
+            "error": job.error, "seconds": job.seconds, "experts_moved": job.experts_moved,
+            "plan_minimum": int(moves(source, target).experts), "busiest_gpu_received_bytes": busiest,
+            "busiest_gbps": gbps, "of_best_peer": gbps / best, "steps_during": len(during),
+            "steady_p50_ms": pct(steady, 50), "steady_p99_ms": pct(steady, 99),
+            "during_p50_ms": pct(during, 50), "during_p99_ms": pct(during, 99), "during_max_ms": pct(during, 100),
+            "phase_seconds": job.to_json()["phase_seconds"]}
+
+
+def _line(r: dict) -> str:
+    return (f"rate {r['rate_gbps']:>5g} GB/s | {r['state']} {r['seconds']:.3f} s | moved {r['experts_moved']} "
+            f"(min {r['plan_minimum']}) | busiest GPU {r['busiest_gbps']:.1f} GB/s = {100 * r['of_best_peer']:.0f}% "
+            f"of best peer | step p50 {r['during_p50_ms']:.2f} / p99 {r['during_p99_ms']:.2f} ms "
+            f"(steady {r['steady_p50_ms']:.2f} / {r['steady_p99_ms']:.2f}; x{r['during_p99_ms'] / r['steady_p99_ms']:.2f})")
 
 
 if __name__ == "__main__":

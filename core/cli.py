@@ -352,6 +352,7 @@ def apply(
     """Reshard a running server to PLACEMENT while it keeps serving; exit 0 only when it is live.
     --engine sglang: SGLang cannot take a placement while running; prints the restart command instead."""
     from moeplace.client import ServerClient
+    from moeplace.reshard_job import JobState
 
     if engine is not TargetEngine.moeplace:
         with user_errors():
@@ -366,17 +367,17 @@ def apply(
         client = ServerClient(url, api_key)
         job = client.submit(target)
         with _progress() as progress:
-            task = progress.add_task(f"reshard {job['id']}", total=job["layers_total"])
-            status = client.wait(job["id"], lambda s: progress.update(task, completed=s["layers_done"]), timeout)
-        if status["state"] != "done":
-            raise ValueError(f"{url}: reshard {status['id']} {status['state']}: {status['error']}")
+            task = progress.add_task(f"reshard {job.id}", total=job.layers_total)
+            status = client.wait(job.id, lambda s: progress.update(task, completed=s.layers_done), timeout)
+        if status.state is not JobState.DONE:
+            raise ValueError(f"{url}: reshard {status.id} {status.state.value}: {status.error}")
         if not np.array_equal(client.placement().phy2log_LP, target.phy2log_LP):
             raise ValueError(f"{url}: reshard reported done but the live placement differs from {placement}")
-    stdout().print(f"live: {status['experts_moved']} experts moved ({status['bytes_moved'] / 1e6:.1f} MB) "
-                   f"in {status['seconds']:.2f} s, {status['bandwidth_gbps']:.3f} GB/s")
-    phases = status.get("phase_seconds") or {}
-    if phases:
-        stdout().print("time: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items()))
+    stdout().print(f"live: {status.experts_moved} experts moved ({status.bytes_moved / 1e6:.1f} MB) "
+                   f"in {status.seconds:.2f} s, {status.bandwidth_gbps:.3f} GB/s")
+    phases = status.phase_seconds
+    stdout().print(f"time: stage {phases.stage:.2f} s, transfer {phases.transfer:.2f} s, "
+                   f"swap_wait {phases.swap_wait:.2f} s")
 
 
 @app.command("make-model")

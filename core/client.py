@@ -21,9 +21,8 @@ import httpx
 import numpy as np
 
 from moeplace.placement import Placement, placement_from_dict, placement_to_json
+from moeplace.reshard_job import JobStatus
 from moeplace.trace import Trace, load_native_trace
-
-FINAL_STATES = ("done", "rolled_back", "failed")
 
 
 class ServerClient:
@@ -57,23 +56,33 @@ class ServerClient:
         tmp.write_bytes(self._call("GET", "/moeplace/profile/dump").content)
         return load_native_trace(tmp)
 
-    def submit(self, placement: Placement) -> dict:
-        return self._call("PUT", "/moeplace/placement", content=placement_to_json(placement).encode(),
-                          headers={"content-type": "application/json"}).json()
+    def submit(self, placement: Placement) -> JobStatus:
+        path = "/moeplace/placement"
+        r = self._call("PUT", path, content=placement_to_json(placement).encode(),
+                       headers={"content-type": "application/json"})
+        return JobStatus.from_json(self._json(r, path), f"{self.url}{path}")
 
-    def job(self, job_id: str) -> dict:
-        return self._call("GET", f"/moeplace/reshard/{job_id}").json()
+    def job(self, job_id: str) -> JobStatus:
+        path = f"/moeplace/reshard/{job_id}"
+        return JobStatus.from_json(self._json(self._call("GET", path), path), f"{self.url}{path}")
 
-    def wait(self, job_id: str, on_progress: Callable[[dict], None] | None = None, timeout: float = 3600) -> dict:
+    def _json(self, response: httpx.Response, path: str):
+        try:
+            return response.json()
+        except ValueError:
+            raise ValueError(f"{self.url}{path}: the answer is not JSON: {response.text[:200]!r}") from None
+
+    def wait(self, job_id: str, on_progress: Callable[[JobStatus], None] | None = None,
+             timeout: float = 3600) -> JobStatus:
         deadline = time.monotonic() + timeout
         while True:
             status = self.job(job_id)
             if on_progress:
                 on_progress(status)
-            if status["state"] in FINAL_STATES:
+            if status.state.final:
                 return status
             if time.monotonic() > deadline:
-                raise ValueError(f"{self.url}: reshard {job_id} still {status['state']} after {timeout:.0f} s")
+                raise ValueError(f"{self.url}: reshard {job_id} still {status.state.value} after {timeout:.0f} s")
             time.sleep(0.2)
 
 

@@ -21,6 +21,7 @@ from moeplace.client import LoadGenerator, ServerClient, free_port, running_serv
 from moeplace.placement import Placement, save_placement, trivial_placement
 from moeplace.placer.evaluate import distinct_nodes, gpu_load_LG, group_span, imbalance, moves
 from moeplace.placer.solve import SolveOptions, solve
+from moeplace.reshard_job import JobState, JobStatus
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
@@ -51,7 +52,7 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
                 result = solve([trace_before], TOPOLOGY, SolveOptions(time_limit=solve_seconds, workers=1), old=start)
                 console.print(f"solved in {result.seconds:.1f} s; applying while the load continues ...")
                 job = client.submit(result.placement)
-                status = client.wait(job["id"])
+                status = client.wait(job.id)
                 console.print(f"profiling {profile_seconds:.0f} s on the new layout ...")
                 trace_after = client.profile(profile_seconds, 1.0, Path(tmp) / "after.safetensors", 0.5)
             after_answers = _answers(url)
@@ -60,7 +61,7 @@ def run_live_demo(console: Console, profile_seconds: float = 6.0, solve_seconds:
     console.print(results_table(start.layers, before, after))
     for line in summary_lines(status, moves(start, result.placement).experts, load.sent, load.failed, same):
         console.print(line, highlight=False)
-    return load.failed == 0 and same and status["state"] == "done"
+    return load.failed == 0 and same and status.state is JobState.DONE
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,11 @@ def results_table(layers: np.ndarray, before: Measured, after: Measured) -> Tabl
     return table
 
 
-def summary_lines(status: dict, planned_experts: int, sent: int, failed: int, same: bool) -> list[str]:
+def summary_lines(status: JobStatus, planned_experts: int, sent: int, failed: int, same: bool) -> list[str]:
     """The reshard and the traffic around it, one fact per line."""
     return [
-        f"reshard: {status['state']} in {status['seconds']:.2f} s; {status['experts_moved']} experts moved "
-        f"({planned_experts} is the fewest this placement needs), {status['bytes_moved'] / 1e6:.1f} MB",
+        f"reshard: {status.state.value} in {status.seconds:.2f} s; {status.experts_moved} experts moved "
+        f"({planned_experts} is the fewest this placement needs), {status.bytes_moved / 1e6:.1f} MB",
         f"requests during the demo: {sent} sent, {failed} failed (0 failed is the goal)",
         f"fixed prompts answered identically before and after: {'yes' if same else 'NO'}",
         "next: your own model and traces: moeplace serve --model DIR; moeplace profile --url URL -o trace.safetensors;"

@@ -87,7 +87,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def main() -> None:
+def main(faults=None) -> None:
+    """One rank. `faults`: a reshard FaultPlan, from tests only (tests/support/faulty_rank.py)."""
     import torch
 
     config = ServeConfig.from_json(os.environ[CONFIG_ENV])
@@ -97,7 +98,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
-    code = run_rank(config, rank, world, device, stop)
+    code = run_rank(config, rank, world, device, stop, faults)
     # Skip the interpreter's teardown of torch and the model (seconds of freeing on a loaded machine):
     # the process is done, and a stop must be over within 10 s.
     sys.stdout.flush()
@@ -105,7 +106,7 @@ def main() -> None:
     os._exit(code)
 
 
-def run_rank(config: ServeConfig, rank: int, world: int, device, stop: StopSignal) -> int:
+def run_rank(config: ServeConfig, rank: int, world: int, device, stop: StopSignal, faults=None) -> int:
     """Load this rank's part of the model, then serve (rank 0) or follow (the others): the exit status."""
     import torch.distributed as dist
 
@@ -125,7 +126,7 @@ def run_rank(config: ServeConfig, rank: int, world: int, device, stop: StopSigna
 
         # On GPUs the reshard's agreements and handshakes go on gloo: a rank waiting there waits on the host.
         reshard_control = dist.new_group(backend="gloo") if device.type == "cuda" else None
-        resharder = Resharder(model, reshard_group, rank, control=reshard_control)
+        resharder = Resharder(model, reshard_group, rank, control=reshard_control, faults=faults)
         resharder.connect()
         if rank == 0:
             from moeplace.runtime.serving import serve

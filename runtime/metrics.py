@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from moeplace.reshard_job import JobState, JobStatus
 from moeplace.runtime.engine import StatsWindow, StepStats
 from moeplace.runtime.recorder import Recorder
 
@@ -26,12 +27,12 @@ class Metrics:
         self.model = model
         self.recorder = recorder
 
-    def observe_reshards(self, jobs: dict) -> None:
+    def observe_reshards(self, jobs: list[JobStatus]) -> None:
         """Scrape time: how many reshards ended in each state, and the newest one's progress."""
-        for state in ("pending", "running", "rolling_back", "done", "rolled_back", "failed"):
-            self.reshards.labels(state=state).set(sum(j.state == state for j in jobs.values()))
+        for state in JobState:
+            self.reshards.labels(state=state.value).set(sum(j.state is state for j in jobs))
         if jobs:
-            self.reshard_layers.set(max(jobs.values(), key=lambda j: j.started).layers_done)
+            self.reshard_layers.set(max(jobs, key=lambda j: j.started).layers_done)
 
     def observe_step(self, stats: StepStats) -> None:
         self.step_seconds.observe(stats.seconds)

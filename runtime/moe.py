@@ -39,6 +39,7 @@ from moeplace.runtime.experts import (ExpertPath, decode_features, encode_tokens
                                       reference_experts)
 from moeplace.kernels.fp8 import FP8, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
+from moeplace.runtime.slots import SlotWeights, StagedLayer
 
 
 class Gate(nn.Module):
@@ -120,7 +121,7 @@ class EPMoE(nn.Module):
         self.expert_path = ExpertPath.default(torch.device(device), D, Fi, self.block)
         self.gate = Gate(E, D, device)
         self.shared_experts = DeepseekV3MLP(hf_config, intermediate_size=Fi * config.n_shared_experts).to(device, dtype)
-        self.table = SlotTable.from_placement(placement, row, device)
+        self.table = _widest_table(SlotTable.from_placement(placement, row, device), placement)
         first = comm.rank * S
         slots = lambda shape, dt: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         # Non-persistent: slots are filled by `load_slots` (this rank's experts only), not by state_dict.
@@ -148,6 +149,33 @@ class EPMoE(nn.Module):
             self.w13_sinv_Sfd[s].copy_(w.w13_sinv_fd)
             self.w2_SDF[s].copy_(w.w2_DF)
             self.w2_sinv_Sdf[s].copy_(w.w2_sinv_df)
+
+    def read_slot(self, slot: int) -> SlotWeights:
+        """Slot `slot` (0..S-1) of this rank: views of its weights and scales, valid until `install`."""
+        return SlotWeights(self.w13_SFD[slot], self.w13_sinv_Sfd[slot], self.w2_SDF[slot], self.w2_sinv_Sdf[slot])
+
+    def install(self, staged: StagedLayer, table: SlotTable) -> None:
+        """Between two steps: the staged experts into their slots, then the routing of the new layout.
+
+        Every write is in place (captured CUDA graphs keep pointing at these tensors); on a GPU the
+        copies queue on the current stream, ahead of the next step's kernels. The window's per-slot
+        counts are folded first: they belong to the old layout's experts."""
+        self.fold_window()
+        dst = torch.as_tensor(staged.dst_slot_N, dtype=torch.int64, device=self.w13_SFD.device)
+        fan_dst = torch.as_tensor(staged.fanout_dst_X, dtype=torch.int64, device=dst.device)
+        fan_src = torch.as_tensor(staged.fanout_src_X, dtype=torch.int64, device=dst.device)
+        for slots, buffer in zip((self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf), staged.buffers.wire()):
+            # uint8 views: index_copy_ has no FP8 kernels, and bytes are what moved
+            slots = slots.view(torch.uint8)
+            slots.index_copy_(0, dst, buffer)
+            if len(fan_dst):
+                slots.index_copy_(0, fan_dst, buffer[fan_src])
+            if buffer.is_cuda:  # the reshard stream allocated it; freed only after this stream's copies
+                buffer.record_stream(torch.cuda.current_stream(buffer.device))
+        S, rank = self.w13_SFD.shape[0], self.comm.rank
+        self.slot_experts_S.copy_(torch.as_tensor(staged.phy2log_P[rank * S: (rank + 1) * S]))
+        self.phy2log_P.copy_(torch.as_tensor(staged.phy2log_P))
+        _copy_table(self.table, table)
 
     def fold_window(self) -> None:
         """The per-slot counts so far -> per logical expert (under the live placement) and per rank.
@@ -419,6 +447,30 @@ class _Plan:
     send_assignments: list[int] | None = None
     recv_rows: list[int] | None = None
     recv_assignments: list[int] | None = None
+
+
+def _widest_table(table: SlotTable, placement: Placement) -> SlotTable:
+    """`table` padded to the most replicas any layout of this topology can give one expert (every
+    other expert keeps one slot: P - E + 1), so `install` always fits a new layout in place. Padding
+    replicas are -1 slots of share 0, which the routing skips."""
+    R = placement.topology.num_slots - placement.num_experts + 1
+    E, device = table.log2phy_ER.shape[0], table.log2phy_ER.device
+    wide = SlotTable(torch.full((E, R), -1, dtype=torch.int64, device=device),
+                     torch.full((E, R), -1, dtype=torch.int64, device=device),
+                     torch.zeros((E, R), dtype=torch.float64, device=device),
+                     table.slots_per_rank, table.ranks_per_node, table.num_nodes)
+    _copy_table(wide, table)
+    return wide
+
+
+def _copy_table(live: SlotTable, new: SlotTable) -> None:
+    """`new` into `live`'s (at least as wide) tensors in place, padded as in `_widest_table`."""
+    R = live.log2phy_ER.shape[1]
+    assert new.log2phy_ER.shape[1] <= R, (new.log2phy_ER.shape, R)
+    for mine, theirs, pad in ((live.log2phy_ER, new.log2phy_ER, -1), (live.node_ER, new.node_ER, -1),
+                              (live.share_ER, new.share_ER, 0)):
+        mine.fill_(pad)
+        mine[:, : theirs.shape[1]].copy_(theirs)
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from moeplace.runtime.guard import check_fits_served
 from moeplace.runtime.metrics import Metrics
 from moeplace.runtime.model import check_placement
 from moeplace.runtime.recorder import Recorder
-from moeplace.runtime.reshard import ReshardBusy
+from moeplace.runtime.reshard_jobs import ReshardBusy
 from moeplace.runtime.synthetic import expert_bytes
 from moeplace.trace import trace_to_bytes
 
@@ -66,7 +66,7 @@ def create_app(engine: Engine, model, tokenizer, model_name: str, api_key: str |
     @app.get("/metrics")
     async def prometheus():
         if resharder is not None:
-            metrics.observe_reshards(dict(resharder.jobs))
+            metrics.observe_reshards(resharder.jobs.all())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/moeplace/placement")

@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from moeplace.live_demo import TOPOLOGY, Measured, results_table, run_live_demo, summary_lines
+from moeplace.reshard_job import JobState, JobStatus
 from moeplace.placement import trivial_placement
 from moeplace.placer.evaluate import distinct_nodes, evaluate
 from moeplace.trace import Trace
@@ -43,7 +44,8 @@ def test_every_row_says_which_way_is_better():
 
 
 def test_summary_names_each_number_and_ends_with_a_next_command():
-    status = {"state": "done", "seconds": 1.25, "experts_moved": 12, "bytes_moved": 3e6}
+    status = JobStatus(id="x", layers_total=3, experts_to_move=12, bytes_to_move=3_000_000, state=JobState.DONE,
+                       seconds=1.25, experts_moved=12, bytes_moved=3_000_000)
     lines = summary_lines(status, 12, sent=40, failed=0, same=True)
     assert lines[0] == "reshard: done in 1.25 s; 12 experts moved (12 is the fewest this placement needs), 3.0 MB"
     assert lines[1] == "requests during the demo: 40 sent, 0 failed (0 failed is the goal)"

@@ -8,7 +8,6 @@ retried.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from moeplace.runtime.model import EPModel
 from moeplace.runtime.tokenizer import ByteTokenizer
 from moeplace.topology import Topology
 from moeplace.trace import Trace
+from reshard_server import faulty_server
 
 PROMPTS = ["The expert route of the token", "GPU memory is fast", "def balance(load):", "Balance the nodes."]
 MAX_TOKENS = 3  # three engine steps per request: prefill and two decodes
@@ -65,9 +65,9 @@ def server(tiny_dir, tmp_path_factory, running_server, free_port):
     a, b = placement_for([0, 1, 2], root / "a.json"), placement_for([3, 4, 5], root / "b.json")
     assert not np.array_equal(load_placement(a).phy2log_LP, load_placement(b).phy2log_LP)
     port = free_port()
-    cmd = [sys.executable, "-m", "moeplace.cli", "serve", "--nproc", "2", "--gpus-per-node", "1", "--model", str(tiny_dir),
-           "--placement", str(a), "--port", str(port), "--max-batch", str(MAX_BATCH), "--queue-limit", str(QUEUE_LIMIT)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULT, MOEPLACE_API_KEY="")
+    cmd, config_env = faulty_server(a, port, FAULT, ranks=2, device="cpu", model=tiny_dir, gpus_per_node=1,
+                                    max_batch=MAX_BATCH, queue_limit=QUEUE_LIMIT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_API_KEY="", **config_env)
     log_path = root / "serve.log"
     expected = references(tiny_dir)
     with running_server(cmd, env, log_path, port) as (url, proc):

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from reshard_server import (PROMPTS, Load, answers, job_counts, live_phy2log, placement_for, serve_command,
+from reshard_server import (PROMPTS, Load, answers, faulty_server, job_counts, live_phy2log, placement_for,
                             submit, wait_job)
 
 from moeplace.placement import load_placement
 from moeplace.placer.solve import Method
-from moeplace.runtime.reshard import _timeout_from_env
+from moeplace.runtime.reshard_options import ReshardOptions
 from moeplace.runtime.reshard_plan import plan_reshard
 
 TIMEOUT_S = 2  # MOEPLACE_RESHARD_TIMEOUT of the server: short, so the stalled job takes seconds
@@ -30,8 +30,9 @@ def server(tiny_dir, tmp_path_factory, running_server, free_port):
     old = placement_for([0, 1, 2], Method.greedy, root / "old.json")
     new = placement_for([3, 4, 5], Method.greedy, root / "new.json")
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULT, MOEPLACE_RESHARD_TIMEOUT=str(TIMEOUT_S))
-    with running_server(serve_command(old, port, "--model", str(tiny_dir)), env, root / "serve.log", port) as (url, _):
+    command, config_env = faulty_server(old, port, FAULT, model=tiny_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_RESHARD_TIMEOUT=str(TIMEOUT_S), **config_env)
+    with running_server(command, env, root / "serve.log", port) as (url, _):
         yield SimpleNamespace(url=url, old=old, new=new)
 
 
@@ -84,7 +85,6 @@ def test_transfer_timeout_rolls_back_then_reshard_goes_live(server):
 
 
 @pytest.mark.parametrize("raw", ["0", "-2", "nan", "inf", "2s"])
-def test_bad_timeout_is_one_clear_error(monkeypatch, raw):
-    monkeypatch.setenv("MOEPLACE_RESHARD_TIMEOUT", raw)
+def test_bad_timeout_is_one_clear_error(raw):
     with pytest.raises(ValueError, match=f"MOEPLACE_RESHARD_TIMEOUT must be a positive number of seconds, got '{raw}'"):
-        _timeout_from_env()
+        ReshardOptions.from_env({"MOEPLACE_RESHARD_TIMEOUT": raw})

@@ -13,7 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from reshard_server import (RANKS, Load, answers, job_counts, live_phy2log, placement_for, serve_command,
+from reshard_server import (RANKS, Load, answers, faulty_server, job_counts, live_phy2log, placement_for,
                             submit, wait_job)
 
 from moeplace.placement import load_placement, placement_to_json
@@ -33,8 +33,9 @@ def server(tmp_path_factory, running_server, free_port):
     old = placement_for([0, 1, 2], Method.greedy, root / "old.json")
     new = placement_for([3, 4, 5], Method.cpsat, root / "new.json")
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MOEPLACE_FAULT=FAULTS)
-    with running_server(serve_command(old, port), env, root / "serve.log", port) as (url, _):
+    command, config_env = faulty_server(old, port, FAULTS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **config_env)
+    with running_server(command, env, root / "serve.log", port) as (url, _):
         yield {"url": url, "old": old, "new": new, "log": root / "serve.log"}
 
 

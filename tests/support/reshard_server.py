@@ -38,11 +38,31 @@ def serve_command(placement: Path, port: int, *extra: str) -> list[str]:
            "--placement", str(placement), "--port", str(port), "--max-batch", "4", *extra]
     if DEVICE == "cpu":
         return cmd
+    _skip_without_gpus(RANKS)
+    return [*cmd, "--device", "cuda"]
+
+
+def faulty_server(placement: Path, port: int, faults: str, *, ranks: int = RANKS, device: str = DEVICE,
+                  **options) -> tuple[list[str], dict[str, str]]:
+    """A server whose reshards meet `faults` (a FaultPlan spec): torchrun starts tests/support/faulty_rank.py
+    on `ranks` ranks, the server's options (ServeConfig fields; gpus_per_node GPUS_PER_NODE, max_batch 4
+    unless given) in the environment as `moeplace serve` passes them. (command, environment to add)."""
+    from moeplace.runtime.launch import CONFIG_ENV, ServeConfig
+
+    if device == "cuda":
+        _skip_without_gpus(ranks)
+    options = {"gpus_per_node": GPUS_PER_NODE, "max_batch": 4, **options}
+    config = ServeConfig(placement=Path(placement), port=port, device=device, **options)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone",
+           str(Path(__file__).with_name("faulty_rank.py")), faults]
+    return cmd, {CONFIG_ENV: config.to_json()}
+
+
+def _skip_without_gpus(ranks: int) -> None:
     import torch
 
-    if torch.cuda.device_count() < RANKS:
-        pytest.skip(f"MOEPLACE_TEST_DEVICE=cuda needs {RANKS} CUDA GPUs, this machine has {torch.cuda.device_count()}")
-    return [*cmd, "--device", "cuda"]
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"MOEPLACE_TEST_DEVICE=cuda needs {ranks} CUDA GPUs, this machine has {torch.cuda.device_count()}")
 
 
 def placement_for(windows: list[int], method: Method, path: Path) -> Path:

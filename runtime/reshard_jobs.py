@@ -1,0 +1,68 @@
+"""Rank 0's registry of reshard jobs: one `JobStatus` per job, at most one job running.
+
+The HTTP handlers read it (`get`, `all`), the reshard thread and the serving thread update it
+(`update`, `add_phase`, `finish`); each update replaces the frozen record under a lock, so a
+reader always sees one consistent record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+
+from moeplace.reshard_job import JobState, JobStatus
+
+
+class ReshardBusy(Exception):
+    """A reshard is already running (HTTP 409)."""
+
+
+class JobRegistry:
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobStatus] = {}
+        self._active: str | None = None
+        self._lock = threading.Lock()
+
+    def open(self, layers: int, experts: int, expert_bytes: int) -> JobStatus:
+        """A new pending job; ReshardBusy while another has not reached a final state."""
+        with self._lock:
+            if self._active is not None:
+                raise ReshardBusy(f"reshard {self._active} is still running")
+            job = JobStatus(id=uuid.uuid4().hex[:12], layers_total=layers, experts_to_move=experts,
+                            bytes_to_move=experts * expert_bytes, started=time.time())
+            self._jobs[job.id] = job
+            self._active = job.id
+            return job
+
+    def get(self, job_id: str) -> JobStatus | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def all(self) -> list[JobStatus]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def update(self, job_id: str, **changes) -> None:
+        with self._lock:
+            self._jobs[job_id] = dataclasses.replace(self._jobs[job_id], **changes)
+
+    def add_layer(self, job_id: str, experts: int, expert_bytes: int) -> None:
+        """One more layer installed, which moved `experts` across a link."""
+        with self._lock:
+            job = self._jobs[job_id]
+            self._jobs[job_id] = dataclasses.replace(
+                job, layers_done=job.layers_done + 1, experts_moved=job.experts_moved + experts,
+                bytes_moved=job.bytes_moved + experts * expert_bytes)
+
+    def add_phase(self, job_id: str, phase: str, seconds: float) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            self._jobs[job_id] = dataclasses.replace(job, phase_seconds=job.phase_seconds.plus(phase, seconds))
+
+    def finish(self, job_id: str, state: JobState, seconds: float, error: str | None) -> None:
+        assert state.final, state
+        with self._lock:
+            self._jobs[job_id] = dataclasses.replace(self._jobs[job_id], state=state, seconds=seconds, error=error)
+            self._active = None

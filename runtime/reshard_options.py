@@ -1,0 +1,83 @@
+"""How a live reshard may use the machine: transfer timeout, rate limit, staging budget (`ReshardOptions`),
+and the `Pacer` that keeps transfers to the rate limit.
+
+From the environment of `moeplace serve` (every rank reads the same):
+  MOEPLACE_RESHARD_TIMEOUT   seconds a layer's transfers may take (default 60)
+  MOEPLACE_RESHARD_RATE      bytes/s one GPU may move (the larger of sent and received), 0 = unlimited;
+                             an operator trades reshard time for serving slowdown (BENCHMARKS.md has
+                             the measured frontier; the default is chosen from it)
+  MOEPLACE_RESHARD_STAGING   bytes of staging one GPU may hold for layers in flight (default 8 GiB)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+DEFAULT_RATE = 0.0  # unlimited until measured: see BENCHMARKS.md, "live reshard frontier"
+DEFAULT_STAGING = 8 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReshardOptions:
+    """timeout_s > 0; rate_bytes_per_s >= 0 (0 = unlimited); staging_bytes > 0; chunk_experts >= 1:
+    experts per peer posted together (the pacing granularity; unlimited rate: the whole layer)."""
+
+    timeout_s: float = 60.0
+    rate_bytes_per_s: float = DEFAULT_RATE
+    staging_bytes: int = DEFAULT_STAGING
+    chunk_experts: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "staging_bytes", "chunk_experts"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"reshard option {name} must be > 0, got {getattr(self, name)}")
+        if not self.rate_bytes_per_s >= 0 or not math.isfinite(self.rate_bytes_per_s):
+            raise ValueError(f"reshard option rate_bytes_per_s must be >= 0, got {self.rate_bytes_per_s}")
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> ReshardOptions:
+        """From MOEPLACE_RESHARD_* (ValueError naming the variable and its value); `overrides` win."""
+        env = os.environ if env is None else env
+        values = {"timeout_s": _number(env, "MOEPLACE_RESHARD_TIMEOUT", 60.0, positive=True),
+                  "rate_bytes_per_s": _number(env, "MOEPLACE_RESHARD_RATE", DEFAULT_RATE, positive=False),
+                  "staging_bytes": int(_number(env, "MOEPLACE_RESHARD_STAGING", DEFAULT_STAGING, positive=True))}
+        values.update(overrides)
+        if values["rate_bytes_per_s"] > 0 and "chunk_experts" not in overrides:
+            values["chunk_experts"] = 2  # small chunks: pacing spreads the bytes, not whole layers
+        return cls(**values)
+
+
+def _number(env, name: str, default: float, positive: bool) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        what = "a positive number" if positive else "a number >= 0"
+        unit = " of seconds" if name.endswith("TIMEOUT") else ""
+        raise ValueError(f"{name} must be {what}{unit}, got {raw!r}")
+    return value
+
+
+class Pacer:
+    """Holds posts back so that the bytes posted since the first stay within `rate` bytes/s (0: never)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.start, self.posted = rate, None, 0
+
+    def wait(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        due = self.start + self.posted / self.rate
+        if due > now:
+            time.sleep(due - now)
+        self.posted += nbytes

@@ -1,0 +1,45 @@
+"""The runtime benchmarks' CPU smoke modes, so a benchmark cannot break unnoticed: benchmarks/reshard.py
+(2 gloo ranks, tiny experts, the Resharder at two rate limits) and benchmarks/full_loop.py (make-model,
+serve, load, profile, solve, apply, MoE layer: 2 ranks, one MoE layer, short phases)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeplace.runtime.synthetic import DEFAULT_ROUTING_TRACE
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_reshard_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "reshard.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           str(REPO / "benchmarks" / "reshard.py"), "--cpu-smoke", "--layers", "2", "--rates", "0,0.02",
+           "--steady-steps", "5", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["rate_gbps"] for r in result["reshards"]] == [0, 0, 0.02, 0.02]
+    for r in result["reshards"]:
+        assert r["state"] == "done" and r["experts_moved"] == r["plan_minimum"] > 0, r
+        assert r["busiest_gbps"] > 0 and r["steps_during"] > 0
+    # 0.02 GB/s paces the ~5 MB the busiest rank moves over ~0.25 s at least
+    assert min(r["seconds"] for r in result["reshards"][2:]) > 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_ROUTING_TRACE.exists(), reason=f"needs {DEFAULT_ROUTING_TRACE} (../shared beside the checkout)")
+def test_full_loop_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "full_loop.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "full_loop.py"), "run", "--cpu-smoke", "--workdir",
+                    str(tmp_path / "work"), "--json", str(out)], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["load"]["failed"] == 0 and result["load"]["sent"] > 0
+    assert result["reshard"]["experts_moved"] > 0
+    assert {m["placement"] for m in result["moe_layer"]["results"]} == {"uniform", "before", "after"}
