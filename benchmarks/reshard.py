@@ -28,21 +28,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moeplace.placement import Placement, trivial_placement
+from moeplace.placement import Placement, load_placement, trivial_placement
 from moeplace.topology import Topology
 
 E, TOPK = 256, 8
 
 
 def placements(world: int, layers: int, cpu_smoke: bool) -> tuple[Placement, Placement]:
-    """(trivial, solved) over `world` GPUs, 256 experts + 32 redundant slots (fewer for the smoke)."""
+    """(trivial, greedy-solved for the example trace) over `world` GPUs, 256 experts + 8 redundant
+    slots per GPU (64 experts for the smoke): where no --old/--new are given."""
     from moeplace.placer.solve import Method, SolveOptions, solve
     from moeplace.readers import load_trace
     from moeplace.resources import EXAMPLE_TRACE
     from moeplace.trace import Trace
 
     experts = 64 if cpu_smoke else E
-    slots = (experts + 8 * world) // world
+    slots = (experts + (8 if cpu_smoke else 32)) // world
     topology = Topology(world, world, slots)
     counts = load_trace(EXAMPLE_TRACE).counts_WLE.astype(np.int64)  # [W, 3, 64]
     counts_WLE = np.tile(counts, (1, -(-layers // counts.shape[1]), experts // counts.shape[2]))[:, :layers]
@@ -164,10 +165,13 @@ def received_by_busiest(old: Placement, new: Placement) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--old", type=Path, default=None, help="placement to start from (default: trivial)")
+    p.add_argument("--new", type=Path, default=None, help="placement to reshard to (default: greedy, example trace)")
+    p.add_argument("--layers", type=int, default=4, help="the first L layers of the placements")
     p.add_argument("--rates", default="0,100,50,25,12", help="rate limits to run, GB/s per GPU (0 = unlimited)")
     p.add_argument("--steady-steps", type=int, default=50)
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny experts: checks the script")
+    p.add_argument("--copy-engine", action="store_true", help="peer copies through CUDA IPC instead of NCCL")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from moeplace.runtime.reshard import Resharder
@@ -182,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     control = dist.new_group(backend="gloo")  # steps' broadcasts, and the reshard's agreements
     reshard_group = dist.new_group(backend="nccl" if cuda else "gloo")
     hidden, inter = (7168, 2048) if cuda else (256, 128)
-    old, new = placements(world, args.layers, args.cpu_smoke)
+    if args.old and args.new:
+        old, new = (_first_rows(load_placement(path), args.layers) for path in (args.old, args.new))
+    else:
+        old, new = placements(world, args.layers, args.cpu_smoke)
     model = build_model(old, rank, hidden, inter, device)
     peer = {"nccl_p2p": nccl_p2p(reshard_group, device, (1 << 30) if cuda else (1 << 20))}
     if cuda and torch.cuda.device_count() > 1:
@@ -194,18 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     results, steady = [], None
     for rate in [float(r) for r in args.rates.split(",")]:
         options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
+                                          copy_engine=args.copy_engine and cuda,
                                           **({"staging_bytes": 1 << 40} if not cuda else {}))
         resharder = Resharder(model, reshard_group, rank, control=control if cuda else None, options=options)
         resharder.connect()
         steady = [step(model, control, resharder, work_KN, x_MK)[0] for _ in range(args.steady_steps)]
-        for source, target in ((old, new), (new, old)):
+        for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):
             job, during = reshard(model, control, resharder, target, work_KN, x_MK)
             if rank == 0:
                 results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during))
+                results[-1]["direction"] = label
                 print(_line(results[-1]), flush=True)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         out = {"date": str(date.today()), "device": name, "gpus": world, "layers": args.layers,
+               "transport": "copy engine (CUDA IPC)" if args.copy_engine and cuda else "nccl" if cuda else "gloo",
                "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results}
         print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
               + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()), flush=True)
@@ -214,13 +224,19 @@ def main(argv: list[str] | None = None) -> None:
     dist.destroy_process_group()
 
 
+def _first_rows(placement: Placement, layers: int) -> Placement:
+    rows = slice(0, layers)
+    return Placement(placement.phy2log_LP[rows], placement.num_experts, placement.topology, placement.layers[rows],
+                     placement.num_model_layers, None, placement.provenance, placement.source)
+
+
 def _result(job, rate, source, target, expert_bytes, best, steady, during) -> dict:
     from moeplace.placer.evaluate import moves
 
     busiest = received_by_busiest(source, target) * expert_bytes
     gbps = busiest / job.seconds / 1e9 if job.seconds > 0 else 0.0
     pct = lambda xs, q: float(np.percentile(np.array(xs) * 1e3, q))  # noqa: E731
-    return {"rate_gbps": rate, "to": "solved" if target.source != source.source else "?", "state": job.state.value,
+    return {"rate_gbps": rate, "state": job.state.value,
             "error": job.error, "seconds": job.seconds, "experts_moved": job.experts_moved,
             "plan_minimum": int(moves(source, target).experts), "busiest_gpu_received_bytes": busiest,
             "busiest_gbps": gbps, "of_best_peer": gbps / best, "steps_during": len(during),
@@ -230,8 +246,8 @@ def _result(job, rate, source, target, expert_bytes, best, steady, during) -> di
 
 
 def _line(r: dict) -> str:
-    return (f"rate {r['rate_gbps']:>5g} GB/s | {r['state']} {r['seconds']:.3f} s | moved {r['experts_moved']} "
-            f"(min {r['plan_minimum']}) | busiest GPU {r['busiest_gbps']:.1f} GB/s = {100 * r['of_best_peer']:.0f}% "
+    return (f"rate {r['rate_gbps']:>5g} GB/s | {r['direction']} {r['state']} {r['seconds']:.3f} s | moved {r['experts_moved']} "
+            f"(min {r['plan_minimum']}) | busiest GPU {r['busiest_gbps']:.2f} GB/s = {100 * r['of_best_peer']:.0f}% "
             f"of best peer | step p50 {r['during_p50_ms']:.2f} / p99 {r['during_p99_ms']:.2f} ms "
             f"(steady {r['steady_p50_ms']:.2f} / {r['steady_p99_ms']:.2f}; x{r['during_p99_ms'] / r['steady_p99_ms']:.2f})")
 

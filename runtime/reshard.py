@@ -29,6 +29,7 @@ from moeplace.placement import Placement
 from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
 from moeplace.reshard_job import JobState, JobStatus
 from moeplace.runtime.reshard_faults import NO_FAULTS, FaultPlan
+from moeplace.runtime.reshard_ipc import PeerCopies, open_slots, share_slots
 from moeplace.runtime.reshard_jobs import JobRegistry, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
 from moeplace.runtime.reshard_options import ReshardOptions
@@ -74,7 +75,14 @@ class Resharder:
             return out
 
         checksums = ChecksumTable.gather(self.model.moe_layers, self._phy2log, self.model.placement.num_experts, gather)
-        self.mover = LayerMover(self.model.moe_layers, self.group, self.control, self.rank, self.options, checksums)
+        peer_copies = None
+        if self.options.copy_engine and self.device.type == "cuda":
+            shared = gather(share_slots(self.model.moe_layers))
+            per_node = self.model.placement.topology.gpus_per_node
+            peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
+            peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers})
+        self.mover = LayerMover(self.model.moe_layers, self.group, self.control, self.rank, self.options, checksums,
+                                peer_copies)
         ops = []
         for peer in (p for p in range(world) if p != self.rank):
             send = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
 from moeplace.runtime.reshard_plan import Link, ReshardPlan
 from moeplace.runtime.reshard_wire import ChecksumTable, expert_sums
@@ -51,9 +52,9 @@ class LayerMover:
     same ranks) carries agreements and handshakes; `handover` gets the staged layers."""
 
     def __init__(self, moe_layers: list, group, control, rank: int, options: ReshardOptions,
-                 checksums: ChecksumTable) -> None:
+                 checksums: ChecksumTable, peer_copies: PeerCopies | None = None) -> None:
         self.moe_layers, self.group, self.control, self.rank = moe_layers, group, control, rank
-        self.options, self.checksums = options, checksums
+        self.options, self.checksums, self.peer_copies = options, checksums, peer_copies
         self.device = moe_layers[0].w13_SFD.device
         self.expert_bytes = moe_layers[0].read_slot(0).nbytes
 
@@ -111,34 +112,45 @@ class LayerMover:
         return _Posted(row, staged, expected_N, received, watch, error or late)
 
     def _ops(self, moe, plan: ReshardPlan, row: int, buffers: SlotWeights, n_local: int):
-        """Point-to-point ops in plan order, in chunks of `chunk_experts` experts per peer (the same
-        on both ends of a pair): ([[(op, peer, bytes)]], uint8 views of the received rows)."""
-        S, size = plan.topology.slots_per_gpu, self.options.chunk_experts
+        """This layer's transfers in plan order, in chunks of `chunk_experts` experts per peer (the
+        same on both ends of a pair): ([[_Move]], uint8 views of the received rows). From a peer this
+        process maps (copy engines), a receive is a pull and the peer posts no send."""
+        S, size, ce = plan.topology.slots_per_gpu, self.options.chunk_experts, self.peer_copies
         sends, recvs = plan.sends_of(self.rank, row), plan.receives_of(self.rank, row)
-        chunks: dict[int, list] = {}
+        chunks: dict[int, list[_Move]] = {}
         received = []
         for kind, transfers in ((dist.isend, sends), (dist.irecv, recvs)):
-            for peer in np.unique(transfers.peer_X):
-                mine = np.flatnonzero(transfers.peer_X == peer)
-                for k, x in enumerate(mine):
-                    if kind is dist.isend:
-                        tensors = moe.read_slot(int(transfers.src_slot_X[x]) % S).wire()
-                    else:
-                        tensors = buffers.row(n_local + int(x)).wire()
-                        received.append(tensors[0])
+            for peer in (int(p) for p in np.unique(transfers.peer_X)):
+                pulled = ce is not None and ce.reaches(peer)  # both ways: same node, both mapped
+                if kind is dist.isend and pulled:
+                    continue  # the peer pulls it
+                for k, x in enumerate(np.flatnonzero(transfers.peer_X == peer)):
                     chunk = chunks.setdefault(k // size, [])
-                    chunk += [(dist.P2POp(kind, t, int(peer), self.group), int(peer), t.numel()) for t in tensors]
+                    if kind is dist.isend:
+                        slot = moe.read_slot(int(transfers.src_slot_X[x]) % S)
+                        chunk += [_Move(dist.P2POp(kind, t, peer, self.group), peer, 0, t.numel()) for t in slot.wire()]
+                        continue
+                    dst = buffers.row(n_local + int(x))
+                    received.append(dst.wire()[0])
+                    if pulled:
+                        chunk.append(_Move((peer, row, int(transfers.src_slot_X[x]) % S, dst), peer, dst.nbytes, 0))
+                    else:
+                        chunk += [_Move(dist.P2POp(kind, t, peer, self.group), peer, t.numel(), 0) for t in dst.wire()]
         return [chunks[k] for k in sorted(chunks)], received
 
-    def _post_paced(self, chunks: list[list], pacer: Pacer) -> list[tuple]:
-        """Post each chunk once the rate limit allows: [(work, peer)]."""
+    def _post_paced(self, chunks: list[list[_Move]], pacer: Pacer) -> list[tuple]:
+        """Post each chunk once the rate limit allows (the larger of its bytes in and out): [(work, peer)]."""
         out = []
         for chunk in chunks:
-            pacer.wait(sum(nbytes for _, _, nbytes in chunk) // 2)  # sent and received, each way
-            works = dist.batch_isend_irecv([op for op, _, _ in chunk])
-            peers = [peer for _, peer, _ in chunk]
-            # gloo: one work per op (a late one names its peer); NCCL: one for the batch
-            out += list(zip(works, peers)) if len(works) == len(peers) else [(w, sorted(set(peers))) for w in works]
+            pacer.wait(max(sum(m.bytes_in for m in chunk), sum(m.bytes_out for m in chunk)))
+            ops = [m for m in chunk if isinstance(m.op, dist.P2POp)]
+            pulls = [m for m in chunk if not isinstance(m.op, dist.P2POp)]
+            if pulls:
+                out.append((self.peer_copies.pull([m.op for m in pulls]), sorted({m.peer for m in pulls})))
+            if ops:
+                works, peers = dist.batch_isend_irecv([m.op for m in ops]), [m.peer for m in ops]
+                # gloo: one work per op (a late one names its peer); NCCL: one for the batch
+                out += list(zip(works, peers)) if len(works) == len(peers) else [(w, sorted(set(peers))) for w in works]
         return out
 
     def _handshake(self, peers: np.ndarray) -> str | None:
@@ -194,6 +206,16 @@ class LayerMover:
         box = [error]
         dist.broadcast_object_list(box, src=int(flag) - 1, group=self.control)
         return box[0]
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One transfer of a chunk: a P2POp, or a pull (peer, layer row, peer's slot, destination)."""
+
+    op: object
+    peer: int
+    bytes_in: int
+    bytes_out: int
 
 
 class _Watch:

@@ -29,8 +29,8 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
     for r in result["reshards"]:
         assert r["state"] == "done" and r["experts_moved"] == r["plan_minimum"] > 0, r
         assert r["busiest_gbps"] > 0 and r["steps_during"] > 0
-    # 0.02 GB/s paces the ~5 MB the busiest rank moves over ~0.25 s at least
-    assert min(r["seconds"] for r in result["reshards"][2:]) > 0.2
+    for r in result["reshards"][2:]:  # paced: the busiest rank's bytes take at least about bytes / rate
+        assert r["seconds"] >= 0.5 * r["busiest_gpu_received_bytes"] / 0.02e9, r
 
 
 @pytest.mark.slow

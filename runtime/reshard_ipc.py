@@ -1,0 +1,62 @@
+"""Copy-engine transfers between the ranks of one node: each rank maps its same-node peers' slot
+tensors once (CUDA IPC handles, shared at connect) and pulls the experts it receives with peer copies
+(`copy_` across devices on side streams): the GPUs' copy engines move the bytes, no SM runs a
+kernel for them, and nothing is posted on the peer's side.
+
+Why pulling from live slots is safe: a sender overwrites a slot only when it installs that layer,
+which happens after the layer's agreement, which every receiver enters only once its pulls are done.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.multiprocessing.reductions import reduce_tensor
+
+from moeplace.runtime.slots import SlotWeights
+
+
+def share_slots(moe_layers: list) -> list[list[tuple]]:
+    """Picklable IPC handles of this rank's slot tensors, per layer row (four tensors each)."""
+    return [[reduce_tensor(t) for t in m.read_slot(slice(None)).tensors()] for m in moe_layers]
+
+
+def open_slots(shared: list[list[tuple]]) -> list[SlotWeights]:
+    """A peer's slot tensors, mapped into this process (on the peer's device), per layer row."""
+    return [SlotWeights(*(rebuild(*args) for rebuild, args in layer)) for layer in shared]
+
+
+class CopyWork:
+    """A batch of peer copies, done when its event is: the is_completed()/wait() of a c10d Work."""
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+
+    def is_completed(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+class PeerCopies:
+    """Pulls from mapped peers: peers[rank][row] = that rank's slots of layer `row`."""
+
+    def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]]) -> None:
+        self.device, self.peers = device, peers
+        # torch issues a cross-device copy on the source device's current stream: a side stream
+        # there too, or the copies would queue on that device's default stream in this process.
+        self.streams = {p: torch.cuda.Stream(slots[0].w13.device) for p, slots in peers.items()}
+
+    def reaches(self, peer: int) -> bool:
+        return peer in self.peers
+
+    def pull(self, pulls: list[tuple[int, int, int, SlotWeights]]) -> CopyWork:
+        """pulls: (peer, layer row, peer's slot 0..S-1, destination SlotWeights) -> one work for all."""
+        stream = torch.cuda.current_stream(self.device)
+        for peer, row, slot, dst in pulls:
+            src = self.peers[peer][row].row(slot)
+            with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
+                for d, s in zip(dst.wire(), src.wire()):
+                    d.copy_(s, non_blocking=True)
+        return CopyWork(stream)
