@@ -32,6 +32,8 @@ from moeplace.placement import Placement, load_placement, trivial_placement
 from moeplace.topology import Topology
 
 E, TOPK = 256, 8
+# Two layers in flight at 2 GPUs x 144 slots need ~2 x 6 GB of staging per GPU (serve's default: 8 GiB).
+STAGING = 32 << 30
 
 
 def placements(world: int, layers: int, cpu_smoke: bool) -> tuple[Placement, Placement]:
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     control = dist.new_group(backend="gloo")  # steps' broadcasts, and the reshard's agreements
     reshard_group = dist.new_group(backend="nccl" if cuda else "gloo")
+    # The reshard's agreements on a gloo group of their own (as serve does): never interleaved with
+    # the steps' broadcasts on `control`, which the serving thread sends meanwhile.
+    reshard_control = dist.new_group(backend="gloo") if cuda else None
     hidden, inter = (7168, 2048) if cuda else (256, 128)
     if args.old and args.new:
         old, new = (_first_rows(load_placement(path), args.layers) for path in (args.old, args.new))
@@ -201,9 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     results, steady = [], None
     for rate in [float(r) for r in args.rates.split(",")]:
         options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
-                                          copy_engine=args.copy_engine and cuda,
-                                          **({"staging_bytes": 1 << 40} if not cuda else {}))
-        resharder = Resharder(model, reshard_group, rank, control=control if cuda else None, options=options)
+                                          copy_engine=args.copy_engine and cuda, staging_bytes=STAGING)
+        resharder = Resharder(model, reshard_group, rank, control=reshard_control, options=options)
         resharder.connect()
         steady = [step(model, control, resharder, work_KN, x_MK)[0] for _ in range(args.steady_steps)]
         for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):

@@ -39,7 +39,7 @@ from moeplace.runtime.experts import (ExpertPath, decode_features, encode_tokens
                                       reference_experts)
 from moeplace.kernels.fp8 import FP8, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
-from moeplace.runtime.slots import SlotWeights, StagedLayer
+from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
 
 
 class Gate(nn.Module):
@@ -161,20 +161,20 @@ class EPMoE(nn.Module):
         copies queue on the current stream, ahead of the next step's kernels. The window's per-slot
         counts are folded first: they belong to the old layout's experts."""
         self.fold_window()
-        dst = torch.as_tensor(staged.dst_slot_N, dtype=torch.int64, device=self.w13_SFD.device)
-        fan_dst = torch.as_tensor(staged.fanout_dst_X, dtype=torch.int64, device=dst.device)
-        fan_src = torch.as_tensor(staged.fanout_src_X, dtype=torch.int64, device=dst.device)
-        for slots, buffer in zip((self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf), staged.buffers.wire()):
-            # uint8 views: index_copy_ has no FP8 kernels, and bytes are what moved
-            slots = slots.view(torch.uint8)
+        device = self.w13_SFD.device
+        dst, fan_dst, fan_src = (to_device(a, device) for a in (staged.dst_slot_N, staged.fanout_dst_X,
+                                                                staged.fanout_src_X))
+        for slots, buffer in zip(self.read_slot(slice(None)).tensors(), staged.buffers.tensors()):
+            # integer words: index_copy_ has no FP8 kernels, and bytes are what moved
+            slots, buffer = as_words(slots), as_words(buffer)
             slots.index_copy_(0, dst, buffer)
             if len(fan_dst):
                 slots.index_copy_(0, fan_dst, buffer[fan_src])
             if buffer.is_cuda:  # the reshard stream allocated it; freed only after this stream's copies
                 buffer.record_stream(torch.cuda.current_stream(buffer.device))
         S, rank = self.w13_SFD.shape[0], self.comm.rank
-        self.slot_experts_S.copy_(torch.as_tensor(staged.phy2log_P[rank * S: (rank + 1) * S]))
-        self.phy2log_P.copy_(torch.as_tensor(staged.phy2log_P))
+        self.slot_experts_S.copy_(to_device(staged.phy2log_P[rank * S: (rank + 1) * S], device))
+        self.phy2log_P.copy_(to_device(staged.phy2log_P, device))
         _copy_table(self.table, table)
 
     def fold_window(self) -> None:

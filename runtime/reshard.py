@@ -132,7 +132,7 @@ class Resharder:
         table = SlotTable.from_placement(self._target, row, self.device)  # its split_LP too
         self.model.moe_layers[row].install(staged, table)
         if self._job is not None and self.rank == 0:
-            self.jobs.add_layer(self._job, int(self._moved_L[row]), self.expert_bytes)
+            self.jobs.add_layer(self._job, self._moved_L[row], self.expert_bytes)
         self._handover.installed(row)
 
     # -- every rank: the reshard thread --------------------------------------------------------

@@ -5,6 +5,7 @@ Spec (one fault per job, in submission order, comma-separated; "-" = no fault fo
   corrupt:LAYER        a byte of every expert received in LAYER flips after the transfer
   fail:LAYER:RANK      RANK raises while staging LAYER
   stall:LAYER:RANK     RANK posts its transfers of LAYER 2 x timeout late (its peers' waits time out)
+  slow:LAYER           every rank waits a second before posting LAYER (a job that surely runs a while)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class FaultKind(str, Enum):
     CORRUPT = "corrupt"
     FAIL = "fail"
     STALL = "stall"
+    SLOW = "slow"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Fault:
     def before_post(self, layer: int, rank: int, timeout_s: float) -> None:
         if self.kind is FaultKind.STALL and (layer, rank) == (self.layer, self.rank):
             time.sleep(2 * timeout_s)
+        if self.kind is FaultKind.SLOW and layer == self.layer:
+            time.sleep(1.0)
 
     def after_receive(self, layer: int, received: list[torch.Tensor]) -> None:
         """Flip a byte in the middle of each received buffer, as a faulty wire would."""
@@ -84,8 +88,9 @@ class FaultPlan:
             try:
                 fault = Fault(FaultKind(kind), *map(int, numbers))
             except (ValueError, TypeError):
-                raise ValueError(f"fault {entry!r}: expected corrupt:LAYER, fail:LAYER:RANK or stall:LAYER:RANK")
-            if (fault.rank is None) != (fault.kind is FaultKind.CORRUPT):
-                raise ValueError(f"fault {entry!r}: corrupt takes a layer; fail and stall a layer and a rank")
+                raise ValueError(f"fault {entry!r}: expected corrupt:LAYER, slow:LAYER, fail:LAYER:RANK or "
+                                 "stall:LAYER:RANK")
+            if (fault.rank is None) != (fault.kind in (FaultKind.CORRUPT, FaultKind.SLOW)):
+                raise ValueError(f"fault {entry!r}: corrupt and slow take a layer; fail and stall a layer and a rank")
             faults.append(fault)
         return cls(tuple(faults))

@@ -30,8 +30,8 @@ class JobRegistry:
         with self._lock:
             if self._active is not None:
                 raise ReshardBusy(f"reshard {self._active} is still running")
-            job = JobStatus(id=uuid.uuid4().hex[:12], layers_total=layers, experts_to_move=experts,
-                            bytes_to_move=experts * expert_bytes, started=time.time())
+            job = JobStatus(id=uuid.uuid4().hex[:12], layers_total=int(layers), experts_to_move=int(experts),
+                            bytes_to_move=int(experts) * int(expert_bytes), started=time.time())
             self._jobs[job.id] = job
             self._active = job.id
             return job
@@ -50,6 +50,7 @@ class JobRegistry:
 
     def add_layer(self, job_id: str, experts: int, expert_bytes: int) -> None:
         """One more layer installed, which moved `experts` across a link."""
+        experts = int(experts)  # a numpy count would not serialise to JSON
         with self._lock:
             job = self._jobs[job_id]
             self._jobs[job_id] = dataclasses.replace(

@@ -32,7 +32,7 @@ from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
 from moeplace.runtime.reshard_plan import Link, ReshardPlan
 from moeplace.runtime.reshard_wire import ChecksumTable, expert_sums
-from moeplace.runtime.slots import SlotWeights, StagedLayer
+from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
 
 
 @dataclass(frozen=True)
@@ -259,9 +259,9 @@ def _gather_slots(moe, src_S: np.ndarray, buffers: SlotWeights, n: int) -> None:
     """buffers rows [0, n) <- this rank's slots src_S, one gather per tensor (a device copy)."""
     if n == 0:
         return
-    index = torch.as_tensor(src_S, dtype=torch.int64, device=buffers.w13.device)
-    for slots, out in zip(moe.read_slot(slice(None)).wire(), buffers.wire()):
-        torch.index_select(slots, 0, index, out=out[:n])
+    index = to_device(src_S, buffers.w13.device)
+    for slots, out in zip(moe.read_slot(slice(None)).tensors(), buffers.tensors()):
+        torch.index_select(as_words(slots), 0, index, out=as_words(out[:n]))
 
 
 def _overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int) -> list[bool]:

@@ -24,20 +24,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeplace.runtime.slots import SlotWeights
+from moeplace.runtime.slots import SlotWeights, as_words
 
 
 def expert_sums(experts: SlotWeights) -> torch.Tensor:
     """[N] int64 checksums of N experts (tensors with a leading N), on their device, no host sync."""
     n = experts.w13.shape[0]
     total = torch.zeros(n, dtype=torch.int64, device=experts.w13.device)
-    for t in experts.wire():
-        flat = t.reshape(n, -1)
-        if flat.shape[1] % 8 == 0:
-            total += flat.view(torch.int64).sum(dim=1)
-        else:  # not a whole number of 64-bit words: 32-bit words, widened (small tensors only)
-            assert flat.shape[1] % 4 == 0, flat.shape
-            total += flat.view(torch.int32).to(torch.int64).sum(dim=1)
+    for t in experts.tensors():
+        words = as_words(t)
+        # 64-bit words sum in place; narrower ones (small scale tensors only) are widened first
+        total += words.sum(dim=1) if words.dtype == torch.int64 else words.to(torch.int64).sum(dim=1)
     return total
 
 

@@ -8,12 +8,35 @@ w2 [D, F] float8_e4m3fn, w2_sinv [d, f] float32 (`SLOT_TENSORS` names them in EP
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 SLOT_TENSORS = ("w13_SFD", "w13_sinv_Sfd", "w2_SDF", "w2_sinv_Sdf")
+
+
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] contiguous -> the same bytes as [N, W] of the widest integer type dividing a row's bytes.
+
+    Device copies, gathers and sums then move 8-byte words, not single bytes: a uint8 index kernel
+    runs one byte per thread, several times slower on a GPU than the same bytes as int64."""
+    n = t.shape[0]
+    row = t.reshape(n, math.prod(t.shape[1:])).view(torch.uint8)  # not -1: n may be 0
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if row.shape[1] % dtype.itemsize == 0:
+            return row.view(dtype)
+    return row
+
+
+def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 indices on `device` without a host sync: a copy from pageable memory would first wait
+    for everything queued on the stream (CUDA's rule), so it goes through pinned memory."""
+    host = torch.as_tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from moeplace.placer.solve import Method
 from moeplace.readers import load_trace
 from moeplace.runtime.tiny import default_model_dir
 
-# first job: a byte corrupted in layer 2's transfers; second: the last rank fails while staging layer 3.
-FAULTS = f"corrupt:2,fail:3:{RANKS - 1}"
+# first job: a byte corrupted in layer 2's transfers; second: the last rank fails while staging layer 3;
+# third: a second's wait before layer 1, so a request meanwhile surely finds it running.
+FAULTS = f"corrupt:2,fail:3:{RANKS - 1},slow:1"
 
 
 @pytest.fixture(scope="module")
