@@ -86,7 +86,8 @@ def build_model(placement: Placement, rank: int, hidden: int, inter: int, device
 def nccl_p2p(group, device, nbytes: int) -> float:
     """GB/s per GPU: every rank sends `nbytes` to the next and receives from the previous, at once."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    send, recv = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.empty(nbytes, dtype=torch.uint8, device=device)
+    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
 
     def ring():
         ops = [dist.P2POp(dist.isend, send, (rank + 1) % world, group),
@@ -162,13 +163,15 @@ def received_by_busiest(old: Placement, new: Placement) -> int:
 
     plan = plan_reshard(old, new)
     x = np.isin(plan.kind_X, NETWORK_LINKS)
-    return int(np.bincount(plan.dst_slot_X[x] // plan.topology.slots_per_gpu, minlength=plan.topology.num_gpus).max())
+    topo = plan.topology
+    return int(np.bincount(plan.dst_slot_X[x] // topo.slots_per_gpu, minlength=topo.num_gpus).max())
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old", type=Path, default=None, help="placement to start from (default: trivial)")
-    p.add_argument("--new", type=Path, default=None, help="placement to reshard to (default: greedy, example trace)")
+    p.add_argument("--new", type=Path, default=None,
+                   help="placement to reshard to (default: greedy, for the example trace)")
     p.add_argument("--layers", type=int, default=4, help="the first L layers of the placements")
     p.add_argument("--rates", default="0,100,50,25,12", help="rate limits to run, GB/s per GPU (0 = unlimited)")
     p.add_argument("--steady-steps", type=int, default=50)
@@ -250,10 +253,12 @@ def _result(job, rate, source, target, expert_bytes, best, steady, during) -> di
 
 
 def _line(r: dict) -> str:
-    return (f"rate {r['rate_gbps']:>5g} GB/s | {r['direction']} {r['state']} {r['seconds']:.3f} s | moved {r['experts_moved']} "
-            f"(min {r['plan_minimum']}) | busiest GPU {r['busiest_gbps']:.2f} GB/s = {100 * r['of_best_peer']:.0f}% "
+    return (f"rate {r['rate_gbps']:>5g} GB/s | {r['direction']} {r['state']} {r['seconds']:.3f} s | "
+            f"moved {r['experts_moved']} (min {r['plan_minimum']}) | busiest GPU {r['busiest_gbps']:.2f} GB/s "
+            f"= {100 * r['of_best_peer']:.0f}% "
             f"of best peer | step p50 {r['during_p50_ms']:.2f} / p99 {r['during_p99_ms']:.2f} ms "
-            f"(steady {r['steady_p50_ms']:.2f} / {r['steady_p99_ms']:.2f}; x{r['during_p99_ms'] / r['steady_p99_ms']:.2f})")
+            f"(steady {r['steady_p50_ms']:.2f} / {r['steady_p99_ms']:.2f}; "
+            f"x{r['during_p99_ms'] / r['steady_p99_ms']:.2f})")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class EPMoE(nn.Module):
         self.expert_path = ExpertPath.default(torch.device(device), D, Fi, self.block)
         self.gate = Gate(E, D, device)
         self.shared_experts = DeepseekV3MLP(hf_config, intermediate_size=Fi * config.n_shared_experts).to(device, dtype)
-        self.table = _widest_table(SlotTable.from_placement(placement, row, device), placement)
+        self.table = SlotTable.from_placement(placement, row, device)
         first = comm.rank * S
         slots = lambda shape, dt: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         # Non-persistent: slots are filled by `load_slots` (this rank's experts only), not by state_dict.
@@ -154,12 +154,14 @@ class EPMoE(nn.Module):
         """Slot `slot` (0..S-1) of this rank: views of its weights and scales, valid until `install`."""
         return SlotWeights(self.w13_SFD[slot], self.w13_sinv_Sfd[slot], self.w2_SDF[slot], self.w2_sinv_Sdf[slot])
 
-    def install(self, staged: StagedLayer, table: SlotTable) -> None:
-        """Between two steps: the staged experts into their slots, then the routing of the new layout.
+    def install(self, staged: StagedLayer, layout: Placement) -> None:
+        """Between two steps: the staged experts into their slots, then this layer's routing from
+        `layout` (`use_layout`; its row `self.row` is staged.phy2log_P).
 
         Every write is in place (captured CUDA graphs keep pointing at these tensors); on a GPU the
         copies queue on the current stream, ahead of the next step's kernels. The window's per-slot
         counts are folded first: they belong to the old layout's experts."""
+        assert (layout.phy2log_LP[self.row] == staged.phy2log_P).all(), "the layout is not the staged one"
         self.fold_window()
         device = self.w13_SFD.device
         dst, fan_dst, fan_src = (to_device(a, device) for a in (staged.dst_slot_N, staged.fanout_dst_X,
@@ -172,10 +174,7 @@ class EPMoE(nn.Module):
                 slots.index_copy_(0, fan_dst, buffer[fan_src])
             if buffer.is_cuda:  # the reshard stream allocated it; freed only after this stream's copies
                 buffer.record_stream(torch.cuda.current_stream(buffer.device))
-        S, rank = self.w13_SFD.shape[0], self.comm.rank
-        self.slot_experts_S.copy_(to_device(staged.phy2log_P[rank * S: (rank + 1) * S], device))
-        self.phy2log_P.copy_(to_device(staged.phy2log_P, device))
-        _copy_table(self.table, table)
+        self.use_layout(layout)
 
     def fold_window(self) -> None:
         """The per-slot counts so far -> per logical expert (under the live placement) and per rank.
@@ -447,30 +446,6 @@ class _Plan:
     send_assignments: list[int] | None = None
     recv_rows: list[int] | None = None
     recv_assignments: list[int] | None = None
-
-
-def _widest_table(table: SlotTable, placement: Placement) -> SlotTable:
-    """`table` padded to the most replicas any layout of this topology can give one expert (every
-    other expert keeps one slot: P - E + 1), so `install` always fits a new layout in place. Padding
-    replicas are -1 slots of share 0, which the routing skips."""
-    R = placement.topology.num_slots - placement.num_experts + 1
-    E, device = table.log2phy_ER.shape[0], table.log2phy_ER.device
-    wide = SlotTable(torch.full((E, R), -1, dtype=torch.int64, device=device),
-                     torch.full((E, R), -1, dtype=torch.int64, device=device),
-                     torch.zeros((E, R), dtype=torch.float64, device=device),
-                     table.slots_per_rank, table.ranks_per_node, table.num_nodes)
-    _copy_table(wide, table)
-    return wide
-
-
-def _copy_table(live: SlotTable, new: SlotTable) -> None:
-    """`new` into `live`'s (at least as wide) tensors in place, padded as in `_widest_table`."""
-    R = live.log2phy_ER.shape[1]
-    assert new.log2phy_ER.shape[1] <= R, (new.log2phy_ER.shape, R)
-    for mine, theirs, pad in ((live.log2phy_ER, new.log2phy_ER, -1), (live.node_ER, new.node_ER, -1),
-                              (live.share_ER, new.share_ER, 0)):
-        mine.fill_(pad)
-        mine[:, : theirs.shape[1]].copy_(theirs)
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -35,7 +35,6 @@ from moeplace.runtime.reshard_mover import LayerMover
 from moeplace.runtime.reshard_options import ReshardOptions
 from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
 from moeplace.runtime.reshard_wire import ChecksumTable
-from moeplace.runtime.routing import SlotTable
 
 
 class Resharder:
@@ -74,15 +73,15 @@ class Resharder:
             dist.all_gather_object(out, obj, group=self.control)
             return out
 
-        checksums = ChecksumTable.gather(self.model.moe_layers, self._phy2log, self.model.placement.num_experts, gather)
+        layers = self.model.moe_layers
+        checksums = ChecksumTable.gather(layers, self._phy2log, self.model.placement.num_experts, gather)
         peer_copies = None
         if self.options.copy_engine and self.device.type == "cuda":
-            shared = gather(share_slots(self.model.moe_layers))
+            shared = gather(share_slots(layers))
             per_node = self.model.placement.topology.gpus_per_node
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
             peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers})
-        self.mover = LayerMover(self.model.moe_layers, self.group, self.control, self.rank, self.options, checksums,
-                                peer_copies)
+        self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
         ops = []
         for peer in (p for p in range(world) if p != self.rank):
             send = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
@@ -129,8 +128,7 @@ class Resharder:
         staged = self._handover.take(row)
         assert np.array_equal(staged.phy2log_P, phy2log_P), (row, staged.phy2log_P, phy2log_P)
         self._phy2log[row] = staged.phy2log_P
-        table = SlotTable.from_placement(self._target, row, self.device)  # its split_LP too
-        self.model.moe_layers[row].install(staged, table)
+        self.model.moe_layers[row].install(staged, self._target)  # the target's split_LP too
         if self._job is not None and self.rank == 0:
             self.jobs.add_layer(self._job, self._moved_L[row], self.expert_bytes)
         self._handover.installed(row)
@@ -179,36 +177,42 @@ class Resharder:
 
 
 class _Handover:
-    """Staged layers between the reshard thread and the serving thread, within the staging budget."""
+    """Staged layers between the reshard thread and the serving thread, within the staging budget.
+
+    A row is staged (posted, being checked), then committed (agreed by every rank; rank 0 queues its
+    swap), then installed by the serving thread. On ranks other than 0 the install may come before
+    the reshard thread's commit (rank 0 passed the agreement first and its step broadcast got here
+    first): a row installed already is then not committed again."""
 
     def __init__(self, owner: Resharder) -> None:
         self.owner = owner
-        self._staged: dict[int, object] = {}
+        self._staged: dict[int, object] = {}  # staged or committed, not installed yet
         self._committed: set[int] = set()
-        self._bytes: dict[int, int] = {}
         self._cond = threading.Condition()
+
+    def _bytes(self) -> int:
+        return sum(staged.buffers.nbytes for staged in self._staged.values())
 
     def reserve(self, nbytes: int) -> None:
         """Wait until installs free room for `nbytes` more (never for layers still in flight)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._committed or
-                                sum(self._bytes.values()) + nbytes <= self.owner.options.staging_bytes)
+                                self._bytes() + nbytes <= self.owner.options.staging_bytes)
 
     def stage(self, row: int, staged) -> None:
         with self._cond:
-            self._staged[row], self._bytes[row] = staged, staged.buffers.nbytes
+            self._staged[row] = staged
 
-    def commit(self, row: int) -> None:
+    def commit(self, row: int, phy2log_P: np.ndarray) -> None:
         with self._cond:
-            self._committed.add(row)
-            staged = self._staged[row]
+            if row in self._staged:
+                self._committed.add(row)
         if self.owner.rank == 0:  # every layer staged by the next step boundary swaps there
-            self.owner._actions.put(SwapLayer(row, staged.phy2log_P))
+            self.owner._actions.put(SwapLayer(row, phy2log_P))
 
     def discard(self, row: int) -> None:
         with self._cond:
             self._staged.pop(row, None)
-            self._bytes.pop(row, None)
             self._cond.notify_all()
 
     def take(self, row: int):
@@ -218,7 +222,6 @@ class _Handover:
     def installed(self, row: int) -> None:
         with self._cond:
             self._committed.discard(row)
-            self._bytes.pop(row, None)
             self._cond.notify_all()
 
     def wait_all_installed(self) -> None:

@@ -91,6 +91,7 @@ class FaultPlan:
                 raise ValueError(f"fault {entry!r}: expected corrupt:LAYER, slow:LAYER, fail:LAYER:RANK or "
                                  "stall:LAYER:RANK")
             if (fault.rank is None) != (fault.kind in (FaultKind.CORRUPT, FaultKind.SLOW)):
-                raise ValueError(f"fault {entry!r}: corrupt and slow take a layer; fail and stall a layer and a rank")
+                raise ValueError(f"fault {entry!r}: corrupt and slow take a layer; fail and stall a layer "
+                                 "and a rank")
             faults.append(fault)
         return cls(tuple(faults))

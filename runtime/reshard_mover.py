@@ -60,7 +60,7 @@ class LayerMover:
 
     def run(self, plan: ReshardPlan, target_LP: np.ndarray, fault, handover, laps) -> str | None:
         """Every layer of `plan`; None on success, else the first failure, agreed by all ranks.
-        handover: .reserve(nbytes) .stage(row, staged) .commit(row) .discard(row); laps(phase)."""
+        handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase)."""
         rows = [int(r) for r in np.unique(plan.layer_X)]
         overlap = _overlaps(plan, rows, self.expert_bytes, self.options.staging_bytes)
         pacer, posted, error = Pacer(self.options.rate_bytes_per_s), deque(), None
@@ -128,15 +128,19 @@ class LayerMover:
                     chunk = chunks.setdefault(k // size, [])
                     if kind is dist.isend:
                         slot = moe.read_slot(int(transfers.src_slot_X[x]) % S)
-                        chunk += [_Move(dist.P2POp(kind, t, peer, self.group), peer, 0, t.numel()) for t in slot.wire()]
+                        chunk += [_Move(self._op(kind, t, peer), peer, 0, t.numel()) for t in slot.wire()]
                         continue
                     dst = buffers.row(n_local + int(x))
                     received.append(dst.wire()[0])
                     if pulled:
-                        chunk.append(_Move((peer, row, int(transfers.src_slot_X[x]) % S, dst), peer, dst.nbytes, 0))
+                        pull = (peer, row, int(transfers.src_slot_X[x]) % S, dst)
+                        chunk.append(_Move(pull, peer, dst.nbytes, 0))
                     else:
-                        chunk += [_Move(dist.P2POp(kind, t, peer, self.group), peer, t.numel(), 0) for t in dst.wire()]
+                        chunk += [_Move(self._op(kind, t, peer), peer, t.numel(), 0) for t in dst.wire()]
         return [chunks[k] for k in sorted(chunks)], received
+
+    def _op(self, kind, tensor: torch.Tensor, peer: int) -> dist.P2POp:
+        return dist.P2POp(kind, tensor, peer, self.group)
 
     def _post_paced(self, chunks: list[list[_Move]], pacer: Pacer) -> list[tuple]:
         """Post each chunk once the rate limit allows (the larger of its bytes in and out): [(work, peer)]."""
@@ -150,13 +154,15 @@ class LayerMover:
             if ops:
                 works, peers = dist.batch_isend_irecv([m.op for m in ops]), [m.peer for m in ops]
                 # gloo: one work per op (a late one names its peer); NCCL: one for the batch
-                out += list(zip(works, peers)) if len(works) == len(peers) else [(w, sorted(set(peers))) for w in works]
+                one_each = len(works) == len(peers)
+                out += list(zip(works, peers)) if one_each else [(w, sorted(set(peers))) for w in works]
         return out
 
     def _handshake(self, peers: np.ndarray) -> str | None:
         if self.control is self.group or not len(peers):
             return None
-        ops = [dist.P2POp(op, torch.zeros(1), int(p), self.control) for p in peers for op in (dist.isend, dist.irecv)]
+        ops = [dist.P2POp(op, torch.zeros(1), int(p), self.control)
+               for p in peers for op in (dist.isend, dist.irecv)]
         works = list(zip(dist.batch_isend_irecv(ops), [int(p) for p in peers for _ in range(2)]))
         return _Watch(works, self.options.timeout_s, cuda=False).join()
 
@@ -173,7 +179,7 @@ class LayerMover:
         if error is not None:
             handover.discard(posted.row)
             return f"layer {int(plan.layers[posted.row])}: {error}"
-        handover.commit(posted.row)
+        handover.commit(posted.row, posted.staged.phy2log_P)
         return None
 
     def _wait(self, posted: _Posted) -> str | None:
@@ -194,7 +200,8 @@ class LayerMover:
         if not bad:
             return None
         S = self.moe_layers[0].w13_SFD.shape[0]
-        return f"rank {self.rank}: checksum mismatch for slot {int(posted.staged.dst_slot_N[bad[0]]) + self.rank * S}"
+        slot = int(posted.staged.dst_slot_N[bad[0]]) + self.rank * S
+        return f"rank {self.rank}: checksum mismatch for slot {slot}"
 
     def _agree(self, error: str | None) -> str | None:
         """6. every rank learns whether all succeeded; the failing rank's message travels along."""

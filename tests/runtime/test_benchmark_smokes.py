@@ -22,7 +22,8 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
            str(REPO / "benchmarks" / "reshard.py"), "--cpu-smoke", "--layers", "2", "--rates", "0,0.02",
            "--steady-steps", "5", "--json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["rate_gbps"] for r in result["reshards"]] == [0, 0, 0.02, 0.02]
@@ -34,7 +35,8 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEFAULT_ROUTING_TRACE.exists(), reason=f"needs {DEFAULT_ROUTING_TRACE} (../shared beside the checkout)")
+@pytest.mark.skipif(not DEFAULT_ROUTING_TRACE.exists(),
+                    reason=f"needs {DEFAULT_ROUTING_TRACE} (../shared beside the checkout)")
 def test_full_loop_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "full_loop.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "full_loop.py"), "run", "--cpu-smoke", "--workdir",

@@ -14,7 +14,6 @@ from moeplace.runtime.reshard_faults import Fault, FaultKind, FaultPlan
 from moeplace.runtime.reshard_jobs import JobRegistry, ReshardBusy
 from moeplace.runtime.reshard_options import ReshardOptions
 from moeplace.runtime.reshard_wire import expert_sums
-from moeplace.runtime.routing import SlotTable
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words
 from moeplace.topology import Topology
 
@@ -44,7 +43,7 @@ def test_install_writes_in_place_and_swaps_routing(model):
     phy2log_LP = placement.phy2log_LP.copy()
     phy2log_LP[0] = new_P  # expert 2 keeps its copy in slot 66
     new = Placement(phy2log_LP, placement.num_experts, placement.topology, placement.layers)
-    moe.install(staged, SlotTable.from_placement(new, 0, torch.device("cpu")))
+    moe.install(staged, new)
     for s in range(3):
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                    for a, b in zip(moe.read_slot(s).tensors(), expected[s]))
