@@ -37,13 +37,15 @@ def _init(cpu: bool):
 def p2p(args) -> None:
     import torch.distributed as dist
 
-    from reshard import p2p_bandwidth
+    from reshard import copy_engine_p2p, nccl_p2p
 
     rank, world, device = _init(args.cpu)
-    gbps = p2p_bandwidth(dist.group.WORLD, device, (1 << 22) if args.cpu else (1 << 30))
+    nbytes = (1 << 22) if args.cpu else (1 << 30)
+    out = {"gbps_per_gpu": nccl_p2p(dist.group.WORLD, device, nbytes), "bytes": nbytes, "ranks": world}
+    if not args.cpu:  # peer copies on the copy engines (the reshard's MOEPLACE_RESHARD_COPY_ENGINE=1)
+        out["copy_engine_gbps_per_gpu"] = copy_engine_p2p(device, nbytes)
     if rank == 0:
-        args.json.write_text(json.dumps({"gbps_per_gpu": gbps, "bytes": (1 << 22) if args.cpu else (1 << 30),
-                                         "ranks": world}) + "\n")
+        args.json.write_text(json.dumps(out) + "\n")
     dist.destroy_process_group()
 
 

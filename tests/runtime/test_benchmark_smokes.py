@@ -1,6 +1,7 @@
 """The runtime benchmarks' CPU smoke modes, so a benchmark cannot break unnoticed: benchmarks/reshard.py
-(2 gloo ranks, tiny experts, the Resharder at two rate limits) and benchmarks/full_loop.py (make-model,
-serve, load, profile, solve, apply, MoE layer: 2 ranks, one MoE layer, short phases)."""
+(2 gloo ranks, tiny experts, the Resharder at two rate limits), benchmarks/full_loop.py (make-model,
+serve, load, profile, solve, apply, MoE layer: 2 ranks, one MoE layer, short phases) and
+benchmarks/recorder.py's GPU mode on gloo (2 ranks, small EPMoE layers)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,17 @@ def test_full_loop_benchmark_cpu_smoke(tmp_path):
     assert result["load"]["failed"] == 0 and result["load"]["sent"] > 0
     assert result["reshard"]["experts_moved"] > 0
     assert {m["placement"] for m in result["moe_layer"]["results"]} == {"uniform", "before", "after"}
+
+
+@pytest.mark.slow
+def test_recorder_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "recorder.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           str(REPO / "benchmarks" / "recorder.py"), "gpu", "--cpu-smoke", "--hidden", "256", "--inter", "128",
+           "--layers", "1", "--blocks", "2", "--per-block", "2", "--decode-tokens", "8", "--prefill-tokens", "16",
+           "--sample-rates", "0.1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"decode@0.1", "prefill@0.1"}
+    assert all(r["step_ms_off"] > 0 and r["step_ms_recording"] > 0 and r["collect_ms"] > 0 for r in results.values())
