@@ -22,15 +22,19 @@ from moeplace.kernels.torch_gemm import grouped_gemm_torch, swiglu_quant
 __all__ = ["GemmConfig", "choose_config", "grouped_gemm_fp8", "grouped_gemm_swiglu_fp8", "grouped_gemm_ref"]
 
 
-def choose_config(kind: GemmKind, M: int, E: int, N: int, K: int, device: torch.device) -> GemmConfig:
+def choose_config(kind: GemmKind, M: int, E: int, N: int, K: int, device: torch.device,
+                  torch_loop_ok: bool = True) -> GemmConfig:
     """The measured table's choice for this shape on this card, else `default_config`. No host sync: the
-    rows per expert are M / E from the shapes."""
+    rows per expert are M / E from the shapes. The table's best Triton config instead of the torch loop
+    while a CUDA graph is captured (the loop reads counts on the host) or where `torch_loop_ok` is False
+    (the sweep measured the loop with bf16 output only)."""
     if device.type != "cuda":
         return default_config(M / max(E, 1))
     entry = lookup(kind, M / max(E, 1), N, K, torch.cuda.get_device_name(device))
     if entry is None:
         return default_config(M / max(E, 1))
-    if entry.best.backend is Backend.torch_loop and torch.cuda.is_current_stream_capturing():
+    capturing = torch.cuda.is_current_stream_capturing()
+    if entry.best.backend is Backend.torch_loop and (capturing or not torch_loop_ok):
         return entry.best_triton
     return entry.best
 
@@ -66,7 +70,7 @@ def grouped_gemm_fp8(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: torch
     check_grouped_operands(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1)
     (M, K), (E, N, _) = a_MK.shape, b_ENK.shape
     assert out_dtype in (torch.bfloat16, torch.float16, torch.float32), f"unsupported out_dtype {out_dtype}"
-    cfg = config or choose_config(GemmKind.plain, M, E, N, K, a_MK.device)
+    cfg = config or choose_config(GemmKind.plain, M, E, N, K, a_MK.device, out_dtype == torch.bfloat16)
     if cfg.backend is Backend.torch_loop:
         return grouped_gemm_torch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, out_dtype)
     c_MN = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)

@@ -59,6 +59,7 @@ def grouped_gemm_torch(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: tor
     Each expert's rows are padded to a multiple of ROW_ALIGN in place: the next expert's rows (whose
     results that expert overwrites next), or spare rows past M."""
     (M, K), N, Kb = a_MK.shape, b_ENK.shape[1], a_scale_MKb.shape[1]
+    a_MK = a_MK.contiguous()  # rows may arrive as strided views of wire rows (runtime/experts.py)
     scales = _scales_by_expert(a_scale_MKb, expert_offsets_E1)
     c_pad = torch.empty(M + ROW_ALIGN, N, dtype=out_dtype, device=a_MK.device)
     base = 0

@@ -51,3 +51,18 @@ def test_the_committed_table_covers_the_benchmark_shapes():
             entry = lookup(kind, rows, N, K, "NVIDIA H200", TABLE_PATH)
             assert (kind.value, rows_bucket(rows), N, K) in table
             assert entry.best_triton.backend is not Backend.torch_loop
+
+
+def test_the_torch_loop_is_never_chosen_where_it_cannot_run(monkeypatch):
+    """Bf16 output only (the sweep measured nothing else), and never inside a CUDA graph capture."""
+    import moeplace.kernels.grouped_gemm as gg
+    from moeplace.kernels.gemm_table import TableEntry
+    loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
+    monkeypatch.setattr(gg, "lookup", lambda *a, **k: TableEntry(loop, tma))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda) == loop
+    assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda, torch_loop_ok=False) == tma
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda) == tma
