@@ -144,13 +144,13 @@ class ClosedLoop:
 
 def level_report(loop: ClosedLoop, start: float, end: float, warmup: float, world: int, moe_layers: int,
                  steps: list) -> dict:
-    """Output tokens in [start + warmup, end] per second per GPU; TTFT / inter-token latency (ms) of the
-    requests and gaps inside that window."""
+    """Output tokens in [start + warmup, end] per second per GPU; TTFT (ms) of every request of the level
+    (the first wave, all submitted at once, included); inter-token latency (ms) of the gaps in the window."""
     lo = start + warmup
     # each ended request's last event is its Finished, every other one a token
     tokens = sum(sum(lo <= t <= end for t in times[:-1]) for _, times in loop.done)
     per_s = tokens / (end - lo)
-    ttft = [1e3 * (times[0] - sent) for sent, times in loop.done if len(times) > 1 and lo <= sent]
+    ttft = [1e3 * (times[0] - sent) for sent, times in loop.done if len(times) > 1]  # the first wave's too
     itl = [1e3 * (b - a) for _, times in loop.done for a, b in zip(times[:-2], times[1:-1]) if lo <= a and b <= end]
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
     in_window = [s for s in steps if lo <= s[0] <= end]
@@ -223,9 +223,9 @@ def reshard_to_solved(engine: Engine, resharder: Resharder, model: EPModel, wind
                    old=model.placement)
     solve_s = time.monotonic() - start
     job = resharder.submit(solved.placement)
-    while resharder.jobs[job.id].state not in ("done", "rolled_back", "failed"):
+    while not resharder.jobs.get(job.id).state.final:
         time.sleep(0.05)
-    status = resharder.jobs[job.id]
+    status = resharder.jobs.get(job.id)
     return {"solve_seconds": solve_s, "state": status.state, "reshard_seconds": status.seconds,
             "experts_moved": status.experts_moved, "bytes_moved": status.bytes_moved}
 
