@@ -5,8 +5,12 @@ request; only loopback sockets; an idle server's CPU."""
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -164,3 +168,13 @@ def test_an_idle_server_uses_little_cpu(served):
     time.sleep(5.0)
     used = [(cpu_seconds(pid) - b) / 5.0 for pid, b in zip(ranks, before)]
     assert max(used) < 0.05, f"share of a core per rank while idle: {used}"
+
+
+def test_serve_memory_benchmark_cpu_smoke(served):
+    """benchmarks/serve_memory.py --cpu-smoke against the shared server: two rounds, every rank's RSS."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--url", served["url"], "--serve-pid",
+                           str(served["proc"].pid)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["requests"] for r in rows] == [4, 8] and all(len(r["rss_mb"]) == 2 for r in rows)
