@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable
 
@@ -102,11 +102,13 @@ def running_server(cmd: list[str], env: dict, log_path: Path, port: int, ready_s
                 time.sleep(0.3)
             yield url, proc
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            # A server that already exited has no group left: the error above is the one to report.
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _healthy(url: str) -> bool:
