@@ -104,9 +104,7 @@ def dispatch_study(traces: list[Trace], configs: list[str], options: SolveOption
             start = time.monotonic()
             cv = leave_one_out(traces, topology, replace(options, dispatch=plan), score, with_best_split=False)
             cells[(plan, score)] = cv
-            row = {"config": f"{name.upper()}/{topology.num_slots}", "planned_for": plan.value, "scored_under": score.value,
-                   "imbalance_mean": cv.mean_imbalance(), "imbalance_worst_layer": cv.worst_layer_imbalance(),
-                   "remote_nodes": cv.mean_remote_nodes(), "wall_s": time.monotonic() - start}
+            row = _score_row(name, topology, cv, start, planned_for=plan.value, scored_under=score.value)
             rows.append(row)
             print(f"{row['config']:>10} planned {plan.value:>13} scored {score.value:>13}  imbalance "
                   f"{row['imbalance_mean']:.4f} (worst layer {row['imbalance_worst_layer']:.4f})  remote nodes "
@@ -117,6 +115,13 @@ def dispatch_study(traces: list[Trace], configs: list[str], options: SolveOption
         print(f"{rows[-1]['config']:>10} sglang-static plan vs equal plan: gap {gap[0]:+.4f} mean, {gap[1]:+.4f} worst "
               f"layer: {'met' if max(gap) <= 0.01 else 'MISSED'} (target <= 0.01)", flush=True)
     return rows
+
+
+def _score_row(name: str, topology: Topology, cv, start: float, **labels: str) -> dict:
+    """One study row: the config, its labels, the leave-one-out scores and the wall time since `start`."""
+    return {"config": f"{name.upper()}/{topology.num_slots}", **labels,
+            "imbalance_mean": cv.mean_imbalance(), "imbalance_worst_layer": cv.worst_layer_imbalance(),
+            "remote_nodes": cv.mean_remote_nodes(), "wall_s": time.monotonic() - start}
 
 
 def frontier_study(traces: list[Trace], configs: list[str], options: SolveOptions, weights: list[float]) -> list[dict]:
@@ -131,9 +136,7 @@ def frontier_study(traces: list[Trace], configs: list[str], options: SolveOption
             start = time.monotonic()
             cv = leave_one_out(traces, topology, replace(opts, dispatch=Dispatch.equal), Dispatch.equal,
                                with_best_split=False)
-            row = {"config": f"{name.upper()}/{topology.num_slots}", "method": label,
-                   "imbalance_mean": cv.mean_imbalance(), "imbalance_worst_layer": cv.worst_layer_imbalance(),
-                   "remote_nodes": cv.mean_remote_nodes(), "wall_s": time.monotonic() - start}
+            row = _score_row(name, topology, cv, start, method=label)
             rows.append(row)
             print(f"{row['config']:>10} {label:>18}  imbalance {row['imbalance_mean']:.4f} (worst layer "
                   f"{row['imbalance_worst_layer']:.4f})  remote nodes/token {row['remote_nodes']:.3f}  "
