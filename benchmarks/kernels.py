@@ -41,22 +41,25 @@ SMOKE_SHAPE = dict(D=256, F=128)
 
 def sweep(rows_per_expert: float, smoke: bool):
     """Candidates for a GEMM with this many rows per expert: what the ptxas report (Triton 3.6, sm_90a)
-    left standing, i.e. no register spills or few, and the torch loop where the GEMMs are large."""
+    left standing, i.e. no register spills or few, and the torch loop on 1-4 streams where the GEMMs are
+    large. Prefill E32 keeps only the TMA configs that won 2026-11-30's two H200 runs among the Triton
+    ones (pointer m64/m128 and TMA m256 lost by 5-60%: benchmarks/BENCHMARKS.md)."""
     from moeplace.kernels.gemm_table import Backend, GemmConfig as C
-    tma, pf, loop = dict(backend=Backend.triton_tma), dict(prefetch_scales=True), C(backend=Backend.torch_loop)
+    tma, pf = dict(backend=Backend.triton_tma), dict(prefetch_scales=True)
+    loops = [C(backend=Backend.torch_loop, streams=n) for n in (1, 2, 3, 4)]
     if smoke:
         return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **tma, **pf),
                 C(16, 128, 1, 4, 2, **tma, warp_specialize=True)]
     if rows_per_expert > 256:  # prefill at EP8: compute-bound
-        return [C(128, 128, 16, 8, 4), C(128, 128, 16, 8, 4, **pf), C(128, 128, 8, 8, 3, **tma),
-                C(128, 128, 8, 8, 3, **tma, **pf), C(128, 128, 8, 8, 4, **tma, **pf),
-                C(256, 128, 8, 16, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf), loop]
+        return [C(128, 128, 8, 8, 3, **tma, **pf), C(128, 128, 8, 8, 4, **tma, **pf), *loops]
     if rows_per_expert > 64:  # prefill over all experts
         return [C(128, 128, 8, 8, 3, **tma), C(128, 128, 8, 8, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf),
-                C(64, 128, 8, 4, 4, **pf), C(128, 128, 16, 8, 4, **pf), loop]
+                C(64, 128, 8, 4, 4, **pf), C(128, 128, 16, 8, 4, **pf), loops[0]]
     if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
-        return [C(64, 128, 1, 4, 4), C(64, 128, 1, 4, 4, **pf), C(32, 128, 1, 4, 4, **pf),
-                C(64, 128, 1, 4, 4, **tma, **pf), C(128, 128, 1, 8, 4, **tma, **pf)]
+        # deeper pipelines and narrower tiles keep more weight bytes in flight per SM (the down GEMM has
+        # only 16 K blocks per tile: 63% of HBM at m64 s4 on the H200)
+        return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 6, **tma, **pf), C(32, 128, 1, 4, 6, **tma, **pf),
+                C(64, 64, 1, 4, 8, **tma, **pf), C(64, 128, 1, 4, 4, **pf), C(32, 128, 1, 4, 6, **pf)]
     return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf),
             C(16, 128, 1, 4, 4, **tma, **pf)]
 
@@ -195,14 +198,15 @@ def check_candidate(kind, cfg, a, a_s, w, w_s, offsets, ref, ref_rows) -> tuple[
 
 
 def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline):
-    """Time every candidate for one GEMM; returns (best, best Triton, timings) among those whose numerics
-    pass `check_candidate`."""
+    """Time every candidate for one GEMM (the torch loop twice: offsets on the device only, and also on the
+    host); returns the TableEntry of winners and all timings, among candidates whose numerics pass
+    `check_candidate` (None if none did)."""
     from moeplace.kernels.fp8_quant import dequant_rows_ref
-    from moeplace.kernels.gemm_table import Backend, GemmKind
-    from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8
-    from moeplace.kernels.grouped_gemm import grouped_gemm_swiglu_ref
+    from moeplace.kernels.gemm_table import Backend, GemmKind, TableEntry
+    from moeplace.kernels.grouped_gemm import grouped_gemm_ref, grouped_gemm_swiglu_ref
     E, N, K = w.shape
     a, a_s, offsets = sorted_rows(counts, K, dev)
+    host = offsets.tolist()
     M, active = a.shape[0], int((counts > 0).sum())
     flops, wbytes = 2.0 * M * N * K, active * N * K * (1 + 4 / 128**2)
     ref_rows = min(M, 2048)
@@ -211,7 +215,7 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
         ref = dequant_rows_ref(*grouped_gemm_swiglu_ref(*ref_args))
     else:
         ref = grouped_gemm_ref(*ref_args)
-    timings, best, best_triton = {}, None, None
+    timings = {}
     for cfg in cands:
         wide = cfg.block_n != 128 or cfg.block_m > 128
         if kind is GemmKind.swiglu and cfg.backend is not Backend.torch_loop and wide:
@@ -219,20 +223,15 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
         if time.monotonic() > deadline:
             print(f"  (time budget spent: {cfg.label} not timed)")
             continue
-        if kind is GemmKind.swiglu:
-            fn = lambda cfg=cfg: grouped_gemm_swiglu_fp8(a, a_s, w, w_s, offsets, cfg)  # noqa: E731
-        else:
-            fn = lambda cfg=cfg: grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.bfloat16, cfg)  # noqa: E731
         ok, note = check_candidate(kind, cfg, a, a_s, w, w_s, offsets, ref, ref_rows)
-        ms = rows.add(gemm, ("ours " if cfg.backend is not Backend.torch_loop else "") + cfg.label, fn, dev,
-                      flops, wbytes, hbm, note)
-        if ms is None or not ok:
-            continue
-        timings[cfg.label] = ms
-        if best is None or ms < timings[best.label]:
-            best = cfg
-        if cfg.backend is not Backend.torch_loop and (best_triton is None or ms < timings[best_triton.label]):
-            best_triton = cfg
+        loop = cfg.backend is Backend.torch_loop
+        for offsets_host in ((None, host) if loop else (None,)):
+            label = cfg.label + (" host offsets" if offsets_host else "")
+            ms = rows.add(gemm, ("" if loop else "ours ") + label, gemm_call(kind, a, a_s, w, w_s, offsets, cfg,
+                                                                            offsets_host), dev, flops, wbytes, hbm, note)
+            if ms is not None and ok:
+                timings[label] = ms
+    entry = pick_winners(cands, timings)
     if kind is GemmKind.plain and dev == "cuda":
         loop = loop_baseline(a, a_s, w, w_s, offsets)
         rows.add(gemm, f"baseline loop _scaled_mm ({active} experts)", loop, dev, flops, wbytes, hbm)
@@ -245,14 +244,42 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
                  w[0], w_s[0])
         rows.add(gemm, f"baseline dense _scaled_mm {M + pad}x{N}x{K}", lambda: blockwise_mm(*dense), dev, flops,
                  wbytes, hbm, "ceiling")
-    return best, best_triton, timings
+    return entry, timings
+
+
+def gemm_call(kind, a, a_s, w, w_s, offsets, cfg, offsets_host):
+    """The timed call: one grouped GEMM as fused_moe runs it (bf16 out for the plain kind)."""
+    from moeplace.kernels.gemm_table import GemmKind
+    from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_swiglu_fp8
+    if kind is GemmKind.swiglu:
+        return lambda: grouped_gemm_swiglu_fp8(a, a_s, w, w_s, offsets, cfg, offsets_host)
+    return lambda: grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.bfloat16, cfg, offsets_host)
+
+
+def pick_winners(cands, timings: dict[str, float]):
+    """TableEntry of the fastest accepted candidates: overall with device offsets (the torch loop's timing
+    includes its host sync), overall with host offsets, and among the Triton configs; None if no Triton
+    config was accepted (every table entry needs one for CUDA graph captures)."""
+    from moeplace.kernels.gemm_table import Backend, TableEntry
+    triton = [(timings[c.label], i) for i, c in enumerate(cands) if c.backend is not Backend.torch_loop
+              and c.label in timings]
+    if not triton:
+        return None
+    loops = [c for c in cands if c.backend is Backend.torch_loop]
+    fastest = lambda pairs: cands[min(pairs)[1]]  # noqa: E731
+    device = triton + [(timings[c.label], cands.index(c)) for c in loops if c.label in timings]
+    host = triton + [(timings[c.label + " host offsets"], cands.index(c)) for c in loops
+                     if c.label + " host offsets" in timings]
+    return TableEntry(best=fastest(device), best_triton=fastest(triton), best_host=fastest(host))
 
 
 # ---------------------------------------------------------------- fused_moe end to end
 
 
-def moe_rows(rows: Rows, counts, weights, cfgs, graph_cfgs, dev, hbm, D):
-    """fused_moe end to end and its stages; with `graph_cfgs`, also replayed from a CUDA graph."""
+def moe_rows(rows: Rows, counts, weights, chosen, graph: bool, dev, hbm, D):
+    """fused_moe end to end and its stages with the sweep's winners `chosen` (gate/up+SwiGLU, down
+    TableEntry): offsets on the device only, and also on the host (prefill: the EP path's case); with
+    `graph` (decode), also the best Triton configs replayed from a CUDA graph."""
     from moeplace.kernels.fused_moe import fused_moe
     from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_swiglu_fp8
     from moeplace.kernels.permute import moe_routing_plan, permute_quant, unpermute_combine
@@ -261,7 +288,9 @@ def moe_rows(rows: Rows, counts, weights, cfgs, graph_cfgs, dev, hbm, D):
     ids = torch.repeat_interleave(torch.arange(E), counts)[torch.randperm(M)].view(-1, TOPK).to(torch.int32).to(dev)
     x = torch.randn(ids.shape[0], D, device=dev, dtype=torch.bfloat16)
     w = torch.rand(ids.shape[0], TOPK, device=dev)
+    host = [0, *counts.cumsum(0).tolist()]  # what the routing plan computes on the device from these ids
     flops, wbytes = 6.0 * M * D * F, int((counts > 0).sum()) * 3 * D * F
+    cfgs = tuple(e.best for e in chosen)
     plan = moe_routing_plan(ids, E)
     a, a_s = permute_quant(x, plan)
     g, g_s = grouped_gemm_swiglu_fp8(a, a_s, w13, w13_s, plan.expert_offsets_E1, cfgs[0])
@@ -272,7 +301,13 @@ def moe_rows(rows: Rows, counts, weights, cfgs, graph_cfgs, dev, hbm, D):
         rows.add("stage", name, fn, dev)
     eager = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, cfgs)  # noqa: E731
     rows.add("fused_moe", f"end to end ({cfgs[0].label} | {cfgs[1].label})", eager, dev, flops, wbytes, hbm)
-    if graph_cfgs is not None and dev == "cuda":
+    host_cfgs = tuple(e.best_host for e in chosen)
+    if not graph:
+        with_host = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, host_cfgs, host)  # noqa: E731
+        rows.add("fused_moe", f"end to end, host offsets ({host_cfgs[0].label} | {host_cfgs[1].label})", with_host,
+                 dev, flops, wbytes, hbm, f"vs device offsets {rel_err(with_host(), eager()):.1e}")
+    if graph and dev == "cuda":
+        graph_cfgs = tuple(e.best_triton for e in chosen)
         out = torch.empty_like(x)
         replay = graphed(lambda: out.copy_(fused_moe(x, ids, w, w13, w13_s, w2, w2_s, graph_cfgs)))
         replay()
@@ -295,15 +330,14 @@ def run_scenario(name, trace, M, E, shape, source, weights, args, dev, hbm, all_
     chosen = {}
     for kind, gemm, w, ws in ((GemmKind.plain, "gate/up", w13, w13_s), (GemmKind.plain, "down", w2, w2_s),
                               (GemmKind.swiglu, "gate/up+SwiGLU", w13, w13_s)):
-        best, best_triton, timings = gemm_sweep(rows, kind, gemm, counts, w, ws, cands, dev, hbm, deadline)
-        if best is None:
+        entry, timings = gemm_sweep(rows, kind, gemm, counts, w, ws, cands, dev, hbm, deadline)
+        if entry is None:
             continue
-        chosen[gemm] = (best, best_triton)
-        entries.append(table_row(kind, rows_bucket(M / E), w.shape[1], w.shape[2], best, best_triton, timings))
+        chosen[gemm] = entry
+        entries.append(table_row(kind, rows_bucket(M / E), w.shape[1], w.shape[2], entry, timings))
     if "gate/up+SwiGLU" in chosen and "down" in chosen:
-        cfgs = (chosen["gate/up+SwiGLU"][0], chosen["down"][0])
-        graph_cfgs = (chosen["gate/up+SwiGLU"][1], chosen["down"][1]) if name.startswith("decode") else None
-        moe_rows(rows, counts, weights, cfgs, graph_cfgs, dev, hbm, shape["D"])
+        moe_rows(rows, counts, weights, (chosen["gate/up+SwiGLU"], chosen["down"]), name.startswith("decode"), dev,
+                 hbm, shape["D"])
 
 
 def main():

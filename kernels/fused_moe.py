@@ -1,13 +1,16 @@
 """DeepSeek-V3 routed experts on FP8 weights: permute+quantise → gate/up GEMM with SiLU(gate)·up and
 FP8 requantisation in its epilogue → down GEMM → weighted combine: five Triton launches (one for the
 routing plan). No host sync, so a CUDA graph can capture it, unless the measured GEMM table picks the
-torch per-expert loop for a prefill shape (never while capturing: grouped_gemm.choose_config).
+torch per-expert loop for a prefill shape (never while capturing: grouped_gemm.choose_config) and the
+caller passes no host copy of the expert offsets.
 
 Weights as in the checkpoint, 128×128 block scales: w13_E2FD [E, 2F, D] float8_e4m3fn (rows [0, F) are
 gate_proj, [F, 2F) up_proj) with w13_scale [E, 2F/128, D/128]; w2_EDF [E, D, F] (down_proj) with
 w2_scale [E, D/128, F/128]. Dimensions: T = tokens, K = top-k, E = experts, D = hidden, F = expert
 intermediate size, M = T*K sorted rows.
 """
+
+from collections.abc import Sequence
 
 import torch
 
@@ -37,16 +40,21 @@ def check_moe_operands(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, 
 
 def fused_moe(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
               w13_E2FD: torch.Tensor, w13_scale: torch.Tensor, w2_EDF: torch.Tensor, w2_scale: torch.Tensor,
-              configs: tuple[GemmConfig, GemmConfig] | None = None) -> torch.Tensor:
+              configs: tuple[GemmConfig, GemmConfig] | None = None,
+              expert_offsets_host: Sequence[int] | None = None) -> torch.Tensor:
     """x_TD [T, D] bf16, topk_ids_TK [T, K] int (-1 = not routed here), topk_weights_TK [T, K] float →
-    out_TD [T, D] x's dtype: Σ_k w[t, k] · expert_{ids[t, k]}(x[t]); `configs` = (gate/up, down) tiles."""
+    out_TD [T, D] x's dtype: Σ_k w[t, k] · expert_{ids[t, k]}(x[t]); `configs` = (gate/up, down) tiles.
+    `expert_offsets_host`: [E + 1] running sums of the rows routed to each expert, as host ints, where
+    the caller knows them (it must: they are not checked against the ids); they spare the torch loop
+    backend its host sync (grouped_gemm_fp8)."""
     require_triton()
     check_moe_operands(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale)
     up_cfg, down_cfg = configs or (None, None)
     plan = moe_routing_plan(topk_ids_TK, w13_E2FD.shape[0])
     a_MD, a_scale = permute_quant(x_TD, plan)
-    g_MF, g_scale = grouped_gemm_swiglu_fp8(a_MD, a_scale, w13_E2FD, w13_scale, plan.expert_offsets_E1, up_cfg)
-    y_MD = grouped_gemm_fp8(g_MF, g_scale, w2_EDF, w2_scale, plan.expert_offsets_E1, x_TD.dtype, down_cfg)
+    off, host = plan.expert_offsets_E1, expert_offsets_host
+    g_MF, g_scale = grouped_gemm_swiglu_fp8(a_MD, a_scale, w13_E2FD, w13_scale, off, up_cfg, host)
+    y_MD = grouped_gemm_fp8(g_MF, g_scale, w2_EDF, w2_scale, off, x_TD.dtype, down_cfg, host)
     return unpermute_combine(y_MD, plan, topk_weights_TK)
 
 

@@ -42,17 +42,21 @@ class GemmConfig:
     # its TTGIR keeps the loop attribute and makes no partitions)
     warp_specialize: bool = False
     prefetch_scales: bool = False  # Triton: load each K block's scales ahead of its promotion
+    # torch_loop only: CUDA streams the experts' GEMMs are spread over, so one GEMM's last partial wave of
+    # tiles overlaps the next one's first (torch_gemm.stream_lanes)
+    streams: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
         for name in ("block_m", "block_n", "num_warps"):
             v = getattr(self, name)
             assert v > 0 and v & (v - 1) == 0, f"GemmConfig.{name} must be a power of two, got {v}"
+        assert 1 <= self.streams <= 8, f"GemmConfig.streams must be in [1, 8], got {self.streams}"
 
     @property
     def label(self) -> str:
         if self.backend is Backend.torch_loop:
-            return "torch _scaled_mm loop"
+            return "torch _scaled_mm loop" + (f" {self.streams} streams" if self.streams > 1 else "")
         flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
@@ -76,11 +80,13 @@ def rows_bucket(rows_per_expert: float) -> int:
 
 @dataclass(frozen=True, slots=True)
 class TableEntry:
-    """The sweep's winner for one key, and the best Triton config (used where the winner can't run, e.g.
-    the host-synchronising torch loop inside a CUDA graph capture)."""
+    """The sweep's winners for one key: `best` where the expert offsets are on the device only (the torch
+    loop then pays a host sync, timed with it), `best_host` where the caller also holds them on the host,
+    and the best Triton config (where the torch loop can't run, e.g. inside a CUDA graph capture)."""
 
     best: GemmConfig
     best_triton: GemmConfig
+    best_host: GemmConfig
 
 
 def load_table(path: Path, card: str) -> dict[tuple[str, int, int, int], TableEntry]:
@@ -91,7 +97,9 @@ def load_table(path: Path, card: str) -> dict[tuple[str, int, int, int], TableEn
     table = {}
     for row in section.get("entries", []):
         key = (GemmKind(row["kind"]).value, int(row["bucket"]), int(row["N"]), int(row["K"]))
-        table[key] = TableEntry(GemmConfig(**row["best"]), GemmConfig(**row["best_triton"]))
+        # tables written before best_host existed: the same choice with the offsets on the host
+        best, best_host = GemmConfig(**row["best"]), GemmConfig(**row.get("best_host", row["best"]))
+        table[key] = TableEntry(best, GemmConfig(**row["best_triton"]), best_host)
     return table
 
 
@@ -113,17 +121,21 @@ def lookup(kind: GemmKind, rows_per_expert: float, N: int, K: int, card: str,
     return table[(kind.value, nearest, N, K)]
 
 
-def table_row(kind: GemmKind, bucket: int, N: int, K: int, best: GemmConfig, best_triton: GemmConfig,
+def table_row(kind: GemmKind, bucket: int, N: int, K: int, entry: TableEntry,
               timings_ms: dict[str, float]) -> dict:
     """One entry as the benchmark writes it (timings of every candidate kept for the record)."""
     as_dict = lambda c: {**asdict(c), "backend": c.backend.value}  # noqa: E731
-    return dict(kind=kind.value, bucket=bucket, N=N, K=K, best=as_dict(best), best_triton=as_dict(best_triton),
-                timings_ms=timings_ms)
+    return dict(kind=kind.value, bucket=bucket, N=N, K=K, best=as_dict(entry.best),
+                best_triton=as_dict(entry.best_triton), best_host=as_dict(entry.best_host), timings_ms=timings_ms)
 
 
 def write_table(path: Path, card: str, entries: list[dict], meta: dict) -> None:
-    """Replace `card`'s section of the table at `path`, keeping other cards' sections."""
+    """Write `entries` into `card`'s section of the table at `path`: they replace the entries of the same
+    key, the card's other entries (shapes this run did not measure) and other cards' sections stay."""
     doc = json.loads(path.read_text()) if path.is_file() else {}
-    doc.setdefault("cards", {})[card] = dict(meta, entries=entries)
+    key = lambda row: (row["kind"], row["bucket"], row["N"], row["K"])  # noqa: E731
+    new = {key(row) for row in entries}
+    kept = [row for row in doc.get("cards", {}).get(card, {}).get("entries", []) if key(row) not in new]
+    doc.setdefault("cards", {})[card] = dict(meta, entries=sorted(kept + entries, key=key))
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     _cached_table.cache_clear()

@@ -10,6 +10,8 @@ capture never gets the torch loop, which reads the expert counts on the host.
 Dimensions: M = sorted rows, N = output features, K = reduction, E = experts, Kb = K // 128, Nb = N // 128.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from moeplace.kernels._triton import require_triton
@@ -23,20 +25,22 @@ __all__ = ["GemmConfig", "choose_config", "grouped_gemm_fp8", "grouped_gemm_swig
 
 
 def choose_config(kind: GemmKind, M: int, E: int, N: int, K: int, device: torch.device,
-                  torch_loop_ok: bool = True) -> GemmConfig:
+                  torch_loop_ok: bool = True, host_offsets: bool = False) -> GemmConfig:
     """The measured table's choice for this shape on this card, else `default_config`. No host sync: the
-    rows per expert are M / E from the shapes. The table's best Triton config instead of the torch loop
-    while a CUDA graph is captured (the loop reads counts on the host) or where `torch_loop_ok` is False
-    (the sweep measured the loop with bf16 output only)."""
+    rows per expert are M / E from the shapes. `host_offsets`: the caller holds the expert offsets on the
+    host (the table's winner for that case: the torch loop then pays no sync). The table's best Triton
+    config instead of the torch loop while a CUDA graph is captured (the loop reads counts on the host)
+    or where `torch_loop_ok` is False (the sweep measured the loop with bf16 output only)."""
     if device.type != "cuda":
         return default_config(M / max(E, 1))
     entry = lookup(kind, M / max(E, 1), N, K, torch.cuda.get_device_name(device))
     if entry is None:
         return default_config(M / max(E, 1))
+    best = entry.best_host if host_offsets else entry.best
     capturing = torch.cuda.is_current_stream_capturing()
-    if entry.best.backend is Backend.torch_loop and (capturing or not torch_loop_ok):
+    if best.backend is Backend.torch_loop and (capturing or not torch_loop_ok):
         return entry.best_triton
-    return entry.best
+    return best
 
 
 def check_grouped_operands(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1) -> None:
@@ -61,18 +65,23 @@ def check_grouped_operands(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offse
 
 def grouped_gemm_fp8(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: torch.Tensor, b_scale_ENbKb: torch.Tensor,
                      expert_offsets_E1: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
-                     config: GemmConfig | None = None) -> torch.Tensor:
+                     config: GemmConfig | None = None,
+                     expert_offsets_host: Sequence[int] | None = None) -> torch.Tensor:
     """a_MK [M, K] fp8 with a_scale_MKb [M, K/128] f32 (rows sorted by expert), b_ENK [E, N, K] fp8 with
     b_scale_ENbKb [E, N/128, K/128] f32, expert_offsets_E1 [E + 1] int32 → c_MN [M, N] out_dtype.
     Rows from expert_offsets_E1[E] on are left unwritten by the Triton kernels (the torch loop may write
-    them). `config` None: the measured choice (`choose_config`)."""
+    them). `config` None: the measured choice (`choose_config`). `expert_offsets_host`: the same E + 1
+    offsets as host ints where the caller already has them (no sync for the torch loop; the Triton
+    kernels read the device copy); never inside a CUDA graph capture, whose replays see new offsets."""
     require_triton()
     check_grouped_operands(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1)
     (M, K), (E, N, _) = a_MK.shape, b_ENK.shape
     assert out_dtype in (torch.bfloat16, torch.float16, torch.float32), f"unsupported out_dtype {out_dtype}"
-    cfg = config or choose_config(GemmKind.plain, M, E, N, K, a_MK.device, out_dtype == torch.bfloat16)
+    host = expert_offsets_host is not None
+    cfg = config or choose_config(GemmKind.plain, M, E, N, K, a_MK.device, out_dtype == torch.bfloat16, host)
     if cfg.backend is Backend.torch_loop:
-        return grouped_gemm_torch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, out_dtype)
+        return grouped_gemm_torch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, out_dtype,
+                                  expert_offsets_host, cfg.streams)
     c_MN = torch.empty(M, N, dtype=out_dtype, device=a_MK.device)
     launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c_MN, c_MN, N, cfg, swiglu=False)
     return c_MN
@@ -80,18 +89,22 @@ def grouped_gemm_fp8(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: torch
 
 def grouped_gemm_swiglu_fp8(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, w13_E2FK: torch.Tensor,
                             w13_scale: torch.Tensor, expert_offsets_E1: torch.Tensor,
-                            config: GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            config: GemmConfig | None = None, expert_offsets_host: Sequence[int] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate/up GEMM with SiLU(gate)·up and FP8 requantisation fused into the epilogue (no bf16 round trip):
     w13_E2FK [E, 2F, K] fp8 (rows [0, F) gate, [F, 2F) up) with w13_scale [E, 2F/128, K/128] →
     (g_MF [M, F] float8_e4m3fn, g_scale_MFb [M, F/128] float32), rows past the last expert unwritten.
-    The torch loop backend instead writes gate|up in bf16 and applies SiLU·up + quantisation after."""
+    The torch loop backend instead writes gate|up in bf16 and applies SiLU·up + quantisation after.
+    `expert_offsets_host` as in `grouped_gemm_fp8`."""
     require_triton()
     check_grouped_operands(a_MK, a_scale_MKb, w13_E2FK, w13_scale, expert_offsets_E1)
     (M, K), (E, F2, _) = a_MK.shape, w13_E2FK.shape
     assert F2 % (2 * GROUP) == 0, f"w13_E2FK: 2F={F2} must be a multiple of {2 * GROUP}"
-    cfg = config or choose_config(GemmKind.swiglu, M, E, F2, K, a_MK.device)
+    host = expert_offsets_host is not None
+    cfg = config or choose_config(GemmKind.swiglu, M, E, F2, K, a_MK.device, host_offsets=host)
     if cfg.backend is Backend.torch_loop:
-        return swiglu_quant(grouped_gemm_torch(a_MK, a_scale_MKb, w13_E2FK, w13_scale, expert_offsets_E1))
+        return swiglu_quant(grouped_gemm_torch(a_MK, a_scale_MKb, w13_E2FK, w13_scale, expert_offsets_E1,
+                                               offsets_host=expert_offsets_host, streams=cfg.streams))
     assert cfg.block_n == GROUP, f"the fused epilogue quantises one {GROUP}-channel group per tile: block_n={cfg.block_n}"
     g_MF = torch.empty(M, F2 // 2, dtype=FP8, device=a_MK.device)
     g_scale_MFb = torch.empty(M, F2 // 2 // GROUP, dtype=torch.float32, device=a_MK.device)

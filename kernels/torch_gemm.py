@@ -3,9 +3,15 @@
 torch 2.11's grouped scaled GEMM (`_scaled_grouped_mm`, `F.scaled_grouped_mm`) takes row-wise, MXFP8 and
 NVFP4 scales only, not DeepSeek's 1×128 / 128×128 blocks, while `_scaled_mm` takes those blocks on
 Hopper (its `block_1x128_128x128` recipe): so a loop over experts. The loop needs every expert's row
-count on the host, one device-to-host sync per call: the dispatcher never picks it while a CUDA graph
-is being captured. Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
+count on the host: from the caller where it holds them (the EP path's all_to_all sizes), else one
+device-to-host sync per call; the dispatcher never picks it while a CUDA graph is being captured. The
+GEMMs may be spread over several CUDA streams: ~1,000 rows × 4,096 columns is about two waves of tiles
+on 132 SMs, and the last, partial wave of one expert can overlap the next expert's first.
+Dimensions: M = sorted rows, N = output features, K = reduction, E = experts, X = non-empty experts.
 """
+
+from collections.abc import Sequence
+from functools import lru_cache, partial
 
 import torch
 
@@ -15,9 +21,68 @@ from moeplace.kernels.fp8_quant import EPS, FP8, FP8_MAX, GROUP, quant_rows
 ROW_ALIGN = 4  # cuBLAS wants each call's rows (and its 1×128 scales' leading dimension) a multiple of 4
 
 
-def _spans(expert_offsets_E1: torch.Tensor) -> list[tuple[int, int, int]]:
-    off = expert_offsets_E1.tolist()  # the one host sync: the loop's trip count and slices need the counts
-    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(off[:-1], off[1:])) if hi > lo]
+def expert_spans(offsets_E1: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert with rows, in expert order."""
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets_E1[:-1], offsets_E1[1:])) if hi > lo]
+
+
+def check_host_offsets(offsets_host: Sequence[int], E: int, M: int) -> list[int]:
+    """The caller's host copy of the expert offsets as a list, checked for shape and order (not against the
+    device copy: that would be the very sync it saves)."""
+    off = [int(o) for o in offsets_host]
+    assert len(off) == E + 1, f"expert_offsets_host has {len(off)} entries, want E + 1 = {E + 1}"
+    assert off[0] >= 0 and off[-1] <= M and all(lo <= hi for lo, hi in zip(off[:-1], off[1:])), \
+        f"expert_offsets_host must be non-decreasing within [0, M={M}], got {off[:4]}...{off[-2:]}"
+    return off
+
+
+def stream_lanes(rows_X: Sequence[int], lanes: int) -> list[list[int]]:
+    """Which of the X non-empty experts' GEMMs (rows_X[x] rows each, in expert order) each of `lanes`
+    streams runs, in the order it runs them.
+
+    An expert whose rows are not a multiple of ROW_ALIGN is padded into the next expert's first rows
+    (garbage there until that expert writes them): so such an expert and the next share a chain, run in
+    order on one stream. Chains go largest first to the lane with the fewest rows so far (LPT)."""
+    chains, open_chain = [], False
+    for x, n in enumerate(rows_X):
+        if open_chain:
+            chains[-1].append(x)
+        else:
+            chains.append([x])
+        open_chain = n % ROW_ALIGN != 0
+    out, load = [[] for _ in range(lanes)], [0] * lanes
+    for chain in sorted(chains, key=lambda c: -sum(rows_X[x] for x in c)):
+        lane = load.index(min(load))
+        out[lane] += chain
+        load[lane] += sum(rows_X[x] for x in chain)
+    return [sorted(lane) for lane in out]  # a lane's chains in expert order: each chain stays in order
+
+
+@lru_cache(maxsize=None)
+def _side_streams(device: torch.device, n: int) -> tuple[torch.cuda.Stream, ...]:
+    return tuple(torch.cuda.Stream(device) for _ in range(n))
+
+
+def _run_lanes(calls: list, lanes: list[list[int]], device: torch.device) -> None:
+    """Run calls[x]() for the x of each lane on its own stream (lane 0: the caller's), issued round robin
+    so the GPU sees every lane's next GEMM early. The side streams wait for the caller's stream first and
+    the caller's stream waits for them last, so every tensor they touch (all allocated on the caller's
+    stream) is safe to free and reuse there after return without record_stream."""
+    if len(lanes) == 1 or device.type != "cuda":
+        for x in sorted(x for lane in lanes for x in lane):
+            calls[x]()
+        return
+    main = torch.cuda.current_stream(device)
+    streams = (main, *_side_streams(device, len(lanes) - 1))
+    for s in streams[1:]:
+        s.wait_stream(main)
+    for step in range(max(len(lane) for lane in lanes)):
+        for lane, s in zip(lanes, streams):
+            if step < len(lane):
+                with torch.cuda.stream(s):
+                    calls[lane[step]]()
+    for s in streams[1:]:
+        main.wait_stream(s)
 
 
 @triton.jit
@@ -53,22 +118,29 @@ def _scales_by_expert(a_scale_MKb: torch.Tensor, expert_offsets_E1: torch.Tensor
 
 def grouped_gemm_torch(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: torch.Tensor,
                        b_scale_ENbKb: torch.Tensor, expert_offsets_E1: torch.Tensor,
-                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                       out_dtype: torch.dtype = torch.bfloat16, offsets_host: Sequence[int] | None = None,
+                       streams: int = 1) -> torch.Tensor:
     """Same contract as `grouped_gemm_fp8` (operands checked there): [M, N] out_dtype, except that rows
     from expert_offsets_E1[E] on may be written (with the products of whatever those rows hold).
+    `offsets_host`: the same offsets as host ints, if the caller has them (then no host sync here).
     Each expert's rows are padded to a multiple of ROW_ALIGN in place: the next expert's rows (whose
-    results that expert overwrites next), or spare rows past M."""
-    (M, K), N, Kb = a_MK.shape, b_ENK.shape[1], a_scale_MKb.shape[1]
+    results that expert overwrites next, on the same stream: `stream_lanes`), or spare rows past M."""
+    (M, K), (E, N, _), Kb = a_MK.shape, b_ENK.shape, a_scale_MKb.shape[1]
+    # the torch loop's trip count and slices need the counts on the host: without offsets_host, one sync
+    off = expert_offsets_E1.tolist() if offsets_host is None else check_host_offsets(offsets_host, E, M)
+    spans = expert_spans(off)
     a_MK = a_MK.contiguous()  # rows may arrive as strided views of wire rows (runtime/experts.py)
     scales = _scales_by_expert(a_scale_MKb, expert_offsets_E1)
     c_pad = torch.empty(M + ROW_ALIGN, N, dtype=out_dtype, device=a_MK.device)
-    base = 0
-    for e, lo, hi in _spans(expert_offsets_E1):  # in expert order: padding rows are overwritten next
+    calls, base = [], 0
+    for e, lo, hi in spans:
         m = hi - lo + (-(hi - lo)) % ROW_ALIGN
         s = scales[base: base + Kb * m].view(Kb, m).t()
         a = a_MK[lo:lo + m] if lo + m <= M else torch.cat([a_MK[lo:], a_MK.new_zeros(lo + m - M, K)])
-        torch._scaled_mm(a, b_ENK[e].t(), s, b_scale_ENbKb[e].t(), out_dtype=out_dtype, out=c_pad[lo:lo + m])
+        calls.append(partial(torch._scaled_mm, a, b_ENK[e].t(), s, b_scale_ENbKb[e].t(), out_dtype=out_dtype,
+                             out=c_pad[lo:lo + m]))
         base += Kb * m
+    _run_lanes(calls, stream_lanes([hi - lo for _, lo, hi in spans], streams), a_MK.device)
     return c_pad[:M]
 
 

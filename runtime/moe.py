@@ -22,6 +22,7 @@ with its own routing and a `PhaseTimer`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -323,10 +324,15 @@ class EPMoE(nn.Module):
         """Send each planned row: the token's features, then its K local slots (int32, -1 = not on that rank)."""
         (T, D), K, S, comm = x_TD.shape, plan.slots_TK.shape[1], self.w13_SFD.shape[0], self.comm
         plan.recv_GX = comm.exchange_counts(plan.counts_GX)
-        # The all_to_all needs its sizes on the host: the step's one sync.
-        sizes = torch.stack([plan.counts_GX[:, S], plan.counts_GX[:, :S].sum(1),
-                             plan.recv_GX[:, S], plan.recv_GX[:, :S].sum(1)]).tolist()
-        plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments = sizes
+        # The all_to_all needs its sizes on the host: the step's one sync. It brings the rows per local
+        # slot along, so the expert GEMMs need no sync of their own (grouped_gemm_fp8's host offsets).
+        G = plan.counts_GX.shape[0]
+        per_rank_4G = torch.stack([plan.counts_GX[:, S], plan.counts_GX[:, :S].sum(1), plan.recv_GX[:, S],
+                                   plan.recv_GX[:, :S].sum(1)]).reshape(-1)
+        sizes = torch.cat([per_rank_4G, plan.recv_GX[:, :S].sum(0)]).tolist()
+        plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments = (
+            sizes[i * G: (i + 1) * G] for i in range(4))
+        plan.recv_slot_rows = sizes[4 * G:]
         ids_at = _ids_offset(self.expert_path, D, x_TD.dtype)
         tokens_TW = encode_tokens(x_TD, self.expert_path, ids_at + 4 * K)
         U = sum(plan.send_rows)
@@ -357,7 +363,7 @@ class EPMoE(nn.Module):
         counts_GS = plan.recv_GX[:, :S]
         self.slot_tokens_S.copy_(counts_GS.sum(0))
         # 2. compute
-        y_MD = self._slot_experts(received_UW[row_M], counts_GS.sum(0), dtype)
+        y_MD = self._slot_experts(received_UW[row_M], counts_GS.sum(0), dtype, plan.recv_slot_rows)
         # 3. back to the sources' order: source-major, then (slot, token) as each source sorted them
         source_M = torch.repeat_interleave(torch.arange(G, device=device), plan.recv_GX[:, S], output_size=U)[row_M]
         by_source_GS = (counts_GS.reshape(-1).cumsum(0) - counts_GS.reshape(-1)).view(G, S)
@@ -365,16 +371,19 @@ class EPMoE(nn.Module):
         position_M = by_source_GS[source_M, slot_M] + torch.arange(M, device=device) - by_slot_SG[slot_M, source_M]
         return torch.empty_like(y_MD).index_copy_(0, position_M, y_MD)
 
-    def _slot_experts(self, rows_MW: torch.Tensor, counts_S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _slot_experts(self, rows_MW: torch.Tensor, counts_S: torch.Tensor, dtype: torch.dtype,
+                      counts_host: list[int] | None = None) -> torch.Tensor:
         """Rows grouped by slot (counts_S [S] int64 rows each, in slot order; rows past their sum are spare)
-        through their slots' experts: [M, D] `dtype`, spare rows unwritten."""
+        through their slots' experts: [M, D] `dtype`, spare rows unwritten. `counts_host`: the same counts
+        on the host, where the caller has them (the expert GEMMs then need no host sync)."""
         D = self.w13_SFD.shape[2]
         if self.expert_path is ExpertPath.fp8:
             offsets_S1 = torch.zeros(counts_S.shape[0] + 1, dtype=torch.int32, device=rows_MW.device)
             offsets_S1[1:] = counts_S.cumsum(0)
+            offsets_host = None if counts_host is None else [0, *itertools.accumulate(counts_host)]
             a_MD, a_scale_Md = decode_features(rows_MW, self.expert_path, D, dtype)
             return fp8_experts(a_MD, a_scale_Md, offsets_S1, self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF,
-                               self.w2_sinv_Sdf, dtype)
+                               self.w2_sinv_Sdf, dtype, offsets_host)
         return reference_experts(decode_features(rows_MW, self.expert_path, D, dtype), counts_S.tolist(),
                                  self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf, self.block)
 
@@ -433,7 +442,7 @@ class _Plan:
     sent row each assignment rides in; sent_GT [G, T] bool token t goes to rank g; row_GT [G, T] its row
     (where sent); counts_GX [G, S+1] int64 assignments per destination slot, then rows per destination;
     recv_GX the same from each source rank; host lists of rows and assignments sent to / received from
-    each rank."""
+    each rank, and of rows received per local slot."""
 
     order_A: torch.Tensor
     slots_TK: torch.Tensor
@@ -446,6 +455,7 @@ class _Plan:
     send_assignments: list[int] | None = None
     recv_rows: list[int] | None = None
     recv_assignments: list[int] | None = None
+    recv_slot_rows: list[int] | None = None
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from moeplace.kernels.gemm_table import (Backend, GemmConfig, GemmKind, default_config, load_table, lookup,
-                                         rows_bucket, table_row, write_table)
+from moeplace.kernels.gemm_table import (Backend, GemmConfig, GemmKind, TableEntry, default_config, load_table,
+                                         lookup, rows_bucket, table_row, write_table)
 from moeplace.kernels.grouped_gemm import choose_config
 
 pytestmark = pytest.mark.ref_only
@@ -19,16 +19,29 @@ def test_rows_bucket_rounds_up_to_powers_of_two():
 def test_table_round_trip_nearest_bucket_and_other_cards(tmp_path):
     path = tmp_path / "t.json"
     loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
-    write_table(path, "H200", [table_row(GemmKind.plain, 1024, 4096, 7168, loop, tma, {"x": 1.0}),
-                               table_row(GemmKind.plain, 32, 4096, 7168, tma, tma, {})], {"date": "d"})
-    write_table(path, "H100", [table_row(GemmKind.swiglu, 8, 256, 128, tma, tma, {})], {})
+    loop3 = GemmConfig(backend=Backend.torch_loop, streams=3)
+    write_table(path, "H200", [table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(loop, tma, loop3), {"x": 1.0}),
+                               table_row(GemmKind.plain, 32, 4096, 7168, TableEntry(tma, tma, tma), {})], {"date": "d"})
+    write_table(path, "H100", [table_row(GemmKind.swiglu, 8, 256, 128, TableEntry(tma, tma, tma), {})], {})
     assert set(json.loads(path.read_text())["cards"]) == {"H200", "H100"}, "a card's section replaces only its own"
     entry = lookup(GemmKind.plain, 700.0, 4096, 7168, "H200", path)
-    assert entry.best == loop and entry.best_triton == tma
+    assert entry == TableEntry(loop, tma, loop3)
     assert lookup(GemmKind.plain, 40.0, 4096, 7168, "H200", path).best == tma, "nearest measured bucket"
     assert lookup(GemmKind.swiglu, 700.0, 4096, 7168, "H200", path) is None, "another kind is another key"
     assert lookup(GemmKind.plain, 700.0, 4096, 7168, "A100", path) is None, "a card the sweep never saw"
     assert load_table(tmp_path / "missing.json", "H200") == {}
+
+
+def test_a_partial_sweep_replaces_only_its_own_keys_and_old_rows_still_load(tmp_path):
+    path = tmp_path / "t.json"
+    loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
+    old = table_row(GemmKind.plain, 4, 4096, 7168, TableEntry(tma, tma, tma), {})
+    del old["best_host"]  # written before the host-offsets winner existed
+    write_table(path, "H200", [old, table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(tma, tma, tma), {})], {})
+    write_table(path, "H200", [table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(loop, tma, loop), {})], {})
+    assert lookup(GemmKind.plain, 4, 4096, 7168, "H200", path) == TableEntry(tma, tma, tma), "kept, best_host = best"
+    assert lookup(GemmKind.plain, 1024, 4096, 7168, "H200", path).best == loop, "replaced by the new sweep"
+    assert len(json.loads(path.read_text())["cards"]["H200"]["entries"]) == 2
 
 
 def test_config_rejects_a_tile_that_is_not_a_power_of_two():
@@ -36,6 +49,8 @@ def test_config_rejects_a_tile_that_is_not_a_power_of_two():
         GemmConfig(block_m=96)
     with pytest.raises(ValueError, match="'cutlass' is not a valid Backend"):
         GemmConfig(backend="cutlass")
+    with pytest.raises(AssertionError, match="GemmConfig.streams must be in \\[1, 8\\], got 0"):
+        GemmConfig(backend="torch_loop", streams=0)
 
 
 def test_off_the_gpu_the_dispatch_is_the_default():
@@ -54,15 +69,18 @@ def test_the_committed_table_covers_the_benchmark_shapes():
 
 
 def test_the_torch_loop_is_never_chosen_where_it_cannot_run(monkeypatch):
-    """Bf16 output only (the sweep measured nothing else), and never inside a CUDA graph capture."""
+    """Bf16 output only (the sweep measured nothing else), and never inside a CUDA graph capture; with the
+    offsets on the host, the table's winner for that case."""
     import moeplace.kernels.grouped_gemm as gg
-    from moeplace.kernels.gemm_table import TableEntry
     loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
-    monkeypatch.setattr(gg, "lookup", lambda *a, **k: TableEntry(loop, tma))
+    loop2 = GemmConfig(backend=Backend.torch_loop, streams=2)
+    monkeypatch.setattr(gg, "lookup", lambda *a, **k: TableEntry(loop, tma, loop2))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda) == loop
+    assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda, host_offsets=True) == loop2
     assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda, torch_loop_ok=False) == tma
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda) == tma
+    assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda, host_offsets=True) == tma

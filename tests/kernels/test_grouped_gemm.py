@@ -127,3 +127,29 @@ def test_torch_loop_backend_matches_float64(swiglu, routing, gen, device, rel_er
         c = grouped_gemm_fp8(a, a_s, b, b_s, plan.expert_offsets_E1, torch.bfloat16, cfg)
         ref = grouped_gemm_ref(a, a_s, b, b_s, plan.expert_offsets_E1)
         assert rel_err(c[:used], ref[:used]) < 5e-3, "bf16 output: ~2^-9 relative rounding"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streams", [1, 2, 3, 4])
+def test_torch_loop_host_offsets_and_streams_give_the_same_bits(streams, routing, gen, device):
+    """Host offsets and 1-4 streams run the very same cuBLAS calls as the synchronising single-stream loop:
+    identical bits; with host offsets nothing synchronises with the host (sync debug mode raises if so)."""
+    ids, _ = routing(600, 8, 256, local=32)
+    _, b, b_s = block_weights(32, 512, 1024, gen)
+    b, b_s = b.to(device), b_s.to(device)
+    _, plan, a, a_s, used = sorted_activations(ids, 32, 1024, gen, device)
+    a.view(torch.uint8)[used:] = 0
+    off, host = plan.expert_offsets_E1, plan.expert_offsets_E1.tolist()
+    want = grouped_gemm_fp8(a, a_s, b, b_s, off, torch.bfloat16, GemmConfig(backend=Backend.torch_loop))
+    cfg = GemmConfig(backend=Backend.torch_loop, streams=streams)
+    grouped_gemm_fp8(a, a_s, b, b_s, off, torch.bfloat16, cfg, host)  # compile the scale-layout kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = grouped_gemm_fp8(a, a_s, b, b_s, off, torch.bfloat16, cfg, host)
+        q, s = grouped_gemm_swiglu_fp8(a, a_s, b, b_s, off, cfg, host)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got[:used], want[:used])
+    q_want, s_want = grouped_gemm_swiglu_fp8(a, a_s, b, b_s, off, GemmConfig(backend=Backend.torch_loop))
+    assert torch.equal(q[:used].view(torch.uint8), q_want[:used].view(torch.uint8)) and torch.equal(s[:used], s_want[:used])
