@@ -256,6 +256,14 @@ def gemm_call(kind, a, a_s, w, w_s, offsets, cfg, offsets_host):
     return lambda: grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.bfloat16, cfg, offsets_host)
 
 
+def agreement(fn, ref_fn) -> str:
+    """A note: how far fn's output is from ref_fn's (or why it could not run)."""
+    try:
+        return f"vs device offsets {rel_err(fn(), ref_fn()):.1e}"
+    except Exception as exc:
+        return f"check failed: {type(exc).__name__}: {str(exc)[:100]}"
+
+
 def pick_winners(cands, timings: dict[str, float]):
     """TableEntry of the fastest accepted candidates: overall with device offsets (the torch loop's timing
     includes its host sync), overall with host offsets, and among the Triton configs; None if no Triton
@@ -305,7 +313,7 @@ def moe_rows(rows: Rows, counts, weights, chosen, graph: bool, dev, hbm, D):
     if not graph:
         with_host = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, host_cfgs, host)  # noqa: E731
         rows.add("fused_moe", f"end to end, host offsets ({host_cfgs[0].label} | {host_cfgs[1].label})", with_host,
-                 dev, flops, wbytes, hbm, f"vs device offsets {rel_err(with_host(), eager()):.1e}")
+                 dev, flops, wbytes, hbm, agreement(with_host, eager))
     if graph and dev == "cuda":
         graph_cfgs = tuple(e.best_triton for e in chosen)
         out = torch.empty_like(x)
