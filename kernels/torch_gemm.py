@@ -10,8 +10,9 @@ on 132 SMs, and the last, partial wave of one expert can overlap the next expert
 Dimensions: M = sorted rows, N = output features, K = reduction, E = experts, X = non-empty experts.
 """
 
-from collections.abc import Sequence
-from functools import lru_cache, partial
+import itertools
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import torch
 
@@ -63,14 +64,14 @@ def _side_streams(device: torch.device, n: int) -> tuple[torch.cuda.Stream, ...]
     return tuple(torch.cuda.Stream(device) for _ in range(n))
 
 
-def _run_lanes(calls: list, lanes: list[list[int]], device: torch.device) -> None:
-    """Run calls[x]() for the x of each lane on its own stream (lane 0: the caller's), issued round robin
-    so the GPU sees every lane's next GEMM early. The side streams wait for the caller's stream first and
-    the caller's stream waits for them last, so every tensor they touch (all allocated on the caller's
+def _run_lanes(gemm: Callable[[int], None], lanes: list[list[int]], device: torch.device) -> None:
+    """gemm(x) for the x of each lane on its own stream (lane 0: the caller's), issued round robin so the
+    GPU sees every lane's next GEMM early. The side streams wait for the caller's stream first and the
+    caller's stream waits for them last, so every tensor they touch (all allocated on the caller's
     stream) is safe to free and reuse there after return without record_stream."""
     if len(lanes) == 1 or device.type != "cuda":
         for x in sorted(x for lane in lanes for x in lane):
-            calls[x]()
+            gemm(x)
         return
     main = torch.cuda.current_stream(device)
     streams = (main, *_side_streams(device, len(lanes) - 1))
@@ -80,7 +81,7 @@ def _run_lanes(calls: list, lanes: list[list[int]], device: torch.device) -> Non
         for lane, s in zip(lanes, streams):
             if step < len(lane):
                 with torch.cuda.stream(s):
-                    calls[lane[step]]()
+                    gemm(lane[step])
     for s in streams[1:]:
         main.wait_stream(s)
 
@@ -124,23 +125,29 @@ def grouped_gemm_torch(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: tor
     from expert_offsets_E1[E] on may be written (with the products of whatever those rows hold).
     `offsets_host`: the same offsets as host ints, if the caller has them (then no host sync here).
     Each expert's rows are padded to a multiple of ROW_ALIGN in place: the next expert's rows (whose
-    results that expert overwrites next, on the same stream: `stream_lanes`), or spare rows past M."""
+    results that expert overwrites next, on the same stream: `stream_lanes`), or zero rows past the
+    last expert's end (the spare rows there may hold anything, NaN bytes included)."""
     (M, K), (E, N, _), Kb = a_MK.shape, b_ENK.shape, a_scale_MKb.shape[1]
-    # the torch loop's trip count and slices need the counts on the host: without offsets_host, one sync
-    off = expert_offsets_E1.tolist() if offsets_host is None else check_host_offsets(offsets_host, E, M)
-    spans = expert_spans(off)
     a_MK = a_MK.contiguous()  # rows may arrive as strided views of wire rows (runtime/experts.py)
     scales = _scales_by_expert(a_scale_MKb, expert_offsets_E1)
     c_pad = torch.empty(M + ROW_ALIGN, N, dtype=out_dtype, device=a_MK.device)
-    calls, base = [], 0
-    for e, lo, hi in spans:
-        m = hi - lo + (-(hi - lo)) % ROW_ALIGN
-        s = scales[base: base + Kb * m].view(Kb, m).t()
-        a = a_MK[lo:lo + m] if lo + m <= M else torch.cat([a_MK[lo:], a_MK.new_zeros(lo + m - M, K)])
-        calls.append(partial(torch._scaled_mm, a, b_ENK[e].t(), s, b_scale_ENbKb[e].t(), out_dtype=out_dtype,
-                             out=c_pad[lo:lo + m]))
-        base += Kb * m
-    _run_lanes(calls, stream_lanes([hi - lo for _, lo, hi in spans], streams), a_MK.device)
+    # the loop's trip count and slices need the counts on the host: without offsets_host, one sync
+    off = expert_offsets_E1.tolist() if offsets_host is None else check_host_offsets(offsets_host, E, M)
+    spans = expert_spans(off)
+    rows_X = [hi - lo + (-(hi - lo)) % ROW_ALIGN for _, lo, hi in spans]
+    base_X = list(itertools.accumulate((Kb * m for m in rows_X), initial=0))
+    end = off[-1]
+    tails = {x: torch.cat([a_MK[lo:end], a_MK.new_zeros(lo + m - end, K)])  # before any side stream starts
+             for x, ((_, lo, _), m) in enumerate(zip(spans, rows_X)) if lo + m > end}
+    b_EKN, b_scale_EKbNb = b_ENK.transpose(1, 2), b_scale_ENbKb.transpose(1, 2)  # what cuBLAS takes, per e
+
+    def gemm(x: int) -> None:  # built where it is issued: a sync-bound call gets its first GEMM out sooner
+        (e, lo, _), m = spans[x], rows_X[x]
+        a = tails[x] if x in tails else a_MK[lo:lo + m]
+        s = scales.as_strided((m, Kb), (1, m), base_X[x])  # [m, Kb] outer-dim-major, as cuBLAS checks
+        torch._scaled_mm(a, b_EKN[e], s, b_scale_EKbNb[e], out_dtype=out_dtype, out=c_pad[lo:lo + m])
+
+    _run_lanes(gemm, stream_lanes([hi - lo for _, lo, hi in spans], streams), a_MK.device)
     return c_pad[:M]
 
 

@@ -110,12 +110,12 @@ def test_grouped_gemm_deepseek_shapes(routing, gen, device, poisoned, rel_err, g
 @pytest.mark.gpu
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 def test_torch_loop_backend_matches_float64(swiglu, routing, gen, device, rel_err):
-    """cuBLAS's block-scaled _scaled_mm per expert (bf16 out, rows padded to 4 in place) vs float64."""
+    """cuBLAS's block-scaled _scaled_mm per expert (bf16 out, rows padded to 4 in place) vs float64; the
+    NaN rows past the last expert never reach cuBLAS (the last experts' padding is zeros)."""
     ids, _ = routing(300, 8, 256, local=32)
     _, b, b_s = block_weights(32, 512, 1024, gen)
     b, b_s = b.to(device), b_s.to(device)
     _, plan, a, a_s, used = sorted_activations(ids, 32, 1024, gen, device)
-    a.view(torch.uint8)[used:] = 0  # the loop reads rows past the last expert (never stored)
     cfg = GemmConfig(backend=Backend.torch_loop)
     if swiglu:
         q, s = grouped_gemm_swiglu_fp8(a, a_s, b, b_s, plan.expert_offsets_E1, cfg)
@@ -138,7 +138,6 @@ def test_torch_loop_host_offsets_and_streams_give_the_same_bits(streams, routing
     _, b, b_s = block_weights(32, 512, 1024, gen)
     b, b_s = b.to(device), b_s.to(device)
     _, plan, a, a_s, used = sorted_activations(ids, 32, 1024, gen, device)
-    a.view(torch.uint8)[used:] = 0
     off, host = plan.expert_offsets_E1, plan.expert_offsets_E1.tolist()
     want = grouped_gemm_fp8(a, a_s, b, b_s, off, torch.bfloat16, GemmConfig(backend=Backend.torch_loop))
     cfg = GemmConfig(backend=Backend.torch_loop, streams=streams)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from moeplace.kernels.grouped_gemm import swiglu_quant_ref
+from moeplace.kernels.fp8_quant import quant_weight_blocks_ref
+from moeplace.kernels.grouped_gemm import grouped_gemm_ref
 from moeplace.kernels.torch_gemm import ROW_ALIGN, _scales_by_expert, check_host_offsets, expert_spans, \
-    stream_lanes, swiglu_quant
+    grouped_gemm_torch, stream_lanes, swiglu_quant
 
 
 def test_scales_by_expert_are_transposed_and_padded(gen, device):
@@ -62,3 +64,36 @@ def test_host_offsets_are_checked_and_spans_skip_empty_experts():
         check_host_offsets([0, 5, 3, 8], 3, 10)
     with pytest.raises(AssertionError, match="non-decreasing within \\[0, M=7\\]"):
         check_host_offsets([0, 3, 3, 8], 3, 7)
+
+
+def scaled_mm_blockwise_ref(a, b, scale_a, scale_b, *, out_dtype, out):
+    """torch._scaled_mm's 1×128 / 128×128 block-scaled recipe in float64, asserting the layouts cuBLAS
+    checks (rows a multiple of 4, scales outer-dim-major): the CPU stand-in for the one cuBLAS call."""
+    (m, K), N = a.shape, b.shape[1]
+    assert not a.double().isnan().any(), "spare rows (NaN bytes here) reached cuBLAS"
+    assert m % ROW_ALIGN == 0 and b.shape[0] == K and b.stride() == (1, K), f"a {a.shape}, b {b.shape} {b.stride()}"
+    assert scale_a.shape == (m, K // 128) and scale_a.stride() == (1, m), f"{scale_a.shape} {scale_a.stride()}"
+    assert scale_b.shape == (K // 128, N // 128) and scale_b.stride() == (1, K // 128)
+    a64 = a.double() * scale_a.double().repeat_interleave(128, 1)
+    b64 = b.double() * scale_b.double().repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return out.copy_((a64 @ b64).to(out_dtype))
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_loop_slices_pads_and_scales_each_expert(streams, gen, monkeypatch, rel_err):
+    """The loop's own bookkeeping (spans, padded scale layout, zero tails past the last expert, lanes) on
+    CPU, cuBLAS's call replaced by its float64 recipe: rows 0..used equal the grouped reference."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU stand-in for _scaled_mm: the GPU runs the real one (test_grouped_gemm)")
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm_blockwise_ref)
+    counts = [5, 0, 8, 3, 0, 6, 1, 0]  # a 5-row expert padded past a 1-row last expert, empty ones between
+    off = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    used, M, K, N = off[-1], off[-1] + 7, 256, 384
+    a = (torch.randn(M, K, generator=gen) * 4).to(torch.float8_e4m3fn)
+    a.view(torch.uint8)[used:] = 0x7F  # spare rows: NaN bytes, never to reach a valid row
+    a_s = torch.rand(M, K // 128, generator=gen) + 0.5
+    b, b_s = quant_weight_blocks_ref(torch.randn(len(counts), N, K, generator=gen) / K**0.5)
+    off_E1 = torch.tensor(off, dtype=torch.int32)
+    c = grouped_gemm_torch(a, a_s, b, b_s, off_E1, torch.float32, offsets_host=off, streams=streams)
+    assert c.shape == (M, N)
+    assert rel_err(c[:used], grouped_gemm_ref(a[:used], a_s[:used], b, b_s, off_E1)[:used]) < 1e-6
