@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
+from kernels_timing import Rows, agreement, copy_bandwidth_gbs, graphed, print_summary, rel_err  # noqa: E402
+
 HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # datasheet, SXM parts
 TOPK, LAYER = 8, 30  # LAYER: a middle MoE layer; EP8 rank 0 holds its experts 0..31
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "sglang-dsv3-ep-statistics"
@@ -59,8 +62,9 @@ def sweep(rows_per_expert: float, smoke: bool):
     if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
         # deeper pipelines and narrower tiles keep more weight bytes in flight per SM (the down GEMM has
         # only 16 K blocks per tile: 63% of HBM at m64 s4 on the H200)
-        return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 6, **tma, **pf), C(32, 128, 1, 4, 6, **tma, **pf),
-                C(64, 64, 1, 4, 8, **tma, **pf), C(64, 128, 1, 4, 4, **pf), C(32, 128, 1, 4, 6, **pf)]
+        return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 6, **tma, **pf),
+                C(32, 128, 1, 4, 6, **tma, **pf), C(64, 64, 1, 4, 8, **tma, **pf), C(64, 128, 1, 4, 4, **pf),
+                C(32, 128, 1, 4, 6, **pf)]
     return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf),
             C(16, 128, 1, 4, 4, **tma, **pf)]
 
@@ -104,52 +108,6 @@ def sorted_rows(counts, K, dev):
     return a, a_s, offsets.to(dev)
 
 
-# ---------------------------------------------------------------- timing
-
-
-def bench_ms(fn, dev) -> float:
-    if dev == "cpu":  # smoke mode: the code path, not a number worth keeping
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def host_issue_ms(fn, dev) -> float:
-    """Host time to issue one call from an idle GPU (a few calls: the launch queue never fills). Above
-    the GPU time the call is host-bound, and back-to-back timing alone hides that."""
-    if dev == "cpu":
-        return float("nan")
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / 3 * 1e3
-
-
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def copy_bandwidth_gbs() -> float:
-    """The card's practical HBM ceiling: a 2 GiB device copy, bytes read plus bytes written."""
-    src = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench_ms(lambda: dst.copy_(src), "cuda") / 1e6
-
-
 # ---------------------------------------------------------------- one GEMM shape
 
 
@@ -171,27 +129,6 @@ def loop_baseline(a, a_s, w, w_s, offsets):
             se = torch.cat([a_s[lo:hi], a_s.new_ones(pad, a_s.shape[1])])
             calls.append((ae, se.t().contiguous().t(), w[e], w_s[e]))
     return lambda: [blockwise_mm(*c) for c in calls]
-
-
-class Rows:
-    """Result rows of one scenario, printed as they come."""
-
-    def __init__(self, scenario, all_rows):
-        self.scenario, self.all = scenario, all_rows
-
-    def add(self, gemm, variant, fn, dev, flops=0.0, weight_bytes=0.0, hbm=1.0, note=""):
-        try:
-            ms = bench_ms(fn, dev)
-        except Exception as exc:  # a candidate this card/compiler/torch can't run: say so, keep going
-            row = dict(scenario=self.scenario, gemm=gemm, variant=variant, error=f"{type(exc).__name__}: {exc}"[:200])
-            ms = None
-        else:
-            row = dict(scenario=self.scenario, gemm=gemm, variant=variant, ms=ms, host_ms=host_issue_ms(fn, dev),
-                       tflops=flops / ms / 1e9, weight_gbs=weight_bytes / ms / 1e6,
-                       weight_pct_hbm=100 * weight_bytes / ms / 1e6 / hbm, note=note)
-        self.all.append(row)
-        print(format_row(row), flush=True)
-        return ms
 
 
 def check_candidate(kind, cfg, a, a_s, w, w_s, offsets, ref, ref_rows) -> tuple[bool, str]:
@@ -243,8 +180,8 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
         loop = cfg.backend is Backend.torch_loop
         for offsets_host in ((None, host) if loop else (None,)):
             label = cfg.label + (" host offsets" if offsets_host else "")
-            ms = rows.add(gemm, ("" if loop else "ours ") + label, gemm_call(kind, a, a_s, w, w_s, offsets, cfg,
-                                                                            offsets_host), dev, flops, wbytes, hbm, note)
+            call = gemm_call(kind, a, a_s, w, w_s, offsets, cfg, offsets_host)
+            ms = rows.add(gemm, ("" if loop else "ours ") + label, call, dev, flops, wbytes, hbm, note)
             if ms is not None and ok:
                 timings[label] = ms
     entry = pick_winners(cands, timings)
@@ -272,14 +209,6 @@ def gemm_call(kind, a, a_s, w, w_s, offsets, cfg, offsets_host):
     return lambda: grouped_gemm_fp8(a, a_s, w, w_s, offsets, torch.bfloat16, cfg, offsets_host)
 
 
-def agreement(fn, ref_fn) -> str:
-    """A note: how far fn's output is from ref_fn's (or why it could not run)."""
-    try:
-        return f"vs device offsets {rel_err(fn(), ref_fn()):.1e}"
-    except Exception as exc:
-        return f"check failed: {type(exc).__name__}: {str(exc)[:100]}"
-
-
 def pick_winners(cands, timings: dict[str, float]):
     """TableEntry of the fastest accepted candidates: overall with device offsets (the torch loop's timing
     includes its host sync), overall with host offsets, and among the Triton configs; None if no Triton
@@ -300,7 +229,7 @@ def pick_winners(cands, timings: dict[str, float]):
 # ---------------------------------------------------------------- fused_moe end to end
 
 
-def moe_rows(rows: Rows, counts, weights, chosen, graph: bool, dev, hbm, D) -> tuple[float | None, float | None]:
+def moe_rows(rows: Rows, counts, weights, chosen, graph: bool, dev, hbm, D) -> tuple[float | None, ...]:
     """fused_moe end to end and its stages with the sweep's winners `chosen` (gate/up+SwiGLU, down
     TableEntry): offsets on the device only, and also on the host (prefill: the EP path's case); with
     `graph` (decode), also the best Triton configs replayed from a CUDA graph. Returns the eager ms
@@ -419,36 +348,6 @@ def main():
         write_table(args.table, card, entries, dict(torch=torch.__version__, triton=triton.__version__,
                                                     date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv)))
     print_summary(all_rows, hbm, copy_gbs)
-
-
-def format_row(r):
-    if "error" in r:
-        return f"  {r['gemm']:15s} {r['variant']:52s} FAILED {r['error']}"
-    extra = (f" {r['tflops']:7.1f} TFLOP/s {r['weight_gbs']:6.0f} GB/s ({r['weight_pct_hbm']:4.1f}% HBM)"
-             if r.get("tflops") else "")
-    host = f" host {r['host_ms']:6.3f}" if r.get("host_ms", float("nan")) == r.get("host_ms") else ""
-    return f"  {r['gemm']:15s} {r['variant']:52s} {r['ms']:8.3f} ms{host}{extra} {r.get('note', '')}"
-
-
-def print_summary(all_rows, hbm, copy_gbs):
-    """Per scenario and GEMM: our best against the loop, its graph and the dense ceiling; fused_moe."""
-    print("\nSUMMARY (TFLOP/s; decode also % of HBM datasheet / of measured copy)")
-    ok = [r for r in all_rows if "ms" in r and r.get("tflops")]
-    for scen in dict.fromkeys(r["scenario"] for r in ok):
-        for gemm in ("gate/up", "down", "gate/up+SwiGLU", "fused_moe"):
-            rs = [r for r in ok if r["scenario"] == scen and r["gemm"] == gemm]
-            ours = [r for r in rs if not r["variant"].startswith("baseline")]
-            if not ours:
-                continue
-            best = max(ours, key=lambda r: r["tflops"])
-            base = {k: max((r["tflops"] for r in rs if r["variant"].startswith(k)), default=float("nan"))
-                    for k in ("baseline loop _", "baseline loop,", "baseline dense")}
-            pct_copy = 100 * best["weight_gbs"] / copy_gbs if copy_gbs == copy_gbs else float("nan")
-            print(f"{scen:13s} {gemm:15s} best {best['tflops']:7.1f} [{best['variant'][:44]}] "
-                  f"loop {base['baseline loop _']:6.1f} graph {base['baseline loop,']:6.1f} "
-                  f"dense {base['baseline dense']:6.1f} | x loop {best['tflops'] / base['baseline loop _']:.2f} "
-                  f"of dense {100 * best['tflops'] / base['baseline dense']:.0f}% | HBM "
-                  f"{best['weight_pct_hbm']:.0f}% copy {pct_copy:.0f}%")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def _expert(x_ND, w13_FD, w13_sinv_fd, w2_DF, w2_sinv_df, block) -> torch.Tensor
 
 
 def fp8_experts(a_MD: torch.Tensor, a_scale_Md: torch.Tensor, offsets_S1: torch.Tensor, w13_SFD, w13_sinv_Sfd,
-                w2_SDF, w2_sinv_Sdf, out_dtype: torch.dtype, offsets_host: list[int] | None = None) -> torch.Tensor:
+                w2_SDF, w2_sinv_Sdf, out_dtype: torch.dtype,
+                offsets_host: list[int] | None = None) -> torch.Tensor:
     """FP8 rows grouped by slot (slot s owns rows [offsets_S1[s], offsets_S1[s+1]), int32 on device) through
     gate/up + SiLU·up + requantise, then down: [M, D] out_dtype. No host sync: `offsets_host` (the same
     offsets as host ints, where the caller has them) lets the kernels' dispatch use the torch loop too."""

@@ -20,8 +20,9 @@ def test_table_round_trip_nearest_bucket_and_other_cards(tmp_path):
     path = tmp_path / "t.json"
     loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
     loop3 = GemmConfig(backend=Backend.torch_loop, streams=3)
-    write_table(path, "H200", [table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(loop, tma, loop3), {"x": 1.0}),
-                               table_row(GemmKind.plain, 32, 4096, 7168, TableEntry(tma, tma, tma), {})], {"date": "d"})
+    rows = [table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(loop, tma, loop3), {"x": 1.0}),
+            table_row(GemmKind.plain, 32, 4096, 7168, TableEntry(tma, tma, tma), {})]
+    write_table(path, "H200", rows, {"date": "d"})
     write_table(path, "H100", [table_row(GemmKind.swiglu, 8, 256, 128, TableEntry(tma, tma, tma), {})], {})
     assert set(json.loads(path.read_text())["cards"]) == {"H200", "H100"}, "a card's section replaces only its own"
     entry = lookup(GemmKind.plain, 700.0, 4096, 7168, "H200", path)
@@ -37,9 +38,10 @@ def test_a_partial_sweep_replaces_only_its_own_keys_and_old_rows_still_load(tmp_
     loop, tma = GemmConfig(backend=Backend.torch_loop), GemmConfig(128, 128, 8, 8, 4, backend="triton_tma")
     old = table_row(GemmKind.plain, 4, 4096, 7168, TableEntry(tma, tma, tma), {})
     del old["best_host"]  # written before the host-offsets winner existed
-    write_table(path, "H200", [old, table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(tma, tma, tma), {})], {})
-    write_table(path, "H200", [table_row(GemmKind.plain, 1024, 4096, 7168, TableEntry(loop, tma, loop), {})], {})
-    assert lookup(GemmKind.plain, 4, 4096, 7168, "H200", path) == TableEntry(tma, tma, tma), "kept, best_host = best"
+    key = (GemmKind.plain, 1024, 4096, 7168)
+    write_table(path, "H200", [old, table_row(*key, TableEntry(tma, tma, tma), {})], {})
+    write_table(path, "H200", [table_row(*key, TableEntry(loop, tma, loop), {})], {})
+    assert lookup(GemmKind.plain, 4, 4096, 7168, "H200", path) == TableEntry(tma, tma, tma), "kept; best_host = best"
     assert lookup(GemmKind.plain, 1024, 4096, 7168, "H200", path).best == loop, "replaced by the new sweep"
     assert len(json.loads(path.read_text())["cards"]["H200"]["entries"]) == 2
 

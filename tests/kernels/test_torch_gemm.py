@@ -48,7 +48,7 @@ def test_stream_lanes_keep_padded_neighbours_in_order(lanes, gen):
             assert lane == sorted(lane), "each stream runs its experts in expert order"
         for x in range(len(rows) - 1):
             if rows[x] % ROW_ALIGN:  # its padding rows are the next expert's first rows
-                assert lane_of[x] == lane_of[x + 1], f"experts {x} ({rows[x]} rows) and {x + 1} on different streams"
+                assert lane_of[x] == lane_of[x + 1], f"experts {x} ({rows[x]} rows) and {x + 1} apart"
         loads = [sum(rows[x] for x in lane) for lane in out]
         if lanes > 1 and all(n % ROW_ALIGN == 0 for n in rows):  # every expert its own chain: LPT's bound
             assert max(loads) <= sum(rows) / lanes + max(rows), f"unbalanced {loads}"
@@ -71,7 +71,7 @@ def scaled_mm_blockwise_ref(a, b, scale_a, scale_b, *, out_dtype, out):
     checks (rows a multiple of 4, scales outer-dim-major): the CPU stand-in for the one cuBLAS call."""
     (m, K), N = a.shape, b.shape[1]
     assert not a.double().isnan().any(), "spare rows (NaN bytes here) reached cuBLAS"
-    assert m % ROW_ALIGN == 0 and b.shape[0] == K and b.stride() == (1, K), f"a {a.shape}, b {b.shape} {b.stride()}"
+    assert m % ROW_ALIGN == 0 and b.shape[0] == K and b.stride() == (1, K), f"{a.shape} {b.shape} {b.stride()}"
     assert scale_a.shape == (m, K // 128) and scale_a.stride() == (1, m), f"{scale_a.shape} {scale_a.stride()}"
     assert scale_b.shape == (K // 128, N // 128) and scale_b.stride() == (1, K // 128)
     a64 = a.double() * scale_a.double().repeat_interleave(128, 1)
