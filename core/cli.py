@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -376,8 +376,8 @@ def apply(
     stdout().print(f"live: {status.experts_moved} experts moved ({status.bytes_moved / 1e6:.1f} MB) "
                    f"in {status.seconds:.2f} s, {status.bandwidth_gbps:.3f} GB/s")
     phases = status.phase_seconds
-    stdout().print(f"time: stage {phases.stage:.2f} s, transfer {phases.transfer:.2f} s, "
-                   f"swap_wait {phases.swap_wait:.2f} s")
+    spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in asdict(phases).items())
+    stdout().print(f"time: {spent}")
 
 
 @app.command("make-model")

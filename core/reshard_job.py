@@ -27,13 +27,16 @@ class JobState(str, Enum):
 
 @dataclass(frozen=True)
 class PhaseSeconds:
-    """Where rank 0's reshard thread spent its time, summed over layers: staging local copies and
-    posting transfers, waiting for the transfers and checking them (with the layer's agreement), and
-    waiting for the serving thread to install staged layers. Layers overlap: the sum may be less
-    than the job's seconds, never more."""
+    """Where rank 0's reshard thread spent its time, summed over layers: staging (buffers, local copies,
+    the send gathers), posting transfers (with the peers' handshake and the rate limit's pauses),
+    waiting for the transfers, checking them (checksums and the layer's agreement), and waiting for
+    the serving thread to install staged layers. Layers overlap: the sum may be less than the job's
+    seconds, never more."""
 
     stage: float = 0.0
+    post: float = 0.0
     transfer: float = 0.0
+    check: float = 0.0
     swap_wait: float = 0.0
 
     def plus(self, phase: str, seconds: float) -> PhaseSeconds:

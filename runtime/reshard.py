@@ -56,6 +56,7 @@ class Resharder:
         self._actions: queue.Queue = queue.Queue()  # rank 0: broadcast with the next step
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
         self._handover = _Handover(self)
+        self._stream = None  # the reshard thread's CUDA stream, made by the first job
         # the running execution (reshard thread sets, serving thread reads): its job (None: a rollback,
         # whose moves the job does not count), experts moved per layer row, and target layout
         self._job: str | None = None
@@ -167,9 +168,13 @@ class Resharder:
             error = self.mover.run(plan, target_LP, fault, self._handover, laps)
         else:
             # Copies and transfers on a side stream: serving kernels on the default stream never
-            # queue behind them (NCCL's own streams carry the bytes).
+            # queue behind them (NCCL's own streams carry the bytes). One stream for every job: the
+            # caching allocator reuses a block only on the stream that freed it, so the staging a
+            # job frees is the next job's without a cudaMalloc.
             torch.cuda.set_device(self.device)
-            with torch.cuda.stream(torch.cuda.Stream(self.device)):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._stream):
                 error = self.mover.run(plan, target_LP, fault, self._handover, laps)
         self._handover.wait_all_installed()
         laps("swap_wait")

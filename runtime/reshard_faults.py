@@ -16,6 +16,8 @@ from enum import Enum
 
 import torch
 
+from moeplace.runtime.slots import SlotWeights
+
 
 class FaultKind(str, Enum):
     CORRUPT = "corrupt"
@@ -42,12 +44,11 @@ class Fault:
         if self.kind is FaultKind.SLOW and layer == self.layer:
             time.sleep(1.0)
 
-    def after_receive(self, layer: int, received: list[torch.Tensor]) -> None:
-        """Flip a byte in the middle of each received buffer, as a faulty wire would."""
+    def after_receive(self, layer: int, received: SlotWeights) -> None:
+        """Flip a byte in the middle of each received expert's weights, as a faulty wire would."""
         if self.kind is FaultKind.CORRUPT and layer == self.layer:
-            for buffer in received:
-                flat = buffer.view(-1)
-                flat[flat.numel() // 2] ^= 0x5A
+            rows = received.w13.reshape(received.w13.shape[0], -1).view(torch.uint8)
+            rows[:, rows.shape[1] // 2] ^= 0x5A
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class NoFault:
     def before_post(self, layer: int, rank: int, timeout_s: float) -> None:
         pass
 
-    def after_receive(self, layer: int, received: list[torch.Tensor]) -> None:
+    def after_receive(self, layer: int, received: SlotWeights) -> None:
         pass
 
 

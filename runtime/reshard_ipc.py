@@ -9,6 +9,7 @@ which happens after the layer's agreement, which every receiver enters only once
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
@@ -51,12 +52,15 @@ class PeerCopies:
     def reaches(self, peer: int) -> bool:
         return peer in self.peers
 
-    def pull(self, pulls: list[tuple[int, int, int, SlotWeights]]) -> CopyWork:
-        """pulls: (peer, layer row, peer's slot 0..S-1, destination SlotWeights) -> one work for all."""
+    def pull(self, peer: int, row: int, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
+        """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`: one copy per tensor per run of
+        consecutive slots, queued on the peer's side stream ordered after this stream; one work for all."""
         stream = torch.cuda.current_stream(self.device)
-        for peer, row, slot, dst in pulls:
-            src = self.peers[peer][row].row(slot)
-            with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
-                for d, s in zip(dst.wire(), src.wire()):
+        src = self.peers[peer][row]
+        breaks = np.flatnonzero(np.diff(src_N) != 1) + 1
+        with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
+            for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)]):
+                first = int(src_N[lo])
+                for d, s in zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire()):
                     d.copy_(s, non_blocking=True)
         return CopyWork(stream)

@@ -1,20 +1,23 @@
 """`LayerMover`: one rank's part of a `ReshardPlan`, layer after layer, on the reshard thread.
 
 Per layer (numbers as in the plan's execution contract, runtime/reshard_plan.py):
-  post    1. stage: slot-shaped staging buffers; this rank's LOCAL copies read into them from the old
-             slots (one gather per tensor);
+  post    1. stage: one allocation of slot-shaped staging rows, [local copies | receives, grouped by
+             peer]; the LOCAL copies read into them from the old slots, and the experts sent to each
+             peer gathered into contiguous send rows (one gather per tensor for each);
           2. handshake: meet this layer's peers on the host-side control group (when transfers run
              on NCCL: a late peer is then waited for on the host, and named);
-          3. post: receives straight into staging rows, sends straight from the old slots (no
-             packing), in chunks paced to the rate limit;
+          3. post: per peer, one transfer per tensor of all its rows (or per chunk of rows, paced to
+             the rate limit): host work grows with peers, not experts;
   finish  4. wait for the transfers; one that completed past `timeout_s` fails the layer, but is
              waited out, never abandoned (a pending op would match the next layer's);
-          5. verify: every staged expert against the checksum table, one read of its bytes;
-          6. agree: one all-reduce of "ok" over every rank (the failing rank's reason follows);
-          7. hand over: the staged layer is installed by the serving thread at a step boundary.
+          5. check: every staged expert against the checksum table, one read of its bytes, then
+             one all-reduce of "ok" over every rank (the failing rank's reason follows);
+          6. hand over: the staged layer is installed by the serving thread at a step boundary.
 Layers are double-buffered: layer i+1 is posted before layer i finishes where the staging budget
 holds both on every rank, so the link never idles while a layer is checked, agreed and handed over.
 The schedule depends on the plan alone, so every rank runs the same control ops in the same order.
+Both ends of a pair order its experts the same way (plan order within the peer), so a sender's
+contiguous rows land in the receiver's contiguous rows.
 """
 
 from __future__ import annotations
@@ -30,21 +33,87 @@ import torch.distributed as dist
 
 from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
-from moeplace.runtime.reshard_plan import Link, ReshardPlan
+from moeplace.runtime.reshard_plan import NETWORK_LINKS, Link, ReshardPlan
 from moeplace.runtime.reshard_wire import ChecksumTable, expert_sums
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
 
 
+@dataclass(frozen=True, kw_only=True)
+class LayerShare:
+    """One rank's share of one layer row, arranged for contiguous transfers (slots 0..S-1, int64).
+
+    Staging rows: [0, n_local) the LOCAL copies of local_src_N; then the receives, grouped by peer:
+    recv_peers[i] fills rows recv_spans[i] (half-open, absolute), whose experts sit in the peer's
+    slots recv_src_N (one per received row, same order). Sends: send_src_N grouped by peer;
+    send_peers[i] gets entries send_spans[i]. staged_dst_N / staged_expert_N: every staging row's slot
+    here and expert; fanout_dst_X / fanout_src_X: further slots filled from staging row fanout_src_X."""
+
+    local_src_N: np.ndarray
+    recv_peers: tuple[int, ...]
+    recv_spans: tuple[tuple[int, int], ...]
+    recv_src_N: np.ndarray
+    send_src_N: np.ndarray
+    send_peers: tuple[int, ...]
+    send_spans: tuple[tuple[int, int], ...]
+    staged_dst_N: np.ndarray
+    staged_expert_N: np.ndarray
+    fanout_dst_X: np.ndarray
+    fanout_src_X: np.ndarray
+
+    @property
+    def n_local(self) -> int:
+        return len(self.local_src_N)
+
+    @classmethod
+    def of(cls, plan: ReshardPlan, rank: int, row: int) -> LayerShare:
+        S = plan.topology.slots_per_gpu
+        copies, recvs, sends = plan.copies_of(rank, row), plan.receives_of(rank, row), plan.sends_of(rank, row)
+        local = copies.kind_X == Link.LOCAL
+        by_peer = np.argsort(recvs.peer_X, kind="stable")  # plan order within a peer, as the sender's
+        recv_peers, recv_spans = _spans(recvs.peer_X[by_peer], offset=int(local.sum()))
+        send_order = np.argsort(sends.peer_X, kind="stable")
+        send_peers, send_spans = _spans(sends.peer_X[send_order], offset=0)
+        staged_dst = np.concatenate([copies.dst_slot_X[local], recvs.dst_slot_X[by_peer]])
+        fanout = ~local  # LOCAL_FROM_RECEIVED: from the staging row whose slot received the expert
+        by_slot = np.argsort(staged_dst)
+        fan_src = by_slot[np.searchsorted(staged_dst, copies.src_slot_X[fanout], sorter=by_slot)]
+        return cls(local_src_N=copies.src_slot_X[local] % S, recv_peers=recv_peers, recv_spans=recv_spans,
+                   recv_src_N=recvs.src_slot_X[by_peer] % S, send_src_N=sends.src_slot_X[send_order] % S,
+                   send_peers=send_peers, send_spans=send_spans, staged_dst_N=staged_dst % S,
+                   staged_expert_N=np.concatenate([copies.expert_X[local], recvs.expert_X[by_peer]]),
+                   fanout_dst_X=copies.dst_slot_X[fanout] % S, fanout_src_X=fan_src)
+
+
+def _spans(peer_X: np.ndarray, offset: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """peer_X grouped (sorted) -> (peers, [lo, hi) rows of each, shifted by offset)."""
+    peers, starts, counts = np.unique(peer_X, return_index=True, return_counts=True)
+    return (tuple(int(p) for p in peers),
+            tuple((offset + int(s), offset + int(s + c)) for s, c in zip(starts, counts)))
+
+
 @dataclass(frozen=True)
 class _Posted:
-    """A layer between post and finish. received: uint8 views of the received staging rows."""
+    """A layer between post and finish. outbox: the gathered send rows, alive until the transfers are
+    done; received: the received staging rows."""
 
     row: int
     staged: StagedLayer | None
     expected_N: np.ndarray
-    received: list[torch.Tensor]
+    received: SlotWeights
+    outbox: SlotWeights | None
     watch: _Watch | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One transfer: a P2POp, or a pull (peer, layer row, peer's slots, destination rows); bytes for
+    the pacer."""
+
+    op: object
+    peer: int
+    bytes_in: int
+    bytes_out: int
 
 
 class LayerMover:
@@ -66,13 +135,10 @@ class LayerMover:
         pacer, posted, error = Pacer(self.options.rate_bytes_per_s), deque(), None
         for i, row in enumerate(rows):
             if not posted:
-                posted.append(self._post(plan, row, target_LP, fault, handover, pacer))
-                laps("stage")
+                posted.append(self._post(plan, row, target_LP, fault, handover, pacer, laps))
             if i + 1 < len(rows) and overlap[i]:
-                posted.append(self._post(plan, rows[i + 1], target_LP, fault, handover, pacer))
-                laps("stage")
-            error = self._finish(plan, posted.popleft(), fault, handover)
-            laps("transfer")
+                posted.append(self._post(plan, rows[i + 1], target_LP, fault, handover, pacer, laps))
+            error = self._finish(plan, posted.popleft(), fault, handover, laps)
             if error is not None:
                 break
         for layer in posted:  # after a failure: drain what every rank posted, in the same order
@@ -81,63 +147,68 @@ class LayerMover:
         return error
 
     # -- post ----------------------------------------------------------------------------------
-    def _post(self, plan: ReshardPlan, row: int, target_LP, fault, handover, pacer: Pacer) -> _Posted:
-        layer, S = int(plan.layers[row]), plan.topology.slots_per_gpu
-        moe = self.moe_layers[row]
-        copies, recvs = plan.copies_of(self.rank, row), plan.receives_of(self.rank, row)
-        sends = plan.sends_of(self.rank, row)
-        local = copies.kind_X == Link.LOCAL
-        n_local, n = int(local.sum()), int(local.sum()) + len(recvs.peer_X)
-        handover.reserve(n * self.expert_bytes)
-        # 1. stage: buffers [local copies, then receives in plan order]
+    def _post(self, plan: ReshardPlan, row: int, target_LP, fault, handover, pacer: Pacer, laps) -> _Posted:
+        layer, share = int(plan.layers[row]), LayerShare.of(plan, self.rank, row)
+        moe, n = self.moe_layers[row], len(share.staged_dst_N)
+        pushed_N, pushed_spans = self._pushed(share)
+        handover.reserve((n + len(pushed_N)) * self.expert_bytes)
+        # 1. stage
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
+        outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
         error = None
         try:
             fault.before_stage(layer, self.rank)
-            _gather_slots(moe, copies.src_slot_X[local] % S, buffers, n_local)
+            _gather_slots(moe, share.local_src_N, buffers.rows(0, share.n_local))
+            if outbox is not None:
+                _gather_slots(moe, pushed_N, outbox)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
-        fanout = ~local
-        fan_src = np.searchsorted(recvs.dst_slot_X, copies.src_slot_X[fanout]) + n_local
-        staged = StagedLayer(buffers, np.concatenate([copies.dst_slot_X[local], recvs.dst_slot_X]) % S,
-                             copies.dst_slot_X[fanout] % S, fan_src, target_LP[row])
+        staged = StagedLayer(buffers, share.staged_dst_N, share.fanout_dst_X, share.fanout_src_X, target_LP[row])
         handover.stage(row, staged)
-        expected_N = self.checksums.sums_LE[row, np.concatenate([copies.expert_X[local], recvs.expert_X])]
+        expected_N = self.checksums.sums_LE[row, share.staged_expert_N]
+        laps("stage")
         # 2. handshake, 3. post (even after a failure: what one rank posts, its peers must match)
         fault.before_post(layer, self.rank, self.options.timeout_s)
-        late = self._handshake(np.union1d(sends.peer_X, recvs.peer_X))
-        chunks, received = self._ops(moe, plan, row, buffers, n_local)
-        works = self._post_paced(chunks, pacer)
+        late = self._handshake(np.union1d(share.send_peers, share.recv_peers).astype(np.int64))
+        works = self._post_paced(self._chunks(row, share, buffers, outbox, pushed_spans), pacer)
         watch = _Watch(works, self.options.timeout_s, self.device.type == "cuda") if works else None
-        return _Posted(row, staged, expected_N, received, watch, error or late)
+        laps("post")
+        return _Posted(row, staged, expected_N, buffers.rows(share.n_local, n), outbox, watch, error or late)
 
-    def _ops(self, moe, plan: ReshardPlan, row: int, buffers: SlotWeights, n_local: int):
-        """This layer's transfers in plan order, in chunks of `chunk_experts` experts per peer (the
-        same on both ends of a pair): ([[_Move]], uint8 views of the received rows). From a peer this
-        process maps (copy engines), a receive is a pull and the peer posts no send."""
-        S, size, ce = plan.topology.slots_per_gpu, self.options.chunk_experts, self.peer_copies
-        sends, recvs = plan.sends_of(self.rank, row), plan.receives_of(self.rank, row)
-        chunks: dict[int, list[_Move]] = {}
-        received = []
-        for kind, transfers in ((dist.isend, sends), (dist.irecv, recvs)):
-            for peer in (int(p) for p in np.unique(transfers.peer_X)):
-                pulled = ce is not None and ce.reaches(peer)  # both ways: same node, both mapped
-                if kind is dist.isend and pulled:
-                    continue  # the peer pulls it
-                for k, x in enumerate(np.flatnonzero(transfers.peer_X == peer)):
-                    chunk = chunks.setdefault(k // size, [])
-                    if kind is dist.isend:
-                        slot = moe.read_slot(int(transfers.src_slot_X[x]) % S)
-                        chunk += [_Move(self._op(kind, t, peer), peer, 0, t.numel()) for t in slot.wire()]
-                        continue
-                    dst = buffers.row(n_local + int(x))
-                    received.append(dst.wire()[0])
-                    if pulled:
-                        pull = (peer, row, int(transfers.src_slot_X[x]) % S, dst)
-                        chunk.append(_Move(pull, peer, dst.nbytes, 0))
-                    else:
-                        chunk += [_Move(self._op(kind, t, peer), peer, t.numel(), 0) for t in dst.wire()]
-        return [chunks[k] for k in sorted(chunks)], received
+    def _pulled(self, peer: int) -> bool:
+        """From a peer this process maps (copy engines, both ways), the receiver pulls: no send posted."""
+        return self.peer_copies is not None and self.peer_copies.reaches(peer)
+
+    def _pushed(self, share: LayerShare) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+        """The send rows to gather, those of peers that do not pull: their slots, and each such peer's
+        rows [lo, hi) in the gather."""
+        slots, spans, at = [np.zeros(0, dtype=np.int64)], {}, 0
+        for peer, (lo, hi) in zip(share.send_peers, share.send_spans):
+            if not self._pulled(peer):
+                slots.append(share.send_src_N[lo:hi])
+                spans[peer], at = (at, at + hi - lo), at + hi - lo
+        return np.concatenate(slots), spans
+
+    def _chunks(self, row: int, share: LayerShare, buffers: SlotWeights, outbox: SlotWeights | None,
+                pushed_spans: dict[int, tuple[int, int]]) -> list[list[_Move]]:
+        """This layer's transfers in chunks of `chunk_experts` rows per peer (the same on both ends of a
+        pair): chunk k holds every peer's k-th piece, one op per tensor, sends first."""
+        size, chunks = self.options.chunk_experts, {}
+        for peer, (lo, hi) in pushed_spans.items():
+            for k, a in enumerate(range(lo, hi, size)):
+                chunks.setdefault(k, []).extend(_Move(self._op(dist.isend, t, peer), peer, 0, t.numel())
+                                                for t in outbox.rows(a, min(a + size, hi)).wire())
+        for peer, (lo, hi) in zip(share.recv_peers, share.recv_spans):
+            for k, a in enumerate(range(lo, hi, size)):
+                b = min(a + size, hi)
+                if self._pulled(peer):
+                    src_N = share.recv_src_N[a - share.n_local: b - share.n_local]
+                    pull = (peer, row, src_N, buffers.rows(a, b))
+                    chunks.setdefault(k, []).append(_Move(pull, peer, (b - a) * self.expert_bytes, 0))
+                    continue
+                chunks.setdefault(k, []).extend(_Move(self._op(dist.irecv, t, peer), peer, t.numel(), 0)
+                                                for t in buffers.rows(a, b).wire())
+        return [chunks[k] for k in sorted(chunks)]
 
     def _op(self, kind, tensor: torch.Tensor, peer: int) -> dist.P2POp:
         return dist.P2POp(kind, tensor, peer, self.group)
@@ -148,9 +219,8 @@ class LayerMover:
         for chunk in chunks:
             pacer.wait(max(sum(m.bytes_in for m in chunk), sum(m.bytes_out for m in chunk)))
             ops = [m for m in chunk if isinstance(m.op, dist.P2POp)]
-            pulls = [m for m in chunk if not isinstance(m.op, dist.P2POp)]
-            if pulls:
-                out.append((self.peer_copies.pull([m.op for m in pulls]), sorted({m.peer for m in pulls})))
+            for peer, row, src_N, dst in (m.op for m in chunk if not isinstance(m.op, dist.P2POp)):
+                out.append((self.peer_copies.pull(peer, row, src_N, dst), peer))
             if ops:
                 works, peers = dist.batch_isend_irecv([m.op for m in ops]), [m.peer for m in ops]
                 # gloo: one work per op (a late one names its peer); NCCL: one for the batch
@@ -167,15 +237,17 @@ class LayerMover:
         return _Watch(works, self.options.timeout_s, cuda=False).join()
 
     # -- finish --------------------------------------------------------------------------------
-    def _finish(self, plan: ReshardPlan, posted: _Posted, fault, handover) -> str | None:
+    def _finish(self, plan: ReshardPlan, posted: _Posted, fault, handover, laps) -> str | None:
         try:
             error = self._wait(posted) or posted.error
+            laps("transfer")
             if error is None:
                 fault.after_receive(int(plan.layers[posted.row]), posted.received)
                 error = self._verify(posted)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
         error = self._agree(error)
+        laps("check")
         if error is not None:
             handover.discard(posted.row)
             return f"layer {int(plan.layers[posted.row])}: {error}"
@@ -204,7 +276,7 @@ class LayerMover:
         return f"rank {self.rank}: checksum mismatch for slot {slot}"
 
     def _agree(self, error: str | None) -> str | None:
-        """6. every rank learns whether all succeeded; the failing rank's message travels along."""
+        """5. every rank learns whether all succeeded; the failing rank's message travels along."""
         device = self.device if self.control is self.group else "cpu"
         flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
@@ -213,16 +285,6 @@ class LayerMover:
         box = [error]
         dist.broadcast_object_list(box, src=int(flag) - 1, group=self.control)
         return box[0]
-
-
-@dataclass(frozen=True)
-class _Move:
-    """One transfer of a chunk: a P2POp, or a pull (peer, layer row, peer's slot, destination)."""
-
-    op: object
-    peer: int
-    bytes_in: int
-    bytes_out: int
 
 
 class _Watch:
@@ -262,17 +324,20 @@ class _Watch:
         return None
 
 
-def _gather_slots(moe, src_S: np.ndarray, buffers: SlotWeights, n: int) -> None:
-    """buffers rows [0, n) <- this rank's slots src_S, one gather per tensor (a device copy)."""
-    if n == 0:
+def _gather_slots(moe, src_N: np.ndarray, out: SlotWeights) -> None:
+    """out [N, ...] <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte words)."""
+    if len(src_N) == 0:
         return
-    index = to_device(src_S, buffers.w13.device)
-    for slots, out in zip(moe.read_slot(slice(None)).tensors(), buffers.tensors()):
-        torch.index_select(as_words(slots), 0, index, out=as_words(out[:n]))
+    index = to_device(src_N, out.w13.device)
+    for slots, rows in zip(moe.read_slot(slice(None)).tensors(), out.tensors()):
+        torch.index_select(as_words(slots), 0, index, out=as_words(rows))
 
 
 def _overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int) -> list[bool]:
     """overlap[i]: rows[i + 1] is posted before rows[i] finishes, where both fit the staging budget
-    on every rank (the plan decides, so all ranks run the same schedule)."""
-    staging = plan.staging_slots_LG.max(axis=1) * expert_bytes
+    on every rank, send rows included (the plan decides, so all ranks run the same schedule)."""
+    S, sent_LG = plan.topology.slots_per_gpu, np.zeros_like(plan.staging_slots_LG)
+    x = np.isin(plan.kind_X, NETWORK_LINKS)
+    np.add.at(sent_LG, (plan.layer_X[x], plan.src_slot_X[x] // S), 1)
+    staging = (plan.staging_slots_LG + sent_LG).max(axis=1) * expert_bytes
     return [bool(staging[a] + staging[b] <= budget) for a, b in zip(rows, rows[1:])] + [False]

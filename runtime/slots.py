@@ -58,14 +58,26 @@ class SlotWeights:
     def row(self, i: int) -> SlotWeights:
         return SlotWeights(*(t[i] for t in self.tensors()))
 
+    def rows(self, lo: int, hi: int) -> SlotWeights:
+        """Rows [lo, hi) of N experts: contiguous, so one transfer per tensor moves them all."""
+        return SlotWeights(*(t[lo:hi] for t in self.tensors()))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @classmethod
     def empty_like(cls, one: SlotWeights, n: int) -> SlotWeights:
-        """[N, ...] uninitialised tensors shaped like N copies of the expert `one`."""
-        return cls(*(torch.empty((n, *t.shape), dtype=t.dtype, device=t.device) for t in one.tensors()))
+        """[N, ...] uninitialised tensors shaped like N copies of the expert `one`, carved from one
+        allocation: one block for the caching allocator to find (or one cudaMalloc), not four."""
+        sizes = [n * t.numel() * t.element_size() for t in one.tensors()]
+        starts = np.cumsum([0] + [-(-size // _ALIGN) * _ALIGN for size in sizes])
+        flat = torch.empty(int(starts[-1]), dtype=torch.uint8, device=one.w13.device)
+        return cls(*(flat[start:start + size].view(t.dtype).view(n, *t.shape)
+                     for t, start, size in zip(one.tensors(), starts.tolist(), sizes)))
+
+
+_ALIGN = 256  # each tensor of a staging allocation starts 256-byte aligned (as cudaMalloc's blocks do)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_faults_roll_back_then_reshard_goes_live(server):
     assert status["state"] == "done", status
     assert status["layers_done"] == 3 and status["experts_moved"] == status["experts_to_move"] > 0
     phases = status["phase_seconds"]  # where the time went, for tuning
-    assert set(phases) == {"stage", "transfer", "swap_wait"} and all(v > 0 for v in phases.values())
+    assert set(phases) == {"stage", "post", "transfer", "check", "swap_wait"} and all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= status["seconds"]
     assert np.array_equal(live_phy2log(url), load_placement(server["new"]).phy2log_LP)
     assert load.sent > 0 and load.failed == 0

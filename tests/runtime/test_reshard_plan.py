@@ -187,3 +187,32 @@ def test_apply_plan_rejects_a_plan_for_another_layout():
 def test_module_does_not_import_torch():
     code = "import sys, moeplace.runtime.reshard_plan; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair=placement_pairs())
+def test_layer_shares_move_contiguous_rows_that_build_the_new_layout(pair):
+    """The mover's arrangement, simulated on expert ids: each rank's send rows to a peer, taken as one
+    contiguous block, land in that peer's receive rows in the same order; then staging rows and fan-out
+    copies written into the slots give the new layout."""
+    from moeplace.runtime.reshard_mover import LayerShare
+
+    old, new = pair
+    plan, topo = plan_reshard(old, new), old.topology
+    S, G = topo.slots_per_gpu, topo.num_gpus
+    for row in np.unique(plan.layer_X):
+        slots_GS = old.phy2log_LP[row].reshape(G, S).copy()
+        shares = [LayerShare.of(plan, g, int(row)) for g in range(G)]
+        for q, share in enumerate(shares):
+            staging = np.full(len(share.staged_dst_N), -1)
+            staging[:share.n_local] = slots_GS[q, share.local_src_N]
+            for r, (lo, hi) in zip(share.recv_peers, share.recv_spans):
+                sender = shares[r]
+                a, b = sender.send_spans[sender.send_peers.index(q)]
+                assert b - a == hi - lo
+                staging[lo:hi] = old.phy2log_LP[row].reshape(G, S)[r, sender.send_src_N[a:b]]
+                assert (share.recv_src_N[lo - share.n_local:hi - share.n_local] == sender.send_src_N[a:b]).all()
+            assert (staging == share.staged_expert_N).all()
+            slots_GS[q, share.staged_dst_N] = staging
+            slots_GS[q, share.fanout_dst_X] = staging[share.fanout_src_X]
+        assert (slots_GS.reshape(-1) == new.phy2log_LP[row]).all()
