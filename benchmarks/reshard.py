@@ -131,9 +131,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, bool]:
+def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, bool, bool]:
     """One serving step: apply due actions (rank 0 decides, and tells whether job `job_id` has ended),
-    then per layer a GEMM and an all-reduce. (seconds, ended)."""
+    then per layer a GEMM and an all-reduce. (seconds, ended, whether a layer swap ran in it)."""
+    from moeplace.runtime.control import SwapLayer
+
     start = time.perf_counter()
     ended = job_id is not None and resharder.jobs.get(job_id).state.final if dist.get_rank() == 0 else None
     box = [(resharder.due_actions(), ended) if dist.get_rank() == 0 else None]
@@ -144,17 +146,20 @@ def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, 
         y = x_MK @ work_KN
         dist.all_reduce(y[:1])
     _sync(x_MK.device)
-    return time.perf_counter() - start, bool(box[0][1])
+    swapped = any(isinstance(action, SwapLayer) for action in box[0][0])
+    return time.perf_counter() - start, bool(box[0][1]), swapped
 
 
-def reshard(model, control, resharder, target, work_KN, x_MK) -> tuple[object, list[float]]:
-    """Submit `target` (rank 0) and keep stepping until the job ends: (final JobStatus on rank 0, step seconds)."""
+def reshard(model, control, resharder, target, work_KN, x_MK) -> tuple[object, list[float], list[bool]]:
+    """Submit `target` (rank 0) and keep stepping until the job ends: (final JobStatus on rank 0, step
+    seconds, whether each step swapped a layer)."""
     job = resharder.submit(target) if dist.get_rank() == 0 else None
-    during, ended = [], False
+    during, swaps, ended = [], [], False
     while not ended:
-        seconds, ended = step(model, control, resharder, work_KN, x_MK, job.id if job else None)
+        seconds, ended, swapped = step(model, control, resharder, work_KN, x_MK, job.id if job else None)
         during.append(seconds)
-    return (resharder.jobs.get(job.id) if job else None), during
+        swaps.append(swapped)
+    return (resharder.jobs.get(job.id) if job else None), during, swaps
 
 
 def received_by_busiest(old: Placement, new: Placement) -> int:
@@ -214,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         resharder.connect()
         steady = [step(model, control, resharder, work_KN, x_MK)[0] for _ in range(args.steady_steps)]
         for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):
-            job, during = reshard(model, control, resharder, target, work_KN, x_MK)
+            job, during, swaps = reshard(model, control, resharder, target, work_KN, x_MK)
             if rank == 0:
-                results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during))
+                results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during,
+                                       swaps))
                 results[-1]["direction"] = label
                 print(_line(results[-1]), flush=True)
     if rank == 0:
@@ -237,7 +243,7 @@ def _first_rows(placement: Placement, layers: int) -> Placement:
                      placement.num_model_layers, None, placement.provenance, placement.source)
 
 
-def _result(job, rate, source, target, expert_bytes, best, steady, during) -> dict:
+def _result(job, rate, source, target, expert_bytes, best, steady, during, swaps) -> dict:
     from moeplace.placer.evaluate import moves
 
     busiest = received_by_busiest(source, target) * expert_bytes
@@ -249,6 +255,8 @@ def _result(job, rate, source, target, expert_bytes, best, steady, during) -> di
             "busiest_gbps": gbps, "of_best_peer": gbps / best, "steps_during": len(during),
             "steady_p50_ms": pct(steady, 50), "steady_p99_ms": pct(steady, 99),
             "during_p50_ms": pct(during, 50), "during_p99_ms": pct(during, 99), "during_max_ms": pct(during, 100),
+            "swap_steps": int(sum(swaps)), "swap_step_max_ms": pct([t for t, s in zip(during, swaps) if s] or [0], 100),
+            "no_swap_p99_ms": pct([t for t, s in zip(during, swaps) if not s] or [0], 99),
             "phase_seconds": job.to_json()["phase_seconds"]}
 
 
@@ -258,7 +266,9 @@ def _line(r: dict) -> str:
             f"= {100 * r['of_best_peer']:.0f}% "
             f"of best peer | step p50 {r['during_p50_ms']:.2f} / p99 {r['during_p99_ms']:.2f} ms "
             f"(steady {r['steady_p50_ms']:.2f} / {r['steady_p99_ms']:.2f}; "
-            f"x{r['during_p99_ms'] / r['steady_p99_ms']:.2f})")
+            f"x{r['during_p99_ms'] / r['steady_p99_ms']:.2f}) | without swaps p99 {r['no_swap_p99_ms']:.2f} ms, "
+            f"{r['swap_steps']} swap steps max {r['swap_step_max_ms']:.2f} ms | {r['steps_during']} steps | "
+            + " ".join(f"{k} {v:.3f}" for k, v in r["phase_seconds"].items()))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ class Engine:
         self._retire: list[int] = []  # ended sequences, freed on their ranks with the next message
         self._lock = threading.Lock()
         self._arrived = threading.Event()
+        if resharder is not None:  # a swap or a job start wakes an idle loop at once
+            resharder.wake = self._arrived.set
         self._next_id = 0
         self._stopping = threading.Event()
         self.on_step = None  # optional callback(StepStats), set by the server for metrics

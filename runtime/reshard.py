@@ -9,7 +9,7 @@ Three parts, one per responsibility:
 - the `Resharder` here: turns requests into actions that rank 0 broadcasts with the serving steps
   (`StartReshard`, `SwapLayer`: runtime/control.py), hands staged layers from the mover to the serving thread,
   which installs them between two steps (`EPMoE.install`: in-place copies, then the routing table;
-  every layer staged by then swaps at that boundary), and rolls back on failure.
+  one layer per step boundary), and rolls back on failure.
 Any failure (an exception on a rank, a transfer past its timeout, a checksum mismatch) stops every
 rank at the layer's agreement; layers already installed are moved back with the reverse plan, so the
 old layout serves again, never a mix. The job then reports "rolled_back" and why.
@@ -17,8 +17,8 @@ old layout serves again, never a mix. The job then reports "rolled_back" and why
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 import time
 
 import numpy as np
@@ -53,7 +53,8 @@ class Resharder:
         self.jobs = JobRegistry()
         self.mover: LayerMover | None = None
         self._started = 0
-        self._actions: queue.Queue = queue.Queue()  # rank 0: broadcast with the next step
+        self.wake = lambda: None  # the serving loop's: called when an action is due
+        self._actions: deque = deque()  # rank 0: broadcast with the next step (append/popleft: thread-safe)
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
         self._handover = _Handover(self)
         self._stream = None  # the reshard thread's CUDA stream, made by the first job
@@ -98,17 +99,19 @@ class Resharder:
         """Validate and plan (ValueError for a placement that does not fit), then queue the start."""
         plan = plan_reshard(self.model.placement, new)
         job = self.jobs.open(plan.num_layers, int(plan.experts_moved_L.sum()), self.expert_bytes)
-        self._actions.put(StartReshard(job.id, new, plan))
+        self._actions.append(StartReshard(job.id, new, plan))
+        self.wake()
         return job
 
     def due_actions(self) -> list[ReshardAction]:
-        """Rank 0's serving loop broadcasts these with its next step (or an idle tick)."""
+        """Rank 0's serving loop broadcasts these with its next step (or an idle tick): at most one
+        layer swap per step, so no step waits for more than one layer's install."""
         out = []
-        while True:
-            try:
-                out.append(self._actions.get_nowait())
-            except queue.Empty:
-                return out
+        while self._actions:
+            if isinstance(self._actions[0], SwapLayer) and any(isinstance(a, SwapLayer) for a in out):
+                break
+            out.append(self._actions.popleft())
+        return out
 
     # -- every rank: actions from the step broadcast (serving thread, between steps) -----------
     def apply(self, action: ReshardAction) -> None:
@@ -212,8 +215,9 @@ class _Handover:
         with self._cond:
             if row in self._staged:
                 self._committed.add(row)
-        if self.owner.rank == 0:  # every layer staged by the next step boundary swaps there
-            self.owner._actions.put(SwapLayer(row, phy2log_P))
+        if self.owner.rank == 0:  # swaps at a step boundary, one layer per step
+            self.owner._actions.append(SwapLayer(row, phy2log_P))
+            self.owner.wake()
 
     def discard(self, row: int) -> None:
         with self._cond:
