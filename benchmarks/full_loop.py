@@ -61,6 +61,7 @@ SHARED_DSV3 = HERE.parents[1] / "shared" / "traces" / "sglang-dsv3-ep-statistics
 E, SLOTS = 256, 288
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+FIXED_PROMPTS = 8  # greedy answers compared before / after the reshard
 # Small enough for make test (tests/test_benchmark_smokes.py): 2 ranks, one MoE layer, short phases.
 CPU_SMOKE = dict(preset="small", device="cpu", gpus=2, moe_layers=1, clients=2, max_tokens=4, warmup_seconds=0.5,
                  profile_seconds=2.0, solve_seconds=1.0, measure_tokens="16", measure_iters=2)
@@ -176,6 +177,7 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
                     str(args.gpus), "--slots-per-gpu", str(slots), "--from", str(start_json), "--time-limit",
                     str(args.solve_seconds), "-o", str(work / "solved.json")], env, work / "solve.log")
         results.add("solve", {"log": (work / "solve.log").read_text()[-4000:]}, time.monotonic() - start)
+        fixed_before = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
         # 7. apply, the load going on
         start = reshard_start = time.monotonic()
         out = _cli(cli + ["apply", str(work / "solved.json"), "--url", url, "--timeout", "900"], env, work / "apply.log")
@@ -184,12 +186,32 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
         reshard_end = time.monotonic()
         results.add("reshard", _reshard_numbers(out, old, new, expert_bytes, reshard_end - start, results.data["p2p"]),
                     reshard_end - start)
+        fixed_after = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
         # 8. after
         start = time.monotonic()
         results.add("after", _profile(args, url, cli, work / "after.safetensors", env, load), time.monotonic() - start)
+    # greedy answers of fixed prompts, before and after the reshard, the load going on both times; and
+    # the load's own prompts, each asked many times over the run: how many got more than one answer
+    same = sum(a == b for a, b in zip(fixed_before, fixed_after))
+    results.add("answers", {"fixed_prompts": FIXED_PROMPTS, "identical_after_reshard": same,
+                            "load_prompts": len(load.texts),
+                            "load_prompts_with_several_answers": sum(len(t) > 1 for t in load.texts.values())})
     # 9. every request answered
     results.add("load", load.report((reshard_start, reshard_end), "reshard"))
     results.add("balance", _balance(model, old, new, work, results.data["model"]))
+
+
+def _fixed_answers(url: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy completions of `prompts`, one after another (the server's default temperature is 0)."""
+    import httpx
+
+    out = []
+    for prompt in prompts:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=900)
+        if r.status_code != 200:
+            raise SystemExit(f"fixed prompt refused: HTTP {r.status_code} {r.text[:500]}")
+        out.append(r.json()["choices"][0]["text"])
+    return out
 
 
 def _model(args, trace_path: Path | None, work: Path, env: dict) -> Path:
@@ -351,6 +373,10 @@ def summary(r: dict) -> str:
     lines.append(f"requests: {load['sent']} sent, {load['failed']} failed; latency p50 / p99 {all_ms['p50']:.0f} / "
                  f"{all_ms['p99']:.0f} ms, answered during the reshard ({during_ms['requests']}) "
                  f"{during_ms['p50']:.0f} / {during_ms['p99']:.0f} ms")
+    a = r["answers"]
+    lines.append(f"answers: {a['identical_after_reshard']} of {a['fixed_prompts']} fixed prompts identical after the "
+                 f"reshard; {a['load_prompts_with_several_answers']} of {a['load_prompts']} load prompts got more "
+                 "than one answer over the run")
     return "\n".join(lines)
 
 
