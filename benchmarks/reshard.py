@@ -127,8 +127,10 @@ def _seconds(fn, device, reps: int = 5) -> float:
 
 
 def _sync(device) -> None:
+    """This thread's stream only, as a serving step waits for its own results: a device-wide
+    synchronize would also wait for the reshard's transfers on their streams."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, bool, bool]:

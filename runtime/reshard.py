@@ -9,7 +9,7 @@ Three parts, one per responsibility:
 - the `Resharder` here: turns requests into actions that rank 0 broadcasts with the serving steps
   (`StartReshard`, `SwapLayer`: runtime/control.py), hands staged layers from the mover to the serving thread,
   which installs them between two steps (`EPMoE.install`: in-place copies, then the routing table;
-  one layer per step boundary), and rolls back on failure.
+  one layer per step boundary under a rate limit), and rolls back on failure.
 Any failure (an exception on a rank, a transfer past its timeout, a checksum mismatch) stops every
 rank at the layer's agreement; layers already installed are moved back with the reverse plan, so the
 old layout serves again, never a mix. The job then reports "rolled_back" and why.
@@ -57,7 +57,7 @@ class Resharder:
         self._actions: deque = deque()  # rank 0: broadcast with the next step (append/popleft: thread-safe)
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
         self._handover = _Handover(self)
-        self._stream = None  # the reshard thread's CUDA stream, made by the first job
+        self._stream = None  # the reshard thread's CUDA stream (`_reshard_stream`)
         # the running execution (reshard thread sets, serving thread reads): its job (None: a rollback,
         # whose moves the job does not count), experts moved per layer row, and target layout
         self._job: str | None = None
@@ -84,6 +84,9 @@ class Resharder:
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
             peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers})
         self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self._reshard_stream()):
+                self.mover.warm_up()
         ops = []
         for peer in (p for p in range(world) if p != self.rank):
             send = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
@@ -93,6 +96,11 @@ class Resharder:
             work.wait()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the warm-up's buffers are freed only after it ran
+
+    def _reshard_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     # -- rank 0: requests ----------------------------------------------------------------------
     def submit(self, new: Placement) -> JobStatus:
@@ -104,11 +112,12 @@ class Resharder:
         return job
 
     def due_actions(self) -> list[ReshardAction]:
-        """Rank 0's serving loop broadcasts these with its next step (or an idle tick): at most one
-        layer swap per step, so no step waits for more than one layer's install."""
-        out = []
+        """Rank 0's serving loop broadcasts these with its next step (or an idle tick). Under a rate limit
+        at most one layer swap per step, so no step waits for more than one layer's install; unlimited,
+        every layer staged by then (the reshard ends sooner, a step may wait for several installs)."""
+        out, one = [], self.options.rate_bytes_per_s > 0
         while self._actions:
-            if isinstance(self._actions[0], SwapLayer) and any(isinstance(a, SwapLayer) for a in out):
+            if one and isinstance(self._actions[0], SwapLayer) and any(isinstance(a, SwapLayer) for a in out):
                 break
             out.append(self._actions.popleft())
         return out
@@ -175,9 +184,7 @@ class Resharder:
             # caching allocator reuses a block only on the stream that freed it, so the staging a
             # job frees is the next job's without a cudaMalloc.
             torch.cuda.set_device(self.device)
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.stream(self._reshard_stream()):
                 error = self.mover.run(plan, target_LP, fault, self._handover, laps)
         self._handover.wait_all_installed()
         laps("swap_wait")
@@ -215,7 +222,7 @@ class _Handover:
         with self._cond:
             if row in self._staged:
                 self._committed.add(row)
-        if self.owner.rank == 0:  # swaps at a step boundary, one layer per step
+        if self.owner.rank == 0:  # swaps at a step boundary (`due_actions`)
             self.owner._actions.append(SwapLayer(row, phy2log_P))
             self.owner.wake()
 

@@ -1,13 +1,15 @@
 """Copy-engine transfers between the ranks of one node: each rank maps its same-node peers' slot
 tensors once (CUDA IPC handles, shared at connect) and pulls the experts it receives with peer copies
-(`copy_` across devices on side streams): the GPUs' copy engines move the bytes, no SM runs a
-kernel for them, and nothing is posted on the peer's side.
+(the driver's peer copies on this rank's reshard stream): the GPUs' copy engines move the bytes, no SM
+runs a kernel for them, and nothing is posted on the peer's side.
 
 Why pulling from live slots is safe: a sender overwrites a slot only when it installs that layer,
 which happens after the layer's agreement, which every receiver enters only once its pulls are done.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import torch
@@ -41,10 +43,18 @@ class CopyWork:
 
 
 class PeerCopies:
-    """Pulls from mapped peers: peers[rank][row] = that rank's slots of layer `row`."""
+    """Pulls from mapped peers: peers[rank][row] = that rank's slots of layer `row`.
+
+    Each copy is one `cuMemcpyAsync` of the CUDA driver on this device's current stream (unified
+    addresses: the peer's mapped memory has an address here, and the IPC mapping enabled peer
+    access), called through ctypes: torch's cross-device `copy_` spends ~40 us of host time per copy
+    on device switches and cross-stream events (BENCHMARKS.md, live reshard), which at four tensors
+    per expert made the host, not the link, set a layer's time. Where the driver library cannot be
+    loaded, torch's `copy_` does the copies (same result)."""
 
     def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]]) -> None:
         self.device, self.peers = device, peers
+        self.driver = _driver()
         # torch issues a cross-device copy on the source device's current stream: a side stream
         # there too, or the copies would queue on that device's default stream in this process.
         self.streams = {p: torch.cuda.Stream(slots[0].w13.device) for p, slots in peers.items()}
@@ -54,13 +64,35 @@ class PeerCopies:
 
     def pull(self, peer: int, row: int, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
         """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`: one copy per tensor per run of
-        consecutive slots, queued on the peer's side stream ordered after this stream; one work for all."""
+        consecutive slots, ordered after this stream's work; one work for all."""
         stream = torch.cuda.current_stream(self.device)
         src = self.peers[peer][row]
         breaks = np.flatnonzero(np.diff(src_N) != 1) + 1
-        with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
-            for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)]):
-                first = int(src_N[lo])
-                for d, s in zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire()):
+        pairs = []
+        for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)]):
+            first = int(src_N[lo])
+            pairs += zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire())
+        if self.driver is not None:
+            for d, s in pairs:
+                _check(self.driver.cuMemcpyAsync(d.data_ptr(), s.data_ptr(), d.numel(), stream.cuda_stream))
+        else:
+            with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
+                for d, s in pairs:
                     d.copy_(s, non_blocking=True)
         return CopyWork(stream)
+
+
+def _driver():
+    """libcuda's cuMemcpyAsync(dst, src, bytes, stream), typed; None where the library is absent."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemcpyAsync.restype = ctypes.c_int
+    return lib
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"cuMemcpyAsync failed: CUDA driver error {status}")

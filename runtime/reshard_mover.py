@@ -127,6 +127,22 @@ class LayerMover:
         self.device = moe_layers[0].w13_SFD.device
         self.expert_bytes = moe_layers[0].read_slot(0).nbytes
 
+    def warm_up(self) -> None:
+        """Every device operation of a layer once, on scratch rows, so that a server's first reshard
+        pays no first-use costs (kernel loading, pinned host memory, peer access) in its layers' time."""
+        moe = self.moe_layers[0]
+        scratch = SlotWeights.empty_like(moe.read_slot(0), 2)
+        _gather_slots(moe, np.array([0, 0]), scratch)
+        (expert_sums(scratch) != torch.as_tensor([0, 0], device=self.device)).nonzero().tolist()  # as _verify
+        index = to_device(np.array([1]), self.device)
+        for t in scratch.tensors():
+            as_words(t).index_copy_(0, index, as_words(t)[:1])
+        for peer in range(dist.get_world_size(self.group)):
+            if self._pulled(peer):
+                self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2)).wait()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def run(self, plan: ReshardPlan, target_LP: np.ndarray, fault, handover, laps) -> str | None:
         """Every layer of `plan`; None on success, else the first failure, agreed by all ranks.
         handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase)."""

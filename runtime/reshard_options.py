@@ -7,8 +7,9 @@ From the environment of `moeplace serve` (every rank reads the same):
                              an operator trades reshard time for serving slowdown (BENCHMARKS.md has
                              the measured frontier; the default is chosen from it)
   MOEPLACE_RESHARD_STAGING   bytes of staging one GPU may hold for layers in flight (default 8 GiB)
-  MOEPLACE_RESHARD_COPY_ENGINE  1: between GPUs of one node, peer copies through CUDA IPC (copy
-                             engines) instead of NCCL; 0 (default): NCCL everywhere
+  MOEPLACE_RESHARD_COPY_ENGINE  1 (default): between GPUs of one node, peer copies through CUDA IPC
+                             (copy engines: no SM runs a kernel for them), NCCL across nodes;
+                             0: NCCL everywhere
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class ReshardOptions:
     rate_bytes_per_s: float = DEFAULT_RATE
     staging_bytes: int = DEFAULT_STAGING
     chunk_experts: int = 1 << 30
-    copy_engine: bool = False
+    copy_engine: bool = True
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "staging_bytes", "chunk_experts"):
@@ -47,15 +48,15 @@ class ReshardOptions:
         values = {"timeout_s": _number(env, "MOEPLACE_RESHARD_TIMEOUT", 60.0, positive=True),
                   "rate_bytes_per_s": _number(env, "MOEPLACE_RESHARD_RATE", DEFAULT_RATE, positive=False),
                   "staging_bytes": int(_number(env, "MOEPLACE_RESHARD_STAGING", DEFAULT_STAGING, positive=True)),
-                  "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE")}
+                  "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1")}
         values.update(overrides)
         if values["rate_bytes_per_s"] > 0 and "chunk_experts" not in overrides:
             values["chunk_experts"] = 2  # small chunks: pacing spreads the bytes, not whole layers
         return cls(**values)
 
 
-def _flag(env, name: str) -> bool:
-    raw = env.get(name, "0")
+def _flag(env, name: str, default: str) -> bool:
+    raw = env.get(name, default)
     if raw not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
     return raw == "1"
