@@ -73,8 +73,9 @@ class PeerCopies:
             first = int(src_N[lo])
             pairs += zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire())
         if self.driver is not None:
+            self.driver.bind(self.device)
             for d, s in pairs:
-                _check(self.driver.cuMemcpyAsync(d.data_ptr(), s.data_ptr(), d.numel(), stream.cuda_stream))
+                self.driver.copy(d, s, stream)
         else:
             with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
                 for d, s in pairs:
@@ -82,17 +83,42 @@ class PeerCopies:
         return CopyWork(stream)
 
 
-def _driver():
-    """libcuda's cuMemcpyAsync(dst, src, bytes, stream), typed; None where the library is absent."""
+class _Driver:
+    """The CUDA driver's cuMemcpyAsync(dst, src, bytes, stream), through ctypes. A driver call needs a
+    current context on the calling thread, which torch leaves unset on a new thread of device 0
+    (its set_device skips cudaSetDevice for the device the runtime already reports): each batch of
+    copies first makes the device's primary context (the one torch uses) current where none is."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        for name in ("cuMemcpyAsync", "cuCtxGetCurrent", "cuCtxSetCurrent", "cuDeviceGet",
+                     "cuDevicePrimaryCtxRetain"):
+            getattr(lib, name).restype = ctypes.c_int
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        _check("cuMemcpyAsync", self.lib.cuMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel(),
+                                                        ctypes.c_void_p(stream.cuda_stream)))
+
+    def bind(self, device: torch.device) -> None:
+        ctx = ctypes.c_void_p()
+        _check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(ctx)))
+        if ctx.value:
+            return
+        dev = ctypes.c_int()
+        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
+        _check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+        _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(ctx))
+
+
+def _driver() -> _Driver | None:
+    """None where the driver library is absent (torch's copy_ then does the copies)."""
     try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+        return _Driver(ctypes.CDLL("libcuda.so.1"))
+    except (OSError, AttributeError):
         return None
-    lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-    lib.cuMemcpyAsync.restype = ctypes.c_int
-    return lib
 
 
-def _check(status: int) -> None:
+def _check(call: str, status: int) -> None:
     if status != 0:
-        raise RuntimeError(f"cuMemcpyAsync failed: CUDA driver error {status}")
+        raise RuntimeError(f"{call} failed: CUDA driver error {status}")
