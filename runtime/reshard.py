@@ -87,6 +87,8 @@ class Resharder:
         if self.device.type == "cuda":
             with torch.cuda.stream(self._reshard_stream()):
                 self.mover.warm_up()
+        else:
+            self.mover.warm_up()
         ops = []
         for peer in (p for p in range(world) if p != self.rank):
             send = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)

@@ -131,12 +131,12 @@ class LayerMover:
         """Every device operation of a layer once, on scratch rows, so that a server's first reshard
         pays no first-use costs (kernel loading, pinned host memory, peer access) in its layers' time."""
         moe = self.moe_layers[0]
-        scratch = SlotWeights.empty_like(moe.read_slot(0), 2)
+        scratch, row = SlotWeights.empty_like(moe.read_slot(0), 2), SlotWeights.empty_like(moe.read_slot(0), 1)
         _gather_slots(moe, np.array([0, 0]), scratch)
         (expert_sums(scratch) != torch.as_tensor([0, 0], device=self.device)).nonzero().tolist()  # as _verify
         index = to_device(np.array([1]), self.device)
-        for t in scratch.tensors():
-            as_words(t).index_copy_(0, index, as_words(t)[:1])
+        for t, one in zip(scratch.tensors(), row.tensors()):  # as EPMoE.install
+            as_words(t).index_copy_(0, index, as_words(one))
         for peer in range(dist.get_world_size(self.group)):
             if self._pulled(peer):
                 self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2)).wait()
