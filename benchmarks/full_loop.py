@@ -166,39 +166,58 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
     cli = [sys.executable, "-m", "moeplace.cli"]
     # The kind of text the router biases were fitted on (runtime/router_fit.py), other seeds.
     prompts = [calibration_text(10_000 + i, 96) for i in range(256)]
+    # greedy answers of fixed prompts, each alone on the idle server (no load: the same batch shapes),
+    # before the load and after both reshards: a moved expert with a wrong byte would change them
+    fixed_before = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
+    expert_bytes = results.data["model"]["expert_bytes"]
     with LoadGenerator(url, prompts, clients=args.clients, max_tokens=args.max_tokens, timeout=900) as load:
         time.sleep(args.warmup_seconds)
         # 5. before
         start = time.monotonic()
         results.add("before", _profile(args, url, cli, work / "before.safetensors", env, load), time.monotonic() - start)
-        # 6. solve
+        # 6. solve, keeping what it can of the running layout
         start = time.monotonic()
-        _cli(cli + ["solve", str(work / "before.safetensors"), "--gpus", str(args.gpus), "--gpus-per-node",
-                    str(args.gpus), "--slots-per-gpu", str(slots), "--from", str(start_json), "--time-limit",
-                    str(args.solve_seconds), "-o", str(work / "solved.json")], env, work / "solve.log")
+        _solve(args, cli, work, slots, env, "solved", ["--from", str(start_json)])
         results.add("solve", {"log": (work / "solve.log").read_text()[-4000:]}, time.monotonic() - start)
-        fixed_before = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
         # 7. apply, the load going on
-        start = reshard_start = time.monotonic()
-        out = _cli(cli + ["apply", str(work / "solved.json"), "--url", url, "--timeout", "900"], env, work / "apply.log")
         old, new = load_placement(start_json), load_placement(work / "solved.json")
-        expert_bytes = results.data["model"]["expert_bytes"]
-        reshard_end = time.monotonic()
-        results.add("reshard", _reshard_numbers(out, old, new, expert_bytes, reshard_end - start, results.data["p2p"]),
-                    reshard_end - start)
-        fixed_after = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
+        window = _apply(cli, url, work / "solved.json", old, new, expert_bytes, env, results, "reshard")
         # 8. after
         start = time.monotonic()
         results.add("after", _profile(args, url, cli, work / "after.safetensors", env, load), time.monotonic() - start)
-    # greedy answers of fixed prompts, before and after the reshard, the load going on both times; and
-    # the load's own prompts, each asked many times over the run: how many got more than one answer
+        # 8b. a larger live reshard under the same load: the layout solved for the same trace from scratch
+        # (any expert may move), applied over the solved one
+        _solve(args, cli, work, slots, env, "fresh", [])
+        fresh_window = _apply(cli, url, work / "fresh.json", new, load_placement(work / "fresh.json"), expert_bytes,
+                              env, results, "reshard_fresh")
+    fixed_after = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
     same = sum(a == b for a, b in zip(fixed_before, fixed_after))
-    results.add("answers", {"fixed_prompts": FIXED_PROMPTS, "identical_after_reshard": same,
+    # the load's prompts, each asked many times while batches of other requests changed around it
+    results.add("answers", {"fixed_prompts": FIXED_PROMPTS, "identical_after_reshards": same,
                             "load_prompts": len(load.texts),
                             "load_prompts_with_several_answers": sum(len(t) > 1 for t in load.texts.values())})
     # 9. every request answered
-    results.add("load", load.report((reshard_start, reshard_end), "reshard"))
+    results.add("load", load.report(window, "reshard"))
+    results.data["reshard_fresh"]["latency_ms_answered_during"] = \
+        load.report(fresh_window, "reshard")["latency_ms_answered_during_reshard"]
     results.add("balance", _balance(model, old, new, work, results.data["model"]))
+
+
+def _solve(args, cli: list[str], work: Path, slots: int, env: dict, name: str, extra: list[str]) -> None:
+    _cli(cli + ["solve", str(work / "before.safetensors"), "--gpus", str(args.gpus), "--gpus-per-node",
+                str(args.gpus), "--slots-per-gpu", str(slots), "--time-limit", str(args.solve_seconds),
+                "-o", str(work / f"{name}.json"), *extra], env, work / f"{name}_solve.log"
+         if name != "solved" else work / "solve.log")
+
+
+def _apply(cli: list[str], url: str, target: Path, old, new, expert_bytes: int, env: dict, results,
+           name: str) -> tuple[float, float]:
+    """`moeplace apply target` under the load; its numbers into results[name]; the (start, end) window."""
+    start = time.monotonic()
+    out = _cli(cli + ["apply", str(target), "--url", url, "--timeout", "900"], env, target.with_suffix(".apply.log"))
+    end = time.monotonic()
+    results.add(name, _reshard_numbers(out, old, new, expert_bytes, end - start, results.data["p2p"]), end - start)
+    return start, end
 
 
 def _fixed_answers(url: str, prompts: list[str], max_tokens: int) -> list[str]:
@@ -353,15 +372,17 @@ def _jsonable(values: dict) -> dict:
 def summary(r: dict) -> str:
     lines = [f"# {r['date']} {r['device']}, {r['gpus']} ranks, {r['args']['moe_layers']} MoE layers ({r['args']['preset']})",
              f"NCCL P2P {r['p2p']['gbps_per_gpu']:.1f} GB/s per GPU"]
-    b, rs, load = r["balance"], r["reshard"], r["load"]
+    b, load = r["balance"], r["load"]
     for i, layer in enumerate(b["layers"]):
         lines.append(f"layer {layer}: GPU load max/mean {b['imbalance_before'][i]:.3f} -> {b['imbalance_after'][i]:.3f} "
                      f"(live popularity vs trace: corr {b['live_popularity_vs_trace']['corr'][i]:.3f}, "
                      f"TV {b['live_popularity_vs_trace']['tvd'][i]:.3f})")
-    lines.append(f"reshard: {rs['experts_moved']} experts, {rs['bytes_moved'] / 1e9:.2f} GB in {rs['seconds']:.2f} s "
-                 f"({rs['bandwidth_gbps_all_gpus']:.1f} GB/s all GPUs; busiest GPU received "
-                 f"{rs['busiest_gpu_received_bytes'] / 1e9:.2f} GB = {rs['busiest_gpu_gbps'] or 0:.1f} GB/s, "
-                 f"{100 * (rs['busiest_gpu_share_of_p2p'] or 0):.1f}% of P2P)")
+    for label, rs in (("reshard", r["reshard"]), ("reshard from scratch", r["reshard_fresh"])):
+        lines.append(f"{label}: {rs['experts_moved']} experts, {rs['bytes_moved'] / 1e9:.2f} GB in {rs['seconds']:.3f} s "
+                     f"({rs['bandwidth_gbps_all_gpus']:.1f} GB/s all GPUs; busiest GPU received "
+                     f"{rs['busiest_gpu_received_bytes'] / 1e9:.2f} GB = {rs['busiest_gpu_gbps'] or 0:.1f} GB/s, "
+                     f"{100 * (rs['busiest_gpu_share_of_p2p'] or 0):.1f}% of P2P); rank 0: "
+                     + ", ".join(f"{k} {v:.3f} s" for k, v in rs["phase_seconds_rank0"].items()))
     for name in ("before", "after"):
         step = r[name]["engine_step_ms_mean"]
         lines.append(f"engine step ({name}): {step:.1f} ms mean over {r[name]['engine_steps']} steps" if step else
@@ -374,9 +395,9 @@ def summary(r: dict) -> str:
                  f"{all_ms['p99']:.0f} ms, answered during the reshard ({during_ms['requests']}) "
                  f"{during_ms['p50']:.0f} / {during_ms['p99']:.0f} ms")
     a = r["answers"]
-    lines.append(f"answers: {a['identical_after_reshard']} of {a['fixed_prompts']} fixed prompts identical after the "
-                 f"reshard; {a['load_prompts_with_several_answers']} of {a['load_prompts']} load prompts got more "
-                 "than one answer over the run")
+    lines.append(f"answers: {a['identical_after_reshards']} of {a['fixed_prompts']} fixed prompts (alone, idle server) "
+                 f"identical after both reshards; {a['load_prompts_with_several_answers']} of {a['load_prompts']} load "
+                 "prompts got more than one answer over the run (batched with different requests)")
     return "\n".join(lines)
 
 

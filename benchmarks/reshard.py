@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         out = {"date": str(date.today()), "device": name, "gpus": world, "layers": args.layers,
                "transport": "copy engine (CUDA IPC)" if args.copy_engine and cuda else "nccl" if cuda else "gloo",
-               "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results}
+               "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results,
+               "copy_driver": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.driver)}
         print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
               + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()), flush=True)
         if args.json:

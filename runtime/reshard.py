@@ -37,6 +37,9 @@ from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
 from moeplace.runtime.reshard_wire import ChecksumTable
 
 
+GIL_SWITCH_S = 0.0005  # the interpreter's thread switch interval while a reshard runs (default 5 ms)
+
+
 class Resharder:
     """One per rank. `connect` (a collective) before the first job; rank 0 also keeps the jobs."""
 
@@ -155,6 +158,17 @@ class Resharder:
         if self.rank == 0:
             self.jobs.update(job_id, state=JobState.RUNNING)
         self._job, self._moved_L, self._target = job_id, plan.experts_moved_L, start.new
+        # The serving thread runs Python for much of a step; at the default 5 ms switch interval each
+        # wake-up of this thread (a wait done, ~10 a layer) could wait that long for the GIL.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, GIL_SWITCH_S))
+        try:
+            self._run_job(start, fault, old, began)
+        finally:
+            sys.setswitchinterval(switch)
+
+    def _run_job(self, start: StartReshard, fault, old: Placement, began: float) -> None:
+        job_id, plan = start.job_id, start.plan
         error = self._execute(plan, start.new.phy2log_LP, fault, job_id)
         if error is None:
             self.model.placement = start.new
