@@ -126,6 +126,8 @@ class RankWorker:
 
     def apply(self, actions) -> None:
         """Reshard actions take effect between two steps, on every rank in the same order."""
+        if self.resharder is not None:
+            self.resharder.raise_if_crashed()
         for action in actions:
             self.resharder.apply(action)
 

@@ -17,9 +17,10 @@ old layout serves again, never a mix. The job then reports "rolled_back" and why
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections import deque
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ class Resharder:
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
         self._handover = _Handover(self)
         self._stream = None  # the reshard thread's CUDA stream (`_reshard_stream`)
+        self._crash: BaseException | None = None  # what ended the reshard thread, where no agreement could
         # the running execution (reshard thread sets, serving thread reads): its job (None: a rollback,
         # whose moves the job does not count), experts moved per layer row, and target layout
         self._job: str | None = None
@@ -164,8 +166,21 @@ class Resharder:
         sys.setswitchinterval(min(switch, GIL_SWITCH_S))
         try:
             self._run_job(start, fault, old, began)
+        except BaseException as exc:
+            # Not a fault the agreement covers (those roll back): a bug, after which the ranks may be out
+            # of step. The job ends failed, and the serving thread stops the server at its next step
+            # (`raise_if_crashed`) rather than serving on with a layout no rank can vouch for.
+            self._crash = exc
+            if self.rank == 0:
+                self.jobs.finish(job_id, JobState.FAILED, time.monotonic() - began, f"rank 0: {exc!r}")
+            raise
         finally:
             sys.setswitchinterval(switch)
+
+    def raise_if_crashed(self) -> None:
+        """The serving thread's check, every step on every rank: a crashed reshard thread ends the rank."""
+        if self._crash is not None:
+            raise RuntimeError(f"the reshard thread of rank {self.rank} failed: {self._crash!r}") from self._crash
 
     def _run_job(self, start: StartReshard, fault, old: Placement, began: float) -> None:
         job_id, plan = start.job_id, start.plan

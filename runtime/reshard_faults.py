@@ -6,6 +6,8 @@ Spec (one fault per job, in submission order, comma-separated; "-" = no fault fo
   fail:LAYER:RANK      RANK raises while staging LAYER
   stall:LAYER:RANK     RANK posts its transfers of LAYER 2 x timeout late (its peers' waits time out)
   slow:LAYER           every rank waits a second before posting LAYER (a job that surely runs a while)
+  crash:LAYER:RANK     RANK's reshard thread raises outside any step the agreement covers (a bug): the
+                       server must exit, not serve on with a job that never ends
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class FaultKind(str, Enum):
     FAIL = "fail"
     STALL = "stall"
     SLOW = "slow"
+    CRASH = "crash"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Fault:
             time.sleep(2 * timeout_s)
         if self.kind is FaultKind.SLOW and layer == self.layer:
             time.sleep(1.0)
+        if self.kind is FaultKind.CRASH and (layer, rank) == (self.layer, self.rank):
+            raise RuntimeError(f"injected crash of rank {rank}'s reshard thread")
 
     def after_receive(self, layer: int, received: SlotWeights) -> None:
         """Flip a byte in the middle of each received expert's weights, as a faulty wire would."""
@@ -89,10 +94,10 @@ class FaultPlan:
             try:
                 fault = Fault(FaultKind(kind), *map(int, numbers))
             except (ValueError, TypeError):
-                raise ValueError(f"fault {entry!r}: expected corrupt:LAYER, slow:LAYER, fail:LAYER:RANK or "
-                                 "stall:LAYER:RANK")
+                raise ValueError(f"fault {entry!r}: expected corrupt:LAYER, slow:LAYER, fail:LAYER:RANK, "
+                                 "stall:LAYER:RANK or crash:LAYER:RANK")
             if (fault.rank is None) != (fault.kind in (FaultKind.CORRUPT, FaultKind.SLOW)):
-                raise ValueError(f"fault {entry!r}: corrupt and slow take a layer; fail and stall a layer "
-                                 "and a rank")
+                raise ValueError(f"fault {entry!r}: corrupt and slow take a layer; fail, stall and crash a "
+                                 "layer and a rank")
             faults.append(fault)
         return cls(tuple(faults))

@@ -88,3 +88,35 @@ def test_transfer_timeout_rolls_back_then_reshard_goes_live(server):
 def test_bad_timeout_is_one_clear_error(raw):
     with pytest.raises(ValueError, match=f"MOEPLACE_RESHARD_TIMEOUT must be a positive number of seconds, got '{raw}'"):
         ReshardOptions.from_env({"MOEPLACE_RESHARD_TIMEOUT": raw})
+
+
+def test_a_crashed_reshard_thread_stops_the_server(tiny_dir, tmp_path, running_server, free_port):
+    """A reshard thread that dies outside the agreement (a bug) must not leave a server serving on with a
+    job that never ends: every rank stops, the launcher exits non-zero, the job was marked failed."""
+    old = placement_for([0, 1, 2], Method.greedy, tmp_path / "old.json")
+    new = placement_for([3, 4, 5], Method.greedy, tmp_path / "new.json")
+    port = free_port()
+    command, config_env = faulty_server(old, port, f"crash:{STALLED_LAYER}:{STALLED_RANK}", model=tiny_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **config_env)
+    with running_server(command, env, tmp_path / "serve.log", port) as (url, proc):
+        with Load(url) as load:
+            time.sleep(0.5)
+            r = submit(url, new)
+            assert r.status_code == 202, r.text
+            code = proc.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid):  # no rank left behind the launcher
+            assert time.monotonic() < deadline, "ranks still running after the launcher exited"
+            time.sleep(0.2)
+    assert code != 0
+    log = (tmp_path / "serve.log").read_text()
+    assert f"the reshard thread of rank {STALLED_RANK} failed" in log and "injected crash" in log, log[-3000:]
+    assert load.sent > 0  # requests in flight got an error or an answer; none hangs (Load joined its threads)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -84,10 +84,11 @@ def test_options_from_env():
 
 
 def test_fault_plan_parse():
-    plan = FaultPlan.parse("corrupt:2,-,stall:3:1")
+    plan = FaultPlan.parse("corrupt:2,-,stall:3:1,crash:1:0")
     assert plan.for_job(0) == Fault(FaultKind.CORRUPT, 2) and plan.for_job(2) == Fault(FaultKind.STALL, 3, 1)
+    assert plan.for_job(3) == Fault(FaultKind.CRASH, 1, 0)
     assert plan.for_job(1) == plan.for_job(9)  # no fault
-    for bad in ("boom:1", "fail:2", "corrupt:1:2", "stall:x:1"):
+    for bad in ("boom:1", "fail:2", "corrupt:1:2", "stall:x:1", "crash:1"):
         with pytest.raises(ValueError, match=f"fault '{bad}'"):
             FaultPlan.parse(bad)
 
