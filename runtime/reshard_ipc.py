@@ -55,8 +55,12 @@ class PeerCopies:
     def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]]) -> None:
         self.device, self.peers = device, peers
         self.driver = _driver()
-        # torch issues a cross-device copy on the source device's current stream: a side stream
-        # there too, or the copies would queue on that device's default stream in this process.
+        # The copies run on a stream of their own, ordered after the reshard stream's work when posted:
+        # on the reshard stream itself, a layer's checksum kernels would queue behind the next layer's
+        # copies, and the link would idle while the host waits for both.
+        self.copy_stream = torch.cuda.Stream(device)
+        # torch's copy_ (no driver) issues a cross-device copy on the source device's current stream: a
+        # side stream there too, or the copies would queue on that device's default stream in this process.
         self.streams = {p: torch.cuda.Stream(slots[0].w13.device) for p, slots in peers.items()}
 
     def reaches(self, peer: int) -> bool:
@@ -64,30 +68,35 @@ class PeerCopies:
 
     def pull(self, peer: int, row: int, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
         """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`: one copy per tensor per run of
-        consecutive slots, ordered after this stream's work; one work for all."""
-        stream = torch.cuda.current_stream(self.device)
+        consecutive slots, on the copy stream after the current stream's work; one work for all."""
+        stream = self.copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         src = self.peers[peer][row]
         breaks = np.flatnonzero(np.diff(src_N) != 1) + 1
-        pairs = []
-        for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)]):
-            first = int(src_N[lo])
-            pairs += zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire())
+        runs = [(lo, hi, int(src_N[lo])) for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)])]
         if self.driver is not None:
+            # addresses computed here, no torch call per copy: in a busy server each torch call gives
+            # the GIL up and waits to get it back from the serving thread
             self.driver.bind(self.device)
-            for d, s in pairs:
-                self.driver.copy(d, s, stream)
+            for d, s in zip(dst.tensors(), src.tensors()):
+                row, d0, s0 = d.stride(0) * d.element_size(), d.data_ptr(), s.data_ptr()
+                for lo, hi, first in runs:
+                    self.driver.copy(d0 + lo * row, s0 + first * row, (hi - lo) * row, stream.cuda_stream)
         else:
             with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
-                for d, s in pairs:
-                    d.copy_(s, non_blocking=True)
+                for lo, hi, first in runs:
+                    for d, s in zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire()):
+                        d.copy_(s, non_blocking=True)
         return CopyWork(stream)
 
 
 class _Driver:
-    """The CUDA driver's cuMemcpyAsync(dst, src, bytes, stream), through ctypes. A driver call needs a
-    current context on the calling thread, which torch leaves unset on a new thread of device 0
-    (its set_device skips cudaSetDevice for the device the runtime already reports): each batch of
-    copies first makes the device's primary context (the one torch uses) current where none is."""
+    """The CUDA driver's cuMemcpyAsync(dst, src, bytes, stream), through ctypes, holding the GIL (PyDLL:
+    each call takes microseconds; giving the GIL up around it would wait for the serving thread to hand
+    it back, hundreds of times a layer). A driver call needs a current context on the calling thread,
+    which torch leaves unset on a new thread of device 0 (its set_device skips cudaSetDevice for the
+    device the runtime already reports): each batch of copies first makes the device's primary context
+    (the one torch uses) current where none is."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -96,9 +105,9 @@ class _Driver:
                      "cuDevicePrimaryCtxRetain"):
             getattr(lib, name).restype = ctypes.c_int
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        _check("cuMemcpyAsync", self.lib.cuMemcpyAsync(dst.data_ptr(), src.data_ptr(), dst.numel(),
-                                                        ctypes.c_void_p(stream.cuda_stream)))
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """nbytes from address src to dst (unified addresses), queued on the CUDA stream handle `stream`."""
+        _check("cuMemcpyAsync", self.lib.cuMemcpyAsync(dst, src, nbytes, ctypes.c_void_p(stream)))
 
     def bind(self, device: torch.device) -> None:
         ctx = ctypes.c_void_p()
@@ -114,7 +123,7 @@ class _Driver:
 def _driver() -> _Driver | None:
     """None where the driver library is absent (torch's copy_ then does the copies)."""
     try:
-        return _Driver(ctypes.CDLL("libcuda.so.1"))
+        return _Driver(ctypes.PyDLL("libcuda.so.1"))
     except (OSError, AttributeError):
         return None
 
