@@ -374,9 +374,9 @@ def apply(
         if not np.array_equal(client.placement().phy2log_LP, target.phy2log_LP):
             raise ValueError(f"{url}: reshard reported done but the live placement differs from {placement}")
     stdout().print(f"live: {status.experts_moved} experts moved ({status.bytes_moved / 1e6:.1f} MB) "
-                   f"in {status.seconds:.2f} s, {status.bandwidth_gbps:.3f} GB/s")
+                   f"in {status.seconds:.3f} s, {status.bandwidth_gbps:.3f} GB/s")
     phases = status.phase_seconds
-    spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in asdict(phases).items())
+    spent = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in asdict(phases).items())
     stdout().print(f"time: {spent}")
 
 
