@@ -195,7 +195,7 @@ def test_layer_shares_move_contiguous_rows_that_build_the_new_layout(pair):
     """The mover's arrangement, simulated on expert ids: each rank's send rows to a peer, taken as one
     contiguous block, land in that peer's receive rows in the same order; then staging rows and fan-out
     copies written into the slots give the new layout."""
-    from moeplace.runtime.reshard_mover import LayerShare
+    from moeplace.runtime.reshard_share import LayerShare
 
     old, new = pair
     plan, topo = plan_reshard(old, new), old.topology

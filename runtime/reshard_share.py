@@ -1,0 +1,67 @@
+"""`LayerShare`: one rank's part of one layer of a `ReshardPlan`, arranged for contiguous transfers.
+
+Pure numpy, like the plan. Both ends of a pair order its experts the same way (plan order within the
+peer), so the rows a sender gathers for a peer, taken as one block, land in the same order in the
+receiver's block of rows from that sender: one transfer per tensor per peer, whatever the experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeplace.runtime.reshard_plan import Link, ReshardPlan
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerShare:
+    """One rank's share of one layer row, arranged for contiguous transfers (slots 0..S-1, int64).
+
+    Staging rows: [0, n_local) the LOCAL copies of local_src_N; then the receives, grouped by peer:
+    recv_peers[i] fills rows recv_spans[i] (half-open, absolute), whose experts sit in the peer's
+    slots recv_src_N (one per received row, same order). Sends: send_src_N grouped by peer;
+    send_peers[i] gets entries send_spans[i]. staged_dst_N / staged_expert_N: every staging row's slot
+    here and expert; fanout_dst_X / fanout_src_X: further slots filled from staging row fanout_src_X."""
+
+    local_src_N: np.ndarray
+    recv_peers: tuple[int, ...]
+    recv_spans: tuple[tuple[int, int], ...]
+    recv_src_N: np.ndarray
+    send_src_N: np.ndarray
+    send_peers: tuple[int, ...]
+    send_spans: tuple[tuple[int, int], ...]
+    staged_dst_N: np.ndarray
+    staged_expert_N: np.ndarray
+    fanout_dst_X: np.ndarray
+    fanout_src_X: np.ndarray
+
+    @property
+    def n_local(self) -> int:
+        return len(self.local_src_N)
+
+    @classmethod
+    def of(cls, plan: ReshardPlan, rank: int, row: int) -> LayerShare:
+        S = plan.topology.slots_per_gpu
+        copies, recvs, sends = plan.copies_of(rank, row), plan.receives_of(rank, row), plan.sends_of(rank, row)
+        local = copies.kind_X == Link.LOCAL
+        by_peer = np.argsort(recvs.peer_X, kind="stable")  # plan order within a peer, as the sender's
+        recv_peers, recv_spans = _spans(recvs.peer_X[by_peer], offset=int(local.sum()))
+        send_order = np.argsort(sends.peer_X, kind="stable")
+        send_peers, send_spans = _spans(sends.peer_X[send_order], offset=0)
+        staged_dst = np.concatenate([copies.dst_slot_X[local], recvs.dst_slot_X[by_peer]])
+        fanout = ~local  # LOCAL_FROM_RECEIVED: from the staging row whose slot received the expert
+        by_slot = np.argsort(staged_dst)
+        fan_src = by_slot[np.searchsorted(staged_dst, copies.src_slot_X[fanout], sorter=by_slot)]
+        return cls(local_src_N=copies.src_slot_X[local] % S, recv_peers=recv_peers, recv_spans=recv_spans,
+                   recv_src_N=recvs.src_slot_X[by_peer] % S, send_src_N=sends.src_slot_X[send_order] % S,
+                   send_peers=send_peers, send_spans=send_spans, staged_dst_N=staged_dst % S,
+                   staged_expert_N=np.concatenate([copies.expert_X[local], recvs.expert_X[by_peer]]),
+                   fanout_dst_X=copies.dst_slot_X[fanout] % S, fanout_src_X=fan_src)
+
+
+def _spans(peer_X: np.ndarray, offset: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """peer_X grouped (sorted) -> (peers, [lo, hi) rows of each, shifted by offset)."""
+    peers, starts, counts = np.unique(peer_X, return_index=True, return_counts=True)
+    return (tuple(int(p) for p in peers),
+            tuple((offset + int(s), offset + int(s + c)) for s, c in zip(starts, counts)))
