@@ -16,8 +16,9 @@ whole batch and rank g routes the g-th contiguous share of its real (unpadded) t
 4. combine: one result row per assignment goes back (all_to_all) and is summed with the routing
    weights. (Summing a token's experts on the computing rank would send fewer rows back, but it
    regroups the sum and rounds the partial sums to the wire dtype: not exact, so not done.)
-The shared expert runs locally (in `forward_shared` the shares are then all-gathered). Steps 1-4 are `step_with_ids` (route from given logical experts), which a benchmark can call
-with its own routing and a `PhaseTimer`.
+The shared expert runs locally (in `forward_shared` the shares are then all-gathered). Steps 1-4 are
+`step_with_ids` (route from given logical experts; their data movement is runtime/dispatch.py), which a
+benchmark can call with its own routing and a `PhaseTimer`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from moeplace.runtime.comm import Comm
 from moeplace.runtime.config import ModelConfig
 from moeplace.runtime.decode import check_capacity, combine, group_by_slot, pack_rows, scatter_results, \
     slot_counts
-from moeplace.runtime.experts import (ExpertPath, decode_features, encode_tokens, feature_bytes, fp8_experts,
-                                      reference_experts)
+from moeplace.runtime.dispatch import (DispatchPlan, by_slot, combine_rows, dispatch_rows, ids_offset,
+                                       plan_rows, to_sources)
+from moeplace.runtime.experts import ExpertPath, decode_features, fp8_experts, reference_experts
 from moeplace.kernels.fp8 import FP8, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
@@ -236,7 +238,7 @@ class EPMoE(nn.Module):
 
     def _decode_traffic(self, x_CD: torch.Tensor, K: int) -> Traffic:
         (C, D), G = x_CD.shape, self.comm.world_size
-        row_bytes = _ids_offset(self.expert_path, D, x_CD.dtype) + 4 * K
+        row_bytes = ids_offset(self.expert_path, D, x_CD.dtype) + 4 * K
         return Traffic([C] * G, [C * K] * G, [C] * G, [C * K] * G, row_bytes, D * x_CD.element_size())
 
     def decode_step(self, x_CD: torch.Tensor, ids_CK: torch.Tensor, weights_CK: torch.Tensor, live_C: torch.Tensor,
@@ -249,7 +251,7 @@ class EPMoE(nn.Module):
         `last_ids_TK` nor `last_traffic` (host values a replayed graph would not update)."""
         lap = timer.lap if timer else _no_lap
         (C, D), K = x_CD.shape, ids_CK.shape[1]
-        G, S, ids_at = self.comm.world_size, self.w13_SFD.shape[0], _ids_offset(self.expert_path, D, x_CD.dtype)
+        G, S, ids_at = self.comm.world_size, self.w13_SFD.shape[0], ids_offset(self.expert_path, D, x_CD.dtype)
         check_capacity(ids_CK.shape[0], C)
         # 1. route
         slots_CK = assign_slots(ids_CK, self.table, self.comm.rank, live_C)
@@ -286,12 +288,12 @@ class EPMoE(nn.Module):
         lap = timer.lap if timer else _no_lap
         # 1. route
         slots_TK = assign_slots(ids_TK, self.table, self.comm.rank)
-        plan = self._plan(slots_TK)
+        plan = plan_rows(slots_TK, self.comm.world_size, self.w13_SFD.shape[0])
         if self.counting:
             self.window_slots_GS.add_(plan.counts_GX[:, :-1])
         lap("route")
         # 2. dispatch
-        received_UW = self._dispatch(x_TD, plan, lap)
+        received_UW = dispatch_rows(x_TD, plan, self.comm, self.w13_SFD.shape[0], self.expert_path, lap)
         traffic = Traffic(plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments,
                                     received_UW.shape[1], x_TD.shape[1] * x_TD.element_size())
         # 3. experts
@@ -300,76 +302,18 @@ class EPMoE(nn.Module):
         # 4. combine
         y_AD = self.comm.all_to_all(y_MD, plan.recv_assignments, plan.send_assignments)
         lap("combine_a2a")
-        y_TD = self._combine(y_AD, plan, weights_TK, x_TD)
+        y_TD = combine_rows(y_AD, plan, weights_TK, x_TD, self.expert_path)
         lap("combine")
         return y_TD, traffic
 
-    def _plan(self, slots_TK: torch.Tensor) -> _Plan:
-        """Sender side: assignments sorted by slot; one row per (destination rank, token); counts per rank."""
-        (T, K), G, S = slots_TK.shape, self.comm.world_size, self.w13_SFD.shape[0]
-        device = slots_TK.device
-        order_A = torch.argsort(slots_TK.reshape(-1), stable=True)
-        dest_TK = slots_TK // S
-        # rows: destination-major, tokens in order within a destination
-        sent_GT = torch.zeros(G, T, dtype=torch.bool, device=device)
-        token_TK = torch.arange(T, device=device)[:, None].expand(T, K)
-        sent_GT[dest_TK, token_TK] = True
-        row_GT = sent_GT.reshape(-1).cumsum(0).view(G, T) - 1
-        counts_GX = torch.empty(G, S + 1, dtype=torch.int64, device=device)
-        counts_GX[:, :S] = _count(slots_TK.reshape(-1), G * S).view(G, S)
-        counts_GX[:, S] = sent_GT.sum(dim=1)
-        return _Plan(order_A, slots_TK, row_GT[dest_TK, token_TK], sent_GT, row_GT, counts_GX)
-
-    def _dispatch(self, x_TD: torch.Tensor, plan: _Plan, lap) -> torch.Tensor:
-        """Send each planned row: the token's features, then its K local slots (int32, -1 = not on that rank)."""
-        (T, D), K, S, comm = x_TD.shape, plan.slots_TK.shape[1], self.w13_SFD.shape[0], self.comm
-        plan.recv_GX = comm.exchange_counts(plan.counts_GX)
-        # The all_to_all needs its sizes on the host: the step's one sync. It brings the rows per local
-        # slot along, so the expert GEMMs need no sync of their own (grouped_gemm_fp8's host offsets).
-        G = plan.counts_GX.shape[0]
-        per_rank_4G = torch.stack([plan.counts_GX[:, S], plan.counts_GX[:, :S].sum(1), plan.recv_GX[:, S],
-                                   plan.recv_GX[:, :S].sum(1)]).reshape(-1)
-        sizes = torch.cat([per_rank_4G, plan.recv_GX[:, :S].sum(0)]).tolist()
-        plan.send_rows, plan.send_assignments, plan.recv_rows, plan.recv_assignments = (
-            sizes[i * G: (i + 1) * G] for i in range(4))
-        plan.recv_slot_rows = sizes[4 * G:]
-        ids_at = _ids_offset(self.expert_path, D, x_TD.dtype)
-        tokens_TW = encode_tokens(x_TD, self.expert_path, ids_at + 4 * K)
-        U = sum(plan.send_rows)
-        # token of each row: compact the sent (destination, token) pairs, in order (scatter: no host sync)
-        flat = torch.where(plan.sent_GT.reshape(-1), plan.row_GT.reshape(-1), U)
-        token_U = torch.zeros(U + 1, dtype=torch.int64, device=x_TD.device)
-        token_U.scatter_(0, flat, torch.arange(flat.numel(), device=x_TD.device) % max(T, 1))
-        rows_UW = tokens_TW[token_U[:U]]
-        ids_UK = torch.full((U, K), -1, dtype=torch.int32, device=x_TD.device)
-        ids_UK[plan.row_TK, torch.arange(K, device=x_TD.device).expand(T, K)] = (plan.slots_TK % S).int()
-        rows_UW[:, ids_at:] = ids_UK.view(torch.uint8)
-        lap("dispatch")
-        received_UW = comm.all_to_all(rows_UW, plan.send_rows, plan.recv_rows)
-        lap("dispatch_a2a")
-        return received_UW
-
-    def _experts(self, received_UW: torch.Tensor, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    def _experts(self, received_UW: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
         """Received rows -> one output row per assignment, in the order the sources sent their assignments."""
-        G, S, D = self.comm.world_size, self.w13_SFD.shape[0], self.w13_SFD.shape[2]
-        U, K, device = received_UW.shape[0], plan.slots_TK.shape[1], received_UW.device
-        M = sum(plan.recv_assignments)
-        ids_at = _ids_offset(self.expert_path, D, dtype)
-        ids_UK = received_UW[:, ids_at: ids_at + 4 * K].view(torch.int32).long()
-        # 1. assignments grouped by slot, then by source rank and token: sort (slot, row) keys
-        key_UK = torch.where(ids_UK >= 0, ids_UK * U + torch.arange(U, device=device)[:, None], S * U)
-        pick_M = torch.argsort(key_UK.reshape(-1))[:M]
-        row_M, slot_M = pick_M // K, ids_UK.reshape(-1)[pick_M]
-        counts_GS = plan.recv_GX[:, :S]
-        self.slot_tokens_S.copy_(counts_GS.sum(0))
-        # 2. compute
-        y_MD = self._slot_experts(received_UW[row_M], counts_GS.sum(0), dtype, plan.recv_slot_rows)
-        # 3. back to the sources' order: source-major, then (slot, token) as each source sorted them
-        source_M = torch.repeat_interleave(torch.arange(G, device=device), plan.recv_GX[:, S], output_size=U)[row_M]
-        by_source_GS = (counts_GS.reshape(-1).cumsum(0) - counts_GS.reshape(-1)).view(G, S)
-        by_slot_SG = (counts_GS.t().reshape(-1).cumsum(0) - counts_GS.t().reshape(-1)).view(S, G)
-        position_M = by_source_GS[source_M, slot_M] + torch.arange(M, device=device) - by_slot_SG[slot_M, source_M]
-        return torch.empty_like(y_MD).index_copy_(0, position_M, y_MD)
+        S, D = self.w13_SFD.shape[0], self.w13_SFD.shape[2]
+        row_M, slot_M = by_slot(received_UW, plan, S, D, self.expert_path, dtype)
+        counts_S = plan.recv_GX[:, :S].sum(0)
+        self.slot_tokens_S.copy_(counts_S)
+        y_MD = self._slot_experts(received_UW[row_M], counts_S, dtype, plan.recv_slot_rows)
+        return to_sources(y_MD, row_M, slot_M, plan, S)
 
     def _slot_experts(self, rows_MW: torch.Tensor, counts_S: torch.Tensor, dtype: torch.dtype,
                       counts_host: list[int] | None = None) -> torch.Tensor:
@@ -386,24 +330,6 @@ class EPMoE(nn.Module):
                                self.w2_sinv_Sdf, dtype, offsets_host)
         return reference_experts(decode_features(rows_MW, self.expert_path, D, dtype), counts_S.tolist(),
                                  self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf, self.block)
-
-    def _combine(self, y_AD: torch.Tensor, plan: _Plan, weights_TK: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
-        """Σ_k w[t, k] · y[t, k] from the results in slot-sorted assignment order: [T, D]."""
-        K = plan.slots_TK.shape[1]
-        if self.expert_path is ExpertPath.fp8:
-            from moeplace.kernels.permute import RoutingPlan, unpermute_combine
-
-            A, device = y_AD.shape[0], y_AD.device
-            position_TK = torch.empty(A, dtype=torch.int32, device=device)
-            position_TK[plan.order_A] = torch.arange(A, dtype=torch.int32, device=device)
-            offsets_P1 = torch.zeros(plan.counts_GX[:, :-1].numel() + 1, dtype=torch.int32, device=device)
-            offsets_P1[1:] = plan.counts_GX[:, :-1].reshape(-1).cumsum(0)
-            # fp32 sums in a fixed k order: deterministic, unlike index_add_'s atomics on a GPU
-            return unpermute_combine(y_AD, RoutingPlan(offsets_P1, position_TK.view(-1, K)),
-                                     weights_TK.float().contiguous())
-        y_AD = y_AD * weights_TK.reshape(-1)[plan.order_A, None].to(y_AD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, plan.order_A // K, y_AD)
-
 
 @dataclass(frozen=True)
 class MoEOutput:
@@ -432,40 +358,6 @@ class Traffic:
         off = lambda counts: sum(counts) - counts[rank]  # noqa: E731
         return (max(off(self.send_rows), off(self.recv_rows)) * self.row_bytes,
                 max(off(self.send_assignments), off(self.recv_assignments)) * self.result_bytes)
-
-
-@dataclass
-class _Plan:
-    """One step's transient dispatch state (sender side, then what the exchange told), between phases.
-
-    order_A [A] assignments (t*K + k) sorted by slot; slots_TK [T, K] global slots; row_TK [T, K] the
-    sent row each assignment rides in; sent_GT [G, T] bool token t goes to rank g; row_GT [G, T] its row
-    (where sent); counts_GX [G, S+1] int64 assignments per destination slot, then rows per destination;
-    recv_GX the same from each source rank; host lists of rows and assignments sent to / received from
-    each rank, and of rows received per local slot."""
-
-    order_A: torch.Tensor
-    slots_TK: torch.Tensor
-    row_TK: torch.Tensor
-    sent_GT: torch.Tensor
-    row_GT: torch.Tensor
-    counts_GX: torch.Tensor
-    recv_GX: torch.Tensor | None = None
-    send_rows: list[int] | None = None
-    send_assignments: list[int] | None = None
-    recv_rows: list[int] | None = None
-    recv_assignments: list[int] | None = None
-    recv_slot_rows: list[int] | None = None
-
-
-def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
-    """[n] int64 occurrences of each id (bincount without its host sync on a GPU)."""
-    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
-
-
-def _ids_offset(path: ExpertPath, hidden: int, dtype: torch.dtype) -> int:
-    """Byte offset of a row's slot ids: after the features, 4-byte aligned so they view as int32."""
-    return -(-feature_bytes(path, hidden, dtype) // 4) * 4
 
 
 def _no_lap(phase: str) -> None:
