@@ -143,6 +143,7 @@ def gpu(args) -> dict:
         results[step_name] = summary(times, time_collect(model, 50, sync), tokens_per_rank=tokens)
     out = {"device": name, "gpus": world, "moe_layers": args.layers, "torch": torch.__version__, "results": results,
            "model": "DeepSeek-V3-shaped EPMoE layers (gate, routing, dispatch, FP8 experts, combine, shared expert)"}
+    dist.barrier()  # every rank done with its collectives before any tears its group down
     dist.destroy_process_group()
     return out if rank == 0 else {}
 

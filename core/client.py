@@ -8,6 +8,7 @@ rolled back) is a `ValueError` naming the URL, so the CLI prints one line.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -119,10 +120,29 @@ def _healthy(url: str) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range (Linux default 32768-60999),
+    from which the OS hands out ports itself: torchrun's rendezvous store and every connection of the
+    server being started take theirs there, and one of them could take the port between this call and
+    the server's bind (seen: "address already in use" on a port this returned)."""
+    rng, low = random.Random(), _ephemeral_low()
+    for _ in range(200 if low > 11000 else 0):
+        port = rng.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: any port the OS gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class LoadGenerator:

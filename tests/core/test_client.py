@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from moeplace.client import LoadGenerator
+from moeplace.client import LoadGenerator, _ephemeral_low, free_port
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -55,3 +56,14 @@ def test_load_generator_report_without_window_or_answers_has_no_latencies():
     load = LoadGenerator("http://127.0.0.1:9", ["a"])  # never started
     report = load.report()
     assert "latency_ms_answered_during_window" not in report and report["latency_ms"]["requests"] == 0
+
+
+def test_free_port_is_outside_the_ports_the_os_hands_out():
+    """A port the OS could give torchrun's store or a connection (the ephemeral range) could be taken
+    between free_port() and the server's bind."""
+    low = _ephemeral_low()
+    for _ in range(20):
+        port = free_port()
+        assert 10000 <= port < low or low <= 11000
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free indeed
