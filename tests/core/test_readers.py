@@ -1,10 +1,10 @@
-"""Trace readers: real SGLang dumps from ../shared, engine formats written here, and every bad input."""
+"""Trace readers: real SGLang dumps from ../shared and engine formats written here (bad input:
+test_reader_errors.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from moeplace.resources import EXAMPLE_TRACE
 from moeplace.readers import DEEPSEEK_V3_GUESS, load_trace, normalize_layers
 from moeplace.trace import Trace, save_trace
+from trace_files import per_token_dump, write_trtllm
 
 REPO = Path(__file__).resolve().parents[2]
 TRACES = REPO.parent / "shared" / "traces"
@@ -27,11 +28,6 @@ def shared_traces() -> Path:
     if not TRACES.is_dir():
         pytest.skip(f"real traces not found at {TRACES} (the shared folder beside the repository)")
     return TRACES
-
-
-def raises_for(path: Path, problem: str):
-    """The error must name the file, then the problem."""
-    return pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + problem)
 
 
 def deepseek_counts(windows: int) -> np.ndarray:
@@ -113,31 +109,6 @@ def test_deepseek_moe_rows_without_layer_count_are_inferred(tmp_path):
 # ---------------------------------------------------------------- SGLang per-pass / per-token dumps
 
 
-def per_token_dump(tokens_per_pass: list[int], with_ids: bool = True) -> tuple[dict, list[np.ndarray]]:
-    """Records as SGLang's per_token mode writes them: 4 layer rows (row 0 dense), 16 experts, 20 slots."""
-    import torch
-
-    p2l = np.tile(np.concatenate([np.arange(16), [0, 1, 2, 3]]), (4, 1))  # experts 0..3 have 2 replicas
-    records, logical = [], []
-    for pass_id, T in enumerate(tokens_per_pass):
-        log_TRK = np.stack([np.stack([RNG.permutation(16)[:8] for _ in range(4)]) for _ in range(T)])
-        log_TRK[:, 0] = -1
-        phys_TRK = np.where((log_TRK < 4) & (RNG.random(log_TRK.shape) < 0.5), log_TRK + 16, log_TRK)
-        phys_TRK[:, 0] = -1
-        count_RP = np.zeros((4, 20), dtype=np.int64)
-        for r in range(1, 4):
-            count_RP[r] = np.bincount(phys_TRK[:, r].ravel(), minlength=20)
-        record = {"forward_pass_id": pass_id, "rank": 0, "gatherer_key": "primary",
-                  "global_physical_count": torch.from_numpy(count_RP)}
-        if with_ids:
-            record |= {"input_ids": list(range(T)), "positions": list(range(T)), "extend_seq_lens": [T],
-                       "forward_mode": 1, "misc_objects": [],
-                       "topk_ids_of_layer": torch.from_numpy(phys_TRK.transpose(1, 0, 2).astype(np.int32))}
-        records.append(record)
-        logical.append(log_TRK)
-    return {"records": records, "last_physical_to_logical_map": torch.from_numpy(p2l)}, logical
-
-
 def test_sglang_per_token_dump_folds_slots_to_experts(tmp_path):
     torch = pytest.importorskip("torch")
     dump, logical = per_token_dump([5, 3])
@@ -164,14 +135,6 @@ def test_sglang_per_pass_dump_has_counts_only(tmp_path):
 
 
 # ---------------------------------------------------------------- TensorRT-LLM statistic folders
-
-
-def write_trtllm(folder: Path, counts_RILE: np.ndarray, iters: list[int], layers: list[int], top_k: int) -> None:
-    folder.mkdir()
-    (folder / "meta_info.json").write_text(json.dumps({"num_experts": counts_RILE.shape[-1], "num_experts_per_token": top_k}))
-    for rank, per_rank in enumerate(counts_RILE):
-        tensors = {f"{it}_{layer}": per_rank[i, l] for i, it in enumerate(iters) for l, layer in enumerate(layers)}
-        save_file(tensors, str(folder / f"rank{rank}.safetensors"))
 
 
 def test_trtllm_statistic_sums_ranks_and_maps_layer_ids(tmp_path):
@@ -234,152 +197,6 @@ def test_reading_json_does_not_import_torch(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input: one test per case
-
-
-def write_json(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-@pytest.mark.parametrize(
-    ("text", "problem"),
-    [
-        ("{not json", "not JSON"),
-        ('[1, 2]', "expected a dict"),
-        ('{"counts": [[1]]}', "key 'logical_count' is missing"),
-        ('{"logical_count": [1, 2, 3]}', r"'logical_count' must be \[layers, experts\]"),
-        ('{"logical_count": [[[[1]]]]}', r"'logical_count' must be \[layers, experts\]"),
-        ('{"logical_count": [[1, 2], [3]]}', "'logical_count' is ragged"),
-        ('{"logical_count": [[1, NaN], [3, 4]]}', "'logical_count' holds nan at index .*NaN/inf"),
-        ('{"logical_count": [[1, Infinity], [3, 4]]}', "'logical_count' holds inf"),
-        ('{"logical_count": [[1, -2], [3, 4]]}', "'logical_count' holds negative count -2"),
-        ('{"logical_count": [["a", "b"]]}', "'logical_count' must hold numbers"),
-        ('{"logical_count": [[0, 0], [0, 0]]}', "all 2 layer rows are zero"),
-        ('{"logical_count": [[5, 1], [3, 4]]}', "pass top_k"),
-    ],
-)
-def test_bad_sglang_json(tmp_path, text, problem):
-    path = write_json(tmp_path, "dump.json", text)
-    with raises_for(path, problem):
-        load_trace(path)
-
-
-def test_missing_file(tmp_path):
-    with raises_for(tmp_path / "missing.json", "file not found"):
-        load_trace(tmp_path / "missing.json")
-
-
-def test_unknown_extension(tmp_path):
-    path = write_json(tmp_path, "trace.csv", "layer,expert,count\n")
-    with raises_for(path, "unknown trace format '.csv'"):
-        load_trace(path)
-
-
-def test_zero_layers(tmp_path):
-    torch = pytest.importorskip("torch")
-    path = tmp_path / "empty.pt"
-    torch.save({"logical_count": torch.zeros(2, 0, 8)}, path)
-    with raises_for(path, r"empty, shape \[2, 0, 8\]"):
-        load_trace(path)
-
-
-def test_safetensors_without_moeplace_metadata(tmp_path):
-    path = tmp_path / "weights.safetensors"
-    save_file({"w": np.zeros(3, dtype=np.float32)}, str(path))
-    with raises_for(path, "without moeplace trace metadata"):
-        load_trace(path)
-
-
-def test_trtllm_rank_file_alone_points_to_its_folder(tmp_path):
-    write_trtllm(tmp_path / "stat", np.ones((1, 1, 1, 8), dtype=np.int64), [0], [3], 2)
-    path = tmp_path / "stat" / "rank0.safetensors"
-    with raises_for(path, "pass its folder"):
-        load_trace(path)
-
-
-def test_pt_of_garbage_bytes(tmp_path):
-    path = tmp_path / "garbage.pt"
-    path.write_bytes(b"\x00\x01 not a torch file")
-    with raises_for(path, "not a readable torch file"):
-        load_trace(path)
-
-
-class _Payload:
-    """Pickles as a call to open(marker, "w"): the file appears only if unpickling runs code."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def test_pt_with_pickled_object_is_refused_not_executed(tmp_path):
-    torch = pytest.importorskip("torch")
-    marker = tmp_path / "executed"
-    path = tmp_path / "evil.pt"
-    torch.save({"logical_count": _Payload(marker)}, path)
-    with raises_for(path, "refused: it pickles"):
-        load_trace(path)
-    assert not marker.exists()
-
-
-def test_pt_holding_a_bare_tensor(tmp_path):
-    torch = pytest.importorskip("torch")
-    path = tmp_path / "bare.pt"
-    torch.save(torch.ones(61, 256), path)
-    with raises_for(path, "expected a dict with key 'logical_count'"):
-        load_trace(path)
-
-
-def test_per_token_dump_without_slot_map(tmp_path):
-    torch = pytest.importorskip("torch")
-    dump, _ = per_token_dump([2])
-    del dump["last_physical_to_logical_map"]
-    path = tmp_path / "no_map.pt"
-    torch.save(dump, path)
-    with raises_for(path, "'last_physical_to_logical_map' is missing"):
-        load_trace(path)
-
-
-def test_per_token_ids_outside_the_slots(tmp_path):
-    torch = pytest.importorskip("torch")
-    dump, _ = per_token_dump([2])
-    dump["records"][0]["topk_ids_of_layer"][1, 0, 0] = 99
-    path = tmp_path / "bad_ids.pt"
-    torch.save(dump, path)
-    with raises_for(path, r"records\[0\].topk_ids_of_layer' holds 99"):
-        load_trace(path)
-
-
-def test_trtllm_folder_without_meta_info(tmp_path):
-    with raises_for(tmp_path, "no meta_info.json"):
-        load_trace(tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("meta", "tensors", "problem"),
-    [
-        ({"num_experts_per_token": 2}, {"0_3": np.ones(8, np.int64)}, "'num_experts' must be a positive integer"),
-        ({"num_experts": 8, "num_experts_per_token": 2}, {"0-3": np.ones(8, np.int64)}, "'0-3' is not named"),
-        ({"num_experts": 8, "num_experts_per_token": 2}, {"0_3": np.ones(5, np.int64)}, "'0_3' has shape \\[5\\]"),
-        ({"num_experts": 8, "num_experts_per_token": 2}, {"0_3": -np.ones(8, np.int64)}, "'0_3' holds negative"),
-        (
-            {"num_experts": 8, "num_experts_per_token": 2},
-            {"0_3": np.ones(8, np.int64), "1_4": np.ones(8, np.int64)},
-            "no rank file holds tensor '0_4'",
-        ),
-    ],
-)
-def test_bad_trtllm_folder(tmp_path, meta, tensors, problem):
-    (tmp_path / "meta_info.json").write_text(json.dumps(meta))
-    save_file(tensors, str(tmp_path / "rank0.safetensors"))
-    with raises_for(tmp_path, problem):
-        load_trace(tmp_path)
-
-
-# ---------------------------------------------------------------- TensorRT-LLM with its load balancer
 
 
 def balancer_yaml(path: Path, assignments: dict[int, list[int]], slots: int, updates: int = 0) -> Path:
