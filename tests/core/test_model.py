@@ -1,5 +1,6 @@
-"""The data model: Topology, Placement (and its JSON file), Trace. Each constraint has a feasible and
-an infeasible case, and every error message is pinned: it must name the quantity and its value."""
+"""The data model's Placement (and its JSON file; Topology: test_topology.py, Trace: test_trace.py). Each
+constraint has a feasible and an infeasible case, and every error message is pinned: it must name the
+quantity and its value."""
 
 from __future__ import annotations
 
@@ -22,83 +23,12 @@ from moeplace.placement import (
     trivial_placement,
 )
 from moeplace.topology import Topology
-from moeplace.trace import Trace
 
 RNG = np.random.default_rng(11)
 
 
 def raises(message: str):
     return pytest.raises(ValueError, match=re.escape(message))
-
-
-# ---------------------------------------------------------------- Topology
-
-
-def test_topology_gpus_must_fill_whole_nodes():
-    topo = Topology(num_gpus=8, gpus_per_node=4, slots_per_gpu=2)
-    assert (topo.num_nodes, topo.num_slots) == (2, 16)
-    with raises("topology: num_gpus 6 is not a multiple of gpus_per_node 4"):
-        Topology(num_gpus=6, gpus_per_node=4, slots_per_gpu=2)
-
-
-def test_topology_memory_budget_feasible_and_infeasible():
-    Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=3, expert_bytes=100, gpu_memory_budget=300)
-    with raises(
-        "topology: 3 slots per GPU x 100 bytes per expert = 300 bytes exceeds the GPU memory budget "
-        "of 299 bytes (it fits 2 slots)"
-    ):
-        Topology(num_gpus=2, gpus_per_node=2, slots_per_gpu=3, expert_bytes=100, gpu_memory_budget=299)
-
-
-@pytest.mark.parametrize("field", ["num_gpus", "gpus_per_node", "slots_per_gpu", "expert_bytes"])
-@pytest.mark.parametrize("bad", [0, -2, True, 2.0])
-def test_topology_counts_must_be_positive_integers(field, bad):
-    args = {"num_gpus": 4, "gpus_per_node": 2, "slots_per_gpu": 3, field: bad}
-    with raises(f"topology: field '{field}' must be a positive integer, got {bad!r}"):
-        Topology(**args)
-
-
-@pytest.mark.parametrize("field", ["nvlink_gbps", "network_gbps"])
-def test_topology_bandwidth_must_be_positive(field):
-    with raises(f"topology: field '{field}' must be positive, got 0.0"):
-        Topology(num_gpus=4, gpus_per_node=2, slots_per_gpu=3, **{field: 0.0})
-
-
-def test_topology_build_from_redundant_count():
-    topo = Topology.build(num_gpus=32, gpus_per_node=8, num_experts=256, redundant=32)
-    assert (topo.slots_per_gpu, topo.num_slots, topo.num_nodes) == (9, 288, 4)
-    with raises("256 experts + 30 redundant = 286 slots do not divide over 32 GPUs"):
-        Topology.build(num_gpus=32, gpus_per_node=8, num_experts=256, redundant=30)
-    with raises("--redundant must be >= 0, got -1"):
-        Topology.build(num_gpus=32, gpus_per_node=8, num_experts=256, redundant=-1)
-
-
-def test_topology_build_needs_a_slot_per_expert():
-    assert Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16, slots_per_gpu=4).num_slots == 16
-    with raises("12 slots (4 GPUs x 3) are fewer than the 16 experts: every expert needs at least one slot"):
-        Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16, slots_per_gpu=3)
-
-
-def test_topology_build_takes_exactly_one_of_slots_and_redundant():
-    with raises("give exactly one of --slots-per-gpu and --redundant"):
-        Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16)
-    with raises("give exactly one of --slots-per-gpu and --redundant"):
-        Topology.build(num_gpus=4, gpus_per_node=2, num_experts=16, slots_per_gpu=4, redundant=0)
-
-
-def test_topology_dict_round_trip_and_errors():
-    topo = Topology(num_gpus=4, gpus_per_node=2, slots_per_gpu=3, gpu_memory_budget=10**12)
-    assert Topology.from_dict(topo.to_dict()) == topo
-    with raises("f.json: unknown topology field(s) ['gpus']"):
-        Topology.from_dict({**topo.to_dict(), "gpus": 4}, "f.json")
-    data = topo.to_dict()
-    del data["slots_per_gpu"]
-    with raises("f.json: topology field 'slots_per_gpu' is missing"):
-        Topology.from_dict(data, "f.json")
-    with raises("f.json: topology: num_gpus 3 is not a multiple of gpus_per_node 2"):
-        Topology.from_dict({**topo.to_dict(), "num_gpus": 3}, "f.json")
-    with raises("f.json: 'topology' must be an object, got list"):
-        Topology.from_dict([4, 2, 3], "f.json")
 
 
 # ---------------------------------------------------------------- Placement
@@ -327,80 +257,3 @@ def test_saved_file_has_the_default_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-
-
-# ---------------------------------------------------------------- Trace
-
-
-def counts(W=2, L=3, E=8) -> np.ndarray:
-    return RNG.integers(1, 100, size=(W, L, E)).astype(np.float64)
-
-
-def test_trace_feasible():
-    c = counts()
-    ids = RNG.integers(-1, 8, size=(5, 3, 2))
-    trace = Trace(c, np.array([3, 4, 7]), top_k=2, topk_ids_TLK=ids, tokens_W=np.array([10, 20]),
-                  num_model_layers=8, n_group=4, topk_group=2)
-    assert (trace.num_windows, trace.num_layers, trace.num_experts) == (2, 3, 8)
-    assert trace.counts_WLE.dtype == np.float64 and trace.topk_ids_TLK.dtype == np.int64
-    assert trace.digest() == Trace(c.copy(), np.array([3, 4, 7]), top_k=2).digest()
-    c2 = c.copy()
-    c2[0, 0, 0] += 1
-    assert trace.digest() != Trace(c2, np.array([3, 4, 7]), top_k=2).digest()
-
-
-@pytest.mark.parametrize(
-    "value, text",
-    [
-        (np.nan, "Trace: field 'counts_WLE' holds nan at index [1, 2, 5] (NaN/inf)"),
-        (np.inf, "Trace: field 'counts_WLE' holds inf at index [1, 2, 5] (NaN/inf)"),
-        (-np.inf, "Trace: field 'counts_WLE' holds -inf at index [1, 2, 5] (NaN/inf)"),
-        (-3.0, "Trace: field 'counts_WLE' holds negative count -3.0 at index [1, 2, 5]"),
-    ],
-)
-def test_trace_counts_finite_and_non_negative(value, text):
-    c = counts()
-    c[1, 2, 5] = value
-    with raises(text):
-        Trace(c, np.array([3, 4, 5]), top_k=2)
-
-
-@pytest.mark.parametrize("bad", [8, -2])
-def test_trace_topk_ids_in_range(bad):
-    ids = RNG.integers(-1, 8, size=(4, 3, 2))
-    Trace(counts(), np.array([3, 4, 5]), top_k=2, topk_ids_TLK=ids)
-    ids[2, 1, 0] = bad
-    with raises(f"Trace: field 'topk_ids_TLK' holds {bad} at index [2, 1, 0], outside [-1, 8)"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=2, topk_ids_TLK=ids)
-
-
-def test_trace_topk_ids_shape_follows_top_k():
-    with raises("Trace: field 'topk_ids_TLK' has shape [4, 3, 3], expected 2 along axis 2"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=2, topk_ids_TLK=np.zeros((4, 3, 3), dtype=np.int64))
-
-
-@pytest.mark.parametrize("layers", [[3, 3, 4], [5, 4, 6], [-1, 0, 1]])
-def test_trace_layers_increasing(layers):
-    with raises(f"Trace: field 'layers' must be non-negative and increasing, got {layers}"):
-        Trace(counts(), np.array(layers), top_k=2)
-
-
-def test_trace_other_fields():
-    with raises("my.pt: field 'layers' has shape [2], expected 3 along axis 0"):
-        Trace(counts(), np.array([3, 4]), top_k=2, source="my.pt")
-    with raises("Trace: field 'top_k' is 9, more than the 8 experts"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=9)
-    with raises("Trace: field 'top_k' must be a positive integer, got 0"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=0)
-    with raises("Trace: layer id 5 is not below num_model_layers 5"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=2, num_model_layers=5)
-    with raises("Trace: n_group 3 / topk_group 1 do not fit 8 experts"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=2, n_group=3)
-    with raises("Trace: n_group 2 / topk_group 4 do not fit 8 experts"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=2, n_group=2, topk_group=4)
-    with raises("Trace: field 'counts_WLE' is empty, shape [0, 3, 8]"):
-        Trace(np.zeros((0, 3, 8)), np.array([3, 4, 5]), top_k=2)
-    with raises("Trace: field 'tokens_W' holds negative count -1.0 at index [1]"):
-        Trace(counts(), np.array([3, 4, 5]), top_k=2, tokens_W=np.array([1.0, -1.0]))
-    with raises("Trace: field 'layers' must be integers, got dtype float64"):
-        Trace(counts(), np.array([3.0, 4.0, 5.0]), top_k=2)
