@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -133,9 +134,20 @@ def _sync(device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, bool, bool]:
+@dataclass(frozen=True)
+class StepWork:
+    """What one serving step computes, `layers` times: x_MK @ work_KN (a decode-sized GEMM standing in for
+    an MoE layer's compute) and an all-reduce (its collective). `layers` sets the step's length: the
+    resharded layers only, or a whole model's depth (DeepSeek-V3: 58 MoE layers) for steps of real length."""
+
+    work_KN: torch.Tensor
+    x_MK: torch.Tensor
+    layers: int
+
+
+def step(model, control, resharder, work: StepWork, job_id=None) -> tuple[float, bool, bool]:
     """One serving step: apply due actions (rank 0 decides, and tells whether job `job_id` has ended),
-    then per layer a GEMM and an all-reduce. (seconds, ended, whether a layer swap ran in it)."""
+    then the step's work. (seconds, ended, whether a layer swap ran in it)."""
     from moeplace.runtime.control import SwapLayer
 
     start = time.perf_counter()
@@ -144,21 +156,21 @@ def step(model, control, resharder, work_KN, x_MK, job_id=None) -> tuple[float, 
     dist.broadcast_object_list(box, src=0, group=control)
     for action in box[0][0]:
         resharder.apply(action)
-    for _ in model.moe_layers:
-        y = x_MK @ work_KN
+    for _ in range(work.layers):
+        y = work.x_MK @ work.work_KN
         dist.all_reduce(y[:1])
-    _sync(x_MK.device)
+    _sync(work.x_MK.device)
     swapped = any(isinstance(action, SwapLayer) for action in box[0][0])
     return time.perf_counter() - start, bool(box[0][1]), swapped
 
 
-def reshard(model, control, resharder, target, work_KN, x_MK) -> tuple[object, list[float], list[bool]]:
+def reshard(model, control, resharder, target, work: StepWork) -> tuple[object, list[float], list[bool]]:
     """Submit `target` (rank 0) and keep stepping until the job ends: (final JobStatus on rank 0, step
     seconds, whether each step swapped a layer)."""
     job = resharder.submit(target) if dist.get_rank() == 0 else None
     during, swaps, ended = [], [], False
     while not ended:
-        seconds, ended, swapped = step(model, control, resharder, work_KN, x_MK, job.id if job else None)
+        seconds, ended, swapped = step(model, control, resharder, work, job.id if job else None)
         during.append(seconds)
         swaps.append(swapped)
     return (resharder.jobs.get(job.id) if job else None), during, swaps
@@ -182,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=4, help="the first L layers of the placements")
     p.add_argument("--rates", default="0,100,50,25,12", help="rate limits to run, GB/s per GPU (0 = unlimited)")
     p.add_argument("--steady-steps", type=int, default=50)
+    p.add_argument("--step-layers", type=int, default=0,
+                   help="layers of work per serving step (0: the resharded layers; 58: DeepSeek-V3's depth)")
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny experts: checks the script")
     p.add_argument("--copy-engine", action="store_true", help="peer copies through CUDA IPC instead of NCCL")
     p.add_argument("--json", type=Path, default=None)
@@ -211,17 +225,18 @@ def main(argv: list[str] | None = None) -> None:
         peer["copy_engine"] = copy_engine_p2p(device, 1 << 30)
     best = max(peer.values())
     dtype = torch.bfloat16 if cuda else torch.float32
-    work_KN = torch.randn(hidden, inter, device=device, dtype=dtype)
-    x_MK = torch.randn(128 * 8 // world, hidden, device=device, dtype=dtype)
+    work = StepWork(torch.randn(hidden, inter, device=device, dtype=dtype),
+                    torch.randn(128 * 8 // world, hidden, device=device, dtype=dtype),
+                    args.step_layers or len(model.moe_layers))
     results, steady = [], None
     for rate in [float(r) for r in args.rates.split(",")]:
         options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
                                           copy_engine=args.copy_engine and cuda, staging_bytes=STAGING)
         resharder = Resharder(model, reshard_group, rank, control=reshard_control, options=options)
         resharder.connect()
-        steady = [step(model, control, resharder, work_KN, x_MK)[0] for _ in range(args.steady_steps)]
+        steady = [step(model, control, resharder, work)[0] for _ in range(args.steady_steps)]
         for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):
-            job, during, swaps = reshard(model, control, resharder, target, work_KN, x_MK)
+            job, during, swaps = reshard(model, control, resharder, target, work)
             if rank == 0:
                 results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during,
                                        swaps))
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         out = {"date": str(date.today()), "device": name, "gpus": world, "layers": args.layers,
                "transport": "copy engine (CUDA IPC)" if args.copy_engine and cuda else "nccl" if cuda else "gloo",
                "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results,
+               "step_layers": work.layers,
                "copy_driver": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.driver)}
         print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
               + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()), flush=True)

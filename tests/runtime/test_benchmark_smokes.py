@@ -22,12 +22,12 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "reshard.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
            str(REPO / "benchmarks" / "reshard.py"), "--cpu-smoke", "--layers", "2", "--rates", "0,0.02",
-           "--steady-steps", "5", "--json", str(out)]
+           "--steady-steps", "5", "--step-layers", "3", "--json", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [r["rate_gbps"] for r in result["reshards"]] == [0, 0, 0.02, 0.02]
+    assert [r["rate_gbps"] for r in result["reshards"]] == [0, 0, 0.02, 0.02] and result["step_layers"] == 3
     for r in result["reshards"]:
         assert r["state"] == "done" and r["experts_moved"] == r["plan_minimum"] > 0, r
         assert r["busiest_gbps"] > 0 and r["steps_during"] > 0
