@@ -1,4 +1,5 @@
-"""benchmarks/kernels.py --cpu-smoke: the sweep, the table it writes, and fused_moe, on tiny shapes."""
+"""benchmarks/kernels.py --cpu-smoke: the sweep, the table it writes, and fused_moe, on tiny shapes (timed and
+summarised by benchmarks/kernels_timing.py, which the smoke runs too)."""
 
 import json
 import subprocess

@@ -1,6 +1,7 @@
 """benchmarks/moe_layer.py's CPU smoke modes on 2 gloo ranks: `run` on a prepared folder written here
 (random per-expert probabilities, trivial placements under every method's name: `prepare` itself needs
-the real traces and minutes of solving), and `decode` (eager vs graph runner; graphs are CUDA-only)."""
+the real traces and minutes of solving), and `decode` (benchmarks/moe_layer_decode.py: eager vs graph
+runner; graphs are CUDA-only)."""
 
 from __future__ import annotations
 
