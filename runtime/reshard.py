@@ -17,6 +17,7 @@ old layout serves again, never a mix. The job then reports "rolled_back" and why
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -61,7 +62,7 @@ class Resharder:
         self._actions: deque = deque()  # rank 0: broadcast with the next step (append/popleft: thread-safe)
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
         self._handover = _Handover(self)
-        self._stream = None  # the reshard thread's CUDA stream (`_reshard_stream`)
+        self._stream = None  # the reshard thread's CUDA stream (`_on_reshard_stream`)
         self._crash: BaseException | None = None  # what ended the reshard thread, where no agreement could
         # the running execution (reshard thread sets, serving thread reads): its job (None: a rollback,
         # whose moves the job does not count), experts moved per layer row, and target layout
@@ -89,10 +90,7 @@ class Resharder:
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
             peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers})
         self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
-        if self.device.type == "cuda":
-            with torch.cuda.stream(self._reshard_stream()):
-                self.mover.warm_up()
-        else:
+        with self._on_reshard_stream():
             self.mover.warm_up()
         ops = []
         for peer in (p for p in range(world) if p != self.rank):
@@ -104,10 +102,20 @@ class Resharder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the warm-up's buffers are freed only after it ran
 
-    def _reshard_stream(self) -> torch.cuda.Stream:
+    @contextlib.contextmanager
+    def _on_reshard_stream(self):
+        """On a GPU, this thread's work on the reshard stream: copies and transfers on a side stream, so
+        serving kernels on the default stream never queue behind them (NCCL's own streams carry the
+        bytes). One stream for every job: the caching allocator reuses a block only on the stream that
+        freed it, so the staging a job frees is the next job's without a cudaMalloc."""
+        if self.device.type != "cuda":
+            yield
+            return
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        return self._stream
+        torch.cuda.set_device(self.device)
+        with torch.cuda.stream(self._stream):
+            yield
 
     # -- rank 0: requests ----------------------------------------------------------------------
     def submit(self, new: Placement) -> JobStatus:
@@ -207,16 +215,8 @@ class Resharder:
     def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, fault, job_id: str | None) -> str | None:
         """Every layer of `plan`, then wait until all staged layers are installed."""
         laps = _Laps(self.jobs, job_id if self.rank == 0 else None)
-        if self.device.type != "cuda":
+        with self._on_reshard_stream():
             error = self.mover.run(plan, target_LP, fault, self._handover, laps)
-        else:
-            # Copies and transfers on a side stream: serving kernels on the default stream never
-            # queue behind them (NCCL's own streams carry the bytes). One stream for every job: the
-            # caching allocator reuses a block only on the stream that freed it, so the staging a
-            # job frees is the next job's without a cudaMalloc.
-            torch.cuda.set_device(self.device)
-            with torch.cuda.stream(self._reshard_stream()):
-                error = self.mover.run(plan, target_LP, fault, self._handover, laps)
         self._handover.wait_all_installed()
         laps("swap_wait")
         return error
