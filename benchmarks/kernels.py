@@ -52,7 +52,7 @@ def sweep(rows_per_expert: float, smoke: bool):
     tma, pf = dict(backend=Backend.triton_tma), dict(prefetch_scales=True)
     loops = [C(backend=Backend.torch_loop, streams=n) for n in (1, 2, 3, 4)]
     if smoke:
-        return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **tma, **pf),
+        return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **tma, **pf, programs_per_sm=2),
                 C(16, 128, 1, 4, 2, **tma, warp_specialize=True)]
     if rows_per_expert > 256:  # prefill at EP8: compute-bound
         return [C(128, 128, 8, 8, 3, **tma, **pf), C(128, 128, 8, 8, 4, **tma, **pf), *loops]
@@ -60,11 +60,20 @@ def sweep(rows_per_expert: float, smoke: bool):
         return [C(128, 128, 8, 8, 3, **tma), C(128, 128, 8, 8, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf),
                 C(64, 128, 8, 4, 4, **pf), C(128, 128, 16, 8, 4, **pf), loops[0]]
     if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
-        # deeper pipelines and narrower tiles keep more weight bytes in flight per SM (the down GEMM has
-        # only 16 K blocks per tile: 63% of HBM at m64 s4 on the H200)
+        # Run 3 (H200): one m64 program per SM stalls on every K block's wgmma + promotion (65% of HBM);
+        # m32 tiles leave wgmma, n64 tiles halve the bytes per stall. Here: two or three resident programs
+        # per SM (p2/p3: one streams while another waits), two warpgroups per program (w8: m128 reads an
+        # expert's weights once for up to 128 rows; n256 doubles the bytes per stall), the run-3 winners
+        # and the pointer kernel (a program per tile, as many per SM as fit)
         return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 6, **tma, **pf),
-                C(32, 128, 1, 4, 6, **tma, **pf), C(64, 64, 1, 4, 8, **tma, **pf), C(64, 128, 1, 4, 4, **pf),
-                C(32, 128, 1, 4, 6, **pf)]
+                C(64, 128, 1, 4, 4, **tma, **pf, programs_per_sm=2),
+                C(64, 128, 1, 4, 3, **tma, **pf, programs_per_sm=2),
+                C(64, 128, 1, 4, 2, **tma, **pf, programs_per_sm=2),
+                C(64, 128, 1, 4, 2, **tma, **pf, programs_per_sm=3),
+                C(128, 128, 1, 8, 4, **tma, **pf), C(128, 128, 1, 8, 3, **tma, **pf),
+                C(64, 256, 1, 8, 4, **tma, **pf), C(64, 128, 1, 8, 4, **tma, **pf),
+                C(32, 128, 1, 4, 3, **tma, **pf, programs_per_sm=3), C(64, 128, 1, 4, 4, **pf),
+                C(32, 128, 1, 4, 3, **pf)]
     return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf),
             C(16, 128, 1, 4, 4, **tma, **pf)]
 

@@ -42,6 +42,10 @@ class GemmConfig:
     # its TTGIR keeps the loop attribute and makes no partitions)
     warp_specialize: bool = False
     prefetch_scales: bool = False  # Triton: load each K block's scales ahead of its promotion
+    # triton_tma only: persistent programs per SM. Triton 3.6 waits for each K block's wgmma before its
+    # scale promotion; a second resident program can stream and multiply while the first waits (the
+    # overlap DeepGEMM gets from two consumer warpgroups), where registers and shared memory let two fit
+    programs_per_sm: int = 1
     # torch_loop only: CUDA streams the experts' GEMMs are spread over, so one GEMM's last partial wave of
     # tiles overlaps the next one's first (torch_gemm.stream_lanes)
     streams: int = 1
@@ -52,12 +56,16 @@ class GemmConfig:
             v = getattr(self, name)
             assert v > 0 and v & (v - 1) == 0, f"GemmConfig.{name} must be a power of two, got {v}"
         assert 1 <= self.streams <= 8, f"GemmConfig.streams must be in [1, 8], got {self.streams}"
+        assert 1 <= self.programs_per_sm <= 4, f"GemmConfig.programs_per_sm must be in [1, 4], got {self.programs_per_sm}"
+        assert self.programs_per_sm == 1 or self.backend is Backend.triton_tma, \
+            f"GemmConfig.programs_per_sm={self.programs_per_sm} needs the persistent kernel (triton_tma)"
 
     @property
     def label(self) -> str:
         if self.backend is Backend.torch_loop:
             return "torch _scaled_mm loop" + (f" {self.streams} streams" if self.streams > 1 else "")
         flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
+        flags += f" p{self.programs_per_sm}" if self.programs_per_sm > 1 else ""
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
 

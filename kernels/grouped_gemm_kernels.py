@@ -197,7 +197,7 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
                   GROUP_M=cfg.group_m, SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK):
-        progs = min(_num_sms(a_MK.device), num_m_bound * (N_out // cfg.block_n))
+        progs = min(_num_sms(a_MK.device) * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
         a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP])
         b_desc = TensorDescriptor(b_ENK, [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, GROUP])
         _persistent_kernel[(progs,)](

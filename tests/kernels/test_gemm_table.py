@@ -53,6 +53,17 @@ def test_config_rejects_a_tile_that_is_not_a_power_of_two():
         GemmConfig(backend="cutlass")
     with pytest.raises(AssertionError, match="GemmConfig.streams must be in \\[1, 8\\], got 0"):
         GemmConfig(backend="torch_loop", streams=0)
+    with pytest.raises(AssertionError, match="programs_per_sm=2 needs the persistent kernel"):
+        GemmConfig(programs_per_sm=2)
+    with pytest.raises(AssertionError, match="programs_per_sm must be in \\[1, 4\\], got 5"):
+        GemmConfig(backend="triton_tma", programs_per_sm=5)
+
+
+def test_programs_per_sm_survives_the_table_and_shows_in_the_label(tmp_path):
+    path, p2 = tmp_path / "t.json", GemmConfig(64, 128, 1, 4, 3, backend="triton_tma", programs_per_sm=2)
+    write_table(path, "H200", [table_row(GemmKind.plain, 32, 7168, 2048, TableEntry(p2, p2, p2), {})], {})
+    assert lookup(GemmKind.plain, 32, 7168, 2048, "H200", path).best == p2
+    assert p2.label == "triton_tma m64 n128 g1 w4 s3 p2" and " p" not in GemmConfig().label
 
 
 def test_off_the_gpu_the_dispatch_is_the_default():

@@ -29,7 +29,11 @@ def sorted_activations(ids, E, K_dim, gen, device):
 TMA = Backend.triton_tma
 CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2),
            GemmConfig(16, 128, 2, 4, 2, backend=TMA), GemmConfig(32, 64, 4, 4, 3, backend=TMA, warp_specialize=True),
-           GemmConfig(16, 256, 2, 4, 2, backend=TMA, prefetch_scales=True), GemmConfig(16, 128, 1, 4, 2, prefetch_scales=True)]
+           GemmConfig(16, 256, 2, 4, 2, backend=TMA, prefetch_scales=True), GemmConfig(16, 128, 1, 4, 2, prefetch_scales=True),
+           # decode candidates: two warpgroups per program, and more persistent programs than SMs (their
+           # tile strides must still cover every tile once)
+           GemmConfig(128, 128, 1, 8, 3, backend=TMA, prefetch_scales=True),
+           GemmConfig(32, 256, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=3)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
@@ -61,7 +65,9 @@ def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, 
 
 
 @pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2, prefetch_scales=True),
-                                 GemmConfig(64, 128, 4, 4, 3, backend=TMA, prefetch_scales=True)], ids=["m16", "m64-tma"])
+                                 GemmConfig(64, 128, 4, 4, 3, backend=TMA, prefetch_scales=True),
+                                 GemmConfig(16, 128, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=2)],
+                         ids=["m16", "m64-tma", "m16-tma-w8-p2"])
 def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(30, 8, 16, local=10)
     _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row
@@ -105,6 +111,32 @@ def test_grouped_gemm_deepseek_shapes(routing, gen, device, poisoned, rel_err, g
     c = grouped_gemm_fp8(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1, torch.float32)
     ref = grouped_gemm_ref(a, a_s, b.to(device), b_s.to(device), plan.expert_offsets_E1)
     assert rel_err(c[:used], ref[:used]) < gemm_tol and c[used:].isnan().all()
+
+
+DECODE_CANDIDATES = [GemmConfig(64, 128, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=2),
+                     GemmConfig(128, 128, 1, 8, 3, backend=TMA, prefetch_scales=True),
+                     GemmConfig(64, 256, 1, 8, 4, backend=TMA, prefetch_scales=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", DECODE_CANDIDATES, ids=lambda c: c.label.replace(" ", "-"))
+def test_decode_candidates_compile_for_the_card_and_match_float64(cfg, routing, gen, device, poisoned, rel_err,
+                                                                  gemm_tol):
+    """The decode sweep's two-warpgroup and several-programs-per-SM tiles, compiled for the card (the CPU
+    interpreter ignores warps and SMs), at an EP8 rank's decode rows (1-127 per expert) and K = 16 blocks."""
+    ids, _ = routing(128, 8, 256, local=32)
+    _, b, b_s = block_weights(32, 512, 2048, gen)
+    b, b_s = b.to(device), b_s.to(device)
+    _, plan, a, a_s, used = sorted_activations(ids, 32, 2048, gen, device)
+    c = grouped_gemm_fp8(a, a_s, b, b_s, plan.expert_offsets_E1, torch.float32, cfg)
+    ref = grouped_gemm_ref(a, a_s, b, b_s, plan.expert_offsets_E1)
+    assert rel_err(c[:used], ref[:used]) < gemm_tol and c[used:].isnan().all()
+    if cfg.block_n == 128:
+        q, s = grouped_gemm_swiglu_fp8(a, a_s, b, b_s, plan.expert_offsets_E1, cfg)
+        q_ref, s_ref = grouped_gemm_swiglu_ref(a, a_s, b, b_s, plan.expert_offsets_E1)
+        back = q[:used].double().view(used, -1, 128) * s[:used, :, None]
+        back_ref = q_ref[:used].double().view(used, -1, 128) * s_ref[:used, :, None]
+        assert rel_err(back, back_ref) < 2e-2 and s[used:].isnan().all()
 
 
 @pytest.mark.gpu
