@@ -60,20 +60,16 @@ def sweep(rows_per_expert: float, smoke: bool):
         return [C(128, 128, 8, 8, 3, **tma), C(128, 128, 8, 8, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf),
                 C(64, 128, 8, 4, 4, **pf), C(128, 128, 16, 8, 4, **pf), loops[0]]
     if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
-        # Run 3 (H200): one m64 program per SM stalls on every K block's wgmma + promotion (65% of HBM);
-        # m32 tiles leave wgmma, n64 tiles halve the bytes per stall. Here: two or three resident programs
-        # per SM (p2/p3: one streams while another waits), two warpgroups per program (w8: m128 reads an
-        # expert's weights once for up to 128 rows; n256 doubles the bytes per stall), the run-3 winners
-        # and the pointer kernel (a program per tile, as many per SM as fit)
-        return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 6, **tma, **pf),
-                C(64, 128, 1, 4, 4, **tma, **pf, programs_per_sm=2),
+        # One m64 program per SM stalls on every K block's wgmma + promotion (65% of HBM in run 3); a
+        # second resident program (p2) streams while the first waits: 75% gate/up, 70% down in run 4a.
+        # Run 4a's losers are gone (BENCHMARKS.md): m128 w8 (an expert's weights read once, but 57-68%),
+        # s2 (too shallow even at p2/p3), m32 (mma.sync), n256 w8 (7%). SwiGLU's 40 KB stages fit one
+        # program per SM at s3+, so it gets two warpgroups (w8) and deeper pipelines instead.
+        return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 4, **tma, **pf, programs_per_sm=2),
                 C(64, 128, 1, 4, 3, **tma, **pf, programs_per_sm=2),
-                C(64, 128, 1, 4, 2, **tma, **pf, programs_per_sm=2),
-                C(64, 128, 1, 4, 2, **tma, **pf, programs_per_sm=3),
-                C(128, 128, 1, 8, 4, **tma, **pf), C(128, 128, 1, 8, 3, **tma, **pf),
-                C(64, 256, 1, 8, 4, **tma, **pf), C(64, 128, 1, 8, 4, **tma, **pf),
-                C(32, 128, 1, 4, 3, **tma, **pf, programs_per_sm=3), C(64, 128, 1, 4, 4, **pf),
-                C(32, 128, 1, 4, 3, **pf)]
+                C(64, 128, 1, 4, 3, **tma, **pf, programs_per_sm=3),
+                C(64, 64, 1, 4, 4, **tma, **pf, programs_per_sm=3), C(64, 128, 1, 8, 4, **tma, **pf),
+                C(64, 128, 1, 8, 5, **tma, **pf), C(64, 128, 1, 4, 5, **tma, **pf), C(64, 128, 1, 4, 4, **pf)]
     return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf),
             C(16, 128, 1, 4, 4, **tma, **pf)]
 

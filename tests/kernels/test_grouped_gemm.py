@@ -113,9 +113,10 @@ def test_grouped_gemm_deepseek_shapes(routing, gen, device, poisoned, rel_err, g
     assert rel_err(c[:used], ref[:used]) < gemm_tol and c[used:].isnan().all()
 
 
-DECODE_CANDIDATES = [GemmConfig(64, 128, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=2),
-                     GemmConfig(128, 128, 1, 8, 3, backend=TMA, prefetch_scales=True),
-                     GemmConfig(64, 256, 1, 8, 4, backend=TMA, prefetch_scales=True)]
+DECODE_CANDIDATES = [GemmConfig(64, 128, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=2),
+                     GemmConfig(64, 128, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=3),
+                     GemmConfig(64, 64, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=3),
+                     GemmConfig(64, 128, 1, 8, 5, backend=TMA, prefetch_scales=True)]
 
 
 @pytest.mark.gpu
