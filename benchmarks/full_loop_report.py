@@ -36,14 +36,16 @@ def reshard_numbers(apply_out: str, old, new, expert_bytes: int, wall: float, p2
     if found is None:
         raise SystemExit(f"moeplace apply printed no result line:\n{apply_out[-2000:]}")
     experts, seconds, gbps = int(found[1]), float(found[3]), float(found[4])
-    phases = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+) s", apply_out.split("time: ", 1)[1])} \
-        if "time: " in apply_out else {}
+    phases = lambda line: {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+) s", line)}  # noqa: E731
+    rank0 = re.search(r"^time: (.*)$", apply_out, re.M)
+    ranks = [phases(line) for line in re.findall(r"^time on rank \d+: (.*)$", apply_out, re.M)]
     plan = plan_reshard(old, new)
     network = np.isin(plan.kind_X, NETWORK_LINKS)
     received_G = np.bincount(plan.dst_slot_X[network] // new.topology.slots_per_gpu, minlength=new.topology.num_gpus)
     busiest = float(received_G.max() * expert_bytes)
     return {"state": "done", "experts_moved": experts, "bytes_moved": experts * expert_bytes, "seconds": seconds,
-            "bandwidth_gbps_all_gpus": gbps, "apply_wall_seconds": wall, "phase_seconds_rank0": phases,
+            "bandwidth_gbps_all_gpus": gbps, "apply_wall_seconds": wall,
+            "phase_seconds_rank0": phases(rank0[1]) if rank0 else {}, "phase_seconds_per_rank": ranks,
             "network_experts_received_per_gpu": received_G.tolist(), "busiest_gpu_received_bytes": busiest,
             "busiest_gpu_gbps": busiest / seconds / 1e9 if seconds else None,
             "p2p_gbps_per_gpu": p2p["gbps_per_gpu"],
@@ -81,8 +83,9 @@ def summary(r: dict) -> str:
         lines.append(f"{label}: {rs['experts_moved']} experts, {rs['bytes_moved'] / 1e9:.2f} GB in {rs['seconds']:.3f} s "
                      f"({rs['bandwidth_gbps_all_gpus']:.1f} GB/s all GPUs; busiest GPU received "
                      f"{rs['busiest_gpu_received_bytes'] / 1e9:.2f} GB = {rs['busiest_gpu_gbps'] or 0:.1f} GB/s, "
-                     f"{100 * (rs['busiest_gpu_share_of_p2p'] or 0):.1f}% of P2P); rank 0: "
-                     + ", ".join(f"{k} {v:.3f} s" for k, v in rs["phase_seconds_rank0"].items()))
+                     f"{100 * (rs['busiest_gpu_share_of_p2p'] or 0):.1f}% of P2P)")
+        for rank, phases in enumerate(rs.get("phase_seconds_per_rank") or [rs["phase_seconds_rank0"]]):
+            lines.append(f"  rank {rank}: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
     for name in ("before", "after"):
         step = r[name]["engine_step_ms_mean"]
         lines.append(f"engine step ({name}): {step:.1f} ms mean over {r[name]['engine_steps']} steps" if step else

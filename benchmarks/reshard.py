@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -237,10 +237,12 @@ def main(argv: list[str] | None = None) -> None:
         steady = [step(model, control, resharder, work)[0] for _ in range(args.steady_steps)]
         for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):
             job, during, swaps = reshard(model, control, resharder, target, work)
+            timelines = [None] * world  # every rank's laps: where each layer's time went
+            dist.all_gather_object(timelines, [asdict(lap) for lap in resharder.timeline], group=control)
             if rank == 0:
                 results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during,
                                        swaps))
-                results[-1]["direction"] = label
+                results[-1].update(direction=label, timelines=timelines)
                 print(_line(results[-1]), flush=True)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -276,7 +278,7 @@ def _result(job, rate, source, target, expert_bytes, best, steady, during, swaps
             "during_p50_ms": pct(during, 50), "during_p99_ms": pct(during, 99), "during_max_ms": pct(during, 100),
             "swap_steps": int(sum(swaps)), "swap_step_max_ms": pct([t for t, s in zip(during, swaps) if s] or [0], 100),
             "no_swap_p99_ms": pct([t for t, s in zip(during, swaps) if not s] or [0], 99),
-            "phase_seconds": job.to_json()["phase_seconds"]}
+            "phase_seconds": job.to_json()["phase_seconds"], "rank_phase_seconds": job.to_json()["rank_phase_seconds"]}
 
 
 def _line(r: dict) -> str:
@@ -287,7 +289,7 @@ def _line(r: dict) -> str:
             f"(steady {r['steady_p50_ms']:.2f} / {r['steady_p99_ms']:.2f}; "
             f"x{r['during_p99_ms'] / r['steady_p99_ms']:.2f}) | without swaps p99 {r['no_swap_p99_ms']:.2f} ms, "
             f"{r['swap_steps']} swap steps max {r['swap_step_max_ms']:.2f} ms | {r['steps_during']} steps | "
-            + " ".join(f"{k} {v:.3f}" for k, v in r["phase_seconds"].items()))
+            + " | ".join(" ".join(f"{k} {v:.3f}" for k, v in phases.items()) for phases in r["rank_phase_seconds"]))
 
 
 if __name__ == "__main__":

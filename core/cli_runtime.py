@@ -194,9 +194,10 @@ def apply(
             raise ValueError(f"{url}: reshard reported done but the live placement differs from {placement}")
     stdout().print(f"live: {status.experts_moved} experts moved ({status.bytes_moved / 1e6:.1f} MB) "
                    f"in {status.seconds:.3f} s, {status.bandwidth_gbps:.3f} GB/s")
-    phases = status.phase_seconds
-    spent = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in asdict(phases).items())
-    stdout().print(f"time: {spent}")
+    spent = lambda phases: ", ".join(f"{name} {seconds:.3f} s" for name, seconds in asdict(phases).items())  # noqa: E731
+    stdout().print(f"time: {spent(status.phase_seconds)}")
+    for rank, phases in enumerate(status.rank_phase_seconds):
+        stdout().print(f"time on rank {rank}: {spent(phases)}")
 
 
 @app.command("make-model")

@@ -50,7 +50,8 @@ class JobStatus:
     """One reshard job: id, plan size (layers, experts and bytes crossing a link), progress, outcome.
 
     started: time.time() at submission; seconds: wall time from start to the final state (0 before);
-    error: why it rolled back or failed (None otherwise)."""
+    error: why it rolled back or failed (None otherwise); phase_seconds: rank 0's, as the job runs;
+    rank_phase_seconds: every rank's (index = rank), set when the job ends: a slow rank shows there."""
 
     id: str
     layers_total: int
@@ -64,6 +65,7 @@ class JobStatus:
     seconds: float = 0.0
     error: str | None = None
     phase_seconds: PhaseSeconds = PhaseSeconds()
+    rank_phase_seconds: tuple[PhaseSeconds, ...] = ()
 
     @property
     def bandwidth_gbps(self) -> float:
@@ -73,6 +75,7 @@ class JobStatus:
     def to_json(self) -> dict:
         out = asdict(self)
         out["state"] = self.state.value
+        out["rank_phase_seconds"] = list(out["rank_phase_seconds"])
         out["bandwidth_gbps"] = self.bandwidth_gbps
         return out
 
@@ -112,6 +115,11 @@ def _field(name: str, value, source: str):
         if not isinstance(value, dict) or set(value) != names:
             raise bad()
         return PhaseSeconds(**{k: _field("seconds", v, source) for k, v in value.items()})
+    if name == "rank_phase_seconds":
+        names = {f.name for f in fields(PhaseSeconds)}
+        if not isinstance(value, list) or any(not isinstance(v, dict) or set(v) != names for v in value):
+            raise bad()
+        return tuple(_field("phase_seconds", v, source) for v in value)
     if name == "error":
         if value is not None and not isinstance(value, str):
             raise bad()

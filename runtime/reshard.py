@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from moeplace.placement import Placement
 from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
-from moeplace.reshard_job import JobState, JobStatus
+from moeplace.reshard_job import JobState, JobStatus, PhaseSeconds
 from moeplace.runtime.reshard_faults import NO_FAULTS, FaultPlan
 from moeplace.runtime.reshard_ipc import PeerCopies, open_slots, share_slots
-from moeplace.runtime.reshard_jobs import JobRegistry, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
+from moeplace.runtime.reshard_jobs import JobRegistry, Lap, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
 from moeplace.runtime.reshard_options import ReshardOptions
 from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
@@ -69,18 +69,13 @@ class Resharder:
         self._job: str | None = None
         self._moved_L: np.ndarray | None = None
         self._target: Placement | None = None
+        self.timeline: tuple[Lap, ...] = ()  # this rank's laps of its last job's way there (benchmarks)
 
     def connect(self, nbytes: int = 4 << 20) -> None:
         """All ranks together: share the experts' checksums, and open the transfer connections to every
         other rank now (NCCL creates a pair's connection on its first transfer: without this the first
         reshard would pay every pair's setup in the middle of serving)."""
-        world = dist.get_world_size(self.group)
-
-        def gather(obj) -> list:
-            out = [None] * world
-            dist.all_gather_object(out, obj, group=self.control)
-            return out
-
+        world, gather = dist.get_world_size(self.group), self._gather
         layers = self.model.moe_layers
         checksums = ChecksumTable.gather(layers, self._phy2log, self.model.placement.num_experts, gather)
         peer_copies = None
@@ -101,6 +96,12 @@ class Resharder:
             work.wait()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the warm-up's buffers are freed only after it ran
+
+    def _gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (a collective on the control group)."""
+        out = [None] * dist.get_world_size(self.control)
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
 
     @contextlib.contextmanager
     def _on_reshard_stream(self):
@@ -192,7 +193,8 @@ class Resharder:
 
     def _run_job(self, start: StartReshard, fault, old: Placement, began: float) -> None:
         job_id, plan = start.job_id, start.plan
-        error = self._execute(plan, start.new.phy2log_LP, fault, job_id)
+        laps = _Laps(self.jobs, job_id if self.rank == 0 else None)
+        error = self._execute(plan, start.new.phy2log_LP, fault, laps)
         if error is None:
             self.model.placement = start.new
         else:
@@ -203,18 +205,19 @@ class Resharder:
             if self.rank == 0:
                 self.jobs.update(job_id, state=JobState.ROLLING_BACK, error=error)
             self._job, self._target = None, old  # the job counts the moves of the way there only
-            second = self._execute(box[0], old.phy2log_LP, NO_FAULTS, None)
+            second = self._execute(box[0], old.phy2log_LP, NO_FAULTS, _Laps(self.jobs, None))
             if second is not None:
                 error += f"; rollback failed too: {second}"
-        self._job = None
+        self._job, self.timeline = None, tuple(laps.timeline)
+        rank_phases = tuple(self._gather(laps.phases))  # the job's way there, on every rank
         if self.rank == 0:
+            self.jobs.update(job_id, rank_phase_seconds=rank_phases)
             state = JobState.DONE if error is None else (
                 JobState.FAILED if "rollback failed" in error else JobState.ROLLED_BACK)
             self.jobs.finish(job_id, state, time.monotonic() - began, error)
 
-    def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, fault, job_id: str | None) -> str | None:
+    def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, fault, laps: _Laps) -> str | None:
         """Every layer of `plan`, then wait until all staged layers are installed."""
-        laps = _Laps(self.jobs, job_id if self.rank == 0 else None)
         with self._on_reshard_stream():
             error = self.mover.run(plan, target_LP, fault, self._handover, laps)
         self._handover.wait_all_installed()
@@ -277,13 +280,20 @@ class _Handover:
 
 
 class _Laps:
-    """Adds the seconds since the previous lap to the job's phase (rank 0 only; else just resets)."""
+    """Where this rank's reshard thread spends a job's time: seconds per phase and the timeline of
+    `Lap`s (when each phase of each layer row ended); on rank 0 each lap is also added to the job as
+    it goes (job_id None: not added, e.g. a rollback's)."""
 
     def __init__(self, jobs: JobRegistry, job_id: str | None) -> None:
-        self.jobs, self.job_id, self.last = jobs, job_id, time.monotonic()
+        self.jobs, self.job_id = jobs, job_id
+        self.began = self.last = time.monotonic()
+        self.phases = PhaseSeconds()
+        self.timeline: list[Lap] = []
 
-    def __call__(self, phase: str) -> None:
+    def __call__(self, phase: str, row: int = -1) -> None:
         now = time.monotonic()
+        self.phases = self.phases.plus(phase, now - self.last)
+        self.timeline.append(Lap(row, phase, now - self.began))
         if self.job_id is not None:
             self.jobs.add_phase(self.job_id, phase, now - self.last)
         self.last = now

@@ -11,8 +11,19 @@ import dataclasses
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from moeplace.reshard_job import JobState, JobStatus
+
+
+@dataclass(frozen=True)
+class Lap:
+    """One phase of one layer row ended on a rank's reshard thread, `at_s` seconds into the job
+    (row -1: not a layer's, e.g. the final wait for installs). Phases as in `PhaseSeconds`."""
+
+    row: int
+    phase: str
+    at_s: float
 
 
 class ReshardBusy(Exception):

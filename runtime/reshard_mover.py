@@ -93,7 +93,7 @@ class LayerMover:
 
     def run(self, plan: ReshardPlan, target_LP: np.ndarray, fault, handover, laps) -> str | None:
         """Every layer of `plan`; None on success, else the first failure, agreed by all ranks.
-        handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase)."""
+        handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase, row)."""
         rows = [int(r) for r in np.unique(plan.layer_X)]
         overlap = _overlaps(plan, rows, self.expert_bytes, self.options.staging_bytes)
         pacer, posted, error = Pacer(self.options.rate_bytes_per_s), deque(), None
@@ -116,9 +116,15 @@ class LayerMover:
         moe, n = self.moe_layers[row], len(share.staged_dst_N)
         pushed_N, pushed_spans = self._pushed(share)
         handover.reserve((n + len(pushed_N)) * self.expert_bytes)
-        # 1. stage
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
+        chunks = self._chunks(row, share, buffers, outbox, pushed_spans)
+        # Unlimited, the pulls (copy engines: nothing to wait for on the peer, no gathered rows) go out
+        # before this layer's gathers, so that a layer's first bytes move while the gathers run.
+        early = self.options.rate_bytes_per_s <= 0 and self.peer_copies is not None
+        works = self._post_paced([[m for m in c if not isinstance(m.op, dist.P2POp)] for c in chunks], pacer) \
+            if early else []
+        # 1. stage
         error = None
         try:
             fault.before_stage(layer, self.rank)
@@ -130,13 +136,16 @@ class LayerMover:
         staged = StagedLayer(buffers, share.staged_dst_N, share.fanout_dst_X, share.fanout_src_X, target_LP[row])
         handover.stage(row, staged)
         expected_N = self.checksums.sums_LE[row, share.staged_expert_N]
-        laps("stage")
-        # 2. handshake, 3. post (even after a failure: what one rank posts, its peers must match)
+        laps("stage", row)
+        # 2. handshake with the peers NCCL reaches (pulls need none), 3. post (even after a failure:
+        # what one rank posts, its peers must match)
         fault.before_post(layer, self.rank, self.options.timeout_s)
-        late = self._handshake(np.union1d(share.send_peers, share.recv_peers).astype(np.int64))
-        works = self._post_paced(self._chunks(row, share, buffers, outbox, pushed_spans), pacer)
+        peers = np.union1d(share.send_peers, share.recv_peers).astype(np.int64)
+        late = self._handshake(np.array([p for p in peers if not self._pulled(int(p))], dtype=np.int64))
+        rest = [[m for m in c if isinstance(m.op, dist.P2POp)] for c in chunks] if early else chunks
+        works += self._post_paced(rest, pacer)
         watch = _Watch(works, self.options.timeout_s, self.device) if works else None
-        laps("post")
+        laps("post", row)
         return _Posted(row, staged, expected_N, buffers.rows(share.n_local, n), outbox, watch, error or late)
 
     def _pulled(self, peer: int) -> bool:
@@ -204,14 +213,14 @@ class LayerMover:
     def _finish(self, plan: ReshardPlan, posted: _Posted, fault, handover, laps) -> str | None:
         try:
             error = self._wait(posted) or posted.error
-            laps("transfer")
+            laps("transfer", posted.row)
             if error is None:
                 fault.after_receive(int(plan.layers[posted.row]), posted.received)
                 error = self._verify(posted)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
         error = self._agree(error)
-        laps("check")
+        laps("check", posted.row)
         if error is not None:
             handover.discard(posted.row)
             return f"layer {int(plan.layers[posted.row])}: {error}"

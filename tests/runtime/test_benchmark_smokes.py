@@ -31,6 +31,11 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
     for r in result["reshards"]:
         assert r["state"] == "done" and r["experts_moved"] == r["plan_minimum"] > 0, r
         assert r["busiest_gbps"] > 0 and r["steps_during"] > 0
+        assert len(r["rank_phase_seconds"]) == 2 and all(p["transfer"] > 0 for p in r["rank_phase_seconds"]), r
+        for laps in r["timelines"]:  # every rank: each layer row staged, posted, moved and checked, in time order
+            assert {(lap["row"], lap["phase"]) for lap in laps} >= {(row, phase) for row in (0, 1) for phase in
+                                                                   ("stage", "post", "transfer", "check")}
+            assert [lap["at_s"] for lap in laps] == sorted(lap["at_s"] for lap in laps) and laps[-1]["phase"] == "swap_wait"
     for r in result["reshards"][2:]:  # paced: the busiest rank's bytes take at least about bytes / rate
         assert r["seconds"] >= 0.5 * r["busiest_gpu_received_bytes"] / 0.02e9, r
 

@@ -70,6 +70,7 @@ def test_faults_roll_back_then_reshard_goes_live(server):
     phases = status["phase_seconds"]  # where the time went, for tuning
     assert set(phases) == {"stage", "post", "transfer", "check", "swap_wait"} and all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= status["seconds"]
+    assert [set(p) for p in status["rank_phase_seconds"]] == [set(phases)] * RANKS, status
     assert np.array_equal(live_phy2log(url), load_placement(server["new"]).phy2log_LP)
     assert load.sent > 0 and load.failed == 0
     assert all(len(texts) == 1 for texts in load.texts.values()), load.texts  # same answer during the reshard
@@ -115,6 +116,7 @@ def test_profile_and_apply_cli(server, tmp_path):
         done = run("apply", str(server["old"]), "--url", server["url"])
         assert done.returncode == 0, done.stderr
         assert "experts moved" in done.stdout
+        assert [f"time on rank {r}: stage" in done.stdout for r in range(RANKS)] == [True] * RANKS, done.stdout
     assert np.array_equal(live_phy2log(server["url"]), load_placement(server["old"]).phy2log_LP)
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moeplace.placement import Placement, trivial_placement
-from moeplace.reshard_job import JobState, JobStatus
+from moeplace.reshard_job import JobState, JobStatus, PhaseSeconds
 from moeplace.runtime.model import EPModel
 from moeplace.runtime.reshard_faults import Fault, FaultKind, FaultPlan
 from moeplace.runtime.reshard_jobs import JobRegistry, ReshardBusy
@@ -100,12 +100,15 @@ def test_job_status_round_trip_and_bad_fields():
         jobs.open(3, 10, 100)
     jobs.add_layer(job.id, np.int64(4), 100)  # numpy counts stay plain ints in the JSON
     jobs.add_phase(job.id, "transfer", 0.25)
+    jobs.update(job.id, rank_phase_seconds=(PhaseSeconds(transfer=0.25), PhaseSeconds(stage=0.5)))
     jobs.finish(job.id, JobState.DONE, 1.5, None)
     status = jobs.get(job.id)
     assert type(status.to_json()["experts_moved"]) is int
     assert JobStatus.from_json(status.to_json(), "x") == status and status.bandwidth_gbps == 400 / 1.5 / 1e9
     assert jobs.open(1, 1, 1).state is JobState.PENDING  # the finished job no longer blocks
+    assert status.to_json()["rank_phase_seconds"][1]["stage"] == 0.5
     for field, value in (("state", "exploded"), ("layers_done", -1), ("phase_seconds", {"stage": 1}),
+                         ("rank_phase_seconds", {"stage": 1}), ("rank_phase_seconds", [{"stage": 1}]),
                          ("error", 3), ("seconds", float("nan"))):
         with pytest.raises(ValueError, match=f"src: reshard status field '{field}' is invalid"):
             JobStatus.from_json({**status.to_json(), field: value}, "src")
