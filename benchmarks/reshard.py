@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steady-steps", type=int, default=50)
     p.add_argument("--step-layers", type=int, default=0,
                    help="layers of work per serving step (0: the resharded layers; 58: DeepSeek-V3's depth)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="reshard pairs (there and back) per rate: the frontier pools their steps, so p99 rests on "
+                        "more than a handful of steps")
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny experts: checks the script")
     p.add_argument("--copy-engine", action="store_true", help="peer copies through CUDA IPC instead of NCCL")
     p.add_argument("--json", type=Path, default=None)
@@ -228,27 +231,33 @@ def main(argv: list[str] | None = None) -> None:
     work = StepWork(torch.randn(hidden, inter, device=device, dtype=dtype),
                     torch.randn(128 * 8 // world, hidden, device=device, dtype=dtype),
                     args.step_layers or len(model.moe_layers))
-    results, steady = [], None
+    results, steady, frontier = [], None, []
     for rate in [float(r) for r in args.rates.split(",")]:
         options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
                                           copy_engine=args.copy_engine and cuda, staging_bytes=STAGING)
         resharder = Resharder(model, reshard_group, rank, control=reshard_control, options=options)
         resharder.connect()
         steady = [step(model, control, resharder, work)[0] for _ in range(args.steady_steps)]
-        for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):
-            job, during, swaps = reshard(model, control, resharder, target, work)
-            timelines = [None] * world  # every rank's laps: where each layer's time went
-            dist.all_gather_object(timelines, [asdict(lap) for lap in resharder.timeline], group=control)
-            if rank == 0:
-                results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady, during,
-                                       swaps))
-                results[-1].update(direction=label, timelines=timelines)
-                print(_line(results[-1]), flush=True)
+        for repeat in range(args.repeats):
+            for source, target, label in ((old, new, "trivial->solved"), (new, old, "solved->trivial")):
+                job, during, swaps = reshard(model, control, resharder, target, work)
+                timelines = [None] * world  # every rank's laps: where each layer's time went
+                dist.all_gather_object(timelines, [asdict(lap) for lap in resharder.timeline], group=control)
+                if rank == 0:
+                    results.append(_result(job, rate, source, target, resharder.expert_bytes, best, steady,
+                                           during, swaps))
+                    results[-1].update(direction=label, repeat=repeat, timelines=timelines, during_s=during,
+                                       swaps=swaps)
+                    print(_line(results[-1]), flush=True)
+        if rank == 0:
+            frontier.append(_pooled([r for r in results if r["rate_gbps"] == rate], steady))
+            print(_pooled_line(frontier[-1]), flush=True)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if cuda else "cpu"
         out = {"date": str(date.today()), "device": name, "gpus": world, "layers": args.layers,
                "transport": "copy engine (CUDA IPC)" if args.copy_engine and cuda else "nccl" if cuda else "gloo",
                "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results,
+               "frontier": frontier, "repeats": args.repeats,
                "step_layers": work.layers,
                "copy_driver": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.driver)}
         print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
@@ -279,6 +288,28 @@ def _result(job, rate, source, target, expert_bytes, best, steady, during, swaps
             "swap_steps": int(sum(swaps)), "swap_step_max_ms": pct([t for t, s in zip(during, swaps) if s] or [0], 100),
             "no_swap_p99_ms": pct([t for t, s in zip(during, swaps) if not s] or [0], 99),
             "phase_seconds": job.to_json()["phase_seconds"], "rank_phase_seconds": job.to_json()["rank_phase_seconds"]}
+
+
+def _pooled(jobs: list[dict], steady: list[float]) -> dict:
+    """One rate's row of the frontier: every job's steps during the reshard pooled; bandwidth as the median job's."""
+    during = [t for r in jobs for t in r["during_s"]]
+    plain = [t for r in jobs for t, swapped in zip(r["during_s"], r["swaps"]) if not swapped]
+    pct = lambda xs, q: float(np.percentile(np.array(xs or [0.0]) * 1e3, q))  # noqa: E731
+    return {"rate_gbps": jobs[0]["rate_gbps"], "jobs": len(jobs), "steps_during": len(during),
+            "busiest_gbps_median": float(np.median([r["busiest_gbps"] for r in jobs])),
+            "of_best_peer_median": float(np.median([r["of_best_peer"] for r in jobs])),
+            "seconds_median": float(np.median([r["seconds"] for r in jobs])),
+            "steady_p50_ms": pct(steady, 50), "steady_p99_ms": pct(steady, 99),
+            "during_p50_ms": pct(during, 50), "during_p99_ms": pct(during, 99), "no_swap_p99_ms": pct(plain, 99),
+            "p99_ratio": pct(during, 99) / pct(steady, 99), "p50_ratio": pct(during, 50) / pct(steady, 50)}
+
+
+def _pooled_line(f: dict) -> str:
+    return (f"frontier: rate {f['rate_gbps']:>5g} GB/s | {f['jobs']} jobs, median {f['seconds_median']:.3f} s, "
+            f"{f['busiest_gbps_median']:.1f} GB/s = {100 * f['of_best_peer_median']:.0f}% of best peer | "
+            f"{f['steps_during']} steps during: p50 {f['during_p50_ms']:.2f} ms (x{f['p50_ratio']:.2f}), "
+            f"p99 {f['during_p99_ms']:.2f} ms (x{f['p99_ratio']:.2f}), without swaps {f['no_swap_p99_ms']:.2f} | "
+            f"steady p50 {f['steady_p50_ms']:.2f} / p99 {f['steady_p99_ms']:.2f} ms")
 
 
 def _line(r: dict) -> str:

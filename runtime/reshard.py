@@ -209,6 +209,10 @@ class Resharder:
             if second is not None:
                 error += f"; rollback failed too: {second}"
         self._job, self.timeline = None, tuple(laps.timeline)
+        # one line per rank and job in the server's log: where each layer's time went (ms since start)
+        print(f"reshard {job_id} rank {self.rank} laps (ms): "
+              + " ".join(f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}" for lap in laps.timeline), file=sys.stderr,
+              flush=True)
         rank_phases = tuple(self._gather(laps.phases))  # the job's way there, on every rank
         if self.rank == 0:
             self.jobs.update(job_id, rank_phase_seconds=rank_phases)

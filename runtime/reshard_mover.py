@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
-from moeplace.runtime.reshard_plan import NETWORK_LINKS, ReshardPlan
+from moeplace.runtime.reshard_plan import NETWORK_LINKS, Link, ReshardPlan
 from moeplace.runtime.reshard_share import LayerShare
 from moeplace.runtime.reshard_wire import ChecksumTable, expert_sums
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
@@ -95,7 +95,9 @@ class LayerMover:
         """Every layer of `plan`; None on success, else the first failure, agreed by all ranks.
         handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase, row)."""
         rows = [int(r) for r in np.unique(plan.layer_X)]
-        overlap = _overlaps(plan, rows, self.expert_bytes, self.options.staging_bytes)
+        # copy engines (on every rank or none: the same options) reach the peers of a node
+        pushed = (Link.INTER_NODE,) if self.peer_copies is not None else NETWORK_LINKS
+        overlap = _overlaps(plan, rows, self.expert_bytes, self.options.staging_bytes, pushed)
         pacer, posted, error = Pacer(self.options.rate_bytes_per_s), deque(), None
         for i, row in enumerate(rows):
             if not posted:
@@ -116,6 +118,7 @@ class LayerMover:
         moe, n = self.moe_layers[row], len(share.staged_dst_N)
         pushed_N, pushed_spans = self._pushed(share)
         handover.reserve((n + len(pushed_N)) * self.expert_bytes)
+        laps("swap_wait", row)  # for installs to free staging room (else ~0)
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
         chunks = self._chunks(row, share, buffers, outbox, pushed_spans)
@@ -315,11 +318,12 @@ def _gather_slots(moe, src_N: np.ndarray, out: SlotWeights) -> None:
         torch.index_select(as_words(slots), 0, index, out=as_words(rows))
 
 
-def _overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int) -> list[bool]:
+def _overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int, pushed: tuple) -> list[bool]:
     """overlap[i]: rows[i + 1] is posted before rows[i] finishes, where both fit the staging budget
-    on every rank, send rows included (the plan decides, so all ranks run the same schedule)."""
+    on every rank, send rows included: those of the links in `pushed` (a peer that pulls reads the
+    sender's slots, no send rows). The plan decides, so all ranks run the same schedule."""
     S, sent_LG = plan.topology.slots_per_gpu, np.zeros_like(plan.staging_slots_LG)
-    x = np.isin(plan.kind_X, NETWORK_LINKS)
+    x = np.isin(plan.kind_X, pushed)
     np.add.at(sent_LG, (plan.layer_X[x], plan.src_slot_X[x] // S), 1)
     staging = (plan.staging_slots_LG + sent_LG).max(axis=1) * expert_bytes
     return [bool(staging[a] + staging[b] <= budget) for a, b in zip(rows, rows[1:])] + [False]

@@ -51,7 +51,10 @@ class ReshardOptions:
                   "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1")}
         values.update(overrides)
         if values["rate_bytes_per_s"] > 0 and "chunk_experts" not in overrides:
-            values["chunk_experts"] = 2  # small chunks: pacing spreads the bytes, not whole layers
+            # pacing spreads chunks of 8 experts per peer (~350 MB at DeepSeek-V3 size, ~1 ms of NVLink),
+            # not whole layers; each chunk's post wakes the reshard thread, which then takes the GIL from
+            # the serving thread: chunks of 2 woke it 4x as often (BENCHMARKS.md, live reshard frontier)
+            values["chunk_experts"] = 8
         return cls(**values)
 
 

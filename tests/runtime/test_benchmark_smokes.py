@@ -22,12 +22,16 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "reshard.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
            str(REPO / "benchmarks" / "reshard.py"), "--cpu-smoke", "--layers", "2", "--rates", "0,0.02",
-           "--steady-steps", "5", "--step-layers", "3", "--json", str(out)]
+           "--steady-steps", "5", "--step-layers", "3", "--repeats", "2", "--json", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [r["rate_gbps"] for r in result["reshards"]] == [0, 0, 0.02, 0.02] and result["step_layers"] == 3
+    assert [r["rate_gbps"] for r in result["reshards"]] == [0] * 4 + [0.02] * 4 and result["step_layers"] == 3
+    frontier = result["frontier"]  # one row per rate, pooling both repeats' steps
+    assert [(f["rate_gbps"], f["jobs"]) for f in frontier] == [(0, 4), (0.02, 4)]
+    assert [f["steps_during"] for f in frontier] == [sum(r["steps_during"] for r in result["reshards"][i:i + 4])
+                                                     for i in (0, 4)]
     for r in result["reshards"]:
         assert r["state"] == "done" and r["experts_moved"] == r["plan_minimum"] > 0, r
         assert r["busiest_gbps"] > 0 and r["steps_during"] > 0
@@ -36,7 +40,7 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
             assert {(lap["row"], lap["phase"]) for lap in laps} >= {(row, phase) for row in (0, 1) for phase in
                                                                    ("stage", "post", "transfer", "check")}
             assert [lap["at_s"] for lap in laps] == sorted(lap["at_s"] for lap in laps) and laps[-1]["phase"] == "swap_wait"
-    for r in result["reshards"][2:]:  # paced: the busiest rank's bytes take at least about bytes / rate
+    for r in result["reshards"][4:]:  # paced: the busiest rank's bytes take at least about bytes / rate
         assert r["seconds"] >= 0.5 * r["busiest_gpu_received_bytes"] / 0.02e9, r
 
 
@@ -51,6 +55,7 @@ def test_full_loop_benchmark_cpu_smoke(tmp_path):
     assert result["load"]["failed"] == 0 and result["load"]["sent"] > 0
     assert result["reshard"]["experts_moved"] > 0
     assert {m["placement"] for m in result["moe_layer"]["results"]} == {"uniform", "before", "after"}
+    assert len(result["reshard_laps"]["lines"]) == 4, result["reshard_laps"]  # 2 ranks x 2 reshards
     fresh = result["reshard_fresh"]
     assert fresh["experts_moved"] > 0 and "p50" in fresh["latency_ms_answered_during"]
     # benchmarks/full_loop_report.py's summary (the run prints it last) reads back the JSON the run wrote
