@@ -117,6 +117,28 @@ def copy_engine_p2p(device, nbytes: int) -> float:
     return nbytes / _seconds(pull, device) / 1e9
 
 
+def copy_engine_experts(device, one, n: int = 64) -> dict:
+    """GB/s of pulling n experts from the next GPU with the reshard's own copies (`PeerCopies.pull`), both
+    directions at once: from consecutive slots (one copy per tensor) and from every other slot (four
+    copies per expert, two of them the small scale tensors): what the copy pattern costs the link."""
+    from moeplace.runtime.reshard_ipc import PeerCopies
+    from moeplace.runtime.slots import SlotWeights
+
+    peer = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
+    src = SlotWeights.empty_like(SlotWeights(*(t.to(peer) for t in one.tensors())), 2 * n)
+    dst = SlotWeights.empty_like(one, n)
+    copies = PeerCopies(device, {peer.index: [src]})
+    out = {}
+    for name, src_N in (("consecutive", np.arange(n)), ("every_other_slot", np.arange(0, 2 * n, 2))):
+        def pull():
+            copies.pull(peer.index, 0, src_N, dst)
+            copies.copy_stream.synchronize()
+
+        dist.barrier()
+        out[name] = dst.nbytes / _seconds(pull, device) / 1e9
+    return out
+
+
 def _seconds(fn, device, reps: int = 5) -> float:
     fn()
     _sync(device)
@@ -227,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     if cuda and torch.cuda.device_count() > 1:
         peer["copy_engine"] = copy_engine_p2p(device, 1 << 30)
     best = max(peer.values())
+    patterns = copy_engine_experts(device, model.moe_layers[0].read_slot(0)) \
+        if cuda and torch.cuda.device_count() > 1 else {}
     dtype = torch.bfloat16 if cuda else torch.float32
     work = StepWork(torch.randn(hidden, inter, device=device, dtype=dtype),
                     torch.randn(128 * 8 // world, hidden, device=device, dtype=dtype),
@@ -257,11 +281,12 @@ def main(argv: list[str] | None = None) -> None:
         out = {"date": str(date.today()), "device": name, "gpus": world, "layers": args.layers,
                "transport": "copy engine (CUDA IPC)" if args.copy_engine and cuda else "nccl" if cuda else "gloo",
                "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results,
-               "frontier": frontier, "repeats": args.repeats,
+               "frontier": frontier, "repeats": args.repeats, "copy_engine_expert_pulls_gbps": patterns,
                "step_layers": work.layers,
                "copy_driver": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.driver)}
         print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()), flush=True)
+              + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()) + "; expert pulls (copy engine) GB/s: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in patterns.items()), flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
     dist.destroy_process_group()

@@ -208,6 +208,7 @@ class Resharder:
             second = self._execute(box[0], old.phy2log_LP, NO_FAULTS, _Laps(self.jobs, None))
             if second is not None:
                 error += f"; rollback failed too: {second}"
+        seconds = time.monotonic() - began  # before the gather below: the job's own time
         self._job, self.timeline = None, tuple(laps.timeline)
         # one line per rank and job in the server's log: where each layer's time went (ms since start)
         print(f"reshard {job_id} rank {self.rank} laps (ms): "
@@ -218,7 +219,7 @@ class Resharder:
             self.jobs.update(job_id, rank_phase_seconds=rank_phases)
             state = JobState.DONE if error is None else (
                 JobState.FAILED if "rollback failed" in error else JobState.ROLLED_BACK)
-            self.jobs.finish(job_id, state, time.monotonic() - began, error)
+            self.jobs.finish(job_id, state, seconds, error)
 
     def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, fault, laps: _Laps) -> str | None:
         """Every layer of `plan`, then wait until all staged layers are installed."""

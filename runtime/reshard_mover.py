@@ -31,23 +31,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moeplace.runtime.reshard_check import LayerChecks
 from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
 from moeplace.runtime.reshard_plan import NETWORK_LINKS, Link, ReshardPlan
 from moeplace.runtime.reshard_share import LayerShare
-from moeplace.runtime.reshard_wire import ChecksumTable, expert_sums
+from moeplace.runtime.reshard_wire import ChecksumTable
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
 
 
 @dataclass(frozen=True)
 class _Posted:
     """A layer between post and finish. outbox: the gathered send rows, alive until the transfers are
-    done; received: the received staging rows."""
+    done; checks: the staged rows' checksums, as they land."""
 
     row: int
     staged: StagedLayer | None
     expected_N: np.ndarray
-    received: SlotWeights
+    checks: LayerChecks
     outbox: SlotWeights | None
     watch: _Watch | None
     error: str | None
@@ -56,12 +57,13 @@ class _Posted:
 @dataclass(frozen=True)
 class _Move:
     """One transfer: a P2POp, or a pull (peer, layer row, peer's slots, destination rows); bytes for
-    the pacer."""
+    the pacer; rows: the staging rows [lo, hi) it fills (None: a send)."""
 
     op: object
     peer: int
     bytes_in: int
     bytes_out: int
+    rows: tuple[int, int] | None = None
 
 
 class LayerMover:
@@ -74,22 +76,28 @@ class LayerMover:
         self.options, self.checksums, self.peer_copies = options, checksums, peer_copies
         self.device = moe_layers[0].w13_SFD.device
         self.expert_bytes = moe_layers[0].read_slot(0).nbytes
+        self.check_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def warm_up(self) -> None:
         """Every device operation of a layer once, on scratch rows, so that a server's first reshard
         pays no first-use costs (kernel loading, pinned host memory, peer access) in its layers' time."""
         moe = self.moe_layers[0]
         scratch, row = SlotWeights.empty_like(moe.read_slot(0), 2), SlotWeights.empty_like(moe.read_slot(0), 1)
+        checks = self._checks(scratch, 1, lambda rows: None)
         _gather_slots(moe, np.array([0, 0]), scratch)
-        (expert_sums(scratch) != torch.as_tensor([0, 0], device=self.device)).nonzero().tolist()  # as _verify
+        checks.local_gathered()
+        works = [self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2))
+                 for peer in range(dist.get_world_size(self.group)) if self._pulled(peer)]
+        checks.landed(1, 2, works)
+        checks.sums()
         index = to_device(np.array([1]), self.device)
         for t, one in zip(scratch.tensors(), row.tensors()):  # as EPMoE.install
             as_words(t).index_copy_(0, index, as_words(one))
-        for peer in range(dist.get_world_size(self.group)):
-            if self._pulled(peer):
-                self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2)).wait()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    def _checks(self, buffers: SlotWeights, n_local: int, received) -> LayerChecks:
+        return LayerChecks(buffers, n_local, received, self.check_stream, self.moe_layers[0].w13_SFD.shape[0])
 
     def run(self, plan: ReshardPlan, target_LP: np.ndarray, fault, handover, laps) -> str | None:
         """Every layer of `plan`; None on success, else the first failure, agreed by all ranks.
@@ -122,16 +130,18 @@ class LayerMover:
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
         chunks = self._chunks(row, share, buffers, outbox, pushed_spans)
+        checks = self._checks(buffers, share.n_local, lambda rows: fault.after_receive(layer, rows))
         # Unlimited, the pulls (copy engines: nothing to wait for on the peer, no gathered rows) go out
         # before this layer's gathers, so that a layer's first bytes move while the gathers run.
         early = self.options.rate_bytes_per_s <= 0 and self.peer_copies is not None
-        works = self._post_paced([[m for m in c if not isinstance(m.op, dist.P2POp)] for c in chunks], pacer) \
+        pulls = self._post_paced([[m for m in c if not isinstance(m.op, dist.P2POp)] for c in chunks], pacer) \
             if early else []
         # 1. stage
         error = None
         try:
             fault.before_stage(layer, self.rank)
             _gather_slots(moe, share.local_src_N, buffers.rows(0, share.n_local))
+            checks.local_gathered()
             if outbox is not None:
                 _gather_slots(moe, pushed_N, outbox)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
@@ -146,10 +156,14 @@ class LayerMover:
         peers = np.union1d(share.send_peers, share.recv_peers).astype(np.int64)
         late = self._handshake(np.array([p for p in peers if not self._pulled(int(p))], dtype=np.int64))
         rest = [[m for m in c if isinstance(m.op, dist.P2POp)] for c in chunks] if early else chunks
-        works += self._post_paced(rest, pacer)
+        works = []
+        for chunk, chunk_works in pulls + self._post_paced(rest, pacer):
+            for lo, hi in sorted({m.rows for m in chunk if m.rows is not None}):
+                checks.landed(lo, hi, [work for work, _ in chunk_works])
+            works += chunk_works
         watch = _Watch(works, self.options.timeout_s, self.device) if works else None
         laps("post", row)
-        return _Posted(row, staged, expected_N, buffers.rows(share.n_local, n), outbox, watch, error or late)
+        return _Posted(row, staged, expected_N, checks, outbox, watch, error or late)
 
     def _pulled(self, peer: int) -> bool:
         """From a peer this process maps (copy engines, both ways), the receiver pulls: no send posted."""
@@ -180,28 +194,30 @@ class LayerMover:
                 if self._pulled(peer):
                     src_N = share.recv_src_N[a - share.n_local: b - share.n_local]
                     pull = (peer, row, src_N, buffers.rows(a, b))
-                    chunks.setdefault(k, []).append(_Move(pull, peer, (b - a) * self.expert_bytes, 0))
+                    chunks.setdefault(k, []).append(_Move(pull, peer, (b - a) * self.expert_bytes, 0, (a, b)))
                     continue
-                chunks.setdefault(k, []).extend(_Move(self._op(dist.irecv, t, peer), peer, t.numel(), 0)
+                chunks.setdefault(k, []).extend(_Move(self._op(dist.irecv, t, peer), peer, t.numel(), 0, (a, b))
                                                 for t in buffers.rows(a, b).wire())
         return [chunks[k] for k in sorted(chunks)]
 
     def _op(self, kind, tensor: torch.Tensor, peer: int) -> dist.P2POp:
         return dist.P2POp(kind, tensor, peer, self.group)
 
-    def _post_paced(self, chunks: list[list[_Move]], pacer: Pacer) -> list[tuple]:
-        """Post each chunk once the rate limit allows (the larger of its bytes in and out): [(work, peer)]."""
+    def _post_paced(self, chunks: list[list[_Move]], pacer: Pacer) -> list[tuple[list[_Move], list[tuple]]]:
+        """Post each chunk once the rate limit allows (the larger of its bytes in and out):
+        [(chunk, [(work, peer or peers)])]."""
         out = []
-        for chunk in chunks:
+        for chunk in filter(None, chunks):
             pacer.wait(max(sum(m.bytes_in for m in chunk), sum(m.bytes_out for m in chunk)))
-            ops = [m for m in chunk if isinstance(m.op, dist.P2POp)]
+            ops, works = [m for m in chunk if isinstance(m.op, dist.P2POp)], []
             for peer, row, src_N, dst in (m.op for m in chunk if not isinstance(m.op, dist.P2POp)):
-                out.append((self.peer_copies.pull(peer, row, src_N, dst), peer))
+                works.append((self.peer_copies.pull(peer, row, src_N, dst), peer))
             if ops:
-                works, peers = dist.batch_isend_irecv([m.op for m in ops]), [m.peer for m in ops]
+                posted, peers = dist.batch_isend_irecv([m.op for m in ops]), [m.peer for m in ops]
                 # gloo: one work per op (a late one names its peer); NCCL: one for the batch
-                one_each = len(works) == len(peers)
-                out += list(zip(works, peers)) if one_each else [(w, sorted(set(peers))) for w in works]
+                one_each = len(posted) == len(peers)
+                works += list(zip(posted, peers)) if one_each else [(w, sorted(set(peers))) for w in posted]
+            out.append((chunk, works))
         return out
 
     def _handshake(self, peers: np.ndarray) -> str | None:
@@ -217,11 +233,11 @@ class LayerMover:
         try:
             error = self._wait(posted) or posted.error
             laps("transfer", posted.row)
-            if error is None:
-                fault.after_receive(int(plan.layers[posted.row]), posted.received)
-                error = self._verify(posted)
+            error = error or self._verify(posted)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
+        finally:
+            posted.checks.drain()  # no check still reading the staging when it is freed
         error = self._agree(error)
         laps("check", posted.row)
         if error is not None:
@@ -241,11 +257,9 @@ class LayerMover:
         return f"rank {self.rank}: {late}" if late else None
 
     def _verify(self, posted: _Posted) -> str | None:
-        """5. one pass over the staged bytes; the host learns the verdict (this stream syncs)."""
-        actual = expert_sums(posted.staged.buffers)
-        expected = torch.as_tensor(posted.expected_N, device=actual.device)
-        bad = (actual != expected).nonzero().flatten().tolist()
-        if not bad:
+        """5. every staged row's checksum (summed as it landed) against the table, on the host."""
+        bad = np.flatnonzero(posted.checks.sums() != posted.expected_N)
+        if not len(bad):
             return None
         S = self.moe_layers[0].w13_SFD.shape[0]
         slot = int(posted.staged.dst_slot_N[bad[0]]) + self.rank * S
