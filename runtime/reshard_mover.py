@@ -77,6 +77,8 @@ class LayerMover:
         self.device = moe_layers[0].w13_SFD.device
         self.expert_bytes = moe_layers[0].read_slot(0).nbytes
         self.check_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # each layer's slot tensors as words, made once (installs write in place: the views stay valid)
+        self.slot_words = [[as_words(t) for t in m.read_slot(slice(None)).tensors()] for m in moe_layers]
 
     def warm_up(self) -> None:
         """Every device operation of a layer once, on scratch rows, so that a server's first reshard
@@ -84,11 +86,12 @@ class LayerMover:
         moe = self.moe_layers[0]
         scratch, row = SlotWeights.empty_like(moe.read_slot(0), 2), SlotWeights.empty_like(moe.read_slot(0), 1)
         checks = self._checks(scratch, 1, lambda rows: None)
-        _gather_slots(moe, np.array([0, 0]), scratch)
+        _gather_slots(self.slot_words[0], np.array([0, 0]), scratch)
         checks.local_gathered()
         works = [self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2))
                  for peer in range(dist.get_world_size(self.group)) if self._pulled(peer)]
         checks.landed(1, 2, works)
+        checks.close()
         checks.sums()
         index = to_device(np.array([1]), self.device)
         for t, one in zip(scratch.tensors(), row.tensors()):  # as EPMoE.install
@@ -140,27 +143,28 @@ class LayerMover:
         error = None
         try:
             fault.before_stage(layer, self.rank)
-            _gather_slots(moe, share.local_src_N, buffers.rows(0, share.n_local))
+            _gather_slots(self.slot_words[row], share.local_src_N, buffers.rows(0, share.n_local))
             checks.local_gathered()
             if outbox is not None:
-                _gather_slots(moe, pushed_N, outbox)
+                _gather_slots(self.slot_words[row], pushed_N, outbox)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
         staged = StagedLayer(buffers, share.staged_dst_N, share.fanout_dst_X, share.fanout_src_X, target_LP[row])
         handover.stage(row, staged)
         expected_N = self.checksums.sums_LE[row, share.staged_expert_N]
         laps("stage", row)
-        # 2. handshake with the peers NCCL reaches (pulls need none), 3. post (even after a failure:
-        # what one rank posts, its peers must match)
+        # 2. handshake (a peer late by more than the timeout fails the layer, pulled from or not; the
+        # pulls are under way meanwhile), 3. post (even after a failure: what one rank posts, its
+        # peers must match)
         fault.before_post(layer, self.rank, self.options.timeout_s)
-        peers = np.union1d(share.send_peers, share.recv_peers).astype(np.int64)
-        late = self._handshake(np.array([p for p in peers if not self._pulled(int(p))], dtype=np.int64))
+        late = self._handshake(np.union1d(share.send_peers, share.recv_peers).astype(np.int64))
         rest = [[m for m in c if isinstance(m.op, dist.P2POp)] for c in chunks] if early else chunks
         works = []
         for chunk, chunk_works in pulls + self._post_paced(rest, pacer):
             for lo, hi in sorted({m.rows for m in chunk if m.rows is not None}):
                 checks.landed(lo, hi, [work for work, _ in chunk_works])
             works += chunk_works
+        checks.close()
         watch = _Watch(works, self.options.timeout_s, self.device) if works else None
         laps("post", row)
         return _Posted(row, staged, expected_N, checks, outbox, watch, error or late)
@@ -323,13 +327,14 @@ class _Watch:
         return None
 
 
-def _gather_slots(moe, src_N: np.ndarray, out: SlotWeights) -> None:
-    """out [N, ...] <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte words)."""
+def _gather_slots(slot_words: list[torch.Tensor], src_N: np.ndarray, out: SlotWeights) -> None:
+    """out [N, ...] <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte words);
+    slot_words: the layer's slot tensors as words (`as_words`), made once."""
     if len(src_N) == 0:
         return
     index = to_device(src_N, out.w13.device)
-    for slots, rows in zip(moe.read_slot(slice(None)).tensors(), out.tensors()):
-        torch.index_select(as_words(slots), 0, index, out=as_words(rows))
+    for slots, rows in zip(slot_words, out.tensors()):
+        torch.index_select(slots, 0, index, out=as_words(rows))
 
 
 def _overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int, pushed: tuple) -> list[bool]:

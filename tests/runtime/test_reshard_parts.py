@@ -10,6 +10,7 @@ import torch
 from moeplace.placement import Placement, trivial_placement
 from moeplace.reshard_job import JobState, JobStatus, PhaseSeconds
 from moeplace.runtime.model import EPModel
+from moeplace.runtime.reshard_check import LayerChecks
 from moeplace.runtime.reshard_faults import Fault, FaultKind, FaultPlan
 from moeplace.runtime.reshard_jobs import JobRegistry, ReshardBusy
 from moeplace.runtime.reshard_options import ReshardOptions
@@ -63,6 +64,34 @@ def test_checksum_catches_one_flipped_byte_and_a_swap_of_experts():
     changed = expert_sums(experts)
     assert (changed != sums).tolist() == [False, True, False]
     assert as_words(experts.w13).dtype == torch.int64 and as_words(experts.w2_sinv).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the check stream needs a CUDA GPU"))])
+def test_layer_checks_as_pieces_land_equal_expert_sums(device):
+    """LayerChecks (on a GPU: per piece, on a check stream; on CPU: at the end) give expert_sums of the
+    staged rows, the received ones after the fault hook ran on them (here: a flipped byte)."""
+    torch.manual_seed(0)
+    n, n_local = 10, 3
+    buffers = SlotWeights(*(torch.randint(0, 256, shape, dtype=torch.uint8).to(device) for shape in
+                            ((n, 8, 16), (n, 2, 4), (n, 16, 8), (n, 1, 1))))
+    clean = expert_sums(buffers).cpu().numpy()
+    seen = []
+
+    def received(rows):  # as a CORRUPT fault does: one byte of each received expert's weights
+        seen.append(rows.w13.shape[0])
+        rows.w13.reshape(rows.w13.shape[0], -1)[:, 5] ^= 0x5A
+
+    stream = torch.cuda.Stream(device) if device == "cuda" else None
+    checks = LayerChecks(buffers, n_local, received, stream, slots=16)
+    checks.landed(7, 10, [])
+    checks.local_gathered()
+    checks.landed(3, 7, [])
+    checks.close()
+    sums = checks.sums()
+    assert sorted(seen) == ([3, 4] if device == "cuda" else [7])  # per piece, or all received rows at once
+    assert np.array_equal(sums, expert_sums(buffers).cpu().numpy())
+    assert (sums != clean).tolist() == [False] * n_local + [True] * (n - n_local)
 
 
 @pytest.mark.parametrize("env, message", [
