@@ -306,6 +306,10 @@ class _Laps:
             self.jobs.add_phase(self.job_id, phase, now - self.last)
         self.last = now
 
+    def mark(self, point: str, row: int) -> None:
+        """A point within a phase, in the timeline only (where a long phase spends its time)."""
+        self.timeline.append(Lap(row, point, time.monotonic() - self.began))
+
 
 def _with_rows(placement: Placement, phy2log_LP: np.ndarray) -> Placement:
     return Placement(phy2log_LP.copy(), placement.num_experts, placement.topology, placement.layers,

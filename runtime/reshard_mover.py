@@ -104,7 +104,8 @@ class LayerMover:
 
     def run(self, plan: ReshardPlan, target_LP: np.ndarray, fault, handover, laps) -> str | None:
         """Every layer of `plan`; None on success, else the first failure, agreed by all ranks.
-        handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase, row)."""
+        handover: .reserve(nbytes) .stage(row, staged) .commit(row, phy2log_P) .discard(row); laps(phase, row), and
+        laps.mark(point, row) for points within a phase (timeline only)."""
         rows = [int(r) for r in np.unique(plan.layer_X)]
         # copy engines (on every rank or none: the same options) reach the peers of a node
         pushed = (Link.INTER_NODE,) if self.peer_copies is not None else NETWORK_LINKS
@@ -132,6 +133,7 @@ class LayerMover:
         laps("swap_wait", row)  # for installs to free staging room (else ~0)
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
+        laps.mark("allocated", row)
         chunks = self._chunks(row, share, buffers, outbox, pushed_spans)
         checks = self._checks(buffers, share.n_local, lambda rows: fault.after_receive(layer, rows))
         # Unlimited, the pulls (copy engines: nothing to wait for on the peer, no gathered rows) go out
@@ -139,6 +141,7 @@ class LayerMover:
         early = self.options.rate_bytes_per_s <= 0 and self.peer_copies is not None
         pulls = self._post_paced([[m for m in c if not isinstance(m.op, dist.P2POp)] for c in chunks], pacer) \
             if early else []
+        laps.mark("pulls_posted", row)
         # 1. stage
         error = None
         try:
@@ -149,6 +152,7 @@ class LayerMover:
                 _gather_slots(self.slot_words[row], pushed_N, outbox)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
+        laps.mark("gathered", row)
         staged = StagedLayer(buffers, share.staged_dst_N, share.fanout_dst_X, share.fanout_src_X, target_LP[row])
         handover.stage(row, staged)
         expected_N = self.checksums.sums_LE[row, share.staged_expert_N]
