@@ -39,10 +39,11 @@ from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
 from moeplace.runtime.reshard_wire import ChecksumTable
 
 
-# The interpreter's thread switch interval while a reshard runs (default 5 ms). Every torch call of the
-# reshard thread gives the GIL up and waits up to this long to get it back from a serving thread that
-# runs Python: at 0.5 ms, the ~100 calls of a layer's stage and post took 10-80 ms in a busy server.
-GIL_SWITCH_S = 0.0001
+# The interpreter's thread switch interval while a reshard runs (default 5 ms): every torch call of the
+# reshard thread gives the GIL up and may wait this long to get it back from a serving thread running
+# Python. 0.1 ms did not shorten a layer's stage in the full loop and lengthened serving steps during
+# the reshard (BENCHMARKS.md, live reshard, 2026-11-30 17:20): 0.5 ms.
+GIL_SWITCH_S = 0.0005
 
 
 class Resharder:
