@@ -120,22 +120,21 @@ def copy_engine_p2p(device, nbytes: int) -> float:
 def copy_engine_experts(device, one, n: int = 64) -> dict:
     """GB/s of pulling n experts from the next GPU with the reshard's own copies (`PeerCopies.pull`), both
     directions at once: from consecutive slots (one copy per tensor) and from every other slot (four
-    copies per expert, two of them the small scale tensors): what the copy pattern costs the link."""
+    copies per expert, two of them the small scale tensors), on 1, 2 and 4 copy streams: what the copy
+    pattern costs the link, and whether more streams hide a copy's fixed cost."""
     from moeplace.runtime.reshard_ipc import PeerCopies
     from moeplace.runtime.slots import SlotWeights
 
     peer = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
     src = SlotWeights.empty_like(SlotWeights(*(t.to(peer) for t in one.tensors())), 2 * n)
     dst = SlotWeights.empty_like(one, n)
-    copies = PeerCopies(device, {peer.index: [src]})
     out = {}
-    for name, src_N in (("consecutive", np.arange(n)), ("every_other_slot", np.arange(0, 2 * n, 2))):
-        def pull():
-            copies.pull(peer.index, 0, src_N, dst)
-            copies.copy_stream.synchronize()
-
-        dist.barrier()
-        out[name] = dst.nbytes / _seconds(pull, device) / 1e9
+    for streams in (1, 2, 4):
+        copies = PeerCopies(device, {peer.index: [src]}, streams)
+        for name, src_N in (("consecutive", np.arange(n)), ("every_other_slot", np.arange(0, 2 * n, 2))):
+            dist.barrier()
+            pull = lambda: copies.pull(peer.index, 0, src_N, dst).synchronize()  # noqa: E731
+            out[f"{name}_{streams}_streams"] = dst.nbytes / _seconds(pull, device) / 1e9
     return out
 
 
@@ -223,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                         "more than a handful of steps")
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny experts: checks the script")
     p.add_argument("--copy-engine", action="store_true", help="peer copies through CUDA IPC instead of NCCL")
+    p.add_argument("--copy-streams", type=int, default=1, help="streams the peer copies go round-robin over")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from moeplace.runtime.reshard import Resharder
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     results, steady, frontier = [], None, []
     for rate in [float(r) for r in args.rates.split(",")]:
         options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
-                                          copy_engine=args.copy_engine and cuda, staging_bytes=STAGING)
+                                          copy_engine=args.copy_engine and cuda, staging_bytes=STAGING,
+                                          copy_streams=args.copy_streams)
         resharder = Resharder(model, reshard_group, rank, control=reshard_control, options=options)
         resharder.connect()
         steady = [step(model, control, resharder, work)[0] for _ in range(args.steady_steps)]

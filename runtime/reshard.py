@@ -87,7 +87,8 @@ class Resharder:
             shared = gather(share_slots(layers))
             per_node = self.model.placement.topology.gpus_per_node
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
-            peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers})
+            peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers},
+                                     self.options.copy_streams)
         self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
         with self._on_reshard_stream():
             self.mover.warm_up()

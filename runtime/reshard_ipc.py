@@ -29,17 +29,24 @@ def open_slots(shared: list[list[tuple]]) -> list[SlotWeights]:
 
 
 class CopyWork:
-    """A batch of peer copies, done when its event is: the is_completed()/wait() of a c10d Work."""
+    """A batch of peer copies on one or more streams, done when each stream's event is: the
+    is_completed()/wait() of a c10d Work."""
 
-    def __init__(self, stream: torch.cuda.Stream) -> None:
-        self.event = torch.cuda.Event()
-        self.event.record(stream)
+    def __init__(self, streams: list[torch.cuda.Stream]) -> None:
+        self.events = [torch.cuda.Event() for _ in streams]
+        for event, stream in zip(self.events, streams):
+            event.record(stream)
 
     def is_completed(self) -> bool:
-        return self.event.query()
+        return all(event.query() for event in self.events)
 
     def wait(self) -> None:
-        torch.cuda.current_stream().wait_event(self.event)
+        for event in self.events:
+            torch.cuda.current_stream().wait_event(event)
+
+    def synchronize(self) -> None:
+        for event in self.events:
+            event.synchronize()
 
 
 class PeerCopies:
@@ -52,13 +59,14 @@ class PeerCopies:
     per expert made the host, not the link, set a layer's time. Where the driver library cannot be
     loaded, torch's `copy_` does the copies (same result)."""
 
-    def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]]) -> None:
+    def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]], streams: int = 1) -> None:
         self.device, self.peers = device, peers
         self.driver = _driver()
-        # The copies run on a stream of their own, ordered after the reshard stream's work when posted:
+        # The copies run on streams of their own, ordered after the reshard stream's work when posted:
         # on the reshard stream itself, a layer's checksum kernels would queue behind the next layer's
-        # copies, and the link would idle while the host waits for both.
-        self.copy_stream = torch.cuda.Stream(device)
+        # copies, and the link would idle while the host waits for both. With several, a pull's copies
+        # go round-robin over them (with the driver): one stream's copies run one after another.
+        self.copy_streams = [torch.cuda.Stream(device) for _ in range(streams)]
         # torch's copy_ (no driver) issues a cross-device copy on the source device's current stream: a
         # side stream there too, or the copies would queue on that device's default stream in this process.
         self.streams = {p: torch.cuda.Stream(slots[0].w13.device) for p, slots in peers.items()}
@@ -68,9 +76,9 @@ class PeerCopies:
 
     def pull(self, peer: int, row: int, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
         """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`: one copy per tensor per run of
-        consecutive slots, on the copy stream after the current stream's work; one work for all."""
-        stream = self.copy_stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        consecutive slots, on the copy streams after the current stream's work; one work for all."""
+        for stream in self.copy_streams:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         src = self.peers[peer][row]
         breaks = np.flatnonzero(np.diff(src_N) != 1) + 1
         runs = [(lo, hi, int(src_N[lo])) for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)])]
@@ -78,16 +86,19 @@ class PeerCopies:
             # addresses computed here, no torch call per copy: in a busy server each torch call gives
             # the GIL up and waits to get it back from the serving thread
             self.driver.bind(self.device)
+            handles, i = [s.cuda_stream for s in self.copy_streams], 0
             for d, s in zip(dst.tensors(), src.tensors()):
                 row, d0, s0 = d.stride(0) * d.element_size(), d.data_ptr(), s.data_ptr()
                 for lo, hi, first in runs:
-                    self.driver.copy(d0 + lo * row, s0 + first * row, (hi - lo) * row, stream.cuda_stream)
-        else:
-            with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
-                for lo, hi, first in runs:
-                    for d, s in zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire()):
-                        d.copy_(s, non_blocking=True)
-        return CopyWork(stream)
+                    self.driver.copy(d0 + lo * row, s0 + first * row, (hi - lo) * row, handles[i % len(handles)])
+                    i += 1
+            return CopyWork(self.copy_streams)
+        stream = self.copy_streams[0]
+        with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
+            for lo, hi, first in runs:
+                for d, s in zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire()):
+                    d.copy_(s, non_blocking=True)
+        return CopyWork([stream])
 
 
 class _Driver:

@@ -16,7 +16,7 @@ Per layer (numbers as in the plan's execution contract, runtime/reshard_plan.py)
 Layers are double-buffered: layer i+1 is posted before layer i finishes where the staging budget
 holds both on every rank, so the link never idles while a layer is checked, agreed and handed over.
 The schedule depends on the plan alone, so every rank runs the same control ops in the same order.
-Both ends of a pair order its experts the same way (plan order within the peer), so a sender's
+Both ends of a pair order its experts the same way (by the sender's slot), so a sender's
 contiguous rows land in the receiver's contiguous rows.
 """
 

@@ -10,6 +10,7 @@ From the environment of `moeplace serve` (every rank reads the same):
   MOEPLACE_RESHARD_COPY_ENGINE  1 (default): between GPUs of one node, peer copies through CUDA IPC
                              (copy engines: no SM runs a kernel for them), NCCL across nodes;
                              0: NCCL everywhere
+  MOEPLACE_RESHARD_COPY_STREAMS  streams a rank's peer copies go round-robin over (default 1)
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class ReshardOptions:
     staging_bytes: int = DEFAULT_STAGING
     chunk_experts: int = 16
     copy_engine: bool = True
+    copy_streams: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "staging_bytes", "chunk_experts"):
+        for name in ("timeout_s", "staging_bytes", "chunk_experts", "copy_streams"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"reshard option {name} must be > 0, got {getattr(self, name)}")
         if not self.rate_bytes_per_s >= 0 or not math.isfinite(self.rate_bytes_per_s):
@@ -50,7 +52,8 @@ class ReshardOptions:
         values = {"timeout_s": _number(env, "MOEPLACE_RESHARD_TIMEOUT", 60.0, positive=True),
                   "rate_bytes_per_s": _number(env, "MOEPLACE_RESHARD_RATE", DEFAULT_RATE, positive=False),
                   "staging_bytes": int(_number(env, "MOEPLACE_RESHARD_STAGING", DEFAULT_STAGING, positive=True)),
-                  "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1")}
+                  "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1"),
+                  "copy_streams": _count(env, "MOEPLACE_RESHARD_COPY_STREAMS", 1)}
         values.update(overrides)
         if values["rate_bytes_per_s"] > 0 and "chunk_experts" not in overrides:
             # pacing spreads chunks of 8 experts per peer (~350 MB at DeepSeek-V3 size, ~1 ms of NVLink),
@@ -65,6 +68,15 @@ def _flag(env, name: str, default: str) -> bool:
     if raw not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
     return raw == "1"
+
+
+def _count(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 16:
+        raise ValueError(f"{name} must be a whole number from 1 to 16, got {raw!r}")
+    return int(raw)
 
 
 def _number(env, name: str, default: float, positive: bool) -> float:

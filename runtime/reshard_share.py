@@ -1,8 +1,9 @@
 """`LayerShare`: one rank's part of one layer of a `ReshardPlan`, arranged for contiguous transfers.
 
-Pure numpy, like the plan. Both ends of a pair order its experts the same way (plan order within the
-peer), so the rows a sender gathers for a peer, taken as one block, land in the same order in the
-receiver's block of rows from that sender: one transfer per tensor per peer, whatever the experts.
+Pure numpy, like the plan. Both ends of a pair order its experts the same way (by the sender's slot),
+so the rows a sender gathers for a peer, taken as one block, land in the same order in the
+receiver's block of rows from that sender: one transfer per tensor per peer, whatever the experts;
+and a receiver that pulls copies each run of the sender's consecutive slots at once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from moeplace.runtime.reshard_plan import Link, ReshardPlan
 class LayerShare:
     """One rank's share of one layer row, arranged for contiguous transfers (slots 0..S-1, int64).
 
-    Staging rows: [0, n_local) the LOCAL copies of local_src_N; then the receives, grouped by peer:
+    Staging rows: [0, n_local) the LOCAL copies of local_src_N; then the receives, grouped by peer and
+    ordered by the peer's slot:
     recv_peers[i] fills rows recv_spans[i] (half-open, absolute), whose experts sit in the peer's
     slots recv_src_N (one per received row, same order). Sends: send_src_N grouped by peer;
     send_peers[i] gets entries send_spans[i]. staged_dst_N / staged_expert_N: every staging row's slot
@@ -45,9 +47,11 @@ class LayerShare:
         S = plan.topology.slots_per_gpu
         copies, recvs, sends = plan.copies_of(rank, row), plan.receives_of(rank, row), plan.sends_of(rank, row)
         local = copies.kind_X == Link.LOCAL
-        by_peer = np.argsort(recvs.peer_X, kind="stable")  # plan order within a peer, as the sender's
+        # within a peer, by the sender's slot on both ends: a pull copies each run of consecutive slots
+        # at once (copy engines pay per copy), and sender and receiver list the experts alike
+        by_peer = np.lexsort((recvs.src_slot_X, recvs.peer_X))
         recv_peers, recv_spans = _spans(recvs.peer_X[by_peer], offset=int(local.sum()))
-        send_order = np.argsort(sends.peer_X, kind="stable")
+        send_order = np.lexsort((sends.src_slot_X, sends.peer_X))
         send_peers, send_spans = _spans(sends.peer_X[send_order], offset=0)
         staged_dst = np.concatenate([copies.dst_slot_X[local], recvs.dst_slot_X[by_peer]])
         fanout = ~local  # LOCAL_FROM_RECEIVED: from the staging row whose slot received the expert

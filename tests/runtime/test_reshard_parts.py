@@ -94,10 +94,15 @@ def test_layer_checks_as_pieces_land_equal_expert_sums(device):
     assert (sums != clean).tolist() == [False] * n_local + [True] * (n - n_local)
 
 
+STREAMS = "MOEPLACE_RESHARD_COPY_STREAMS must be a whole number from 1 to 16, got"
+
+
 @pytest.mark.parametrize("env, message", [
     ({"MOEPLACE_RESHARD_RATE": "-1"}, "MOEPLACE_RESHARD_RATE must be a number >= 0, got '-1'"),
     ({"MOEPLACE_RESHARD_STAGING": "0"}, "MOEPLACE_RESHARD_STAGING must be a positive number, got '0'"),
     ({"MOEPLACE_RESHARD_COPY_ENGINE": "yes"}, "MOEPLACE_RESHARD_COPY_ENGINE must be 0 or 1, got 'yes'"),
+    ({"MOEPLACE_RESHARD_COPY_STREAMS": "0"}, f"{STREAMS} '0'"),
+    ({"MOEPLACE_RESHARD_COPY_STREAMS": "2.5"}, f"{STREAMS} '2.5'"),
 ])
 def test_bad_options_are_one_clear_error(env, message):
     with pytest.raises(ValueError, match=message):
@@ -105,10 +110,13 @@ def test_bad_options_are_one_clear_error(env, message):
 
 
 def test_options_from_env():
-    options = ReshardOptions.from_env({"MOEPLACE_RESHARD_RATE": "5e10", "MOEPLACE_RESHARD_COPY_ENGINE": "1"})
+    options = ReshardOptions.from_env({"MOEPLACE_RESHARD_RATE": "5e10", "MOEPLACE_RESHARD_COPY_ENGINE": "1",
+                                       "MOEPLACE_RESHARD_COPY_STREAMS": "2"})
     assert options.rate_bytes_per_s == 5e10 and options.copy_engine and options.chunk_experts == 8
+    assert options.copy_streams == 2
     default = ReshardOptions.from_env({})
     assert default.rate_bytes_per_s == 0 and default.chunk_experts == 16 and default.copy_engine
+    assert default.copy_streams == 1
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_ENGINE": "0"}).copy_engine
 
 

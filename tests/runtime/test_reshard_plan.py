@@ -211,7 +211,9 @@ def test_layer_shares_move_contiguous_rows_that_build_the_new_layout(pair):
                 a, b = sender.send_spans[sender.send_peers.index(q)]
                 assert b - a == hi - lo
                 staging[lo:hi] = old.phy2log_LP[row].reshape(G, S)[r, sender.send_src_N[a:b]]
-                assert (share.recv_src_N[lo - share.n_local:hi - share.n_local] == sender.send_src_N[a:b]).all()
+                pulled = share.recv_src_N[lo - share.n_local:hi - share.n_local]
+                assert (pulled == sender.send_src_N[a:b]).all()
+                assert (np.diff(pulled) > 0).all()  # by the sender's slot: its consecutive slots, one copy
             assert (staging == share.staged_expert_N).all()
             slots_GS[q, share.staged_dst_N] = staging
             slots_GS[q, share.fanout_dst_X] = staging[share.fanout_src_X]
