@@ -127,7 +127,12 @@ def run_rank(config: ServeConfig, rank: int, world: int, device, stop: StopSigna
         # On GPUs the reshard's agreements and handshakes go on gloo: a rank waiting there waits on the host.
         reshard_control = dist.new_group(backend="gloo") if device.type == "cuda" else None
         resharder = Resharder(model, reshard_group, rank, control=reshard_control, faults=faults)
-        resharder.connect()
+        try:
+            resharder.connect()
+        except ValueError as exc:  # the staging budget does not fit: raised on every rank alike
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
         if rank == 0:
             from moeplace.runtime.serving import serve
 

@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from moeplace.placement import Placement
 from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
-from moeplace.reshard_job import JobState, JobStatus, PhaseSeconds
+from moeplace.reshard_job import JobState, JobStatus
 from moeplace.runtime.reshard_faults import NO_FAULTS, FaultPlan
 from moeplace.runtime.reshard_ipc import PeerCopies, open_slots, share_slots
-from moeplace.runtime.reshard_jobs import JobRegistry, Lap, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
+from moeplace.runtime.reshard_jobs import JobRegistry, Lap, Laps, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
 from moeplace.runtime.reshard_options import ReshardOptions
 from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
@@ -80,6 +80,9 @@ class Resharder:
         other rank now (NCCL creates a pair's connection on its first transfer: without this the first
         reshard would pay every pair's setup in the middle of serving)."""
         world, gather = dist.get_world_size(self.group), self._gather
+        no_room = [e for e in gather(self._reserve_staging()) if e]
+        if no_room:  # on every rank alike (a rank raising alone would leave the others in a collective)
+            raise ValueError(no_room[0])
         layers = self.model.moe_layers
         checksums = ChecksumTable.gather(layers, self._phy2log, self.model.placement.num_experts, gather)
         peer_copies = None
@@ -101,6 +104,22 @@ class Resharder:
             work.wait()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the warm-up's buffers are freed only after it ran
+
+    def _reserve_staging(self) -> str | None:
+        """On a GPU, the staging budget is allocated once now on the reshard stream and freed: it stays in
+        that stream's cache, and a job's staging is carved from it. A cudaMalloc during a job would wait
+        behind the serving stream's queued work (device allocations are synchronizing). Why not, if it
+        does not fit."""
+        if self.device.type != "cuda":
+            return None
+        try:
+            with self._on_reshard_stream():
+                torch.empty(self.options.staging_bytes, dtype=torch.uint8, device=self.device)
+        except torch.cuda.OutOfMemoryError:
+            free = torch.cuda.mem_get_info(self.device)[0]
+            return (f"MOEPLACE_RESHARD_STAGING: the reshard staging budget of {self.options.staging_bytes} bytes "
+                    f"does not fit on rank {self.rank}'s GPU ({free} bytes free after loading the model)")
+        return None
 
     def _gather(self, obj) -> list:
         """Every rank's `obj`, in rank order (a collective on the control group)."""
@@ -198,7 +217,7 @@ class Resharder:
 
     def _run_job(self, start: StartReshard, fault, old: Placement, began: float) -> None:
         job_id, plan = start.job_id, start.plan
-        laps = _Laps(self.jobs, job_id if self.rank == 0 else None)
+        laps = Laps(self.jobs, job_id if self.rank == 0 else None)
         error = self._execute(plan, start.new.phy2log_LP, fault, laps)
         if error is None:
             self.model.placement = start.new
@@ -210,7 +229,7 @@ class Resharder:
             if self.rank == 0:
                 self.jobs.update(job_id, state=JobState.ROLLING_BACK, error=error)
             self._job, self._target = None, old  # the job counts the moves of the way there only
-            second = self._execute(box[0], old.phy2log_LP, NO_FAULTS, _Laps(self.jobs, None))
+            second = self._execute(box[0], old.phy2log_LP, NO_FAULTS, Laps(self.jobs, None))
             if second is not None:
                 error += f"; rollback failed too: {second}"
         seconds = time.monotonic() - began  # before the gather below: the job's own time
@@ -226,7 +245,7 @@ class Resharder:
                 JobState.FAILED if "rollback failed" in error else JobState.ROLLED_BACK)
             self.jobs.finish(job_id, state, seconds, error)
 
-    def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, fault, laps: _Laps) -> str | None:
+    def _execute(self, plan: ReshardPlan, target_LP: np.ndarray, fault, laps: Laps) -> str | None:
         """Every layer of `plan`, then wait until all staged layers are installed."""
         with self._on_reshard_stream():
             error = self.mover.run(plan, target_LP, fault, self._handover, laps)
@@ -287,30 +306,6 @@ class _Handover:
     def wait_all_installed(self) -> None:
         with self._cond:
             self._cond.wait_for(lambda: not self._committed)
-
-
-class _Laps:
-    """Where this rank's reshard thread spends a job's time: seconds per phase and the timeline of
-    `Lap`s (when each phase of each layer row ended); on rank 0 each lap is also added to the job as
-    it goes (job_id None: not added, e.g. a rollback's)."""
-
-    def __init__(self, jobs: JobRegistry, job_id: str | None) -> None:
-        self.jobs, self.job_id = jobs, job_id
-        self.began = self.last = time.monotonic()
-        self.phases = PhaseSeconds()
-        self.timeline: list[Lap] = []
-
-    def __call__(self, phase: str, row: int = -1) -> None:
-        now = time.monotonic()
-        self.phases = self.phases.plus(phase, now - self.last)
-        self.timeline.append(Lap(row, phase, now - self.began))
-        if self.job_id is not None:
-            self.jobs.add_phase(self.job_id, phase, now - self.last)
-        self.last = now
-
-    def mark(self, point: str, row: int) -> None:
-        """A point within a phase, in the timeline only (where a long phase spends its time)."""
-        self.timeline.append(Lap(row, point, time.monotonic() - self.began))
 
 
 def _with_rows(placement: Placement, phy2log_LP: np.ndarray) -> Placement:

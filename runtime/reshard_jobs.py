@@ -1,7 +1,8 @@
-"""Rank 0's registry of reshard jobs: one `JobStatus` per job, at most one job running.
+"""Rank 0's registry of reshard jobs: one `JobStatus` per job, at most one job running; and `Laps`,
+where each rank's reshard thread spends a job's time.
 
-The HTTP handlers read it (`get`, `all`), the reshard thread and the serving thread update it
-(`update`, `add_phase`, `finish`); each update replaces the frozen record under a lock, so a
+The HTTP handlers read the registry (`get`, `all`), the reshard thread and the serving thread update
+it (`update`, `add_phase`, `finish`); each update replaces the frozen record under a lock, so a
 reader always sees one consistent record.
 """
 
@@ -13,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from moeplace.reshard_job import JobState, JobStatus
+from moeplace.reshard_job import JobState, JobStatus, PhaseSeconds
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,27 @@ class JobRegistry:
         with self._lock:
             self._jobs[job_id] = dataclasses.replace(self._jobs[job_id], state=state, seconds=seconds, error=error)
             self._active = None
+
+
+class Laps:
+    """Where this rank's reshard thread spends a job's time: seconds per phase and the timeline of
+    `Lap`s (when each phase of each layer row ended); on rank 0 each lap is also added to the job as
+    it goes (job_id None: not added, e.g. a rollback's)."""
+
+    def __init__(self, jobs: JobRegistry, job_id: str | None) -> None:
+        self.jobs, self.job_id = jobs, job_id
+        self.began = self.last = time.monotonic()
+        self.phases = PhaseSeconds()
+        self.timeline: list[Lap] = []
+
+    def __call__(self, phase: str, row: int = -1) -> None:
+        now = time.monotonic()
+        self.phases = self.phases.plus(phase, now - self.last)
+        self.timeline.append(Lap(row, phase, now - self.began))
+        if self.job_id is not None:
+            self.jobs.add_phase(self.job_id, phase, now - self.last)
+        self.last = now
+
+    def mark(self, point: str, row: int) -> None:
+        """A point within a phase, in the timeline only (where a long phase spends its time)."""
+        self.timeline.append(Lap(row, point, time.monotonic() - self.began))

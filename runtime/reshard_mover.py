@@ -22,8 +22,6 @@ contiguous rows land in the receiver's contiguous rows.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,6 +34,7 @@ from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
 from moeplace.runtime.reshard_plan import NETWORK_LINKS, Link, ReshardPlan
 from moeplace.runtime.reshard_share import LayerShare
+from moeplace.runtime.reshard_watch import Watch
 from moeplace.runtime.reshard_wire import ChecksumTable
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
 
@@ -50,7 +49,7 @@ class _Posted:
     expected_N: np.ndarray
     checks: LayerChecks
     outbox: SlotWeights | None
-    watch: _Watch | None
+    watch: Watch | None
     error: str | None
 
 
@@ -77,6 +76,11 @@ class LayerMover:
         self.device = moe_layers[0].w13_SFD.device
         self.expert_bytes = moe_layers[0].read_slot(0).nbytes
         self.check_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # a stream per layer in flight (two) for the watches: one shared stream would make a layer's
+        # watch wait for the next layer's transfers too
+        self.watch_streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" \
+            else [None, None]
+        self.posts = 0
         # each layer's slot tensors as words, made once (installs write in place: the views stay valid)
         self.slot_words = [[as_words(t) for t in m.read_slot(slice(None)).tensors()] for m in moe_layers]
 
@@ -98,6 +102,13 @@ class LayerMover:
             as_words(t).index_copy_(0, index, as_words(one))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+            # Pinned host blocks of every size an index list or a layer's sums take (the host allocator
+            # rounds sizes up to powers of two), a few of each, into the host allocator's cache: a
+            # page-locked allocation during a job would wait for the serving stream (it synchronizes).
+            most = 8 * self.moe_layers[0].w13_SFD.shape[0]
+            blocks = [torch.empty(1 << k, dtype=torch.uint8, pin_memory=True)
+                      for k in range(3, most.bit_length() + 1) for _ in range(8)]
+            blocks.clear()  # back into the cache
 
     def _checks(self, buffers: SlotWeights, n_local: int, received) -> LayerChecks:
         return LayerChecks(buffers, n_local, received, self.check_stream, self.moe_layers[0].w13_SFD.shape[0])
@@ -169,7 +180,9 @@ class LayerMover:
                 checks.landed(lo, hi, [work for work, _ in chunk_works])
             works += chunk_works
         checks.close()
-        watch = _Watch(works, self.options.timeout_s, self.device) if works else None
+        self.posts += 1
+        watch = Watch(works, self.options.timeout_s, self.device, self.watch_streams[self.posts % 2]) \
+            if works else None
         laps("post", row)
         return _Posted(row, staged, expected_N, checks, outbox, watch, error or late)
 
@@ -234,7 +247,7 @@ class LayerMover:
         ops = [dist.P2POp(op, torch.zeros(1), int(p), self.control)
                for p in peers for op in (dist.isend, dist.irecv)]
         works = list(zip(dist.batch_isend_irecv(ops), [int(p) for p in peers for _ in range(2)]))
-        return _Watch(works, self.options.timeout_s, torch.device("cpu")).join()
+        return Watch(works, self.options.timeout_s, torch.device("cpu"), None).join()
 
     # -- finish --------------------------------------------------------------------------------
     def _finish(self, plan: ReshardPlan, posted: _Posted, fault, handover, laps) -> str | None:
@@ -283,52 +296,6 @@ class LayerMover:
         box = [error]
         dist.broadcast_object_list(box, src=int(flag) - 1, group=self.control)
         return box[0]
-
-
-class _Watch:
-    """Waits on a helper thread for works [(work, peer or peers)], noting when each completed, so a
-    late one is judged by when it finished, not by when someone looked. join() -> why late, or None;
-    raises what a work raised. gloo's works complete only in wait() (which blocks; its wait(timeout)
-    would close the group). On a GPU, wait() only orders a stream: the thread orders a stream of its
-    own after each work and sleeps on a blocking-sync event there, holding no GIL meanwhile (polling
-    would take the GIL from the serving thread every few hundred microseconds)."""
-
-    def __init__(self, works: list[tuple], timeout_s: float, device: torch.device) -> None:
-        self.works, self.timeout_s, self.start, self.device = works, timeout_s, time.monotonic(), device
-        self.done_at: list[float] = []
-        self.failure: list[BaseException] = []
-        self.thread = threading.Thread(target=self._wait_all, name=f"{threading.current_thread().name}-watch",
-                                       daemon=True)
-        self.thread.start()
-
-    def _wait_all(self) -> None:
-        try:
-            if self.device.type != "cuda":
-                for work, _ in self.works:
-                    work.wait()
-                    self.done_at.append(time.monotonic())
-                return
-            torch.cuda.set_device(self.device)
-            with torch.cuda.stream(torch.cuda.Stream(self.device)) as stream:
-                for work, _ in self.works:
-                    work.wait()
-                    done = torch.cuda.Event(blocking=True)
-                    done.record(stream)
-                    done.synchronize()
-                    self.done_at.append(time.monotonic())
-        except Exception as exc:  # noqa: BLE001 - raised again by join, on the reshard thread
-            self.failure.append(exc)
-
-    def join(self) -> str | None:
-        self.thread.join()
-        if self.failure:
-            raise self.failure[0]
-        for (_, peer), at in zip(self.works, self.done_at):
-            if at - self.start > self.timeout_s:
-                late = [peer] if isinstance(peer, int) else peer
-                who = f"rank {late[0]}" if len(late) == 1 else f"one of ranks {', '.join(map(str, late))}"
-                return f"transfer timed out after {self.timeout_s:g} s waiting on {who}"
-        return None
 
 
 def _gather_slots(slot_words: list[torch.Tensor], src_N: np.ndarray, out: SlotWeights) -> None:

@@ -29,7 +29,10 @@ KILL_AFTER_S = 8.0
 
 
 def preflight(config: ServeConfig, nproc: int, torchrun_args: list[str]) -> None:
-    """ValueError naming the problem with the port, device, model or placement."""
+    """ValueError naming the problem with the port, device, model, placement or reshard options."""
+    from moeplace.runtime.reshard_options import ReshardOptions
+
+    ReshardOptions.from_env()  # MOEPLACE_RESHARD_*: every rank reads them at start
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if config.gpus_per_node and nproc % config.gpus_per_node and not torchrun_args:

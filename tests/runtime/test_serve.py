@@ -107,9 +107,9 @@ def test_malformed_json_body(server):
 
 # -- bad input to `moeplace serve`: one line, exit 1, before any rank starts ---------------------
 
-def serve_cli(*args: str) -> subprocess.CompletedProcess:
+def serve_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moeplace.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, COLUMNS="200"))
+                          timeout=120, env=dict(os.environ, COLUMNS="200", **env))
 
 
 def one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -118,6 +118,11 @@ def one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
     text = " ".join(done.stderr.split())
     for fragment in fragments:
         assert fragment in text, text
+
+
+def test_serve_rejects_bad_reshard_options(server):
+    one_line_error(serve_cli("--nproc", "2", MOEPLACE_RESHARD_COPY_STREAMS="0"),
+                   "MOEPLACE_RESHARD_COPY_STREAMS must be a whole number from 1 to 16, got '0'")
 
 
 def test_serve_rejects_placement_for_other_rank_count(server, tmp_path):
