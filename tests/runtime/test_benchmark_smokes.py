@@ -1,5 +1,6 @@
 """The runtime benchmarks' CPU smoke modes, so a benchmark cannot break unnoticed: benchmarks/reshard.py
-(2 gloo ranks, tiny experts, the Resharder at two rate limits), benchmarks/full_loop.py (make-model,
+(2 gloo ranks, tiny experts, the Resharder at two rate limits; with reshard_links.py's NCCL-or-gloo
+P2P reference: the copy-engine ones need GPUs), benchmarks/full_loop.py (make-model,
 serve, load, profile, solve, apply, MoE layer: 2 ranks, one MoE layer, short phases) and
 benchmarks/recorder.py's GPU mode on gloo (2 ranks, small EPMoE layers)."""
 
