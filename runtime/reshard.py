@@ -31,6 +31,7 @@ from moeplace.placement import Placement
 from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
 from moeplace.reshard_job import JobState, JobStatus
 from moeplace.runtime.reshard_faults import NO_FAULTS, FaultPlan
+from moeplace.runtime.reshard_handover import Handover
 from moeplace.runtime.reshard_ipc import PeerCopies, open_slots, share_slots
 from moeplace.runtime.reshard_jobs import JobRegistry, Lap, Laps, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
@@ -65,7 +66,7 @@ class Resharder:
         self.wake = lambda: None  # the serving loop's: called when an action is due
         self._actions: deque = deque()  # rank 0: broadcast with the next step (append/popleft: thread-safe)
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
-        self._handover = _Handover(self)
+        self._handover = Handover(self.options.staging_bytes, self._on_commit)
         self._stream = None  # the reshard thread's CUDA stream (`_on_reshard_stream`)
         self._crash: BaseException | None = None  # what ended the reshard thread, where no agreement could
         # the running execution (reshard thread sets, serving thread reads): its job (None: a rollback,
@@ -162,6 +163,12 @@ class Resharder:
             out.append(self._actions.popleft())
         return out
 
+    def _on_commit(self, row: int, phy2log_P: np.ndarray) -> None:
+        """A layer agreed by every rank: rank 0 swaps it at a step boundary (`due_actions`)."""
+        if self.rank == 0:
+            self._actions.append(SwapLayer(row, phy2log_P))
+            self.wake()
+
     # -- every rank: actions from the step broadcast (serving thread, between steps) -----------
     def apply(self, action: ReshardAction) -> None:
         match action:
@@ -252,60 +259,6 @@ class Resharder:
         self._handover.wait_all_installed()
         laps("swap_wait")
         return error
-
-
-class _Handover:
-    """Staged layers between the reshard thread and the serving thread, within the staging budget.
-
-    A row is staged (posted, being checked), then committed (agreed by every rank; rank 0 queues its
-    swap), then installed by the serving thread. On ranks other than 0 the install may come before
-    the reshard thread's commit (rank 0 passed the agreement first and its step broadcast got here
-    first): a row installed already is then not committed again."""
-
-    def __init__(self, owner: Resharder) -> None:
-        self.owner = owner
-        self._staged: dict[int, object] = {}  # staged or committed, not installed yet
-        self._committed: set[int] = set()
-        self._cond = threading.Condition()
-
-    def _bytes(self) -> int:
-        return sum(staged.buffers.nbytes for staged in self._staged.values())
-
-    def reserve(self, nbytes: int) -> None:
-        """Wait until installs free room for `nbytes` more (never for layers still in flight)."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._committed or
-                                self._bytes() + nbytes <= self.owner.options.staging_bytes)
-
-    def stage(self, row: int, staged) -> None:
-        with self._cond:
-            self._staged[row] = staged
-
-    def commit(self, row: int, phy2log_P: np.ndarray) -> None:
-        with self._cond:
-            if row in self._staged:
-                self._committed.add(row)
-        if self.owner.rank == 0:  # swaps at a step boundary (`due_actions`)
-            self.owner._actions.append(SwapLayer(row, phy2log_P))
-            self.owner.wake()
-
-    def discard(self, row: int) -> None:
-        with self._cond:
-            self._staged.pop(row, None)
-            self._cond.notify_all()
-
-    def take(self, row: int):
-        with self._cond:
-            return self._staged.pop(row)
-
-    def installed(self, row: int) -> None:
-        with self._cond:
-            self._committed.discard(row)
-            self._cond.notify_all()
-
-    def wait_all_installed(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._committed)
 
 
 def _with_rows(placement: Placement, phy2log_LP: np.ndarray) -> Placement:

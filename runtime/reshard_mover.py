@@ -33,7 +33,7 @@ from moeplace.runtime.reshard_check import LayerChecks
 from moeplace.runtime.reshard_ipc import PeerCopies
 from moeplace.runtime.reshard_options import Pacer, ReshardOptions
 from moeplace.runtime.reshard_plan import NETWORK_LINKS, Link, ReshardPlan
-from moeplace.runtime.reshard_share import LayerShare
+from moeplace.runtime.reshard_share import LayerShare, overlaps
 from moeplace.runtime.reshard_watch import Watch
 from moeplace.runtime.reshard_wire import ChecksumTable
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
@@ -120,7 +120,7 @@ class LayerMover:
         rows = [int(r) for r in np.unique(plan.layer_X)]
         # copy engines (on every rank or none: the same options) reach the peers of a node
         pushed = (Link.INTER_NODE,) if self.peer_copies is not None else NETWORK_LINKS
-        overlap = _overlaps(plan, rows, self.expert_bytes, self.options.staging_bytes, pushed)
+        overlap = overlaps(plan, rows, self.expert_bytes, self.options.staging_bytes, pushed)
         pacer, posted, error = Pacer(self.options.rate_bytes_per_s), deque(), None
         for i, row in enumerate(rows):
             if not posted:
@@ -306,14 +306,3 @@ def _gather_slots(slot_words: list[torch.Tensor], src_N: np.ndarray, out: SlotWe
     index = to_device(src_N, out.w13.device)
     for slots, rows in zip(slot_words, out.tensors()):
         torch.index_select(slots, 0, index, out=as_words(rows))
-
-
-def _overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int, pushed: tuple) -> list[bool]:
-    """overlap[i]: rows[i + 1] is posted before rows[i] finishes, where both fit the staging budget
-    on every rank, send rows included: those of the links in `pushed` (a peer that pulls reads the
-    sender's slots, no send rows). The plan decides, so all ranks run the same schedule."""
-    S, sent_LG = plan.topology.slots_per_gpu, np.zeros_like(plan.staging_slots_LG)
-    x = np.isin(plan.kind_X, pushed)
-    np.add.at(sent_LG, (plan.layer_X[x], plan.src_slot_X[x] // S), 1)
-    staging = (plan.staging_slots_LG + sent_LG).max(axis=1) * expert_bytes
-    return [bool(staging[a] + staging[b] <= budget) for a, b in zip(rows, rows[1:])] + [False]

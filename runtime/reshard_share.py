@@ -1,4 +1,5 @@
-"""`LayerShare`: one rank's part of one layer of a `ReshardPlan`, arranged for contiguous transfers.
+"""`LayerShare`: one rank's part of one layer of a `ReshardPlan`, arranged for contiguous transfers;
+`overlaps`: which consecutive layers may be in flight together within the staging budget.
 
 Pure numpy, like the plan. Both ends of a pair order its experts the same way (by the sender's slot),
 so the rows a sender gathers for a peer, taken as one block, land in the same order in the
@@ -69,3 +70,14 @@ def _spans(peer_X: np.ndarray, offset: int) -> tuple[tuple[int, ...], tuple[tupl
     peers, starts, counts = np.unique(peer_X, return_index=True, return_counts=True)
     return (tuple(int(p) for p in peers),
             tuple((offset + int(s), offset + int(s + c)) for s, c in zip(starts, counts)))
+
+
+def overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int, pushed: tuple) -> list[bool]:
+    """overlap[i]: rows[i + 1] is posted before rows[i] finishes, where both fit the staging budget
+    on every rank, send rows included: those of the links in `pushed` (a peer that pulls reads the
+    sender's slots, no send rows). The plan decides, so all ranks run the same schedule."""
+    S, sent_LG = plan.topology.slots_per_gpu, np.zeros_like(plan.staging_slots_LG)
+    x = np.isin(plan.kind_X, pushed)
+    np.add.at(sent_LG, (plan.layer_X[x], plan.src_slot_X[x] // S), 1)
+    staging = (plan.staging_slots_LG + sent_LG).max(axis=1) * expert_bytes
+    return [bool(staging[a] + staging[b] <= budget) for a, b in zip(rows, rows[1:])] + [False]
