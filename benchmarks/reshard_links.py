@@ -49,7 +49,8 @@ def copy_engine_experts(device, one, n: int = 64) -> dict:
     """GB/s of pulling n experts from the next GPU with the reshard's own copies (`PeerCopies.pull`), both
     directions at once: from consecutive slots (one copy per tensor) and from every other slot (four
     copies per expert, two of them the small scale tensors), on 1, 2 and 4 copy streams: what the copy
-    pattern costs the link, and whether more streams hide a copy's fixed cost."""
+    pattern costs the link, and whether more streams hide a copy's fixed cost; and every other slot's
+    weights without their scales (two copies per expert)."""
     from moeplace.runtime.reshard_ipc import PeerCopies
     from moeplace.runtime.slots import SlotWeights
 
@@ -63,6 +64,21 @@ def copy_engine_experts(device, one, n: int = 64) -> dict:
             dist.barrier()
             pull = lambda: copies.pull(peer.index, 0, src_N, dst).synchronize()  # noqa: E731
             out[f"{name}_{streams}_streams"] = dst.nbytes / seconds(pull, device) / 1e9
+    copies = PeerCopies(device, {peer.index: [src]}, 1)
+    if copies.driver is not None:  # every other slot, the two weight tensors only: what the small copies cost
+        stream = copies.copy_streams[0]
+
+        def weights_only():
+            copies.driver.bind(device)
+            for d, s in ((dst.w13, src.w13), (dst.w2, src.w2)):
+                row = d.stride(0) * d.element_size()
+                for i in range(n):
+                    copies.driver.copy(d.data_ptr() + i * row, s.data_ptr() + 2 * i * row, row, stream.cuda_stream)
+            stream.synchronize()
+
+        dist.barrier()
+        out["every_other_slot_weights_only_1_streams"] = (dst.w13.nbytes + dst.w2.nbytes) / seconds(weights_only,
+                                                                                                    device) / 1e9
     return out
 
 
