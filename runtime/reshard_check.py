@@ -35,10 +35,10 @@ class LayerChecks:
                  stream: torch.cuda.Stream | None, slots: int) -> None:
         self.buffers, self.n_local, self.received, self.stream = buffers, n_local, received, stream
         self.done: torch.cuda.Event | None = None
+        self.words = [as_words(t) for t in buffers.tensors()]  # [N, W] each: a checksum's words (and a gather's)
         if stream is None:
             return
         n = buffers.w13.shape[0]
-        self.words = [as_words(t) for t in buffers.tensors()]  # [N, W] each (a checksum's words)
         self.partial_TN = torch.empty(len(self.words), n, dtype=torch.int64, device=buffers.w13.device)
         self.host_N = torch.empty(max(slots, n), dtype=torch.int64, pin_memory=True)[:n]
 

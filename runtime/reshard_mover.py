@@ -90,7 +90,7 @@ class LayerMover:
         moe = self.moe_layers[0]
         scratch, row = SlotWeights.empty_like(moe.read_slot(0), 2), SlotWeights.empty_like(moe.read_slot(0), 1)
         checks = self._checks(scratch, 1, lambda rows: None)
-        _gather_slots(self.slot_words[0], np.array([0, 0]), scratch)
+        _gather_slots(self.slot_words[0], np.array([0, 0]), checks.words)
         checks.local_gathered()
         works = [self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2))
                  for peer in range(dist.get_world_size(self.group)) if self._pulled(peer)]
@@ -157,10 +157,10 @@ class LayerMover:
         error = None
         try:
             fault.before_stage(layer, self.rank)
-            _gather_slots(self.slot_words[row], share.local_src_N, buffers.rows(0, share.n_local))
+            _gather_slots(self.slot_words[row], share.local_src_N, [w[:share.n_local] for w in checks.words])
             checks.local_gathered()
             if outbox is not None:
-                _gather_slots(self.slot_words[row], pushed_N, outbox)
+                _gather_slots(self.slot_words[row], pushed_N, [as_words(t) for t in outbox.tensors()])
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
         laps.mark("gathered", row)
@@ -298,11 +298,11 @@ class LayerMover:
         return box[0]
 
 
-def _gather_slots(slot_words: list[torch.Tensor], src_N: np.ndarray, out: SlotWeights) -> None:
-    """out [N, ...] <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte words);
-    slot_words: the layer's slot tensors as words (`as_words`), made once."""
+def _gather_slots(slot_words: list[torch.Tensor], src_N: np.ndarray, out_words: list[torch.Tensor]) -> None:
+    """out [N, W] per tensor <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte
+    words); slot_words / out_words: the slot and staging tensors as words (`as_words`), made once."""
     if len(src_N) == 0:
         return
-    index = to_device(src_N, out.w13.device)
-    for slots, rows in zip(slot_words, out.tensors()):
-        torch.index_select(slots, 0, index, out=as_words(rows))
+    index = to_device(src_N, out_words[0].device)
+    for slots, rows in zip(slot_words, out_words):
+        torch.index_select(slots, 0, index, out=rows)

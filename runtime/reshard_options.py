@@ -27,14 +27,15 @@ DEFAULT_STAGING = 8 << 30
 @dataclass(frozen=True, kw_only=True)
 class ReshardOptions:
     """timeout_s > 0; rate_bytes_per_s >= 0 (0 = unlimited); staging_bytes > 0; chunk_experts >= 1:
-    experts per peer posted together: the pacing granularity, and the pieces whose checksums run as
-    they land (16: ~700 MB at DeepSeek-V3 size, ~2 ms of NVLink; a layer's last piece is what its
-    check adds after its transfers)."""
+    experts per peer posted together, the pieces whose checksums run as they land: under a rate limit
+    the pacing granularity (8), unlimited a whole layer. Smaller pieces shorten the last layer's check
+    (~1 ms in the benchmark) but each costs the reshard thread ~20 torch calls, and in a busy server
+    every torch call waits for the GIL (a layer's stage took 66 ms there: BENCHMARKS.md, live reshard)."""
 
     timeout_s: float = 60.0
     rate_bytes_per_s: float = DEFAULT_RATE
     staging_bytes: int = DEFAULT_STAGING
-    chunk_experts: int = 16
+    chunk_experts: int = 1 << 30
     copy_engine: bool = True
     copy_streams: int = 1
 

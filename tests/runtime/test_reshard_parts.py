@@ -115,7 +115,7 @@ def test_options_from_env():
     assert options.rate_bytes_per_s == 5e10 and options.copy_engine and options.chunk_experts == 8
     assert options.copy_streams == 2
     default = ReshardOptions.from_env({})
-    assert default.rate_bytes_per_s == 0 and default.chunk_experts == 16 and default.copy_engine
+    assert default.rate_bytes_per_s == 0 and default.chunk_experts > 1000 and default.copy_engine
     assert default.copy_streams == 1
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_ENGINE": "0"}).copy_engine
 
