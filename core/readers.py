@@ -4,30 +4,9 @@
 the file and the field. Dimension letters as in `moeplace.trace`; R = layer rows as dumped (before
 the dense rows are dropped), P = physical expert slots.
 
-What the engines write (read in their sources, summarised here in our words):
-
-SGLang, sgl-project/sglang `python/sglang/srt/eplb/expert_distribution.py` (commit 02295fe5):
-- modes `stat` / `stat_approx`: `_StatAccumulator.dump` torch.saves, on rank 0 only,
-  `expert_distribution_recorder_{time}.pt` = {rank: int, logical_count: int32 [steps, R, E],
-  average_utilization_rate_over_window: float | None}. Counts are already summed over ranks and
-  folded from physical slots to logical experts. R counts every model layer (61 for DeepSeek-V3,
-  dense layers 0..2 stay zero). With a recorder buffer size >= 0 the steps are a ring: unfilled
-  steps are zero and the order is rotated (the write index is not dumped), so windows are not in
-  time order; we drop all-zero windows.
-- `python/sglang/srt/eplb/expert_location.py` (commit 01fec5c2), `--init-expert-location`: a `.pt`
-  (torch.load weights_only) or `.json` dict with the same `logical_count`, 2-D [R, E] or 3-D. The
-  published DeepSeek statistics (../shared/traces/sglang-dsv3-ep-statistics) are such JSON, [61, 256].
-- modes `per_pass` / `per_token`: `_DetailAccumulator.dump` writes, on every rank,
-  `expert_distribution_recorder_{time}_{rank}.pt` = {records: [...], last_physical_to_logical_map:
-  [R, P]}. One record per forward pass with forward_pass_id, rank, gatherer_key and
-  global_physical_count [R, P] (this rank's tokens only); `per_token` adds input_ids, positions,
-  extend_seq_lens, forward_mode, misc_objects and topk_ids_of_layer int32 [R, T, 8] (-1 = unused;
-  8 slots whatever the model's top-k). Those ids are physical slots: `select_experts` in
-  `python/sglang/srt/layers/moe/topk.py` maps logical to physical before it calls the recorder.
-  We fold them back through last_physical_to_logical_map, exact unless EPLB moved experts during
-  the recording (SGLang itself calls the map "last"). A file holds one rank's passes; we read one.
-
-TensorRT-LLM expert statistic folders: `moeplace.trtllm` (their format, and slot-id folding).
+Each engine's format has its own module, which describes it: `moeplace.sglang_dump` (SGLang
+expert-distribution dumps), `moeplace.trtllm` (TensorRT-LLM expert statistic folders, slot-id folding).
+This module chooses among them and turns raw counts into a `Trace` (`_build_trace`, shared by all).
 """
 
 from __future__ import annotations
@@ -39,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeplace.checks import check_array, check_counts, check_positive_int, check_range
+from moeplace.checks import check_array, check_counts, check_positive_int
 from moeplace.trace import TRACE_FORMAT, Trace, _safetensors_metadata, load_native_trace
 
 DEEPSEEK_V3_GUESS = "deepseek-v3-family (inferred from shape)"
@@ -81,6 +60,8 @@ def load_trace(path: str | Path, *, num_model_layers: int | None = None, top_k: 
     if suffix == ".safetensors":
         return _read_native(path)
     if suffix in (".json", ".pt"):
+        from moeplace.sglang_dump import read_sglang_dump  # it builds on this module's _build_trace
+
         return read_sglang_dump(path, num_model_layers=num_model_layers, top_k=top_k)
     raise ValueError(
         f"{path}: unknown trace format '{suffix or path.name}' "
@@ -131,77 +112,6 @@ def _absolute_layers(ids: np.ndarray, num_model_layers: int | None, source: str)
     if ids[-1] >= n:
         raise ValueError(f"{source}: layer id {int(ids[-1])} is not below num_model_layers {n}")
     return LayerMap(order, ids, n)
-
-
-def read_sglang_dump(path: str | Path, *, num_model_layers: int | None = None, top_k: int | None = None) -> Trace:
-    """Read an SGLang expert-distribution dump: `stat` (`logical_count`) or `per_pass`/`per_token` (`records`)."""
-    path = Path(path)
-    data = _load_dict(path)
-    if "logical_count" in data:
-        counts = _numeric(str(path), "logical_count", data["logical_count"])
-        if counts.ndim not in (2, 3):
-            raise ValueError(
-                f"{path}: field 'logical_count' must be [layers, experts] or [windows, layers, experts], "
-                f"got shape {list(counts.shape)}"
-            )
-        counts = check_counts(str(path), "logical_count", counts)
-        counts = counts[None] if counts.ndim == 2 else counts
-        meta = {"engine": "sglang", "format": "sglang expert_distribution stat dump"}
-        return _build_trace(path, counts, meta, num_model_layers=num_model_layers, top_k=top_k)
-    if "records" in data:
-        return _read_sglang_records(path, data, num_model_layers, top_k)
-    keys = sorted(str(k) for k in data)[:8]
-    raise ValueError(f"{path}: key 'logical_count' is missing (found keys {keys}); not an SGLang expert-distribution dump")
-
-
-def _read_sglang_records(path: Path, data: dict, num_model_layers: int | None, top_k: int | None) -> Trace:
-    src = str(path)
-    records = data["records"]
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{src}: field 'records' must be a non-empty list of forward passes")
-    if "last_physical_to_logical_map" not in data:
-        raise ValueError(f"{src}: key 'last_physical_to_logical_map' is missing")
-    p2l_RP = check_array(src, "last_physical_to_logical_map", _numeric(src, "last_physical_to_logical_map",
-                         data["last_physical_to_logical_map"]), ndim=2, kind="i")
-    if p2l_RP.size == 0:
-        raise ValueError(f"{src}: field 'last_physical_to_logical_map' is empty, shape {list(p2l_RP.shape)}")
-    check_range(src, "last_physical_to_logical_map", p2l_RP, 0, p2l_RP.shape[1])
-    num_experts = int(p2l_RP.max()) + 1  # every logical expert has at least one slot
-    counts, topk, names = [], [], []
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or "global_physical_count" not in record:
-            raise ValueError(f"{src}: records[{i}] has no 'global_physical_count'")
-        field = f"records[{i}].global_physical_count"
-        counts.append(_fold_physical(src, field, record["global_physical_count"], p2l_RP, num_experts))
-        if "topk_ids_of_layer" in record:
-            topk.append(_fold_topk(src, f"records[{i}].topk_ids_of_layer", record["topk_ids_of_layer"], p2l_RP))
-        names.append(str(record.get("forward_pass_id", i)))
-    if topk and len(topk) != len(records):
-        raise ValueError(f"{src}: only {len(topk)} of {len(records)} records have 'topk_ids_of_layer'")
-    mode = "per_token" if topk else "per_pass"
-    meta = {"engine": "sglang", "format": f"sglang expert_distribution {mode} dump",
-            "rank": str(records[0].get("rank", ""))}
-    topk_ids = np.concatenate(topk, axis=0) if topk else None
-    tokens = np.array([t.shape[0] for t in topk], dtype=np.float64) if topk else None
-    return _build_trace(path, np.stack(counts), meta, window_names=names, topk_ids_TRK=topk_ids, tokens_W=tokens,
-                        num_model_layers=num_model_layers, top_k=top_k)
-
-
-def _fold_physical(src: str, field: str, value: object, p2l_RP: np.ndarray, num_experts: int) -> np.ndarray:
-    """Physical-slot counts [R, P] → logical-expert counts [R, E] (replicas summed)."""
-    phys_RP = check_array(src, field, _numeric(src, field, value), ndim=2, kind="f", shape=p2l_RP.shape)
-    phys_RP = check_counts(src, field, phys_RP)
-    logical_RE = np.zeros((p2l_RP.shape[0], num_experts))
-    np.add.at(logical_RE, (np.arange(p2l_RP.shape[0])[:, None], p2l_RP), phys_RP)
-    return logical_RE
-
-
-def _fold_topk(src: str, field: str, value: object, p2l_RP: np.ndarray) -> np.ndarray:
-    """Physical top-k ids [R, T, K] → logical ids [T, R, K], -1 kept."""
-    ids_RTK = check_array(src, field, _numeric(src, field, value), ndim=3, kind="i", shape=(p2l_RP.shape[0], None, None))
-    check_range(src, field, ids_RTK, -1, p2l_RP.shape[1])
-    logical = p2l_RP[np.arange(p2l_RP.shape[0])[:, None, None], np.maximum(ids_RTK, 0)]
-    return np.where(ids_RTK >= 0, logical, -1).transpose(1, 0, 2)
 
 
 def _build_trace(
@@ -283,73 +193,3 @@ def _read_native(path: Path) -> Trace:
             f"('format' is {meta.get('format')!r}), so not a trace{hint}"
         )
     return load_native_trace(path)
-
-
-def _load_dict(path: Path) -> dict:
-    data = _read_json(path) if path.suffix.lower() == ".json" else _torch_load(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict with key 'logical_count' or 'records', got {type(data).__name__}")
-    return data
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ValueError(f"{path}: not JSON ({exc})") from None
-
-
-def _torch_load(path: Path) -> object:
-    import torch  # here, not at the top: the placer must start without torch
-
-    try:
-        # weights_only: tensors and plain containers only; any other pickled object is refused, never built.
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for bad files
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused:
-            raise ValueError(f"{path}: refused: it pickles {refused.group(1)}, which is not a tensor or plain data") from None
-        raise ValueError(f"{path}: not a readable torch file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(path)
-    except Exception as exc:  # safetensors raises several types for corrupt headers
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _tensor_values(src: str, field: str, value: object) -> object:
-    """A dense torch tensor's values as numpy; other torch objects are returned unchanged (then refused)."""
-    import torch
-
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.layout != torch.strided or value.is_nested or value.is_quantized:
-        kind = "nested" if value.is_nested else "quantized" if value.is_quantized else str(value.layout)
-        raise ValueError(f"{src}: field '{field}' must be a plain dense tensor, got a {kind} tensor")
-    # A pickled view may repeat a small storage many times (stride 0): a file of a few hundred bytes
-    # could otherwise claim [10^5, 61, 256] and cost gigabytes. Its values must be stored in the file.
-    stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
-    if value.numel() > stored:
-        raise ValueError(f"{src}: field '{field}' has shape {list(value.shape)} ({value.numel()} values) "
-                         f"but the file stores only {stored}")
-    tensor = value.detach().cpu()
-    if tensor.is_complex():
-        raise ValueError(f"{src}: field '{field}' must hold real numbers, got {tensor.dtype} values")
-    return (tensor.double() if tensor.is_floating_point() else tensor).numpy()  # numpy has no bfloat16
-
-
-def _numeric(src: str, field: str, value: object) -> np.ndarray:
-    """A torch tensor or nested list as a numeric numpy array; ragged lists and non-numbers refused."""
-    if type(value).__module__.startswith("torch"):
-        value = _tensor_values(src, field, value)
-    try:
-        array = np.asarray(value)
-    except ValueError:  # numpy refuses nested lists of unequal lengths
-        raise ValueError(f"{src}: field '{field}' is ragged (nested lists of unequal lengths)") from None
-    if array.dtype.kind not in "fiu":
-        raise ValueError(f"{src}: field '{field}' must hold numbers, got {array.dtype} values")
-    return array

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from moeplace.checks import check_array, check_counts, check_positive_int, check_range
-from moeplace.readers import _TRTLLM_RANK_FILE, _build_trace, _numeric, _read_json, _read_safetensors
+from moeplace.rawfields import _numeric, _read_json, _read_safetensors
+from moeplace.readers import _TRTLLM_RANK_FILE, _build_trace
 from moeplace.trace import Trace
 
 _TRTLLM_KEY = re.compile(r"(\d+)_(\d+)")

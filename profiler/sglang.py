@@ -25,7 +25,7 @@ What SGLang offers (read in sgl-project/sglang, summarised in our words):
   missing. stat/stat_approx: rank 0 writes `expert_distribution_recorder_{time}.pt`, counts already summed
   over ranks. per_pass/per_token: every rank writes `expert_distribution_recorder_{time}_{rank}.pt`, rank
   being the TP rank (`python/sglang/srt/model_executor/model_runner.py`), each file holding that rank's
-  forward passes. The formats are described in `moeplace.readers`, which reads a single file.
+  forward passes. The formats are described in `moeplace.sglang_dump`, which reads a single file.
 - stat modes keep a ring of `--expert-distribution-recorder-buffer-size` passes (`_CircularBuffer` in
   expert_distribution.py; `arg_groups/parallel_hook.py` sets it to --eplb-rebalance-num-iterations, 1000
   by default, even without EPLB; -1 = unbounded): a longer recording keeps only the last passes. The
@@ -57,7 +57,9 @@ import httpx
 import numpy as np
 
 from moeplace.checks import check_array, check_range
-from moeplace.readers import _build_trace, _fold_physical, _fold_topk, _load_dict, _numeric, read_sglang_dump
+from moeplace.rawfields import _load_dict, _numeric
+from moeplace.readers import _build_trace
+from moeplace.sglang_dump import _fold_physical, _fold_topk, read_sglang_dump
 from moeplace.trace import Trace
 
 STAT_MODES = ("stat", "stat_approx")
