@@ -25,7 +25,7 @@ What SGLang offers (read in sgl-project/sglang, summarised in our words):
   missing. stat/stat_approx: rank 0 writes `expert_distribution_recorder_{time}.pt`, counts already summed
   over ranks. per_pass/per_token: every rank writes `expert_distribution_recorder_{time}_{rank}.pt`, rank
   being the TP rank (`python/sglang/srt/model_executor/model_runner.py`), each file holding that rank's
-  forward passes. The formats are described in `moeplace.sglang_dump`, which reads a single file.
+  forward passes. The formats are described in `moeplace.sglang_dump`, which reads them.
 - stat modes keep a ring of `--expert-distribution-recorder-buffer-size` passes (`_CircularBuffer` in
   expert_distribution.py; `arg_groups/parallel_hook.py` sets it to --eplb-rebalance-num-iterations, 1000
   by default, even without EPLB; -1 = unbounded): a longer recording keeps only the last passes. The
@@ -35,12 +35,6 @@ So the client must see the server's dump folder (`dump_dir`: the same machine, o
 every rank writes to). It notes which dump files exist before the start, and after the dump waits for new
 ones (the ranks other than the one answering HTTP may still be writing). Files are told apart by name, not
 by clock, so a shared folder with skewed clocks works. SGLang's files stay where SGLang wrote them.
-
-Merging per-rank files: a window is one forward pass; records of different ranks with the same
-`forward_pass_id` (each rank's scheduler counts its passes, and the ranks of an EP deployment step
-together) are taken as one step: counts summed over ranks, per-token samples concatenated. When every rank
-holds identical records, the ranks saw the same tokens (tensor-parallel MoE routes every token on every
-rank) and one rank is read, so tokens are not counted tp_size times.
 """
 
 from __future__ import annotations
@@ -54,12 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from moeplace.checks import check_array, check_range
-from moeplace.rawfields import _load_dict, _numeric
-from moeplace.readers import _build_trace
-from moeplace.sglang_dump import _fold_physical, _fold_topk, read_sglang_dump
+from moeplace.sglang_dump import read_sglang_dump, read_sglang_rank_dumps
 from moeplace.trace import Trace
 
 STAT_MODES = ("stat", "stat_approx")
@@ -148,92 +138,6 @@ def _ring_full(info: dict, mode: str, kept: int) -> str | None:
     return (f"SGLang's recorder ring was full: the trace keeps the last {kept} forward passes of a longer "
             f"recording (--expert-distribution-recorder-buffer-size {size}); record for less time, or restart "
             "SGLang with a larger --expert-distribution-recorder-buffer-size (-1: unbounded)")
-
-
-def read_sglang_rank_dumps(paths: list[Path], *, top_k: int | None = None) -> Trace:
-    """Read the per-rank files of one SGLang per_pass/per_token dump as one trace (one window per pass).
-
-    top_k defaults to the most top-k slots any token used (SGLang pads every token to 8 slots with -1).
-    """
-    assert paths, "no files to read"
-    # 1. per file: fold every record to logical experts, keyed by forward pass
-    per_rank, p2l_RP = [], None
-    for path in paths:
-        passes, file_p2l = _rank_passes(path)
-        if p2l_RP is not None and not np.array_equal(file_p2l, p2l_RP):
-            raise ValueError(f"{path}: last_physical_to_logical_map differs from that of {paths[0].name}")
-        p2l_RP = file_p2l
-        per_rank.append(passes)
-    # 2. ranks that saw the same tokens are one observation, not several
-    notes = []
-    if len(per_rank) > 1 and all(_same_passes(per_rank[0], other) for other in per_rank[1:]):
-        notes.append(f"the {len(per_rank)} ranks hold identical records (every rank routed every token); read once")
-        per_rank = per_rank[:1]
-    # 3. merge: sum counts over ranks per pass, concatenate the per-token samples
-    pass_ids = sorted(set().union(*per_rank))
-    if not pass_ids:
-        raise ValueError(f"{paths[0].parent}: the dump holds no forward passes; was the server idle while recording?")
-    counts_WRE = np.stack([sum(rank[p][0] for rank in per_rank if p in rank) for p in pass_ids])
-    with_topk = {rank[p][1] is not None for rank in per_rank for p in rank}
-    if len(with_topk) > 1:
-        raise ValueError(f"{paths[0].parent}: some records have 'topk_ids_of_layer' and some do not")
-    topk_TRK = tokens_W = None
-    if with_topk == {True}:
-        samples = [[rank[p][1] for rank in per_rank if p in rank] for p in pass_ids]
-        tokens_W = np.array([sum(s.shape[0] for s in pass_samples) for pass_samples in samples], dtype=np.float64)
-        topk_TRK = np.concatenate([s for pass_samples in samples for s in pass_samples], axis=0)
-        if top_k is None and topk_TRK.size:
-            top_k = max(int((topk_TRK >= 0).sum(axis=2).max()), 1)
-    mode = "per_token" if topk_TRK is not None else "per_pass"
-    meta = {"engine": "sglang", "format": f"sglang expert_distribution {mode} dump", "ranks": str(len(paths))}
-    source = paths[0] if len(paths) == 1 else paths[0].parent
-    trace = _build_trace(source, counts_WRE, meta, window_names=[str(p) for p in pass_ids],
-                         topk_ids_TRK=topk_TRK, tokens_W=tokens_W, top_k=top_k)
-    if notes:  # _build_trace writes its own notes (dropped windows) into metadata["notes"]
-        notes += [trace.metadata["notes"]] if "notes" in trace.metadata else []
-        trace = replace(trace, metadata=dict(trace.metadata, notes="; ".join(notes)))
-    return trace
-
-
-def _rank_passes(path: Path) -> tuple[dict[int, tuple[np.ndarray, np.ndarray | None]], np.ndarray]:
-    """One rank file → ({forward_pass_id: (logical counts [R, E], logical top-k [T, R, K] or None)}, map [R, P])."""
-    src = str(path)
-    data = _load_dict(path)
-    for key in ("records", "last_physical_to_logical_map"):
-        if key not in data:
-            raise ValueError(f"{src}: key '{key}' is missing; not an SGLang per_pass/per_token dump")
-    records = data["records"]
-    if not isinstance(records, list):
-        raise ValueError(f"{src}: field 'records' must be a list of forward passes, got {type(records).__name__}")
-    field = "last_physical_to_logical_map"
-    p2l_RP = check_array(src, field, _numeric(src, field, data[field]), ndim=2, kind="i")
-    check_range(src, field, p2l_RP, 0, p2l_RP.shape[1])
-    num_experts = int(p2l_RP.max()) + 1 if p2l_RP.size else 0  # every logical expert has a slot
-    passes: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or "global_physical_count" not in record:
-            raise ValueError(f"{src}: records[{i}] has no 'global_physical_count'")
-        pass_id = record.get("forward_pass_id", i)
-        if isinstance(pass_id, bool) or not isinstance(pass_id, int):
-            raise ValueError(f"{src}: records[{i}].forward_pass_id must be an integer, got {pass_id!r}")
-        counts_RE = _fold_physical(src, f"records[{i}].global_physical_count", record["global_physical_count"],
-                                   p2l_RP, num_experts)
-        topk_TRK = None
-        if "topk_ids_of_layer" in record:
-            topk_TRK = _fold_topk(src, f"records[{i}].topk_ids_of_layer", record["topk_ids_of_layer"], p2l_RP)
-        if pass_id in passes:  # one pass split over several gatherers: add them up
-            old_counts, old_topk = passes[pass_id]
-            counts_RE = counts_RE + old_counts
-            topk_TRK = None if topk_TRK is None or old_topk is None else np.concatenate([old_topk, topk_TRK])
-        passes[pass_id] = (counts_RE, topk_TRK)
-    return passes, p2l_RP
-
-
-def _same_passes(a: dict, b: dict) -> bool:
-    def same(x, y):
-        return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
-
-    return a.keys() == b.keys() and all(same(a[p][0], b[p][0]) and same(a[p][1], b[p][1]) for p in a)
 
 
 def _wait_for_dump(folder: Path, before: dict[str, tuple], mode: str, ranks: int, timeout: float, url: str) -> list[Path]:

@@ -21,7 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from http_fixture import serving
-from moeplace.profiler.sglang import read_sglang_rank_dumps, record_sglang
+from moeplace.profiler.sglang import record_sglang
+from moeplace.sglang_dump import read_sglang_rank_dumps
 
 ENDPOINTS = {
     "/start_expert_distribution_record": "Start recording the expert distribution.\n",
