@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moeplace.placer.evaluate import MoveReport, TraceScore
-from moeplace.placer.solve import SolveResult
+from moeplace.placer.solve_types import SolveResult
 
 
 def solve_table(result: SolveResult, per_layer: bool) -> Table:

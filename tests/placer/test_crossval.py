@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moeplace.placer.crossval import leave_one_out
-from moeplace.placer.solve import Method, SolveOptions
+from moeplace.placer.solve_types import Method, SolveOptions
 from moeplace.topology import Topology
 from moeplace.trace import Trace
 
