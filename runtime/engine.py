@@ -12,7 +12,8 @@ reshard actions and collects alone.
 
 Expert statistics stay on the GPUs between collects: about once a second (`stats_interval`, or when
 `flush_stats` asks), rank 0 marks a step (or a tick) as a collect, every rank then calls the model's
-`collect_stats` together, and rank 0 hands the window to `on_stats` (metrics, recorder).
+`collect_stats` together, and rank 0 hands the window to `on_stats` (metrics, recorder). The values
+handed out and the flush handshake are in runtime/engine_stats.py.
 """
 
 from __future__ import annotations
@@ -21,20 +22,17 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from moeplace.runtime.control import Admit, Sampled, Step, Stop, Tick
+from moeplace.runtime.engine_stats import StatsWindow, StepStats, _finish, _Flush
 from moeplace.runtime.ranks import EngineConfig, RankWorker, broadcast, gather
 from moeplace.runtime.requests import FinishReason, Request
 from moeplace.runtime.sampling import SEED_LIMIT, SamplingParams
 
-if TYPE_CHECKING:
-    from moeplace.runtime.model import WindowStats
-
-__all__ = ["Engine", "EngineConfig", "QueueFull", "StatsWindow", "StepStats"]
+__all__ = ["Engine", "EngineConfig", "QueueFull"]
 
 
 class QueueFull(Exception):
@@ -58,27 +56,6 @@ class _Sequence:
 class _RankLoad:
     sequences: int
     free_blocks: int
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What the last step did, for /metrics: wall seconds, sequences stepped, tokens computed (all ranks)."""
-
-    seconds: float
-    batch: int
-    tokens: int
-
-
-@dataclass(frozen=True)
-class StatsWindow:
-    """The expert statistics of the steps between two collects: wall-clock span [start, end], steps and
-    tokens (host counts), and the model's WindowStats (counts_LE, gpu_load_LG, samples_TLK)."""
-
-    start: float
-    end: float
-    steps: int
-    tokens: int
-    stats: WindowStats
 
 
 class Engine:
@@ -325,23 +302,3 @@ class Engine:
         while self._flushes:
             flushes.append(self._flushes.popleft())
         return flushes
-
-
-@dataclass
-class _Flush:
-    """One flush_stats call: what to run after the collect, set when done, what it raised."""
-
-    then: object
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-
-
-def _finish(flushes: list[_Flush]) -> None:
-    for flush in flushes:
-        try:
-            if flush.then is not None:
-                flush.then()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller of flush_stats, not the engine loop
-            flush.error = exc
-        finally:
-            flush.done.set()

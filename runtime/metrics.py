@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moeplace.reshard_job import JobState, JobStatus
-from moeplace.runtime.engine import StatsWindow, StepStats
+from moeplace.runtime.engine_stats import StatsWindow, StepStats
 from moeplace.runtime.recorder import Recorder
 
 
