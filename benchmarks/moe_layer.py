@@ -129,7 +129,7 @@ def time_steps(steps, iters: int, warmup: int):
     import torch
     import torch.distributed as dist
 
-    from moeplace.runtime.moe import PhaseTimer
+    from moeplace.runtime.moe_output import PhaseTimer
 
     device = steps[0][1].device
     timer, rows, traffic = PhaseTimer(device), [[] for _ in steps], [None for _ in steps]

@@ -20,7 +20,8 @@ import torch
 
 from moeplace.runtime import mla
 from moeplace.runtime.kv_cache import KVCache, StepPlan
-from moeplace.runtime.moe import EPMoE, MoEOutput, Traffic
+from moeplace.runtime.moe import EPMoE
+from moeplace.runtime.moe_output import MoEOutput, Traffic
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,13 @@ whole batch and rank g routes the g-th contiguous share of its real (unpadded) t
    regroups the sum and rounds the partial sums to the wire dtype: not exact, so not done.)
 The shared expert runs locally (in `forward_shared` the shares are then all-gathered). Steps 1-4 are
 `step_with_ids` (route from given logical experts; their data movement is runtime/dispatch.py), which a
-benchmark can call with its own routing and a `PhaseTimer`.
+benchmark can call with its own routing and a `PhaseTimer` (runtime/moe_output.py, with the step's
+`MoEOutput` and `Traffic`).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from moeplace.runtime.decode import check_capacity, combine, group_by_slot, pack
 from moeplace.runtime.dispatch import (DispatchPlan, by_slot, combine_rows, dispatch_rows, ids_offset,
                                        plan_rows, to_sources)
 from moeplace.runtime.experts import ExpertPath, decode_features, fp8_experts, reference_experts
+from moeplace.runtime.moe_output import MoEOutput, PhaseTimer, Traffic, _no_lap
 from moeplace.kernels.fp8 import FP8, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
@@ -53,43 +53,6 @@ class Gate(nn.Module):
         # float32 whatever the model dtype: the bias decides near-ties between experts.
         self.weight = nn.Parameter(torch.empty(num_experts, hidden, device=device), requires_grad=False)
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
-
-
-class PhaseTimer:
-    """Time between consecutive `lap`s of MoE steps, per phase name: CUDA events on a GPU (no host
-    sync until `read`), the host clock on CPU. `start` before each step; `read` sums over the steps."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.laps: list[tuple[str, object, object]] = []
-        self._last = None
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start(self) -> None:
-        self._last = self._now()
-
-    def lap(self, phase: str) -> None:
-        assert self._last is not None, "PhaseTimer.lap before start"
-        now = self._now()
-        self.laps.append((phase, self._last, now))
-        self._last = now
-
-    def read(self) -> dict[str, float]:
-        """{phase: milliseconds summed over the laps recorded}; clears the laps."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        out: dict[str, float] = {}
-        for phase, a, b in self.laps:
-            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-            out[phase] = out.get(phase, 0.0) + ms
-        self.laps, self._last = [], None
-        return out
 
 
 class EPMoE(nn.Module):
@@ -330,38 +293,6 @@ class EPMoE(nn.Module):
                                self.w2_sinv_Sdf, dtype, offsets_host)
         return reference_experts(decode_features(rows_MW, self.expert_path, D, dtype), counts_S.tolist(),
                                  self.w13_SFD, self.w13_sinv_Sfd, self.w2_SDF, self.w2_sinv_Sdf, self.block)
-
-@dataclass(frozen=True)
-class MoEOutput:
-    """One MoE layer's step on this rank: y_TD [T, D] its output; ids_TK int64 [T', K] the logical experts
-    the tokens this rank routed selected (the profiler's per-token samples); traffic: what moved."""
-
-    y_TD: torch.Tensor
-    ids_TK: torch.Tensor
-    traffic: Traffic
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """Rows (one per token and destination) and assignments (one per token and expert) this rank sent to and
-    received from each rank in one step; bytes of a dispatched row and of a result row."""
-
-    send_rows: list[int]
-    send_assignments: list[int]
-    recv_rows: list[int]
-    recv_assignments: list[int]
-    row_bytes: int
-    result_bytes: int
-
-    def off_rank_bytes(self, rank: int) -> tuple[int, int]:
-        """(dispatch, combine) bytes across this rank's links: the larger of out and in, its own rows left out."""
-        off = lambda counts: sum(counts) - counts[rank]  # noqa: E731
-        return (max(off(self.send_rows), off(self.recv_rows)) * self.row_bytes,
-                max(off(self.send_assignments), off(self.recv_assignments)) * self.result_bytes)
-
-
-def _no_lap(phase: str) -> None:
-    pass
 
 
 def _shares(num_tokens: int, world_size: int) -> list[int]:

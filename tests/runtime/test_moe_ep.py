@@ -27,7 +27,7 @@ from moeplace.runtime.batch import greedy_continue, pad_right  # noqa: E402
 from moeplace.runtime.checkpoint import expert_tensor  # noqa: E402
 from moeplace.runtime.experts import ExpertPath  # noqa: E402
 from moeplace.runtime.model import EPModel  # noqa: E402
-from moeplace.runtime.moe import PhaseTimer  # noqa: E402
+from moeplace.runtime.moe_output import PhaseTimer  # noqa: E402
 from moeplace.runtime.reference import load_reference, reference_logits  # noqa: E402
 from moeplace.resources import EXAMPLE_TRACE  # noqa: E402
 from moeplace.runtime.synthetic_weights import random_tensors  # noqa: E402
