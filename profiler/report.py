@@ -16,8 +16,8 @@ import numpy as np
 from moeplace.fileio import atomic_write_bytes, check_output
 from moeplace.placement import Placement, trivial_placement
 from moeplace.placer.evaluate import align
-from moeplace.profiler.report_figures import (Plot, Scene, _gpu_plot, _load_plot, _nodes_plot, _placement_name,
-                                              _replica_plot, _window_names, _windows_plot)
+from moeplace.profiler.report_figures import (Plot, Scene, _gpu_plot, _load_plot, _nodes_plot,
+                                              _placement_name, _replica_plot, _window_names, _windows_plot)
 from moeplace.trace import Trace
 
 
