@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -206,6 +207,13 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
+    if args.where == "gpu":
+        # A rank skips the interpreter's teardown, as serve's ranks do (runtime/launch.py): on a loaded
+        # machine a gloo rank has aborted there ("terminate called without an active exception", a
+        # background thread still joinable at exit) after all its work and output were done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
