@@ -237,23 +237,28 @@ def _result(job, rate, source, target, expert_bytes, best, steady, during, swaps
 
     busiest = received_by_busiest(source, target) * expert_bytes
     gbps = busiest / job.seconds / 1e9 if job.seconds > 0 else 0.0
-    pct = lambda xs, q: float(np.percentile(np.array(xs) * 1e3, q))  # noqa: E731
+    pct = _ms_percentile
     return {"rate_gbps": rate, "state": job.state.value,
             "error": job.error, "seconds": job.seconds, "experts_moved": job.experts_moved,
             "plan_minimum": int(moves(source, target).experts), "busiest_gpu_received_bytes": busiest,
             "busiest_gbps": gbps, "of_best_peer": gbps / best, "steps_during": len(during),
             "steady_p50_ms": pct(steady, 50), "steady_p99_ms": pct(steady, 99),
             "during_p50_ms": pct(during, 50), "during_p99_ms": pct(during, 99), "during_max_ms": pct(during, 100),
-            "swap_steps": int(sum(swaps)), "swap_step_max_ms": pct([t for t, s in zip(during, swaps) if s] or [0], 100),
-            "no_swap_p99_ms": pct([t for t, s in zip(during, swaps) if not s] or [0], 99),
+            "swap_steps": int(sum(swaps)), "swap_step_max_ms": pct([t for t, s in zip(during, swaps) if s], 100),
+            "no_swap_p99_ms": pct([t for t, s in zip(during, swaps) if not s], 99),
             "phase_seconds": job.to_json()["phase_seconds"], "rank_phase_seconds": job.to_json()["rank_phase_seconds"]}
+
+
+def _ms_percentile(seconds: list[float], q: float) -> float:
+    """The q-th percentile of step times, in ms (0 for no steps)."""
+    return float(np.percentile(np.array(seconds or [0.0]) * 1e3, q))
 
 
 def _pooled(jobs: list[dict], steady: list[float]) -> dict:
     """One rate's row of the frontier: every job's steps during the reshard pooled; bandwidth as the median job's."""
     during = [t for r in jobs for t in r["during_s"]]
     plain = [t for r in jobs for t, swapped in zip(r["during_s"], r["swaps"]) if not swapped]
-    pct = lambda xs, q: float(np.percentile(np.array(xs or [0.0]) * 1e3, q))  # noqa: E731
+    pct = _ms_percentile
     return {"rate_gbps": jobs[0]["rate_gbps"], "jobs": len(jobs), "steps_during": len(during),
             "busiest_gbps_median": float(np.median([r["busiest_gbps"] for r in jobs])),
             "of_best_peer_median": float(np.median([r["of_best_peer"] for r in jobs])),

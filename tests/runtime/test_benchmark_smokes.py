@@ -13,10 +13,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeplace.runtime.synthetic import DEFAULT_ROUTING_TRACE
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def test_reshard_links_time_a_call_on_cpu():
+    """benchmarks/reshard_links.py's timing on CPU (its copy-engine measurements need two GPUs; its
+    NCCL-or-gloo P2P runs in the reshard smoke below)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from reshard_links import seconds, sync_stream
+
+    calls = []
+    assert seconds(lambda: calls.append(1), torch.device("cpu"), reps=3) >= 0 and len(calls) == 4  # warm-up + 3
+    sync_stream(torch.device("cpu"))
 
 
 def test_reshard_benchmark_cpu_smoke(tmp_path):
@@ -29,6 +41,7 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [r["rate_gbps"] for r in result["reshards"]] == [0] * 4 + [0.02] * 4 and result["step_layers"] == 3
+    assert result["peer_gbps_per_gpu"]["nccl_p2p"] > 0  # reshard_links.nccl_p2p, on gloo here
     frontier = result["frontier"]  # one row per rate, pooling both repeats' steps
     assert [(f["rate_gbps"], f["jobs"]) for f in frontier] == [(0, 4), (0.02, 4)]
     assert [f["steps_during"] for f in frontier] == [sum(r["steps_during"] for r in result["reshards"][i:i + 4])
