@@ -29,16 +29,13 @@ def open_slots(shared: list[list[tuple]]) -> list[SlotWeights]:
 
 
 class CopyWork:
-    """A batch of peer copies on one or more streams, done when each stream's event is: the
-    is_completed()/wait() of a c10d Work."""
+    """A batch of peer copies on one or more streams, done when each stream's event is: wait() as a c10d
+    Work's (the current stream waits), synchronize() on the host."""
 
     def __init__(self, streams: list[torch.cuda.Stream]) -> None:
         self.events = [torch.cuda.Event() for _ in streams]
         for event, stream in zip(self.events, streams):
             event.record(stream)
-
-    def is_completed(self) -> bool:
-        return all(event.query() for event in self.events)
 
     def wait(self) -> None:
         for event in self.events:
