@@ -242,9 +242,10 @@ class Resharder:
         seconds = time.monotonic() - began  # before the gather below: the job's own time
         self._job, self.timeline = None, tuple(laps.timeline)
         # one line per rank and job in the server's log: where each layer's time went (ms since start)
-        print(f"reshard {job_id} rank {self.rank} laps (ms): "
-              + " ".join(f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}" for lap in laps.timeline), file=sys.stderr,
-              flush=True)
+        # one write (print writes the newline apart): the ranks share the log, and their lines must not mix
+        sys.stderr.write(f"reshard {job_id} rank {self.rank} laps (ms): "
+                         + " ".join(f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}" for lap in laps.timeline) + "\n")
+        sys.stderr.flush()
         rank_phases = tuple(self._gather(laps.phases))  # the job's way there, on every rank
         if self.rank == 0:
             self.jobs.update(job_id, rank_phase_seconds=rank_phases)
