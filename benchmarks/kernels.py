@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
+from kernels_inputs import blockwise_mm, fp8_weights, loop_baseline, sorted_rows  # noqa: E402
+from kernels_sweep import fits, occupancy_note, smem_estimate, sweep  # noqa: E402
 from kernels_timing import Rows, agreement, copy_bandwidth_gbs, graphed, print_summary, rel_err  # noqa: E402
 
 HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # datasheet, SXM parts
@@ -41,37 +43,6 @@ GPU_SHAPE = dict(D=7168, F=2048)
 SMOKE_SCENARIOS = [("prefill E4", "prefill_in4096.json", 96, 4),
                    ("decode E6", "decode_in1000out1000.json", 24, 6)]
 SMOKE_SHAPE = dict(D=256, F=128)
-
-
-def sweep(rows_per_expert: float, smoke: bool):
-    """Candidates for a GEMM with this many rows per expert: what the ptxas report (Triton 3.6, sm_90a)
-    left standing, i.e. no register spills or few, and the torch loop on 1-4 streams where the GEMMs are
-    large. Prefill E32 keeps only the TMA configs that won 2026-11-30's two H200 runs among the Triton
-    ones (pointer m64/m128 and TMA m256 lost by 5-60%: benchmarks/BENCHMARKS.md)."""
-    from moeplace.kernels.gemm_table import Backend, GemmConfig as C
-    tma, pf = dict(backend=Backend.triton_tma), dict(prefetch_scales=True)
-    loops = [C(backend=Backend.torch_loop, streams=n) for n in (1, 2, 3, 4)]
-    if smoke:
-        return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **tma, **pf, programs_per_sm=2),
-                C(16, 128, 1, 4, 2, **tma, warp_specialize=True)]
-    if rows_per_expert > 256:  # prefill at EP8: compute-bound
-        return [C(128, 128, 8, 8, 3, **tma, **pf), C(128, 128, 8, 8, 4, **tma, **pf), *loops]
-    if rows_per_expert > 64:  # prefill over all experts
-        return [C(128, 128, 8, 8, 3, **tma), C(128, 128, 8, 8, 3, **tma, **pf), C(64, 128, 8, 8, 4, **pf),
-                C(64, 128, 8, 4, 4, **pf), C(128, 128, 16, 8, 4, **pf), loops[0]]
-    if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
-        # One m64 program per SM stalls on every K block's wgmma + promotion (65% of HBM in run 3); a
-        # second resident program (p2) streams while the first waits: 75% gate/up, 70% down in run 4a.
-        # Run 4a's losers are gone (BENCHMARKS.md): m128 w8 (an expert's weights read once, but 57-68%),
-        # s2 (too shallow even at p2/p3), m32 (mma.sync), n256 w8 (7%). SwiGLU's 40 KB stages fit one
-        # program per SM at s3+, so it gets two warpgroups (w8) and deeper pipelines instead.
-        return [C(64, 128, 1, 4, 4, **tma, **pf), C(64, 128, 1, 4, 4, **tma, **pf, programs_per_sm=2),
-                C(64, 128, 1, 4, 3, **tma, **pf, programs_per_sm=2),
-                C(64, 128, 1, 4, 3, **tma, **pf, programs_per_sm=3),
-                C(64, 64, 1, 4, 4, **tma, **pf, programs_per_sm=3), C(64, 128, 1, 8, 4, **tma, **pf),
-                C(64, 128, 1, 8, 5, **tma, **pf), C(64, 128, 1, 4, 5, **tma, **pf), C(64, 128, 1, 4, 4, **pf)]
-    return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **pf),
-            C(16, 128, 1, 4, 4, **tma, **pf)]
 
 
 # ---------------------------------------------------------------- inputs
@@ -92,48 +63,7 @@ def expert_counts(source: dict | None, trace: str, M: int, E: int, gen) -> torch
     return torch.bincount(torch.multinomial(p, M, replacement=True, generator=gen), minlength=E)
 
 
-def fp8_weights(E, N, K, dev):
-    """Random block-quantised weights, built one expert at a time (11 GB at E 256 on the GPU)."""
-    from moeplace.kernels.fp8_quant import FP8, quant_weight_blocks_ref
-    q = torch.empty(E, N, K, dtype=FP8, device=dev)
-    s = torch.empty(E, N // 128, K // 128, dtype=torch.float32, device=dev)
-    for e in range(E):
-        q[e], s[e] = quant_weight_blocks_ref(torch.randn(N, K, device=dev) / K**0.5)
-    return q, s
-
-
-def sorted_rows(counts, K, dev):
-    """Activations already in the sorted layout: fp8 rows and per-128 scales, plus the offsets."""
-    from moeplace.kernels.fp8_quant import FP8
-    M = int(counts.sum())
-    a = (torch.randn(M, K, device=dev) * 8).to(FP8)
-    a_s = torch.rand(M, K // 128, device=dev) * 0.01 + 0.001
-    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
-    offsets[1:] = counts.cumsum(0)
-    return a, a_s, offsets.to(dev)
-
-
 # ---------------------------------------------------------------- one GEMM shape
-
-
-def blockwise_mm(a, a_s, w, w_s):
-    """torch._scaled_mm with DeepSeek scales: a [m, K] with 1×128 scales [m, K/128] stored outer-dim-major
-    (stride (1, m)), w [N, K] with 128×128 scales [N/128, K/128] (passed transposed, as torch checks)."""
-    return torch._scaled_mm(a, w.t(), a_s, w_s.t(), out_dtype=torch.bfloat16)
-
-
-def loop_baseline(a, a_s, w, w_s, offsets):
-    """The per-expert loop with its operands built outside the timed region (rows padded to a multiple of
-    4): what the issue's targets compare against; it favours the loop (no host sync, no padding)."""
-    off = offsets.tolist()
-    calls = []
-    for e, (lo, hi) in enumerate(zip(off[:-1], off[1:])):
-        if hi > lo:
-            pad = -(hi - lo) % 4
-            ae = torch.cat([a[lo:hi], a.new_zeros(pad, a.shape[1])])
-            se = torch.cat([a_s[lo:hi], a_s.new_ones(pad, a_s.shape[1])])
-            calls.append((ae, se.t().contiguous().t(), w[e], w_s[e]))
-    return lambda: [blockwise_mm(*c) for c in calls]
 
 
 def check_candidate(kind, cfg, a, a_s, w, w_s, offsets, ref, ref_rows) -> tuple[bool, str]:
@@ -178,10 +108,16 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
         wide = cfg.block_n != 128 or cfg.block_m > 128
         if kind is GemmKind.swiglu and cfg.backend is not Backend.torch_loop and wide:
             continue  # one 128-channel group per tile (the fused quantisation); 256 rows of two accumulators spill
+        if not fits(kind, cfg):
+            print(f"  {cfg.label}: skipped, {cfg.programs_per_sm} programs of ~{smem_estimate(kind, cfg) >> 10} KB "
+                  "do not fit an SM's shared memory")
+            continue
         if time.monotonic() > deadline:
             print(f"  (time budget spent: {cfg.label} not timed)")
             continue
         ok, note = check_candidate(kind, cfg, a, a_s, w, w_s, offsets, ref, ref_rows)
+        if ok:
+            note += occupancy_note(kind, cfg, a, a_s, w, w_s, offsets)
         loop = cfg.backend is Backend.torch_loop
         for offsets_host in ((None, host) if loop else (None,)):
             label = cfg.label + (" host offsets" if offsets_host else "")
@@ -336,10 +272,11 @@ def main():
           f"HBM datasheet {hbm:.0f} GB/s, measured copy (read+write) {copy_gbs:.0f} GB/s; rows per expert: "
           f"{'DeepSeek-V3 layer %d' % LAYER if source else 'SYNTHETIC Zipf(1)'}", flush=True)
     scenarios, shape = (SMOKE_SCENARIOS, SMOKE_SHAPE) if args.cpu_smoke else (GPU_SCENARIOS, GPU_SHAPE)
+    if args.scenarios != "all":  # in the order named: a run whose time budget runs out keeps the first ones
+        by_name = {s[0]: s for s in scenarios}
+        scenarios = [by_name[n.strip()] for n in args.scenarios.split(",") if n.strip() in by_name]
     all_rows, entries, weights = [], [], {}
     for name, trace, M, E in scenarios:
-        if args.scenarios != "all" and name not in args.scenarios.split(","):
-            continue
         if E not in weights:
             weights.clear()
             torch.cuda.empty_cache() if dev == "cuda" else None

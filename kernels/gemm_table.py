@@ -49,6 +49,10 @@ class GemmConfig:
     # torch_loop only: CUDA streams the experts' GEMMs are spread over, so one GEMM's last partial wave of
     # tiles overlaps the next one's first (torch_gemm.stream_lanes)
     streams: int = 1
+    # triton_tma only: K columns per pipeline stage, 128 (one scale block) or 64 (half of one: the
+    # promotion then runs every 64 columns with the block's scales), so that a stage of the SwiGLU GEMM
+    # (A and two weight tiles) takes 20 KB instead of 40 and two programs fit on an SM at 4-5 stages
+    block_k: int = 128
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -59,6 +63,9 @@ class GemmConfig:
         assert 1 <= self.programs_per_sm <= 4, f"GemmConfig.programs_per_sm must be in [1, 4], got {self.programs_per_sm}"
         assert self.programs_per_sm == 1 or self.backend is Backend.triton_tma, \
             f"GemmConfig.programs_per_sm={self.programs_per_sm} needs the persistent kernel (triton_tma)"
+        assert self.block_k in (64, 128), f"GemmConfig.block_k must be 64 or 128, got {self.block_k}"
+        assert self.block_k == 128 or self.backend is Backend.triton_tma, \
+            f"GemmConfig.block_k={self.block_k} needs the persistent kernel (triton_tma)"
 
     @property
     def label(self) -> str:
@@ -66,6 +73,7 @@ class GemmConfig:
             return "torch _scaled_mm loop" + (f" {self.streams} streams" if self.streams > 1 else "")
         flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
         flags += f" p{self.programs_per_sm}" if self.programs_per_sm > 1 else ""
+        flags += f" k{self.block_k}" if self.block_k != 128 else ""
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
 

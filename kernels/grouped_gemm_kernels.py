@@ -6,6 +6,8 @@ cdiv(rows_e, BLOCK_M) consecutive m-tiles, so an empty expert costs nothing.
 Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from moeplace.kernels._triton import HAS_TRITON, tl, triton
@@ -46,13 +48,14 @@ def _tile_coords(t, num_m, n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_scales(as_ptrs, bs_ptrs, kb, N, stride_bsn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
-    """K block kb's scales: activations [BLOCK_M, 1], weights (a scalar, or [1, BLOCK_N] for wide tiles),
-    and the up_proj rows' weights under SWIGLU (else the same as the weights')."""
+def _load_scales(as_ptrs, bs_ptrs, kb, N, stride_bsn, SCALE_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """Scale block kb's scales (K columns [kb * SCALE_K, (kb + 1) * SCALE_K)): activations [BLOCK_M, 1],
+    weights (a scalar, or [1, BLOCK_N] for wide tiles), and the up_proj rows' weights under SWIGLU (else
+    the same as the weights')."""
     a_s = tl.load(as_ptrs + kb)[:, None]
     b_s = tl.load(bs_ptrs + kb)
     if SWIGLU:
-        u_s = tl.load(bs_ptrs + (N // BLOCK_K) * stride_bsn + kb)
+        u_s = tl.load(bs_ptrs + (N // SCALE_K) * stride_bsn + kb)
     else:
         u_s = b_s
     return a_s, b_s, u_s
@@ -128,12 +131,13 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, off_ptr, N
 def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
                        stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm,
                        E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
-                       SWIGLU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PREFETCH: tl.constexpr,
-                       FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+                       BLOCK_K: tl.constexpr, SCALE_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       NUM_PROGS: tl.constexpr, SWIGLU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                       PREFETCH: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # A [M, K] and B [E * N_W, K] arrive through TMA descriptors: rows past M read as zeros, rows past an
     # expert's end read the next expert's rows, and neither is ever stored. With BLOCK_N ≤ 128 one
     # weight-scale block covers a tile's columns and the promotion is one FMA per accumulator element.
+    # A K step is BLOCK_K columns (SCALE_K or half of it): step ks lies in scale block ks // (SCALE_K // BLOCK_K).
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M)
     num_m = tl.max(tiles_end, axis=0)
     n_tiles = N // BLOCK_N
@@ -143,32 +147,70 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
         e, m0, row_hi = _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M)
         rows = m0 + tl.arange(0, BLOCK_M)
         as_ptrs = as_ptr + tl.minimum(rows, row_hi - 1).to(tl.int64) * stride_asm
-        if BLOCK_N <= BLOCK_K:
-            bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+        if BLOCK_N <= SCALE_K:
+            bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // SCALE_K) * stride_bsn
         else:  # a [1, BLOCK_N] row of the weight scales, one per column
-            bs_cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) // BLOCK_K
+            bs_cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) // SCALE_K
             bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + bs_cols[None, :] * stride_bsn
         b_row = e * N_W + pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         last = K // BLOCK_K - 1
-        a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, 0, N, stride_bsn, BLOCK_K, SWIGLU)
-        a_s1, b_s1, u_s1 = _load_scales(as_ptrs, bs_ptrs, tl.minimum(1, last), N, stride_bsn, BLOCK_K, SWIGLU)
-        for kb in range(0, K // BLOCK_K):
-            if PREFETCH:  # as in the pointer kernel, but two K blocks ahead (the TMA pipeline survives it)
-                nxt = tl.minimum(kb + 2, last)
-                a_s2, b_s2, u_s2 = _load_scales(as_ptrs, bs_ptrs, nxt, N, stride_bsn, BLOCK_K, SWIGLU)
+        a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, 0, N, stride_bsn, SCALE_K, SWIGLU)
+        per_block = SCALE_K // BLOCK_K  # K steps per scale block
+        a_s1, b_s1, u_s1 = _load_scales(as_ptrs, bs_ptrs, tl.minimum(1, last) // per_block, N, stride_bsn, SCALE_K,
+                                        SWIGLU)
+        for ks in range(0, K // BLOCK_K):
+            # as in the pointer kernel, but two K steps ahead (the TMA pipeline survives it); with 64-column
+            # steps every scale is loaded twice, from L1 the second time
+            if PREFETCH:
+                nxt = tl.minimum(ks + 2, last) // per_block
+                a_s2, b_s2, u_s2 = _load_scales(as_ptrs, bs_ptrs, nxt, N, stride_bsn, SCALE_K, SWIGLU)
             else:
-                a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, kb, N, stride_bsn, BLOCK_K, SWIGLU)
-            a = a_desc.load([m0, kb * BLOCK_K])
-            acc += tl.dot(a, b_desc.load([b_row, kb * BLOCK_K]).T) * (a_s * b_s)
+                a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, ks // per_block, N, stride_bsn, SCALE_K, SWIGLU)
+            a = a_desc.load([m0, ks * BLOCK_K])
+            acc += tl.dot(a, b_desc.load([b_row, ks * BLOCK_K]).T) * (a_s * b_s)
             if SWIGLU:
-                acc_up += tl.dot(a, b_desc.load([b_row + N, kb * BLOCK_K]).T) * (a_s * u_s)
+                acc_up += tl.dot(a, b_desc.load([b_row + N, ks * BLOCK_K]).T) * (a_s * u_s)
             if PREFETCH:
                 a_s, b_s, u_s, a_s1, b_s1, u_s1 = a_s1, b_s1, u_s1, a_s2, b_s2, u_s2
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _epilogue(acc, acc_up, c_ptr, cs_ptr, rows, row_hi, cols, pid_n, stride_cm, stride_csm, SWIGLU, FP8_MAX,
-              EPS)
+                  EPS)
+
+
+# Hopper's SM (H100, H200): 228 KB of shared memory, of which each resident program also takes 1 KB the
+# system reserves; 65,536 registers, given out per warp in units of 256 (CUDA occupancy calculator)
+SMEM_PER_SM, SMEM_RESERVED, REGS_PER_SM, REG_UNIT = 228 * 1024, 1024, 65536, 256
+
+
+@dataclass(frozen=True, slots=True)
+class Occupancy:
+    """What one compiled program of a launch holds on an SM, from the compiled kernel."""
+
+    shared_bytes: int
+    regs_per_thread: int
+    spills: int  # registers spilled to local memory (ptxas)
+    num_warps: int
+
+    @property
+    def per_sm(self) -> int:
+        """Programs that fit on one SM at once: the lesser of shared memory's and registers' bound."""
+        by_smem = SMEM_PER_SM // (self.shared_bytes + SMEM_RESERVED)
+        warp_regs = -(-self.regs_per_thread * 32 // REG_UNIT) * REG_UNIT
+        return min(by_smem, REGS_PER_SM // (warp_regs * self.num_warps))
+
+    @property
+    def note(self) -> str:
+        spilled = f", {self.spills} spilled" if self.spills else ""
+        return f"smem {self.shared_bytes / 1024:.0f} KB, {self.regs_per_thread} regs{spilled}: {self.per_sm}/SM"
+
+
+def _occupancy(kernel, num_warps: int) -> Occupancy | None:
+    """From the compiled kernel a Triton launch returns (None under the interpreter)."""
+    if getattr(kernel, "n_regs", None) is None:
+        return None
+    return Occupancy(kernel.metadata.shared, kernel.n_regs, getattr(kernel, "n_spills", 0), num_warps)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -184,28 +226,33 @@ def tma_ready(a_MK: torch.Tensor, b_ENK: torch.Tensor) -> bool:
 
 
 def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
-           cfg: GemmConfig, swiglu: bool) -> None:
+           cfg: GemmConfig, swiglu: bool) -> Occupancy | None:
     """Run one Triton grouped GEMM into c (and c_scale with the SwiGLU epilogue); TMA when cfg asks and the
-    operands allow it, else the pointer kernel."""
+    operands allow it, else the pointer kernel. Returns what one program of it holds on an SM (None under
+    the interpreter or for M = 0)."""
     (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
     assert N_out % cfg.block_n == 0, f"N={N_out} is not a multiple of block_n={cfg.block_n}"
     if M == 0:
-        return
+        return None
     # every expert adds at most one partly filled m-tile, and at most min(E, M) experts have rows
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
-    common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
-                  GROUP_M=cfg.group_m, SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                  SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK):
         progs = min(_num_sms(a_MK.device) * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
-        a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP])
-        b_desc = TensorDescriptor(b_ENK, [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, GROUP])
-        _persistent_kernel[(progs,)](
+        a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, cfg.block_k])
+        b_desc = TensorDescriptor(b_ENK, [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, cfg.block_k])
+        kernel = _persistent_kernel[(progs,)](
             a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
             a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0),
-            c_scale.stride(0), E, NUM_PROGS=progs, WARP_SPECIALIZE=cfg.warp_specialize, **common)
-        return
-    _grouped_gemm_kernel[(num_m_bound * (N_out // cfg.block_n),)](
+            c_scale.stride(0), E, BLOCK_K=cfg.block_k, SCALE_K=GROUP, NUM_PROGS=progs,
+            WARP_SPECIALIZE=cfg.warp_specialize, **common)
+        return _occupancy(kernel, cfg.num_warps)
+    # the pointer kernel steps one scale block at a time whatever cfg.block_k says (a TMA config whose
+    # operands TMA cannot read runs here)
+    kernel = _grouped_gemm_kernel[(num_m_bound * (N_out // cfg.block_n),)](
         a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, num_m_bound,
         a_MK.stride(0), a_scale_MKb.stride(0), b_ENK.stride(0), b_ENK.stride(1), b_scale_ENbKb.stride(0),
-        b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E, **common)
+        b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E, BLOCK_K=GROUP, **common)
+    return _occupancy(kernel, cfg.num_warps)

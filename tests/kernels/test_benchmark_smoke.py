@@ -27,3 +27,27 @@ def test_cpu_smoke_writes_a_table_the_dispatcher_reads(tmp_path):
     assert not [r for r in measured if "error" in r], "every smoke candidate runs"
     errs = [float(r["note"].split()[-1]) for r in measured if r.get("note", "").startswith("rel err")]
     assert errs and max(errs) < 1e-5, "the interpreter sums exactly in fp32"
+
+
+def test_sweep_skips_what_cannot_fit_two_programs_and_keeps_what_can(monkeypatch):
+    """The shared-memory estimate against Triton 3.6's compiled sizes for sm_90a (benchmarks/kernels_sweep.py):
+    SwiGLU at 128-column K steps holds 40 KB a stage, so two programs never fit at s3+; at 64 columns they fit
+    at s4-s5 (88 / 108 KB compiled) but not s6 (128 KB)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from kernels_sweep import fits, smem_estimate, sweep
+
+    from moeplace.kernels.gemm_table import Backend, GemmConfig
+
+    def p2(stages, block_k=128, block_m=64, block_n=128):
+        return GemmConfig(block_m, block_n, 1, 4, stages, backend=Backend.triton_tma, programs_per_sm=2, block_k=block_k)
+
+    swiglu, plain = GemmKind.swiglu, GemmKind.plain
+    assert smem_estimate(swiglu, p2(4)) == 168 * 1024 and smem_estimate(swiglu, p2(5, 64)) == 108 * 1024
+    assert not fits(swiglu, p2(3)) and not fits(swiglu, p2(6, 64))
+    assert fits(swiglu, p2(4, 64)) and fits(swiglu, p2(5, 64))
+    assert fits(plain, p2(4)) and fits(plain, p2(8, 64)) and fits(plain, p2(4, block_m=128, block_n=64))
+    assert not fits(plain, p2(5)), "m64 n128 s5: 128 KB compiled, one per SM"
+    decode = [c for c in sweep(1024 / 32, smoke=False) if fits(swiglu, c) and c.programs_per_sm == 2]
+    assert decode and all(c.block_k == 64 for c in decode), "SwiGLU's two-program decode candidates: 64-column steps"
+    prefill = [c for c in sweep(32768 / 32, smoke=False) if c.programs_per_sm == 2]
+    assert prefill and all(fits(plain, c) for c in prefill), "no plain prefill candidate is there to be skipped"

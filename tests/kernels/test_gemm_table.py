@@ -57,13 +57,18 @@ def test_config_rejects_a_tile_that_is_not_a_power_of_two():
         GemmConfig(programs_per_sm=2)
     with pytest.raises(AssertionError, match="programs_per_sm must be in \\[1, 4\\], got 5"):
         GemmConfig(backend="triton_tma", programs_per_sm=5)
+    with pytest.raises(AssertionError, match="block_k must be 64 or 128, got 32"):
+        GemmConfig(backend="triton_tma", block_k=32)
+    with pytest.raises(AssertionError, match="block_k=64 needs the persistent kernel"):
+        GemmConfig(block_k=64)
 
 
-def test_programs_per_sm_survives_the_table_and_shows_in_the_label(tmp_path):
-    path, p2 = tmp_path / "t.json", GemmConfig(64, 128, 1, 4, 3, backend="triton_tma", programs_per_sm=2)
+def test_programs_per_sm_and_block_k_survive_the_table_and_show_in_the_label(tmp_path):
+    path, p2 = tmp_path / "t.json", GemmConfig(64, 128, 1, 4, 3, backend="triton_tma", programs_per_sm=2, block_k=64)
     write_table(path, "H200", [table_row(GemmKind.plain, 32, 7168, 2048, TableEntry(p2, p2, p2), {})], {})
     assert lookup(GemmKind.plain, 32, 7168, 2048, "H200", path).best == p2
-    assert p2.label == "triton_tma m64 n128 g1 w4 s3 p2" and " p" not in GemmConfig().label
+    assert p2.label == "triton_tma m64 n128 g1 w4 s3 p2 k64"
+    assert " p" not in GemmConfig().label and " k" not in GemmConfig().label
 
 
 def test_off_the_gpu_the_dispatch_is_the_default():
@@ -97,3 +102,15 @@ def test_the_torch_loop_is_never_chosen_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda) == tma
     assert choose_config(GemmKind.plain, 32768, 32, 4096, 7168, cuda, host_offsets=True) == tma
+
+
+def test_occupancy_counts_shared_memory_and_registers():
+    """Programs per SM of a compiled kernel (Triton 3.6, sm_90a, compiled here): the bound is shared memory
+    or registers, whichever is lower."""
+    from moeplace.kernels.grouped_gemm_kernels import Occupancy
+    KB = 1024
+    assert Occupancy(88 * KB, 255, 14, 4).per_sm == 2, "SwiGLU m64 k64 s4: 2 x 32K registers is the whole file"
+    assert Occupancy(168 * KB, 255, 14, 4).per_sm == 1, "SwiGLU m64 k128 s4: shared memory"
+    assert Occupancy(96 * KB, 186, 0, 8).per_sm == 1, "m128 n128 w8 k64 s4: 2 programs by smem, 1 by registers"
+    assert Occupancy(56 * KB, 194, 0, 4).per_sm == 2, "m64 n128 k64 s4: 3 by smem, 2 by registers"
+    assert Occupancy(104 * KB, 196, 0, 4).note == "smem 104 KB, 196 regs: 2/SM"

@@ -33,7 +33,11 @@ CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig
            # decode candidates: two warpgroups per program, and more persistent programs than SMs (their
            # tile strides must still cover every tile once)
            GemmConfig(128, 128, 1, 8, 3, backend=TMA, prefetch_scales=True),
-           GemmConfig(32, 256, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=3)]
+           GemmConfig(32, 256, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=3),
+           # 64-column K steps, two per 128-column scale block (K = 384: six steps over three blocks whose
+           # weight scales differ by up to 100x, so a step that reads its neighbour block's scales fails)
+           GemmConfig(16, 128, 2, 4, 2, backend=TMA, block_k=64),
+           GemmConfig(32, 256, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=2, block_k=64)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
@@ -66,8 +70,11 @@ def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, 
 
 @pytest.mark.parametrize("cfg", [GemmConfig(16, 128, 1, 4, 2, prefetch_scales=True),
                                  GemmConfig(64, 128, 4, 4, 3, backend=TMA, prefetch_scales=True),
-                                 GemmConfig(16, 128, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=2)],
-                         ids=["m16", "m64-tma", "m16-tma-w8-p2"])
+                                 GemmConfig(16, 128, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=2),
+                                 GemmConfig(16, 128, 1, 4, 2, backend=TMA, block_k=64),
+                                 GemmConfig(64, 128, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=2,
+                                            block_k=64)],
+                         ids=["m16", "m64-tma", "m16-tma-w8-p2", "m16-tma-k64", "m64-tma-p2-k64"])
 def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(30, 8, 16, local=10)
     _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row
@@ -116,7 +123,9 @@ def test_grouped_gemm_deepseek_shapes(routing, gen, device, poisoned, rel_err, g
 DECODE_CANDIDATES = [GemmConfig(64, 128, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=2),
                      GemmConfig(64, 128, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=3),
                      GemmConfig(64, 64, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=3),
-                     GemmConfig(64, 128, 1, 8, 5, backend=TMA, prefetch_scales=True)]
+                     GemmConfig(64, 128, 1, 8, 5, backend=TMA, prefetch_scales=True),
+                     GemmConfig(64, 128, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=2, block_k=64),
+                     GemmConfig(64, 128, 1, 4, 6, backend=TMA, prefetch_scales=True, block_k=64)]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,93 @@
+"""The tile candidates benchmarks/kernels.py times per GEMM, and what fits on an SM: the shared memory a
+candidate needs (estimated, to skip one whose programs cannot all be resident) and what its compiled kernel
+holds (measured on the card, printed with its row).
+
+Register counts quoted below are ptxas's for sm_90a with Triton 3.6 (the device's version), compiled on
+the CPU machine (`triton.compile` with a CUDA 9.0 target); a Hopper SM holds 64K registers, so a 4-warp
+program fits twice only under 256 registers a thread, an 8-warp one only under 128.
+"""
+
+from moeplace.kernels.gemm_table import Backend, GemmConfig as C, GemmKind
+
+TMA, PF = dict(backend=Backend.triton_tma), dict(prefetch_scales=True)
+SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024  # Hopper; as in moeplace.kernels.grouped_gemm_kernels
+
+
+def smem_estimate(kind: GemmKind, cfg: C) -> int:
+    """Shared memory of one program in bytes: its pipeline (A and one weight tile a stage, two for SwiGLU)
+    and an output tile for the epilogue's layout change (bf16 out; fp8 for SwiGLU). Triton 3.6 compiled
+    here: m64 n128 k128 s4 104 KB plain (estimate 112) and 168 SwiGLU (168); k64 SwiGLU s4/s5 88/108 (88/108)."""
+    swiglu = kind is GemmKind.swiglu
+    stage = (cfg.block_m + cfg.block_n * (2 if swiglu else 1)) * cfg.block_k
+    return cfg.num_stages * stage + cfg.block_m * cfg.block_n * (1 if swiglu else 2)
+
+
+def fits(kind: GemmKind, cfg: C) -> bool:
+    """Whether cfg.programs_per_sm programs fit in one SM's shared memory (by the estimate). A persistent
+    program that does not fit waits for another to exit: the grid then runs in two halves (59% of HBM for
+    SwiGLU m64 s3 p2 in run 4, against 70-75% at one program)."""
+    if cfg.backend is not Backend.triton_tma or cfg.programs_per_sm == 1:
+        return True
+    return cfg.programs_per_sm * (smem_estimate(kind, cfg) + SMEM_RESERVED) <= SMEM_PER_SM
+
+
+def sweep(rows_per_expert: float, smoke: bool) -> list[C]:
+    """Candidates for a GEMM with this many rows per expert: what the ptxas report left standing (no
+    register spills, or few) and what earlier runs did not rule out (benchmarks/BENCHMARKS.md, issue 17);
+    the torch loop where the GEMMs are large."""
+    loops = [C(backend=Backend.torch_loop)]  # 2-4 streams lost to one in run 3 (0.70-0.77x)
+    if smoke:
+        return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **TMA, **PF, programs_per_sm=2),
+                C(16, 128, 1, 4, 2, **TMA, warp_specialize=True), C(16, 128, 1, 4, 3, **TMA, **PF, block_k=64)]
+    if rows_per_expert > 256:  # prefill at EP8: compute-bound
+        return prefill_ep8() + loops
+    if rows_per_expert > 64:  # prefill over all experts
+        return [C(128, 128, 8, 8, 3, **TMA), C(128, 128, 8, 8, 3, **TMA, **PF), C(64, 128, 8, 8, 4, **PF),
+                C(64, 128, 8, 4, 4, **PF), C(128, 128, 16, 8, 4, **PF), loops[0]]
+    if rows_per_expert > 16:  # decode at EP8: weight streaming, one or two m-tiles per expert
+        return decode_ep8()
+    return [C(16, 64, 1, 4, 6), C(16, 128, 1, 4, 4), C(16, 128, 1, 4, 4, **PF), C(16, 128, 1, 4, 4, **TMA, **PF)]
+
+
+def prefill_ep8() -> list[C]:
+    """Run 3's winner (m128 n128 w8 s4: 192 registers x 256 threads, one program per SM whatever the shared
+    memory; s3 lost) and two programs per SM at 4 warps (m64 n128: 196 registers, 104 KB at s4; m128 n64:
+    211 registers, 112 KB), which overlap one program's wgmma wait with the other's loads and MMAs the way
+    DeepGEMM's two consumer warpgroups do; at 64-column K steps SwiGLU fits two too (88 / 108 KB)."""
+    return [C(128, 128, 8, 8, 4, **TMA, **PF), C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2),
+            C(128, 64, 8, 4, 4, **TMA, **PF, programs_per_sm=2),
+            C(64, 128, 8, 4, 8, **TMA, **PF, programs_per_sm=2, block_k=64),
+            C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2, block_k=64),
+            C(64, 128, 8, 4, 5, **TMA, **PF, programs_per_sm=2, block_k=64)]
+
+
+def decode_ep8() -> list[C]:
+    """One m64 program per SM stalls on every K block's wgmma + promotion (65% of HBM in run 3); a second
+    resident program (p2) streams while the first waits (75% gate/up, 70% down in run 4a). Gone after
+    run 4: m128 w8, s2, s3, m32 (mma.sync), n256 w8, p3 (at 194-196 registers a third 4-warp program never
+    fits: 3 x 25.6K > 64K registers), n64, s5, the pointer kernel. SwiGLU's 40 KB stages fit one program per
+    SM at s3+ (w8 s4: 70.8-74.5%); at 64-column K steps (20 KB) two fit at s4-s5 (88/108 KB; 255 registers
+    with a few spilled, 2 x 32K registers: exactly the register file)."""
+    return [C(64, 128, 1, 4, 4, **TMA, **PF), C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2),
+            C(64, 128, 1, 8, 4, **TMA, **PF),
+            C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2, block_k=64),
+            C(64, 128, 1, 4, 5, **TMA, **PF, programs_per_sm=2, block_k=64),
+            C(64, 128, 1, 4, 6, **TMA, **PF, programs_per_sm=2, block_k=64),
+            C(64, 128, 1, 4, 8, **TMA, **PF, programs_per_sm=2, block_k=64)]
+
+
+def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
+    """What one program of this candidate's compiled kernel holds on the card, and how many fit an SM
+    (one extra launch; "" for the torch loop and under the interpreter)."""
+    import torch
+
+    from moeplace.kernels.fp8_quant import FP8
+    from moeplace.kernels.grouped_gemm_kernels import launch
+    if cfg.backend is Backend.torch_loop:
+        return ""
+    swiglu = kind is GemmKind.swiglu
+    M, N = a.shape[0], w.shape[1] // (2 if swiglu else 1)
+    c = torch.empty(M, N, dtype=FP8 if swiglu else torch.bfloat16, device=a.device)
+    c_s = torch.empty(M, N // 128, dtype=torch.float32, device=a.device) if swiglu else c
+    occ = launch(a, a_s, w, w_s, offsets, c, c_s, N, cfg, swiglu)
+    return "" if occ is None else f"; {occ.note}"
