@@ -109,8 +109,8 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
         if kind is GemmKind.swiglu and cfg.backend is not Backend.torch_loop and wide:
             continue  # one 128-channel group per tile (the fused quantisation); 256 rows of two accumulators spill
         if not fits(kind, cfg):
-            print(f"  {cfg.label}: skipped, {cfg.programs_per_sm} programs of ~{smem_estimate(kind, cfg) >> 10} KB "
-                  "do not fit an SM's shared memory")
+            kb = smem_estimate(kind, cfg) >> 10
+            print(f"  {cfg.label}: skipped, {cfg.programs_per_sm} programs of ~{kb} KB do not fit an SM's shared memory")
             continue
         if time.monotonic() > deadline:
             print(f"  (time budget spent: {cfg.label} not timed)")

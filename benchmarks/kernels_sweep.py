@@ -2,9 +2,9 @@
 candidate needs (estimated, to skip one whose programs cannot all be resident) and what its compiled kernel
 holds (measured on the card, printed with its row).
 
-Register counts quoted below are ptxas's for sm_90a with Triton 3.6 (the device's version), compiled on
-the CPU machine (`triton.compile` with a CUDA 9.0 target); a Hopper SM holds 64K registers, so a 4-warp
-program fits twice only under 256 registers a thread, an 8-warp one only under 128.
+A Hopper SM holds 228 KB of shared memory and 64K registers: a 4-warp program fits twice only under 256
+registers a thread, an 8-warp one only under 128. Registers and shared memory quoted below are run 5's
+(Triton 3.6 on the H200, benchmarks/BENCHMARKS.md).
 """
 
 from moeplace.kernels.gemm_table import Backend, GemmConfig as C, GemmKind
@@ -15,8 +15,9 @@ SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024  # Hopper; as in moeplace.kernels.
 
 def smem_estimate(kind: GemmKind, cfg: C) -> int:
     """Shared memory of one program in bytes: its pipeline (A and one weight tile a stage, two for SwiGLU)
-    and an output tile for the epilogue's layout change (bf16 out; fp8 for SwiGLU). Triton 3.6 compiled
-    here: m64 n128 k128 s4 104 KB plain (estimate 112) and 168 SwiGLU (168); k64 SwiGLU s4/s5 88/108 (88/108)."""
+    and an output tile for the epilogue's layout change (bf16 out; fp8 for SwiGLU). Compiled on the H200
+    (run 5): m64 n128 s4 104 KB plain (estimate 112) and 168 SwiGLU (168); m128 n64 s4 104 (112); SwiGLU at
+    64-column K steps s4 / s5 88 / 108 (88 / 108)."""
     swiglu = kind is GemmKind.swiglu
     stage = (cfg.block_m + cfg.block_n * (2 if swiglu else 1)) * cfg.block_k
     return cfg.num_stages * stage + cfg.block_m * cfg.block_n * (1 if swiglu else 2)
@@ -50,31 +51,23 @@ def sweep(rows_per_expert: float, smoke: bool) -> list[C]:
 
 
 def prefill_ep8() -> list[C]:
-    """Run 3's winner (m128 n128 w8 s4: 192 registers x 256 threads, one program per SM whatever the shared
-    memory; s3 lost) and two programs per SM at 4 warps (m64 n128: 196 registers, 104 KB at s4; m128 n64:
-    211 registers, 112 KB), which overlap one program's wgmma wait with the other's loads and MMAs the way
-    DeepGEMM's two consumer warpgroups do; at 64-column K steps SwiGLU fits two too (88 / 108 KB)."""
-    return [C(128, 128, 8, 8, 4, **TMA, **PF), C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2),
-            C(128, 64, 8, 4, 4, **TMA, **PF, programs_per_sm=2),
-            C(64, 128, 8, 4, 8, **TMA, **PF, programs_per_sm=2, block_k=64),
-            C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2, block_k=64),
-            C(64, 128, 8, 4, 5, **TMA, **PF, programs_per_sm=2, block_k=64)]
+    """Run 3's winner (m128 n128 w8 s4: 213 registers x 256 threads, one program per SM whatever the shared
+    memory) and two programs per SM at 4 warps (m64 n128 s4: 104 KB, 213 registers), which overlap one
+    program's wgmma wait with the other's loads and MMAs the way DeepGEMM's two consumer warpgroups do:
+    +7% at down in run 5, -1% at gate/up. Lost in run 5: m128 n64 p2 (-19 to -25%) and every 64-column K
+    step (-24 to -32%; SwiGLU's at s4 p2 -23%)."""
+    return [C(128, 128, 8, 8, 4, **TMA, **PF), C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2)]
 
 
 def decode_ep8() -> list[C]:
-    """One m64 program per SM stalls on every K block's wgmma + promotion (65% of HBM in run 3); a second
-    resident program (p2) streams while the first waits (75% gate/up, 70% down in run 4a). Gone after
-    run 4: m128 w8, s2, s3, m32 (mma.sync), n256 w8, p3 (at 194-196 registers a third 4-warp program never
-    fits: 3 x 25.6K > 64K registers), n64, s5, the pointer kernel. SwiGLU's 40 KB stages fit one program per
-    SM at s3+ (w8 s4: 70.8-74.5%); at 64-column K steps (20 KB) two fit at s4-s5 (88/108 KB; 255 registers
-    with a few spilled, 2 x 32K registers: exactly the register file)."""
+    """One m64 program per SM stalls on every K block's wgmma + promotion (63-66% of HBM); a second resident
+    program (p2) streams while the first waits (75% gate/up, 70% down in runs 4a and 5). SwiGLU's 40 KB
+    stages fit one program per SM (w8 s4: 70.8-74.5%). Gone after run 4: m128 w8, s2, s3, m32 (mma.sync),
+    n256 w8, p3 (a third 213-register 4-warp program never fits: 3 x 27K > 64K registers), n64, s5, the
+    pointer kernel; after run 5: 64-column K steps, where two SwiGLU programs fit (88 KB) but run at 66%
+    (s4) and 52% (s5), and the plain GEMMs lose 5-27 points at the same two programs per SM."""
     return [C(64, 128, 1, 4, 4, **TMA, **PF), C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2),
-            C(64, 128, 1, 8, 4, **TMA, **PF),
-            C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2, block_k=64),
-            C(64, 128, 1, 4, 5, **TMA, **PF, programs_per_sm=2, block_k=64),
-            C(64, 128, 1, 4, 6, **TMA, **PF, programs_per_sm=2, block_k=64),
-            C(64, 128, 1, 4, 8, **TMA, **PF, programs_per_sm=2, block_k=64)]
-
+            C(64, 128, 1, 8, 4, **TMA, **PF)]
 
 def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
     """What one program of this candidate's compiled kernel holds on the card, and how many fit an SM
@@ -89,5 +82,5 @@ def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
     M, N = a.shape[0], w.shape[1] // (2 if swiglu else 1)
     c = torch.empty(M, N, dtype=FP8 if swiglu else torch.bfloat16, device=a.device)
     c_s = torch.empty(M, N // 128, dtype=torch.float32, device=a.device) if swiglu else c
-    occ = launch(a, a_s, w, w_s, offsets, c, c_s, N, cfg, swiglu)
+    occ = launch(a, a_s, w, w_s, offsets, c, c_s, N, cfg, swiglu, report=True)
     return "" if occ is None else f"; {occ.note}"

@@ -51,7 +51,9 @@ class GemmConfig:
     streams: int = 1
     # triton_tma only: K columns per pipeline stage, 128 (one scale block) or 64 (half of one: the
     # promotion then runs every 64 columns with the block's scales), so that a stage of the SwiGLU GEMM
-    # (A and two weight tiles) takes 20 KB instead of 40 and two programs fit on an SM at 4-5 stages
+    # (A and two weight tiles) takes 20 KB instead of 40 and two programs fit on an SM at 4-5 stages. Slower
+    # than 128 at every shape measured on the H200 (run 5, benchmarks/BENCHMARKS.md): the wait and the
+    # promotion come twice as often
     block_k: int = 128
 
     def __post_init__(self):

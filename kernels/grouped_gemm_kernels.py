@@ -137,7 +137,8 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
     # A [M, K] and B [E * N_W, K] arrive through TMA descriptors: rows past M read as zeros, rows past an
     # expert's end read the next expert's rows, and neither is ever stored. With BLOCK_N ≤ 128 one
     # weight-scale block covers a tile's columns and the promotion is one FMA per accumulator element.
-    # A K step is BLOCK_K columns (SCALE_K or half of it): step ks lies in scale block ks // (SCALE_K // BLOCK_K).
+    # A K step is BLOCK_K columns (SCALE_K or half of it): step ks lies in scale block
+    # ks // (SCALE_K // BLOCK_K).
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M)
     num_m = tl.max(tiles_end, axis=0)
     n_tiles = N // BLOCK_N
@@ -158,8 +159,8 @@ def _persistent_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N
         last = K // BLOCK_K - 1
         a_s, b_s, u_s = _load_scales(as_ptrs, bs_ptrs, 0, N, stride_bsn, SCALE_K, SWIGLU)
         per_block = SCALE_K // BLOCK_K  # K steps per scale block
-        a_s1, b_s1, u_s1 = _load_scales(as_ptrs, bs_ptrs, tl.minimum(1, last) // per_block, N, stride_bsn, SCALE_K,
-                                        SWIGLU)
+        nxt = tl.minimum(1, last) // per_block
+        a_s1, b_s1, u_s1 = _load_scales(as_ptrs, bs_ptrs, nxt, N, stride_bsn, SCALE_K, SWIGLU)
         for ks in range(0, K // BLOCK_K):
             # as in the pointer kernel, but two K steps ahead (the TMA pipeline survives it); with 64-column
             # steps every scale is loaded twice, from L1 the second time
@@ -226,10 +227,10 @@ def tma_ready(a_MK: torch.Tensor, b_ENK: torch.Tensor) -> bool:
 
 
 def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
-           cfg: GemmConfig, swiglu: bool) -> Occupancy | None:
+           cfg: GemmConfig, swiglu: bool, report: bool = False) -> Occupancy | None:
     """Run one Triton grouped GEMM into c (and c_scale with the SwiGLU epilogue); TMA when cfg asks and the
-    operands allow it, else the pointer kernel. Returns what one program of it holds on an SM (None under
-    the interpreter or for M = 0)."""
+    operands allow it, else the pointer kernel. With `report` (the benchmark's probe), returns what one
+    program of it holds on an SM (None under the interpreter or for M = 0); else None."""
     (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
     assert N_out % cfg.block_n == 0, f"N={N_out} is not a multiple of block_n={cfg.block_n}"
     if M == 0:
@@ -248,11 +249,11 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
             a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0),
             c_scale.stride(0), E, BLOCK_K=cfg.block_k, SCALE_K=GROUP, NUM_PROGS=progs,
             WARP_SPECIALIZE=cfg.warp_specialize, **common)
-        return _occupancy(kernel, cfg.num_warps)
+        return _occupancy(kernel, cfg.num_warps) if report else None
     # the pointer kernel steps one scale block at a time whatever cfg.block_k says (a TMA config whose
     # operands TMA cannot read runs here)
     kernel = _grouped_gemm_kernel[(num_m_bound * (N_out // cfg.block_n),)](
         a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, num_m_bound,
         a_MK.stride(0), a_scale_MKb.stride(0), b_ENK.stride(0), b_ENK.stride(1), b_scale_ENbKb.stride(0),
         b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E, BLOCK_K=GROUP, **common)
-    return _occupancy(kernel, cfg.num_warps)
+    return _occupancy(kernel, cfg.num_warps) if report else None
