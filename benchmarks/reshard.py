@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, tiny experts: checks the script")
     p.add_argument("--copy-engine", action="store_true", help="peer copies through CUDA IPC instead of NCCL")
     p.add_argument("--copy-streams", type=int, default=1, help="streams the peer copies go round-robin over")
+    p.add_argument("--copy-batch", type=int, choices=(0, 1), default=1,
+                   help="1: a stream's copies of a pull in one driver call (cuMemcpyBatchAsync); 0: one call each")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     from moeplace.runtime.reshard import Resharder
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     for rate in [float(r) for r in args.rates.split(",")]:
         options = ReshardOptions.from_env({}, timeout_s=600.0, rate_bytes_per_s=rate * 1e9,
                                           copy_engine=args.copy_engine and cuda, staging_bytes=STAGING,
-                                          copy_streams=args.copy_streams)
+                                          copy_streams=args.copy_streams, copy_batch=bool(args.copy_batch))
         resharder = Resharder(model, reshard_group, rank, control=reshard_control, options=options)
         resharder.connect()
         steady = [step(model, control, resharder, work)[0] for _ in range(args.steady_steps)]
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                "expert_bytes": resharder.expert_bytes, "peer_gbps_per_gpu": peer, "reshards": results,
                "frontier": frontier, "repeats": args.repeats, "copy_engine_expert_pulls_gbps": patterns,
                "step_layers": work.layers,
-               "copy_driver": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.driver)}
+               "copy_driver": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.driver),
+               "copy_batched": bool(resharder.mover.peer_copies and resharder.mover.peer_copies.batch)}
         print(f"# {date.today()} {name} x{world}; peer GB/s per GPU: "
               + ", ".join(f"{k} {v:.0f}" for k, v in peer.items()) + "; expert pulls (copy engine) GB/s: "
               + ", ".join(f"{k} {v:.0f}" for k, v in patterns.items()), flush=True)

@@ -47,10 +47,11 @@ def copy_engine_p2p(device, nbytes: int) -> float:
 
 def copy_engine_experts(device, one, n: int = 64) -> dict:
     """GB/s of pulling n experts from the next GPU with the reshard's own copies (`PeerCopies.pull`), both
-    directions at once: from consecutive slots (one copy per tensor) and from every other slot (four
-    copies per expert, two of them the small scale tensors), on 1, 2 and 4 copy streams: what the copy
-    pattern costs the link, and whether more streams hide a copy's fixed cost; and every other slot's
-    weights without their scales (two copies per expert)."""
+    directions at once: from consecutive slots (one copy per weight tensor) and from every other slot (two
+    weight copies per expert, the scale tensors in one range copy each, then gathered), on 1 and 2 copy
+    streams, each stream's copies in one batched driver call or one call per copy: what the copy pattern
+    costs the link, and whether batching or a second stream hides a copy's fixed cost; and every other
+    slot's weights alone, one driver call per copy (no scales, no gather)."""
     from moeplace.runtime.reshard_ipc import PeerCopies
     from moeplace.runtime.slots import SlotWeights
 
@@ -58,12 +59,13 @@ def copy_engine_experts(device, one, n: int = 64) -> dict:
     src = SlotWeights.empty_like(SlotWeights(*(t.to(peer) for t in one.tensors())), 2 * n)
     dst = SlotWeights.empty_like(one, n)
     out = {}
-    for streams in (1, 2, 4):
-        copies = PeerCopies(device, {peer.index: [src]}, streams)
+    for streams, batch in ((1, True), (2, True), (1, False), (2, False)):
+        copies = PeerCopies(device, {peer.index: [src]}, streams, batch)
+        how = "batched" if copies.batch else "per_copy"
         for name, src_N in (("consecutive", np.arange(n)), ("every_other_slot", np.arange(0, 2 * n, 2))):
             dist.barrier()
             pull = lambda: copies.pull(peer.index, 0, src_N, dst).synchronize()  # noqa: E731
-            out[f"{name}_{streams}_streams"] = dst.nbytes / seconds(pull, device) / 1e9
+            out[f"{name}_{streams}_streams_{how}"] = dst.nbytes / seconds(pull, device) / 1e9
     copies = PeerCopies(device, {peer.index: [src]}, 1)
     if copies.driver is not None:  # every other slot, the two weight tensors only: what the small copies cost
         stream = copies.copy_streams[0]
@@ -77,8 +79,8 @@ def copy_engine_experts(device, one, n: int = 64) -> dict:
             stream.synchronize()
 
         dist.barrier()
-        out["every_other_slot_weights_only_1_streams"] = (dst.w13.nbytes + dst.w2.nbytes) / seconds(weights_only,
-                                                                                                    device) / 1e9
+        out["every_other_slot_weights_only_1_streams_per_copy"] = (dst.w13.nbytes + dst.w2.nbytes) / seconds(
+            weights_only, device) / 1e9
     return out
 
 

@@ -92,7 +92,7 @@ class Resharder:
             per_node = self.model.placement.topology.gpus_per_node
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
             peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers},
-                                     self.options.copy_streams)
+                                     self.options.copy_streams, self.options.copy_batch)
         self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
         with self._on_reshard_stream():
             self.mover.warm_up()
@@ -241,10 +241,10 @@ class Resharder:
                 error += f"; rollback failed too: {second}"
         seconds = time.monotonic() - began  # before the gather below: the job's own time
         self._job, self.timeline = None, tuple(laps.timeline)
-        # one line per rank and job in the server's log: where each layer's time went (ms since start)
-        # one write (print writes the newline apart): the ranks share the log, and their lines must not mix
-        sys.stderr.write(f"reshard {job_id} rank {self.rank} laps (ms): "
-                         + " ".join(f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}" for lap in laps.timeline) + "\n")
+        # one line per rank and job in the server's log: where each layer's time went (ms since start,
+        # wall / the thread's CPU); one write (print writes the newline apart): the ranks share the log
+        sys.stderr.write(f"reshard {job_id} rank {self.rank} laps (ms, wall/cpu): " + " ".join(
+            f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}/{1e3 * lap.cpu_s:.1f}" for lap in laps.timeline) + "\n")
         sys.stderr.flush()
         rank_phases = tuple(self._gather(laps.phases))  # the job's way there, on every rank
         if self.rank == 0:

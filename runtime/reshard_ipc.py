@@ -1,10 +1,17 @@
 """Copy-engine transfers between the ranks of one node: each rank maps its same-node peers' slot
 tensors once (CUDA IPC handles, shared at connect) and pulls the experts it receives with peer copies
-(the driver's peer copies on this rank's reshard stream): the GPUs' copy engines move the bytes, no SM
+(the driver's peer copies on this rank's copy streams): the GPUs' copy engines move the bytes, no SM
 runs a kernel for them, and nothing is posted on the peer's side.
 
 Why pulling from live slots is safe: a sender overwrites a slot only when it installs that layer,
 which happens after the layer's agreement, which every receiver enters only once its pulls are done.
+
+A pull's copies: one per tensor per run of consecutive peer slots for the two weight tensors; the two
+small scale tensors (7 KB and 3.5 KB an expert at DeepSeek-V3 size) in one copy each of the peer's slot
+range the pull spans, into scratch rows, then one gather into the staging rows. A copy costs the copy
+engine a fixed ~11 us whatever its size, and scattered experts' scale copies took ~16% of the link
+(BENCHMARKS.md, live reshard, "the copy pattern"). Where the driver has `cuMemcpyBatchAsync` (CUDA
+12.8+), a stream's copies go in one driver call: the host cost of a pull no longer grows with its runs.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
-from moeplace.runtime.slots import SlotWeights
+from moeplace.runtime.slots import SlotWeights, as_words, to_device
+
+WEIGHTS, SCALES = (0, 2), (1, 3)  # positions in SlotWeights.tensors(): w13, w2 / w13_sinv, w2_sinv
 
 
 def share_slots(moe_layers: list) -> list[list[tuple]]:
@@ -46,65 +55,131 @@ class CopyWork:
             event.synchronize()
 
 
+def slot_runs(src_N: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of consecutive slots in src_N [N]: (first row in src_N, first slot, length), each [R] int64."""
+    src_N = np.asarray(src_N, dtype=np.int64)
+    starts = np.flatnonzero(np.diff(src_N, prepend=src_N[:1] - 2) != 1) if len(src_N) else np.zeros(0, np.int64)
+    return starts, src_N[starts], np.diff(np.append(starts, len(src_N)))
+
+
 class PeerCopies:
     """Pulls from mapped peers: peers[rank][row] = that rank's slots of layer `row`.
 
-    Each copy is one `cuMemcpyAsync` of the CUDA driver on this device's current stream (unified
-    addresses: the peer's mapped memory has an address here, and the IPC mapping enabled peer
-    access), called through ctypes: torch's cross-device `copy_` spends ~40 us of host time per copy
-    on device switches and cross-stream events (BENCHMARKS.md, live reshard), which at four tensors
-    per expert made the host, not the link, set a layer's time. Where the driver library cannot be
-    loaded, torch's `copy_` does the copies (same result)."""
+    Copies are the CUDA driver's, called through ctypes (unified addresses: the peer's mapped memory has
+    an address here, and the IPC mapping enabled peer access): torch's cross-device `copy_` spends ~40 us
+    of host time per copy on device switches and cross-stream events. Where the driver library cannot be
+    loaded, torch's `copy_` does the copies (same result). streams: copy streams (the weights' copies go
+    round-robin over them); batch: one driver call per stream where the driver can."""
 
-    def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]], streams: int = 1) -> None:
+    def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]], streams: int = 1,
+                 batch: bool = True) -> None:
         self.device, self.peers = device, peers
         self.driver = _driver()
+        self.batch = batch and self.driver is not None and self.driver.batch_fn is not None
         # The copies run on streams of their own, ordered after the reshard stream's work when posted:
         # on the reshard stream itself, a layer's checksum kernels would queue behind the next layer's
-        # copies, and the link would idle while the host waits for both. With several, a pull's copies
-        # go round-robin over them (with the driver): one stream's copies run one after another.
+        # copies, and the link would idle while the host waits for both.
         self.copy_streams = [torch.cuda.Stream(device) for _ in range(streams)]
         # torch's copy_ (no driver) issues a cross-device copy on the source device's current stream: a
         # side stream there too, or the copies would queue on that device's default stream in this process.
         self.streams = {p: torch.cuda.Stream(slots[0].w13.device) for p, slots in peers.items()}
+        # A peer's scale tensors of one layer (every slot), as words: the range a pull spans lands here,
+        # then is gathered. One per peer for all layers: its copies and gathers all run on the first copy
+        # stream, so a later pull's copy into it waits for the earlier gather (stream order).
+        self.scratch = {p: [as_words(torch.empty_like(slots[0].tensors()[i], device=device)) for i in SCALES]
+                        for p, slots in peers.items()} if self.driver is not None else {}
 
     def reaches(self, peer: int) -> bool:
         return peer in self.peers
 
     def pull(self, peer: int, row: int, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
-        """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`: one copy per tensor per run of
-        consecutive slots, on the copy streams after the current stream's work; one work for all."""
+        """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`, on the copy streams after the
+        current stream's work; one work for all."""
         for stream in self.copy_streams:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         src = self.peers[peer][row]
-        breaks = np.flatnonzero(np.diff(src_N) != 1) + 1
-        runs = [(lo, hi, int(src_N[lo])) for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(src_N)])]
-        if self.driver is not None:
-            # addresses computed here, no torch call per copy: in a busy server each torch call gives
-            # the GIL up and waits to get it back from the serving thread
-            self.driver.bind(self.device)
-            handles, i = [s.cuda_stream for s in self.copy_streams], 0
-            for d, s in zip(dst.tensors(), src.tensors()):
-                row, d0, s0 = d.stride(0) * d.element_size(), d.data_ptr(), s.data_ptr()
-                for lo, hi, first in runs:
-                    self.driver.copy(d0 + lo * row, s0 + first * row, (hi - lo) * row, handles[i % len(handles)])
-                    i += 1
+        if not len(src_N):
             return CopyWork(self.copy_streams)
+        if self.driver is None:
+            return self._pull_torch(peer, src, src_N, dst)
+        starts, firsts, lengths = slot_runs(src_N)
+        plan = _CopyPlan(len(self.copy_streams))
+        for i in WEIGHTS:  # one copy per run, round-robin over the streams
+            plan.runs(dst.tensors()[i], src.tensors()[i], starts, firsts, lengths)
+        lo, hi = int(src_N.min()), int(src_N.max()) + 1
+        for i, scratch in zip(SCALES, self.scratch[peer]):  # the spanned range in one copy, on stream 0
+            row = scratch.stride(0) * scratch.element_size()
+            assert hi <= scratch.shape[0], (hi, scratch.shape)
+            plan.add(0, scratch.data_ptr() + lo * row, src.tensors()[i].data_ptr() + lo * row, (hi - lo) * row)
+        self.driver.bind(self.device)
+        for stream, (dsts, srcs, sizes) in zip(self.copy_streams, plan.arrays()):
+            if self.batch:
+                self.driver.batch(dsts, srcs, sizes, stream.cuda_stream)
+            else:
+                for d, s, n in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
+                    self.driver.copy(d, s, n, stream.cuda_stream)
+        with torch.cuda.stream(self.copy_streams[0]):  # after the scale copies: gather the pulled rows
+            index = to_device(src_N, self.device)
+            for i, scratch in zip(SCALES, self.scratch[peer]):
+                torch.index_select(scratch, 0, index, out=as_words(dst.tensors()[i]))
+        return CopyWork(self.copy_streams)
+
+    def _pull_torch(self, peer: int, src: SlotWeights, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
         stream = self.copy_streams[0]
         with torch.cuda.stream(self.streams[peer]), torch.cuda.stream(stream):
-            for lo, hi, first in runs:
-                for d, s in zip(dst.rows(lo, hi).wire(), src.rows(first, first + hi - lo).wire()):
+            for lo, first, n in zip(*(a.tolist() for a in slot_runs(src_N))):
+                for d, s in zip(dst.rows(lo, lo + n).wire(), src.rows(first, first + n).wire()):
                     d.copy_(s, non_blocking=True)
         return CopyWork([stream])
 
 
+class _CopyPlan:
+    """A pull's copies (destination, source, bytes) per copy stream, built with array arithmetic."""
+
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
+        self.parts: list[tuple[np.ndarray, ...]] = []  # (stream, dst, src, size) arrays
+        self.next = 0  # the stream the next run goes to
+
+    def runs(self, dst: torch.Tensor, src: torch.Tensor, starts, firsts, lengths) -> None:
+        """dst rows [start, start + length) <- src rows [first, first + length) for each run."""
+        row = dst.stride(0) * dst.element_size()
+        assert row == src.stride(0) * src.element_size(), (dst.shape, src.shape)
+        stream = (self.next + np.arange(len(starts))) % self.streams
+        self.next = (self.next + len(starts)) % self.streams
+        self.parts.append((stream, dst.data_ptr() + starts * row, src.data_ptr() + firsts * row, lengths * row))
+
+    def add(self, stream: int, dst: int, src: int, size: int) -> None:
+        self.parts.append(tuple(np.array([v], dtype=np.int64) for v in (stream, dst, src, size)))
+
+    def arrays(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per stream: uint64 destination and source addresses and byte counts."""
+        stream, dst, src, size = (np.concatenate([np.asarray(p[k], dtype=np.int64) for p in self.parts])
+                                  for k in range(4))
+        return [tuple(np.ascontiguousarray(a[stream == s]).astype(np.uint64) for a in (dst, src, size))
+                for s in range(self.streams)]
+
+
+class _Attributes(ctypes.Structure):
+    """CUmemcpyAttributes (cuda.h, CUDA 12.8+): source access order, two location hints (type, id) that
+    apply to managed memory only, flags."""
+
+    _fields_ = [("src_access_order", ctypes.c_int), ("src_loc_type", ctypes.c_int), ("src_loc_id", ctypes.c_int),
+                ("dst_loc_type", ctypes.c_int), ("dst_loc_id", ctypes.c_int), ("flags", ctypes.c_uint)]
+
+
+_SRC_ACCESS_ORDER_STREAM = 1  # the sources are read in stream order (after the stream's earlier work)
+_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
+_BATCH_ABI = 12080  # cuMemcpyBatchAsync as CUDA 12.8 declared it (with failIdx); CUDA 13 dropped failIdx
+
+
 class _Driver:
-    """The CUDA driver's cuMemcpyAsync(dst, src, bytes, stream), through ctypes, holding the GIL (PyDLL:
-    each call takes microseconds; giving the GIL up around it would wait for the serving thread to hand
-    it back, hundreds of times a layer). A driver call needs a current context on the calling thread,
-    which torch leaves unset on a new thread of device 0 (its set_device skips cudaSetDevice for the
-    device the runtime already reports): each batch of copies first makes the device's primary context
-    (the one torch uses) current where none is."""
+    """The CUDA driver's cuMemcpyAsync(dst, src, bytes, stream) and, where present, cuMemcpyBatchAsync,
+    through ctypes, holding the GIL (PyDLL: each call takes microseconds; giving the GIL up around it
+    would wait for the serving thread to hand it back). A driver call needs a current context on the
+    calling thread, which torch leaves unset on a new thread of device 0 (its set_device skips
+    cudaSetDevice for the device the runtime already reports): each batch of copies first makes the
+    device's primary context (the one torch uses) current where none is."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -112,10 +187,42 @@ class _Driver:
         for name in ("cuMemcpyAsync", "cuCtxGetCurrent", "cuCtxSetCurrent", "cuDeviceGet",
                      "cuDevicePrimaryCtxRetain"):
             getattr(lib, name).restype = ctypes.c_int
+        self.batch_fn = self._batch_fn()
+        self.attrs = _Attributes(_SRC_ACCESS_ORDER_STREAM, 0, 0, 0, 0, _FLAG_PREFER_OVERLAP_WITH_COMPUTE)
+        self.attr_index = (ctypes.c_size_t * 1)(0)
+
+    def _batch_fn(self):
+        """cuMemcpyBatchAsync of the 12.8 ABI by version (a newer driver serves the old ABI too), or None."""
+        get = getattr(self.lib, "cuGetProcAddress_v2", None)
+        if get is None:
+            return None
+        fn, status = ctypes.c_void_p(), ctypes.c_int()
+        get.restype = ctypes.c_int
+        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
+                        ctypes.POINTER(ctypes.c_int)]
+        if get(b"cuMemcpyBatchAsync", ctypes.byref(fn), _BATCH_ABI, 0, ctypes.byref(status)) != 0 \
+                or status.value != 0 or not fn.value:
+            return None
+        p = ctypes.POINTER
+        proto = ctypes.PYFUNCTYPE(ctypes.c_int, p(ctypes.c_uint64), p(ctypes.c_uint64), p(ctypes.c_size_t),
+                                  ctypes.c_size_t, p(_Attributes), p(ctypes.c_size_t), ctypes.c_size_t,
+                                  p(ctypes.c_size_t), ctypes.c_void_p)
+        return proto(fn.value)
 
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """nbytes from address src to dst (unified addresses), queued on the CUDA stream handle `stream`."""
         _check("cuMemcpyAsync", self.lib.cuMemcpyAsync(dst, src, nbytes, ctypes.c_void_p(stream)))
+
+    def batch(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
+        """Every copy dsts[i] <- srcs[i] (sizes[i] bytes; uint64 arrays), queued on `stream` in one call."""
+        if not len(dsts):
+            return
+        u64, size_t = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t)
+        failed = ctypes.c_size_t(0)
+        status = self.batch_fn(dsts.ctypes.data_as(u64), srcs.ctypes.data_as(u64), sizes.ctypes.data_as(size_t),
+                               len(dsts), ctypes.byref(self.attrs), self.attr_index, 1, ctypes.byref(failed),
+                               ctypes.c_void_p(stream))
+        _check(f"cuMemcpyBatchAsync (copy {failed.value} of {len(dsts)})", status)
 
     def bind(self, device: torch.device) -> None:
         ctx = ctypes.c_void_p()

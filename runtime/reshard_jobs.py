@@ -20,11 +20,14 @@ from moeplace.reshard_job import JobState, JobStatus, PhaseSeconds
 @dataclass(frozen=True)
 class Lap:
     """One phase of one layer row ended on a rank's reshard thread, `at_s` seconds into the job
-    (row -1: not a layer's, e.g. the final wait for installs). Phases as in `PhaseSeconds`."""
+    (row -1: not a layer's, e.g. the final wait for installs), after `cpu_s` seconds of the thread's
+    CPU time: a stretch of wall time without CPU time is a wait (the GIL, a lock, a sleep), one with it
+    is work (Python, or driver calls). Phases as in `PhaseSeconds`."""
 
     row: int
     phase: str
     at_s: float
+    cpu_s: float
 
 
 class ReshardBusy(Exception):
@@ -89,17 +92,18 @@ class Laps:
     def __init__(self, jobs: JobRegistry, job_id: str | None) -> None:
         self.jobs, self.job_id = jobs, job_id
         self.began = self.last = time.monotonic()
+        self.began_cpu = time.thread_time()
         self.phases = PhaseSeconds()
         self.timeline: list[Lap] = []
 
     def __call__(self, phase: str, row: int = -1) -> None:
         now = time.monotonic()
         self.phases = self.phases.plus(phase, now - self.last)
-        self.timeline.append(Lap(row, phase, now - self.began))
+        self.timeline.append(Lap(row, phase, now - self.began, time.thread_time() - self.began_cpu))
         if self.job_id is not None:
             self.jobs.add_phase(self.job_id, phase, now - self.last)
         self.last = now
 
     def mark(self, point: str, row: int) -> None:
         """A point within a phase, in the timeline only (where a long phase spends its time)."""
-        self.timeline.append(Lap(row, point, time.monotonic() - self.began))
+        self.timeline.append(Lap(row, point, time.monotonic() - self.began, time.thread_time() - self.began_cpu))

@@ -11,6 +11,8 @@ From the environment of `moeplace serve` (every rank reads the same):
                              (copy engines: no SM runs a kernel for them), NCCL across nodes;
                              0: NCCL everywhere
   MOEPLACE_RESHARD_COPY_STREAMS  streams a rank's peer copies go round-robin over (default 1)
+  MOEPLACE_RESHARD_COPY_BATCH  1 (default): a stream's peer copies of a pull in one driver call where the
+                             driver has cuMemcpyBatchAsync (CUDA 12.8+); 0: one driver call per copy
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ReshardOptions:
     chunk_experts: int = 1 << 30
     copy_engine: bool = True
     copy_streams: int = 1
+    copy_batch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "staging_bytes", "chunk_experts", "copy_streams"):
@@ -55,7 +58,8 @@ class ReshardOptions:
                   "rate_bytes_per_s": _number(env, "MOEPLACE_RESHARD_RATE", DEFAULT_RATE, positive=False),
                   "staging_bytes": int(_number(env, "MOEPLACE_RESHARD_STAGING", DEFAULT_STAGING, positive=True)),
                   "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1"),
-                  "copy_streams": _count(env, "MOEPLACE_RESHARD_COPY_STREAMS", 1)}
+                  "copy_streams": _count(env, "MOEPLACE_RESHARD_COPY_STREAMS", 1),
+                  "copy_batch": _flag(env, "MOEPLACE_RESHARD_COPY_BATCH", default="1")}
         values.update(overrides)
         if values["rate_bytes_per_s"] > 0 and "chunk_experts" not in overrides:
             # pacing spreads chunks of 8 experts per peer (~350 MB at DeepSeek-V3 size, ~1 ms of NVLink),

@@ -103,6 +103,7 @@ STREAMS = "MOEPLACE_RESHARD_COPY_STREAMS must be a whole number from 1 to 16, go
     ({"MOEPLACE_RESHARD_COPY_ENGINE": "yes"}, "MOEPLACE_RESHARD_COPY_ENGINE must be 0 or 1, got 'yes'"),
     ({"MOEPLACE_RESHARD_COPY_STREAMS": "0"}, f"{STREAMS} '0'"),
     ({"MOEPLACE_RESHARD_COPY_STREAMS": "2.5"}, f"{STREAMS} '2.5'"),
+    ({"MOEPLACE_RESHARD_COPY_BATCH": "2"}, "MOEPLACE_RESHARD_COPY_BATCH must be 0 or 1, got '2'"),
 ])
 def test_bad_options_are_one_clear_error(env, message):
     with pytest.raises(ValueError, match=message):
@@ -116,8 +117,9 @@ def test_options_from_env():
     assert options.copy_streams == 2
     default = ReshardOptions.from_env({})
     assert default.rate_bytes_per_s == 0 and default.chunk_experts > 1000 and default.copy_engine
-    assert default.copy_streams == 1
+    assert default.copy_streams == 1 and default.copy_batch
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_ENGINE": "0"}).copy_engine
+    assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_BATCH": "0"}).copy_batch
 
 
 def test_fault_plan_parse():
