@@ -131,7 +131,7 @@ def run(args) -> None:
     with running_server(serve, env, work / "serve.log", port, ready_s=args.ready_seconds) as (url, _):
         results.add("serve", {"ready": True, "url": url}, time.monotonic() - start)
         _live_loop(args, url, model, start_json, slots, work, env, results)
-    laps = [line for line in (work / "serve.log").read_text().splitlines() if re.match(r"reshard \w+ rank \d+ laps", line)]
+    laps = [line for line in (work / "serve.log").read_text().splitlines() if re.match(r"reshard \w+ rank \d+ (laps|pulls)", line)]
     results.add("reshard_laps", {"lines": laps}, 0.0)  # every rank's timeline of each reshard (server log)
     # 10. the MoE layer alone, before / after / uniform
     start = time.monotonic()

@@ -42,7 +42,7 @@ from moeplace.runtime.experts import ExpertPath, decode_features, fp8_experts, r
 from moeplace.runtime.moe_output import MoEOutput, PhaseTimer, Traffic, _no_lap
 from moeplace.kernels.fp8 import FP8, scale_shape
 from moeplace.runtime.routing import RouterConfig, SlotTable, assign_slots, select_experts
-from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
+from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, copy_in, to_device
 
 
 class Gate(nn.Module):
@@ -153,11 +153,11 @@ class EPMoE(nn.Module):
         """This layer's routing table, slot experts and slot -> expert map from `placement`, copied into
         the tensors in place, so CUDA graphs that captured them stay valid. The caller folds the window
         before (the counts so far belong to the old layout) and installs the moved slots' weights."""
-        S, device = self.w13_SFD.shape[0], self.phy2log_P.device
+        S = self.w13_SFD.shape[0]
         row_P = torch.as_tensor(placement.phy2log_LP[self.row], dtype=torch.int64)
-        self.slot_experts_S.copy_(row_P[self.comm.rank * S: (self.comm.rank + 1) * S])
-        self.phy2log_P.copy_(row_P)
-        self.table.copy_from(SlotTable.from_placement(placement, self.row, device))
+        copy_in(self.slot_experts_S, row_P[self.comm.rank * S: (self.comm.rank + 1) * S])
+        copy_in(self.phy2log_P, row_P)
+        self.table.copy_from(SlotTable.from_placement(placement, self.row, torch.device("cpu")))
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         """Data-parallel attention: every token of x_TD [T, D] is this rank's own (T may be 0, an idle

@@ -32,7 +32,7 @@ from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
 from moeplace.reshard_job import JobState, JobStatus
 from moeplace.runtime.reshard_faults import NO_FAULTS, FaultPlan
 from moeplace.runtime.reshard_handover import Handover
-from moeplace.runtime.reshard_ipc import PeerCopies, open_slots, share_slots
+from moeplace.runtime.reshard_ipc import PeerCopies, Spent, open_slots, share_slots
 from moeplace.runtime.reshard_jobs import JobRegistry, Lap, Laps, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
 from moeplace.runtime.reshard_options import ReshardOptions
@@ -243,8 +243,12 @@ class Resharder:
         self._job, self.timeline = None, tuple(laps.timeline)
         # one line per rank and job in the server's log: where each layer's time went (ms since start,
         # wall / the thread's CPU); one write (print writes the newline apart): the ranks share the log
+        copies = self.mover.peer_copies
         sys.stderr.write(f"reshard {job_id} rank {self.rank} laps (ms, wall/cpu): " + " ".join(
-            f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}/{1e3 * lap.cpu_s:.1f}" for lap in laps.timeline) + "\n")
+            f"{lap.row}:{lap.phase}@{1e3 * lap.at_s:.1f}/{1e3 * lap.cpu_s:.1f}" for lap in laps.timeline) + "\n"
+            + (f"reshard {job_id} rank {self.rank} pulls (ms, wall/cpu): {copies.spent.line()}\n" if copies else ""))
+        if copies:
+            copies.spent = Spent()
         sys.stderr.flush()
         rank_phases = tuple(self._gather(laps.phases))  # the job's way there, on every rank
         if self.rank == 0:

@@ -17,6 +17,8 @@ engine a fixed ~11 us whatever its size, and scattered experts' scale copies too
 from __future__ import annotations
 
 import ctypes
+import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -88,6 +90,7 @@ class PeerCopies:
         # stream, so a later pull's copy into it waits for the earlier gather (stream order).
         self.scratch = {p: [as_words(torch.empty_like(slots[0].tensors()[i], device=device)) for i in SCALES]
                         for p, slots in peers.items()} if self.driver is not None else {}
+        self.spent = Spent()  # where pulls spend the reshard thread's time (the server log's `pulls` line)
 
     def reaches(self, peer: int) -> bool:
         return peer in self.peers
@@ -95,6 +98,7 @@ class PeerCopies:
     def pull(self, peer: int, row: int, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
         """dst [N, ...] <- `peer`'s slots src_N (0..S-1) of layer `row`, on the copy streams after the
         current stream's work; one work for all."""
+        spent = self.spent.start()
         for stream in self.copy_streams:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         src = self.peers[peer][row]
@@ -102,6 +106,7 @@ class PeerCopies:
             return CopyWork(self.copy_streams)
         if self.driver is None:
             return self._pull_torch(peer, src, src_N, dst)
+        spent.lap("order")
         starts, firsts, lengths = slot_runs(src_N)
         plan = _CopyPlan(len(self.copy_streams))
         for i in WEIGHTS:  # one copy per run, round-robin over the streams
@@ -111,18 +116,23 @@ class PeerCopies:
             row = scratch.stride(0) * scratch.element_size()
             assert hi <= scratch.shape[0], (hi, scratch.shape)
             plan.add(0, scratch.data_ptr() + lo * row, src.tensors()[i].data_ptr() + lo * row, (hi - lo) * row)
+        arrays = plan.arrays()
+        spent.lap("plan")
         self.driver.bind(self.device)
-        for stream, (dsts, srcs, sizes) in zip(self.copy_streams, plan.arrays()):
+        for stream, (dsts, srcs, sizes) in zip(self.copy_streams, arrays):
             if self.batch:
                 self.driver.batch(dsts, srcs, sizes, stream.cuda_stream)
             else:
                 for d, s, n in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
                     self.driver.copy(d, s, n, stream.cuda_stream)
+        spent.lap("driver")
         with torch.cuda.stream(self.copy_streams[0]):  # after the scale copies: gather the pulled rows
             index = to_device(src_N, self.device)
             for i, scratch in zip(SCALES, self.scratch[peer]):
                 torch.index_select(scratch, 0, index, out=as_words(dst.tensors()[i]))
-        return CopyWork(self.copy_streams)
+        work = CopyWork(self.copy_streams)
+        spent.lap("gather")
+        return work
 
     def _pull_torch(self, peer: int, src: SlotWeights, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
         stream = self.copy_streams[0]
@@ -131,6 +141,30 @@ class PeerCopies:
                 for d, s in zip(dst.rows(lo, lo + n).wire(), src.rows(first, first + n).wire()):
                     d.copy_(s, non_blocking=True)
         return CopyWork([stream])
+
+
+class Spent:
+    """Wall and CPU seconds of the calling thread per named section, summed over calls: start() a call,
+    then lap(name) at the end of each section. A stretch with wall time but no CPU time is a wait."""
+
+    def __init__(self) -> None:
+        self.wall_s, self.cpu_s = defaultdict(float), defaultdict(float)
+        self.calls = 0
+
+    def start(self) -> Spent:
+        self.calls += 1
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.wall_s[name] += wall - self._wall
+        self.cpu_s[name] += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+    def line(self) -> str:
+        return f"{self.calls} pulls; " + " ".join(
+            f"{name} {1e3 * self.wall_s[name]:.1f}/{1e3 * self.cpu_s[name]:.1f}" for name in self.wall_s)
 
 
 class _CopyPlan:

@@ -146,7 +146,9 @@ class LayerMover:
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
         laps.mark("allocated", row)
         chunks = self._chunks(row, share, buffers, outbox, pushed_spans)
+        laps.mark("pieces", row)
         checks = self._checks(buffers, share.n_local, lambda rows: fault.after_receive(layer, rows))
+        laps.mark("checks_ready", row)
         # Unlimited, the pulls (copy engines: nothing to wait for on the peer, no gathered rows) go out
         # before this layer's gathers, so that a layer's first bytes move while the gathers run.
         early = self.options.rate_bytes_per_s <= 0 and self.peer_copies is not None

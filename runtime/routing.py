@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from moeplace.placement import Placement
+from moeplace.runtime.slots import copy_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +97,13 @@ class SlotTable:
                    topo.slots_per_gpu, topo.gpus_per_node, topo.num_nodes)
 
     def copy_from(self, other: SlotTable) -> None:
-        """Take `other`'s layout in place (same topology): tensors captured by a CUDA graph stay valid."""
+        """Take `other`'s layout (on any device; the host's without a sync: `copy_in`) in place (same
+        topology): tensors captured by a CUDA graph stay valid."""
         same = (other.slots_per_rank, other.ranks_per_node, other.num_nodes) == \
             (self.slots_per_rank, self.ranks_per_node, self.num_nodes)
         assert same and other.log2phy_ER.shape == self.log2phy_ER.shape, "copy_from needs the same topology"
         for name in ("log2phy_ER", "node_ER", "share_ER"):
-            getattr(self, name).copy_(getattr(other, name))
+            copy_in(getattr(self, name), getattr(other, name))
 
 
 def max_replicas(num_slots: int, num_experts: int) -> int:

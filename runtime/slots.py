@@ -39,6 +39,14 @@ def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """dst <- host (same shape), in place; from the host to a GPU without a host sync: a copy from
+    pageable memory first waits for the stream's queued work (CUDA's rule), which in a swap between two
+    steps is every install copy just queued; from pinned memory the copy queues behind them instead."""
+    pinned = dst.is_cuda and host.device.type == "cpu"
+    dst.copy_(host.pin_memory() if pinned else host, non_blocking=pinned)
+
+
 @dataclass(frozen=True)
 class SlotWeights:
     """The four tensors of one expert, or of N experts with a leading N (staging). Views, not copies."""
