@@ -32,7 +32,7 @@ from moeplace.runtime.control import ReshardAction, StartReshard, SwapLayer
 from moeplace.reshard_job import JobState, JobStatus
 from moeplace.runtime.reshard_faults import NO_FAULTS, FaultPlan
 from moeplace.runtime.reshard_handover import Handover
-from moeplace.runtime.reshard_ipc import PeerCopies, Spent, open_slots, share_slots
+from moeplace.runtime.reshard_ipc import PeerCopies, Spent, share_slots
 from moeplace.runtime.reshard_jobs import JobRegistry, Lap, Laps, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
 from moeplace.runtime.reshard_options import ReshardOptions
@@ -91,8 +91,8 @@ class Resharder:
             shared = gather(share_slots(layers))
             per_node = self.model.placement.topology.gpus_per_node
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
-            peer_copies = PeerCopies(self.device, {p: open_slots(shared[p]) for p in peers},
-                                     self.options.copy_streams, self.options.copy_batch)
+            peer_copies = PeerCopies.open(self.device, {p: shared[p] for p in peers}, self.options.copy_streams,
+                                          self.options.copy_batch)
         self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
         with self._on_reshard_stream():
             self.mover.warm_up()

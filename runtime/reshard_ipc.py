@@ -17,6 +17,7 @@ engine a fixed ~11 us whatever its size, and scattered experts' scale copies too
 from __future__ import annotations
 
 import ctypes
+import sys
 import time
 from collections import defaultdict
 
@@ -68,7 +69,7 @@ class PeerCopies:
     """Pulls from mapped peers: peers[rank][row] = that rank's slots of layer `row`.
 
     Copies are the CUDA driver's, called through ctypes (unified addresses: the peer's mapped memory has
-    an address here, and the IPC mapping enabled peer access): torch's cross-device `copy_` spends ~40 us
+    an address here; peer access is enabled at construction): torch's cross-device `copy_` spends ~40 us
     of host time per copy on device switches and cross-stream events. Where the driver library cannot be
     loaded, torch's `copy_` does the copies (same result). streams: copy streams (the weights' copies go
     round-robin over them); batch: one driver call per stream where the driver can."""
@@ -78,6 +79,13 @@ class PeerCopies:
         self.device, self.peers = device, peers
         self.driver = _driver()
         self.batch = batch and self.driver is not None and self.driver.batch_fn is not None
+        # Peer access from this GPU (`open` enables it before mapping; here: already enabled, or the GPUs
+        # cannot reach each other and the copies go through host memory)
+        self.direct = {p: self.driver.reach(device, slots[0].w13.device) if self.driver else False
+                       for p, slots in peers.items()}
+        for p in (p for p, direct in self.direct.items() if self.driver and not direct):
+            print(f"reshard: {device} has no peer access to rank {p}'s GPU: copies from it are staged through "
+                  "host memory, at a fraction of the link's speed", file=sys.stderr, flush=True)
         # The copies run on streams of their own, ordered after the reshard stream's work when posted:
         # on the reshard stream itself, a layer's checksum kernels would queue behind the next layer's
         # copies, and the link would idle while the host waits for both.
@@ -91,6 +99,21 @@ class PeerCopies:
         self.scratch = {p: [as_words(torch.empty_like(slots[0].tensors()[i], device=device)) for i in SCALES]
                         for p, slots in peers.items()} if self.driver is not None else {}
         self.spent = Spent()  # where pulls spend the reshard thread's time (the server log's `pulls` line)
+
+    @classmethod
+    def open(cls, device: torch.device, shared: dict[int, list[list[tuple]]], streams: int = 1,
+             batch: bool = True) -> PeerCopies:
+        """Map each peer rank's shared slots (`share_slots`) and pull from them. Peer access from this GPU
+        to every other visible one is enabled first, so that the mappings exist with it (torch opens IPC
+        handles with lazy peer access; the benchmark, fast, had enabled it before mapping through its
+        reference copy). It did not change the server's slow copy calls (BENCHMARKS.md, live reshard,
+        20:36): without it, a GPU pair that has no peer access would stage the copies through the host."""
+        driver = _driver()
+        if driver is not None:
+            for index in range(torch.cuda.device_count()):
+                if index != device.index:
+                    driver.reach(device, torch.device("cuda", index))
+        return cls(device, {p: open_slots(handles) for p, handles in shared.items()}, streams, batch)
 
     def reaches(self, peer: int) -> bool:
         return peer in self.peers
@@ -204,6 +227,7 @@ class _Attributes(ctypes.Structure):
 
 _SRC_ACCESS_ORDER_STREAM = 1  # the sources are read in stream order (after the stream's earlier work)
 _FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
+_PEER_ACCESS_ALREADY_ENABLED = 704  # CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
 _BATCH_ABI = 12080  # cuMemcpyBatchAsync as CUDA 12.8 declared it (with failIdx); CUDA 13 dropped failIdx
 
 
@@ -219,7 +243,7 @@ class _Driver:
         self.lib = lib
         lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
         for name in ("cuMemcpyAsync", "cuCtxGetCurrent", "cuCtxSetCurrent", "cuDeviceGet",
-                     "cuDevicePrimaryCtxRetain"):
+                     "cuDevicePrimaryCtxRetain", "cuDeviceCanAccessPeer", "cuCtxEnablePeerAccess"):
             getattr(lib, name).restype = ctypes.c_int
         self.batch_fn = self._batch_fn()
         self.attrs = _Attributes(_SRC_ACCESS_ORDER_STREAM, 0, 0, 0, 0, _FLAG_PREFER_OVERLAP_WITH_COMPUTE)
@@ -243,6 +267,32 @@ class _Driver:
                                   p(ctypes.c_size_t), ctypes.c_void_p)
         return proto(fn.value)
 
+    def reach(self, device: torch.device, peer: torch.device) -> bool:
+        """Peer access from `device`'s primary context (torch's) to `peer`'s memory, enabled now where the
+        GPUs allow it; whether they do. The calling thread's current context is restored."""
+        can, dev, other_dev = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
+        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(other_dev), peer.index))
+        _check("cuDeviceCanAccessPeer", self.lib.cuDeviceCanAccessPeer(ctypes.byref(can), dev, other_dev))
+        if not can.value:
+            return False
+        saved, own, other = ctypes.c_void_p(), self._primary(device), self._primary(peer)
+        _check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(saved)))
+        _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(own))
+        try:
+            status = self.lib.cuCtxEnablePeerAccess(other, 0)
+            if status != _PEER_ACCESS_ALREADY_ENABLED:
+                _check("cuCtxEnablePeerAccess", status)
+        finally:
+            _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(saved))
+        return True
+
+    def _primary(self, device: torch.device) -> ctypes.c_void_p:
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
+        _check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+        return ctx
+
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """nbytes from address src to dst (unified addresses), queued on the CUDA stream handle `stream`."""
         _check("cuMemcpyAsync", self.lib.cuMemcpyAsync(dst, src, nbytes, ctypes.c_void_p(stream)))
@@ -261,12 +311,8 @@ class _Driver:
     def bind(self, device: torch.device) -> None:
         ctx = ctypes.c_void_p()
         _check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(ctx)))
-        if ctx.value:
-            return
-        dev = ctypes.c_int()
-        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
-        _check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
-        _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(ctx))
+        if not ctx.value:
+            _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(self._primary(device)))
 
 
 def _driver() -> _Driver | None:

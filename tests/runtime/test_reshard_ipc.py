@@ -57,6 +57,8 @@ def test_every_way_of_pulling_lands_the_peer_bytes(streams, batch, driver):
         copies.driver = None  # torch's copy_, the path where the driver library cannot be loaded
     if driver:
         assert copies.batch == (batch and copies.driver.batch_fn is not None)
+        # peer access on: else the driver stages the copies through host memory (same bytes, ~10x slower)
+        assert copies.direct == {1: bool(torch.cuda.can_device_access_peer(0, 1))}
     for name, src_N in PATTERNS.items():
         dst = SlotWeights.empty_like(SlotWeights(*(t.to(here) for t in peer.row(0).tensors())), len(src_N))
         for t in dst.tensors():
