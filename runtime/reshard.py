@@ -18,6 +18,7 @@ old layout serves again, never a mix. The job then reports "rolled_back" and why
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ from moeplace.runtime.reshard_handover import Handover
 from moeplace.runtime.reshard_ipc import PeerCopies, Spent, share_slots
 from moeplace.runtime.reshard_jobs import JobRegistry, Lap, Laps, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
-from moeplace.runtime.reshard_options import ReshardOptions
+from moeplace.runtime.reshard_options import ReshardOptions, default_staging
 from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
 from moeplace.runtime.reshard_wire import ChecksumTable
 
@@ -66,6 +67,9 @@ class Resharder:
         self.wake = lambda: None  # the serving loop's: called when an action is due
         self._actions: deque = deque()  # rank 0: broadcast with the next step (append/popleft: thread-safe)
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
+        if self.options.staging_bytes is None:
+            S = model.moe_layers[0].w13_SFD.shape[0]
+            self.options = dataclasses.replace(self.options, staging_bytes=default_staging(S, self.expert_bytes))
         self._handover = Handover(self.options.staging_bytes, self._on_commit)
         self._stream = None  # the reshard thread's CUDA stream (`_on_reshard_stream`)
         self._crash: BaseException | None = None  # what ended the reshard thread, where no agreement could

@@ -6,7 +6,8 @@ From the environment of `moeplace serve` (every rank reads the same):
   MOEPLACE_RESHARD_RATE      bytes/s one GPU may move (the larger of sent and received), 0 = unlimited;
                              an operator trades reshard time for serving slowdown (BENCHMARKS.md has
                              the measured frontier; the default is chosen from it)
-  MOEPLACE_RESHARD_STAGING   bytes of staging one GPU may hold for layers in flight (default 8 GiB)
+  MOEPLACE_RESHARD_STAGING   bytes of staging one GPU may hold for layers in flight (default: two layers
+                             of this GPU's slots, at least 8 GiB: any plan's layers then go two at a time)
   MOEPLACE_RESHARD_COPY_ENGINE  1 (default): between GPUs of one node, peer copies through CUDA IPC
                              (copy engines: no SM runs a kernel for them), NCCL across nodes;
                              0: NCCL everywhere
@@ -37,7 +38,7 @@ class ReshardOptions:
 
     timeout_s: float = 60.0
     rate_bytes_per_s: float = DEFAULT_RATE
-    staging_bytes: int = DEFAULT_STAGING
+    staging_bytes: int | None = None  # None: `default_staging` of the model, chosen by the Resharder
     chunk_experts: int = 1 << 30
     copy_engine: bool = True
     copy_streams: int = 1
@@ -45,7 +46,7 @@ class ReshardOptions:
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "staging_bytes", "chunk_experts", "copy_streams"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"reshard option {name} must be > 0, got {getattr(self, name)}")
         if not self.rate_bytes_per_s >= 0 or not math.isfinite(self.rate_bytes_per_s):
             raise ValueError(f"reshard option rate_bytes_per_s must be >= 0, got {self.rate_bytes_per_s}")
@@ -56,7 +57,7 @@ class ReshardOptions:
         env = os.environ if env is None else env
         values = {"timeout_s": _number(env, "MOEPLACE_RESHARD_TIMEOUT", 60.0, positive=True),
                   "rate_bytes_per_s": _number(env, "MOEPLACE_RESHARD_RATE", DEFAULT_RATE, positive=False),
-                  "staging_bytes": int(_number(env, "MOEPLACE_RESHARD_STAGING", DEFAULT_STAGING, positive=True)),
+                  "staging_bytes": _whole(_number(env, "MOEPLACE_RESHARD_STAGING", math.nan, positive=True)),
                   "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1"),
                   "copy_streams": _count(env, "MOEPLACE_RESHARD_COPY_STREAMS", 1),
                   "copy_batch": _flag(env, "MOEPLACE_RESHARD_COPY_BATCH", default="1")}
@@ -67,6 +68,17 @@ class ReshardOptions:
             # the serving thread: chunks of 2 woke it 4x as often (BENCHMARKS.md, live reshard frontier)
             values["chunk_experts"] = 8
         return cls(**values)
+
+
+def default_staging(slots: int, expert_bytes: int) -> int:
+    """Two layers of a GPU's `slots` (what a layer can stage at most, with copy engines), at least 8 GiB.
+    A fixed 8 GiB held under two layers where a GPU holds many slots (EP2 at DeepSeek-V3 size: 5.7 GB a
+    layer), and each layer then waited for the previous one's install at a step boundary."""
+    return max(DEFAULT_STAGING, 2 * slots * expert_bytes)
+
+
+def _whole(value: float) -> int | None:
+    return None if math.isnan(value) else int(value)
 
 
 def _flag(env, name: str, default: str) -> bool:

@@ -13,7 +13,7 @@ from moeplace.runtime.model import EPModel
 from moeplace.runtime.reshard_check import LayerChecks
 from moeplace.runtime.reshard_faults import Fault, FaultKind, FaultPlan
 from moeplace.runtime.reshard_jobs import JobRegistry, ReshardBusy
-from moeplace.runtime.reshard_options import ReshardOptions
+from moeplace.runtime.reshard_options import ReshardOptions, default_staging
 from moeplace.runtime.reshard_wire import expert_sums
 from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words
 from moeplace.topology import Topology
@@ -120,6 +120,12 @@ def test_options_from_env():
     assert default.copy_streams == 1 and default.copy_batch
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_ENGINE": "0"}).copy_engine
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_BATCH": "0"}).copy_batch
+    # staging: unset, the Resharder sizes it for two layers of the GPU's slots (at least 8 GiB)
+    assert default.staging_bytes is None
+    assert ReshardOptions.from_env({"MOEPLACE_RESHARD_STAGING": "1e9"}).staging_bytes == 10**9
+    expert = 44_050_944  # DeepSeek-V3's FP8 expert with its scales
+    assert default_staging(36, expert) == 8 << 30  # EP8: 36 slots a GPU, two layers well within 8 GiB
+    assert default_staging(130, expert) == 2 * 130 * expert > 8 << 30  # EP2: a layer is 5.7 GB a GPU
 
 
 def test_fault_plan_parse():
