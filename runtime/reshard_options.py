@@ -32,9 +32,9 @@ class ReshardOptions:
     """timeout_s > 0; rate_bytes_per_s >= 0 (0 = unlimited); staging_bytes > 0; chunk_experts >= 1:
     experts per peer posted together, the pieces whose checksums run as they land: under a rate limit
     the pacing granularity (8), unlimited a whole layer. Smaller pieces shorten the last layer's check
-    (~1 ms in the benchmark) but each costs the reshard thread ~20 more torch calls, and in a busy server
-    a layer's host work took 66 ms where the benchmark's process takes 1-2 ms (BENCHMARKS.md, live
-    reshard, 17:51; GIL or driver: not yet separated)."""
+    (~1 ms in the benchmark) but each costs the reshard thread more calls, and in a busy server a layer's
+    copy calls took ~75 ms of the thread's CPU inside the driver where the benchmark's process takes ~1 ms
+    (BENCHMARKS.md, live reshard, 20:07-20:27)."""
 
     timeout_s: float = 60.0
     rate_bytes_per_s: float = DEFAULT_RATE
