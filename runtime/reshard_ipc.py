@@ -16,7 +16,6 @@ engine a fixed ~11 us whatever its size, and scattered experts' scale copies too
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
 from collections import defaultdict
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from moeplace.runtime.cuda_driver import load_driver
 from moeplace.runtime.slots import SlotWeights, as_words, to_device
 
 WEIGHTS, SCALES = (0, 2), (1, 3)  # positions in SlotWeights.tensors(): w13, w2 / w13_sinv, w2_sinv
@@ -77,7 +77,7 @@ class PeerCopies:
     def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]], streams: int = 1,
                  batch: bool = True) -> None:
         self.device, self.peers = device, peers
-        self.driver = _driver()
+        self.driver = load_driver()
         self.batch = batch and self.driver is not None and self.driver.batch_fn is not None
         # Peer access from this GPU (`open` enables it before mapping; here: already enabled, or the GPUs
         # cannot reach each other and the copies go through host memory)
@@ -108,7 +108,7 @@ class PeerCopies:
         handles with lazy peer access; the benchmark, fast, had enabled it before mapping through its
         reference copy). It did not change the server's slow copy calls (BENCHMARKS.md, live reshard,
         20:36): without it, a GPU pair that has no peer access would stage the copies through the host."""
-        driver = _driver()
+        driver = load_driver()
         if driver is not None:
             for index in range(torch.cuda.device_count()):
                 if index != device.index:
@@ -215,114 +215,3 @@ class _CopyPlan:
                                   for k in range(4))
         return [tuple(np.ascontiguousarray(a[stream == s]).astype(np.uint64) for a in (dst, src, size))
                 for s in range(self.streams)]
-
-
-class _Attributes(ctypes.Structure):
-    """CUmemcpyAttributes (cuda.h, CUDA 12.8+): source access order, two location hints (type, id) that
-    apply to managed memory only, flags."""
-
-    _fields_ = [("src_access_order", ctypes.c_int), ("src_loc_type", ctypes.c_int), ("src_loc_id", ctypes.c_int),
-                ("dst_loc_type", ctypes.c_int), ("dst_loc_id", ctypes.c_int), ("flags", ctypes.c_uint)]
-
-
-_SRC_ACCESS_ORDER_STREAM = 1  # the sources are read in stream order (after the stream's earlier work)
-_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
-_PEER_ACCESS_ALREADY_ENABLED = 704  # CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
-_BATCH_ABI = 12080  # cuMemcpyBatchAsync as CUDA 12.8 declared it (with failIdx); CUDA 13 dropped failIdx
-
-
-class _Driver:
-    """The CUDA driver's cuMemcpyAsync(dst, src, bytes, stream) and, where present, cuMemcpyBatchAsync,
-    through ctypes, holding the GIL (PyDLL: each call takes microseconds; giving the GIL up around it
-    would wait for the serving thread to hand it back). A driver call needs a current context on the
-    calling thread, which torch leaves unset on a new thread of device 0 (its set_device skips
-    cudaSetDevice for the device the runtime already reports): each batch of copies first makes the
-    device's primary context (the one torch uses) current where none is."""
-
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self.lib = lib
-        lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-        for name in ("cuMemcpyAsync", "cuCtxGetCurrent", "cuCtxSetCurrent", "cuDeviceGet",
-                     "cuDevicePrimaryCtxRetain", "cuDeviceCanAccessPeer", "cuCtxEnablePeerAccess"):
-            getattr(lib, name).restype = ctypes.c_int
-        self.batch_fn = self._batch_fn()
-        self.attrs = _Attributes(_SRC_ACCESS_ORDER_STREAM, 0, 0, 0, 0, _FLAG_PREFER_OVERLAP_WITH_COMPUTE)
-        self.attr_index = (ctypes.c_size_t * 1)(0)
-
-    def _batch_fn(self):
-        """cuMemcpyBatchAsync of the 12.8 ABI by version (a newer driver serves the old ABI too), or None."""
-        get = getattr(self.lib, "cuGetProcAddress_v2", None)
-        if get is None:
-            return None
-        fn, status = ctypes.c_void_p(), ctypes.c_int()
-        get.restype = ctypes.c_int
-        get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
-                        ctypes.POINTER(ctypes.c_int)]
-        if get(b"cuMemcpyBatchAsync", ctypes.byref(fn), _BATCH_ABI, 0, ctypes.byref(status)) != 0 \
-                or status.value != 0 or not fn.value:
-            return None
-        p = ctypes.POINTER
-        proto = ctypes.PYFUNCTYPE(ctypes.c_int, p(ctypes.c_uint64), p(ctypes.c_uint64), p(ctypes.c_size_t),
-                                  ctypes.c_size_t, p(_Attributes), p(ctypes.c_size_t), ctypes.c_size_t,
-                                  p(ctypes.c_size_t), ctypes.c_void_p)
-        return proto(fn.value)
-
-    def reach(self, device: torch.device, peer: torch.device) -> bool:
-        """Peer access from `device`'s primary context (torch's) to `peer`'s memory, enabled now where the
-        GPUs allow it; whether they do. The calling thread's current context is restored."""
-        can, dev, other_dev = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
-        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(other_dev), peer.index))
-        _check("cuDeviceCanAccessPeer", self.lib.cuDeviceCanAccessPeer(ctypes.byref(can), dev, other_dev))
-        if not can.value:
-            return False
-        saved, own, other = ctypes.c_void_p(), self._primary(device), self._primary(peer)
-        _check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(saved)))
-        _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(own))
-        try:
-            status = self.lib.cuCtxEnablePeerAccess(other, 0)
-            if status != _PEER_ACCESS_ALREADY_ENABLED:
-                _check("cuCtxEnablePeerAccess", status)
-        finally:
-            _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(saved))
-        return True
-
-    def _primary(self, device: torch.device) -> ctypes.c_void_p:
-        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-        _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
-        _check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
-        return ctx
-
-    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        """nbytes from address src to dst (unified addresses), queued on the CUDA stream handle `stream`."""
-        _check("cuMemcpyAsync", self.lib.cuMemcpyAsync(dst, src, nbytes, ctypes.c_void_p(stream)))
-
-    def batch(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
-        """Every copy dsts[i] <- srcs[i] (sizes[i] bytes; uint64 arrays), queued on `stream` in one call."""
-        if not len(dsts):
-            return
-        u64, size_t = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t)
-        failed = ctypes.c_size_t(0)
-        status = self.batch_fn(dsts.ctypes.data_as(u64), srcs.ctypes.data_as(u64), sizes.ctypes.data_as(size_t),
-                               len(dsts), ctypes.byref(self.attrs), self.attr_index, 1, ctypes.byref(failed),
-                               ctypes.c_void_p(stream))
-        _check(f"cuMemcpyBatchAsync (copy {failed.value} of {len(dsts)})", status)
-
-    def bind(self, device: torch.device) -> None:
-        ctx = ctypes.c_void_p()
-        _check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(ctx)))
-        if not ctx.value:
-            _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(self._primary(device)))
-
-
-def _driver() -> _Driver | None:
-    """None where the driver library is absent (torch's copy_ then does the copies)."""
-    try:
-        return _Driver(ctypes.PyDLL("libcuda.so.1"))
-    except (OSError, AttributeError):
-        return None
-
-
-def _check(call: str, status: int) -> None:
-    if status != 0:
-        raise RuntimeError(f"{call} failed: CUDA driver error {status}")
