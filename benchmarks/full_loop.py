@@ -30,7 +30,9 @@ Steps of `run` (each adds its numbers to --json as it ends, so an interrupted ru
  7. apply: `moeplace apply` while the load continues; experts, bytes, seconds from the server; the
     bytes the busiest GPU received (from the plan) against the P2P bandwidth of step 1.
  8. after: `moeplace profile` again, on the new layout.
- 9. the load stops, then the server: every request must have succeeded (latency of those answered
+    Then the layout solved from scratch (any expert may move) is applied the same way.
+ 9. the load stops; the from-scratch move is undone on the idle server (the same copies, no serving beside
+    them); then the server stops: every request must have succeeded (latency of those answered
     during the reshard reported apart); live GPU-load imbalance before / after from the two profiles.
 10. moe_layer: the MoE layer alone (full_loop_workers.py under torchrun: EPMoE with random weights,
     timed by benchmarks/moe_layer.py's `time_steps`) for each MoE layer, tokens routed with the
@@ -48,7 +50,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from datetime import date
@@ -59,6 +60,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # also under `python -P`
 from full_loop_report import Results, balance, reshard_numbers, summary  # noqa: E402
+from full_loop_steps import device_name, fixed_answers, jsonable, profile, run_cli  # noqa: E402
 SHARED_DSV3 = HERE.parents[1] / "shared" / "traces" / "sglang-dsv3-ep-statistics" / "decode_in1000out1000.json"
 E, SLOTS = 256, 288
 # NVLink multicast stays off (device/KINDS.md): it can take the host's shared GPUs out of service.
@@ -110,7 +112,7 @@ def run(args) -> None:
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # G ranks share the cores; tiny tensors gain nothing from threads
     results = Results(json_path, {"date": str(date.today()), "argv": sys.argv, "gpus": args.gpus,
-                                  "device": _device_name(args.device), "args": _jsonable(vars(args))})
+                                  "device": device_name(args.device), "args": jsonable(vars(args))})
     slots = SLOTS // args.gpus
 
     # 1. p2p
@@ -156,13 +158,13 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
     prompts = [calibration_text(10_000 + i, 96) for i in range(256)]
     # greedy answers of fixed prompts, each alone on the idle server (no load: the same batch shapes),
     # before the load and after both reshards: a moved expert with a wrong byte would change them
-    fixed_before = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
+    fixed_before = fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
     expert_bytes = results.data["model"]["expert_bytes"]
     with LoadGenerator(url, prompts, clients=args.clients, max_tokens=args.max_tokens, timeout=900) as load:
         time.sleep(args.warmup_seconds)
         # 5. before
         start = time.monotonic()
-        results.add("before", _profile(args, url, cli, work / "before.safetensors", env, load), time.monotonic() - start)
+        results.add("before", profile(args, url, cli, work / "before.safetensors", env, load), time.monotonic() - start)
         # 6. solve, keeping what it can of the running layout
         start = time.monotonic()
         _solve(args, cli, work, slots, env, "solved", ["--from", str(start_json)])
@@ -172,13 +174,17 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
         window = _apply(cli, url, work / "solved.json", old, new, expert_bytes, env, results, "reshard")
         # 8. after
         start = time.monotonic()
-        results.add("after", _profile(args, url, cli, work / "after.safetensors", env, load), time.monotonic() - start)
+        results.add("after", profile(args, url, cli, work / "after.safetensors", env, load), time.monotonic() - start)
         # 8b. a larger live reshard under the same load: the layout solved for the same trace from scratch
         # (any expert may move), applied over the solved one
         _solve(args, cli, work, slots, env, "fresh", [])
         fresh_window = _apply(cli, url, work / "fresh.json", new, load_placement(work / "fresh.json"), expert_bytes,
                               env, results, "reshard_fresh")
-    fixed_after = _fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
+    # 8c. the move from scratch undone on the idle server (the load has stopped): the same copies with no
+    # serving beside them (under load, the copy calls spent ~70x the benchmark's host time: BENCHMARKS.md)
+    _apply(cli, url, work / "solved.json", load_placement(work / "fresh.json"), new, expert_bytes, env, results,
+           "reshard_idle")
+    fixed_after = fixed_answers(url, prompts[:FIXED_PROMPTS], args.max_tokens)
     same = sum(a == b for a, b in zip(fixed_before, fixed_after))
     # the load's prompts, each asked many times while batches of other requests changed around it
     results.add("answers", {"fixed_prompts": FIXED_PROMPTS, "identical_after_reshards": same,
@@ -192,7 +198,7 @@ def _live_loop(args, url: str, model: Path, start_json: Path, slots: int, work: 
 
 
 def _solve(args, cli: list[str], work: Path, slots: int, env: dict, name: str, extra: list[str]) -> None:
-    _cli(cli + ["solve", str(work / "before.safetensors"), "--gpus", str(args.gpus), "--gpus-per-node",
+    run_cli(cli + ["solve", str(work / "before.safetensors"), "--gpus", str(args.gpus), "--gpus-per-node",
                 str(args.gpus), "--slots-per-gpu", str(slots), "--time-limit", str(args.solve_seconds),
                 "-o", str(work / f"{name}.json"), *extra], env, work / f"{name}_solve.log"
          if name != "solved" else work / "solve.log")
@@ -202,23 +208,10 @@ def _apply(cli: list[str], url: str, target: Path, old, new, expert_bytes: int, 
            name: str) -> tuple[float, float]:
     """`moeplace apply target` under the load; its numbers into results[name]; the (start, end) window."""
     start = time.monotonic()
-    out = _cli(cli + ["apply", str(target), "--url", url, "--timeout", "900"], env, target.with_suffix(".apply.log"))
+    out = run_cli(cli + ["apply", str(target), "--url", url, "--timeout", "900"], env, target.with_suffix(".apply.log"))
     end = time.monotonic()
     results.add(name, reshard_numbers(out, old, new, expert_bytes, end - start, results.data["p2p"]), end - start)
     return start, end
-
-
-def _fixed_answers(url: str, prompts: list[str], max_tokens: int) -> list[str]:
-    """Greedy completions of `prompts`, one after another (the server's default temperature is 0)."""
-    import httpx
-
-    out = []
-    for prompt in prompts:
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=900)
-        if r.status_code != 200:
-            raise SystemExit(f"fixed prompt refused: HTTP {r.status_code} {r.text[:500]}")
-        out.append(r.json()["choices"][0]["text"])
-    return out
 
 
 def _model(args, trace_path: Path | None, work: Path, env: dict) -> Path:
@@ -233,7 +226,7 @@ def _model(args, trace_path: Path | None, work: Path, env: dict) -> Path:
                str(args.moe_layers), "--device", args.device, "--seed", str(args.seed), "-o", str(model)]
     if trace_path:
         command += ["--routing-trace", str(trace_path)]
-    _cli(command, env, work / "make_model.log")
+    run_cli(command, env, work / "make_model.log")
     return model
 
 
@@ -249,70 +242,15 @@ def _trivial_placement(model: Path, gpus: int, slots: int, path: Path) -> Path:
     return path
 
 
-def _profile(args, url: str, cli: list[str], out: Path, env: dict, load) -> dict:
-    """`moeplace profile` for --profile-seconds; the engine's mean step time and the requests over it."""
-    sent, metrics = load.sent, _step_metrics(url)
-    _cli(cli + ["profile", "--url", url, "--duration", str(args.profile_seconds), "-o", str(out)], env,
-         out.with_suffix(".log"))
-    after = _step_metrics(url)
-    steps = after[1] - metrics[1]
-    return {"trace": str(out), "requests": load.sent - sent, "engine_steps": steps,
-            "engine_step_ms_mean": 1e3 * (after[0] - metrics[0]) / steps if steps else None}
-
-
-def _step_metrics(url: str) -> tuple[float, float]:
-    """(sum of engine step seconds, steps) from the server's Prometheus histogram; (0, 0) if absent."""
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    value = lambda name: re.search(rf"^{name} (\S+)$", text, re.M)  # noqa: E731
-    found = value("moeplace_step_seconds_sum"), value("moeplace_step_seconds_count")
-    return (float(found[0][1]), float(found[1][1])) if all(found) else (0.0, 0.0)
-
-
-def _cli(command: list[str], env: dict, log: Path) -> str:
-    """Run a command, its output shown as it comes and kept in `log`; SystemExit with its tail on failure."""
-    print("$", " ".join(command[2:]), flush=True)
-    lines = []
-    with open(log, "w") as f:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            for line in proc.stdout:
-                f.write(line)
-                lines.append(line)
-                print("  " + line, end="", flush=True)
-            proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted (SIGTERM from `timeout`)
-                proc.kill()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command[2:4])} failed (exit {proc.returncode}):\n{''.join(lines)[-3000:]}")
-    return "".join(lines)
-
-
 def _torchrun(args, worker: list[str], env: dict, log: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
                str(HERE / "full_loop_workers.py"), *worker] + (["--cpu"] if args.device == "cpu" else [])
-    _cli(command, env, log)
-
-
-def _device_name(device: str) -> str:
-    """The GPUs' names (nvidia-smi: this process creates no CUDA context, whose memory GPU 0 would lose)."""
-    if device == "cpu":
-        return "cpu"
-    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True).stdout.split("\n")
-    names = [n.strip() for n in names if n.strip()]
-    return f"{names[0]} x{len(names)}" if names else "cuda (nvidia-smi gave no names)"
+    run_cli(command, env, log)
 
 
 def _terminate(signum, frame) -> None:
     # `timeout` sends SIGTERM: unwind, so the server (its own process session) is stopped too.
     raise SystemExit(128 + signum)
-
-
-def _jsonable(values: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
 # ---------------------------------------------------------------- command line

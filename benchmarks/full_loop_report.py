@@ -79,7 +79,9 @@ def summary(r: dict) -> str:
         lines.append(f"layer {layer}: GPU load max/mean {b['imbalance_before'][i]:.3f} -> {b['imbalance_after'][i]:.3f} "
                      f"(live popularity vs trace: corr {b['live_popularity_vs_trace']['corr'][i]:.3f}, "
                      f"TV {b['live_popularity_vs_trace']['tvd'][i]:.3f})")
-    for label, rs in (("reshard", r["reshard"]), ("reshard from scratch", r["reshard_fresh"])):
+    reshards = (("reshard", "reshard"), ("reshard from scratch", "reshard_fresh"),
+                ("from scratch undone, idle server", "reshard_idle"))
+    for label, rs in ((label, r[key]) for label, key in reshards if key in r):  # runs before 2026-11-30 21:00: no idle
         lines.append(f"{label}: {rs['experts_moved']} experts, {rs['bytes_moved'] / 1e9:.2f} GB in {rs['seconds']:.3f} s "
                      f"({rs['bandwidth_gbps_all_gpus']:.1f} GB/s all GPUs; busiest GPU received "
                      f"{rs['busiest_gpu_received_bytes'] / 1e9:.2f} GB = {rs['busiest_gpu_gbps'] or 0:.1f} GB/s, "

@@ -69,7 +69,8 @@ def test_full_loop_benchmark_cpu_smoke(tmp_path):
     assert result["load"]["failed"] == 0 and result["load"]["sent"] > 0
     assert result["reshard"]["experts_moved"] > 0
     assert {m["placement"] for m in result["moe_layer"]["results"]} == {"uniform", "before", "after"}
-    assert len(result["reshard_laps"]["lines"]) == 4, result["reshard_laps"]  # 2 ranks x 2 reshards
+    assert len(result["reshard_laps"]["lines"]) == 6, result["reshard_laps"]  # 2 ranks x 3 reshards
+    assert result["reshard_idle"]["experts_moved"] > 0  # the move from scratch, undone with no load
     fresh = result["reshard_fresh"]
     assert fresh["experts_moved"] > 0 and "p50" in fresh["latency_ms_answered_during"]
     # benchmarks/full_loop_report.py's summary (the run prints it last) reads back the JSON the run wrote
@@ -77,7 +78,7 @@ def test_full_loop_benchmark_cpu_smoke(tmp_path):
     from full_loop_report import summary
 
     text = summary(result)
-    assert "reshard from scratch: " in text and f"requests: {result['load']['sent']} sent, 0 failed" in text
+    assert "reshard from scratch: " in text and "from scratch undone, idle server: " in text and f"requests: {result['load']['sent']} sent, 0 failed" in text
     answers = result["answers"]  # the embedded CPU engine is deterministic: the reshards change no answer
     assert answers["identical_after_reshards"] == answers["fixed_prompts"] == 8
     assert answers["load_prompts"] > 0 and answers["load_prompts_with_several_answers"] == 0
