@@ -36,7 +36,7 @@ from moeplace.runtime.reshard_plan import NETWORK_LINKS, Link, ReshardPlan
 from moeplace.runtime.reshard_share import LayerShare, overlaps
 from moeplace.runtime.reshard_watch import Watch
 from moeplace.runtime.reshard_wire import ChecksumTable
-from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, to_device
+from moeplace.runtime.slots import SlotWeights, StagedLayer, as_words, gather_rows, to_device, warm_pinned
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class LayerMover:
         moe = self.moe_layers[0]
         scratch, row = SlotWeights.empty_like(moe.read_slot(0), 2), SlotWeights.empty_like(moe.read_slot(0), 1)
         checks = self._checks(scratch, 1, lambda rows: None)
-        _gather_slots(self.slot_words[0], np.array([0, 0]), checks.words)
+        gather_rows(self.slot_words[0], np.array([0, 0]), checks.words)
         checks.local_gathered()
         works = [self.peer_copies.pull(peer, 0, np.array([0]), scratch.rows(1, 2))
                  for peer in range(dist.get_world_size(self.group)) if self._pulled(peer)]
@@ -102,13 +102,11 @@ class LayerMover:
             as_words(t).index_copy_(0, index, as_words(one))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-            # Pinned host blocks of every size an index list or a layer's sums take (the host allocator
-            # rounds sizes up to powers of two), a few of each, into the host allocator's cache: a
-            # page-locked allocation during a job would wait for the serving stream (it synchronizes).
-            most = 8 * self.moe_layers[0].w13_SFD.shape[0]
-            blocks = [torch.empty(1 << k, dtype=torch.uint8, pin_memory=True)
-                      for k in range(3, most.bit_length() + 1) for _ in range(8)]
-            blocks.clear()  # back into the cache
+            # pinned blocks for an index list, a layer's sums, a swap's routing tables (`EPMoE.use_layout`)
+            table = moe.table
+            warm_pinned(max(8 * moe.w13_SFD.shape[0], *(t.numel() * t.element_size() for t in
+                                                        (moe.phy2log_P, table.log2phy_ER, table.node_ER,
+                                                         table.share_ER))))
 
     def _checks(self, buffers: SlotWeights, n_local: int, received) -> LayerChecks:
         return LayerChecks(buffers, n_local, received, self.check_stream, self.moe_layers[0].w13_SFD.shape[0])
@@ -159,10 +157,10 @@ class LayerMover:
         error = None
         try:
             fault.before_stage(layer, self.rank)
-            _gather_slots(self.slot_words[row], share.local_src_N, [w[:share.n_local] for w in checks.words])
+            gather_rows(self.slot_words[row], share.local_src_N, [w[:share.n_local] for w in checks.words])
             checks.local_gathered()
             if outbox is not None:
-                _gather_slots(self.slot_words[row], pushed_N, [as_words(t) for t in outbox.tensors()])
+                gather_rows(self.slot_words[row], pushed_N, [as_words(t) for t in outbox.tensors()])
         except Exception as exc:  # noqa: BLE001 - reported to every rank by the agreement
             error = f"rank {self.rank}: {exc}"
         laps.mark("gathered", row)
@@ -298,13 +296,3 @@ class LayerMover:
         box = [error]
         dist.broadcast_object_list(box, src=int(flag) - 1, group=self.control)
         return box[0]
-
-
-def _gather_slots(slot_words: list[torch.Tensor], src_N: np.ndarray, out_words: list[torch.Tensor]) -> None:
-    """out [N, W] per tensor <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte
-    words); slot_words / out_words: the slot and staging tensors as words (`as_words`), made once."""
-    if len(src_N) == 0:
-        return
-    index = to_device(src_N, out_words[0].device)
-    for slots, rows in zip(slot_words, out_words):
-        torch.index_select(slots, 0, index, out=rows)

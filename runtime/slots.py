@@ -47,6 +47,25 @@ def copy_in(dst: torch.Tensor, host: torch.Tensor) -> None:
     dst.copy_(host.pin_memory() if pinned else host, non_blocking=pinned)
 
 
+def gather_rows(slot_words: list[torch.Tensor], src_N: np.ndarray, out_words: list[torch.Tensor]) -> None:
+    """out [N, W] per tensor <- this rank's slots src_N, one gather per tensor (a device copy of 8-byte
+    words); slot_words / out_words: the slot and staging tensors as words (`as_words`), made once."""
+    if len(src_N) == 0:
+        return
+    index = to_device(src_N, out_words[0].device)
+    for slots, rows in zip(slot_words, out_words):
+        torch.index_select(slots, 0, index, out=rows)
+
+
+def warm_pinned(most: int) -> None:
+    """Pinned host blocks of every power-of-two size up to `most` bytes (the host allocator rounds sizes
+    up so), eight of each, into torch's host allocator cache: a page-locked allocation later, during a
+    reshard or a swap, would wait for the serving stream (it synchronizes)."""
+    blocks = [torch.empty(1 << k, dtype=torch.uint8, pin_memory=True)
+              for k in range(3, most.bit_length() + 1) for _ in range(8)]
+    blocks.clear()  # back into the cache
+
+
 @dataclass(frozen=True)
 class SlotWeights:
     """The four tensors of one expert, or of N experts with a leading N (staging). Views, not copies."""
