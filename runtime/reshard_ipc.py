@@ -44,8 +44,8 @@ class CopyWork:
     """A batch of peer copies on one or more streams, done when each stream's event is: wait() as a c10d
     Work's (the current stream waits), synchronize() on the host."""
 
-    def __init__(self, streams: list[torch.cuda.Stream]) -> None:
-        self.events = [torch.cuda.Event() for _ in streams]
+    def __init__(self, streams: list[torch.cuda.Stream], timing: bool = False) -> None:
+        self.events = [torch.cuda.Event(enable_timing=timing) for _ in streams]
         for event, stream in zip(self.events, streams):
             event.record(stream)
 
@@ -129,6 +129,9 @@ class PeerCopies:
             return CopyWork(self.copy_streams)
         if self.driver is None:
             return self._pull_torch(peer, src, src_N, dst)
+        begins = [torch.cuda.Event(enable_timing=True) for _ in self.copy_streams]
+        for begin, stream in zip(begins, self.copy_streams):
+            begin.record(stream)
         spent.lap("order")
         starts, firsts, lengths = slot_runs(src_N)
         plan = _CopyPlan(len(self.copy_streams))
@@ -153,8 +156,9 @@ class PeerCopies:
             index = to_device(src_N, self.device)
             for i, scratch in zip(SCALES, self.scratch[peer]):
                 torch.index_select(scratch, 0, index, out=as_words(dst.tensors()[i]))
-        work = CopyWork(self.copy_streams)
+        work = CopyWork(self.copy_streams, timing=True)
         spent.lap("gather")
+        spent.on_gpu(begins, work.events, dst.nbytes)
         return work
 
     def _pull_torch(self, peer: int, src: SlotWeights, src_N: np.ndarray, dst: SlotWeights) -> CopyWork:
@@ -173,6 +177,7 @@ class Spent:
     def __init__(self) -> None:
         self.wall_s, self.cpu_s = defaultdict(float), defaultdict(float)
         self.calls = 0
+        self.spans: list[tuple[list, list, int]] = []  # per pull: events at its streams' start and end, bytes
 
     def start(self) -> Spent:
         self.calls += 1
@@ -185,9 +190,21 @@ class Spent:
         self.cpu_s[name] += cpu - self._cpu
         self._wall, self._cpu = wall, cpu
 
+    def on_gpu(self, begins: list, ends: list, nbytes: int) -> None:
+        """A pull's copies ran on the GPU from `begins` to `ends` (timing events, one per copy stream)."""
+        self.spans.append((begins, ends, nbytes))
+
     def line(self) -> str:
-        return f"{self.calls} pulls; " + " ".join(
+        """The host's sections (ms wall/CPU), then the copies' time on the GPU from each pull's streams'
+        start to its last end, and their rate: a slow link against slow host calls. Call once the
+        pulls are done (their events must have completed)."""
+        text = f"{self.calls} pulls; " + " ".join(
             f"{name} {1e3 * self.wall_s[name]:.1f}/{1e3 * self.cpu_s[name]:.1f}" for name in self.wall_s)
+        if self.spans and all(e.query() for begins, ends, _ in self.spans for e in (*begins, *ends)):
+            ms = sum(max(b.elapsed_time(e) for b, e in zip(begins, ends)) for begins, ends, _ in self.spans)
+            nbytes = sum(n for _, _, n in self.spans)
+            text += f"; on the GPU {ms:.1f} ms for {nbytes / 1e9:.2f} GB ({nbytes / 1e6 / ms if ms else 0:.0f} GB/s)"
+        return text
 
 
 class _CopyPlan:

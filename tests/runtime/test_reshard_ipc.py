@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeplace.runtime.reshard_ipc import PeerCopies, _CopyPlan, slot_runs
+from moeplace.runtime.reshard_ipc import PeerCopies, Spent, _CopyPlan, slot_runs
 from moeplace.runtime.slots import SlotWeights
 
 PATTERNS = {"consecutive": [3, 4, 5, 6], "every_other": [0, 2, 4, 6, 8], "reversed": [9, 8, 7, 1],
@@ -66,3 +66,20 @@ def test_every_way_of_pulling_lands_the_peer_bytes(streams, batch, driver):
         copies.pull(1, 0, np.array(src_N), dst).synchronize()
         for got, want in zip(dst.tensors(), peer.tensors()):
             assert torch.equal(got.view(torch.uint8).cpu(), want[src_N].view(torch.uint8).cpu()), name
+    if driver:  # the pulls' sections and their copies' time on the GPU, as the server logs them
+        assert copies.spent.calls == len(PATTERNS) and " GB/s)" in copies.spent.line()
+
+
+def test_spent_sums_sections_wall_and_cpu():
+    """A sleep is wall time without CPU time (what a wait looks like in the server log's pulls line)."""
+    import time
+
+    spent = Spent()
+    for _ in range(2):
+        spent.start()
+        time.sleep(0.02)
+        spent.lap("wait")
+        sum(i * i for i in range(200_000))
+        spent.lap("work")
+    assert spent.calls == 2 and spent.wall_s["wait"] >= 0.04 and spent.cpu_s["wait"] < 0.02
+    assert spent.cpu_s["work"] > 0 and spent.line().startswith("2 pulls; wait ")
