@@ -36,7 +36,7 @@ from moeplace.runtime.reshard_handover import Handover
 from moeplace.runtime.reshard_ipc import PeerCopies, Spent, share_slots
 from moeplace.runtime.reshard_jobs import JobRegistry, Lap, Laps, ReshardBusy  # noqa: F401 - ReshardBusy: the server's 409
 from moeplace.runtime.reshard_mover import LayerMover
-from moeplace.runtime.reshard_options import ReshardOptions, default_staging
+from moeplace.runtime.reshard_options import DEFAULT_STAGING, ReshardOptions, default_staging
 from moeplace.runtime.reshard_plan import ReshardPlan, plan_reshard
 from moeplace.runtime.reshard_wire import ChecksumTable
 
@@ -67,7 +67,8 @@ class Resharder:
         self.wake = lambda: None  # the serving loop's: called when an action is due
         self._actions: deque = deque()  # rank 0: broadcast with the next step (append/popleft: thread-safe)
         self._phy2log = model.placement.phy2log_LP.copy()  # what each layer row serves now
-        if self.options.staging_bytes is None:
+        self._auto_staging = self.options.staging_bytes is None  # sized here, not by the operator
+        if self._auto_staging:
             S = model.moe_layers[0].w13_SFD.shape[0]
             self.options = dataclasses.replace(self.options, staging_bytes=default_staging(S, self.expert_bytes))
         self._handover = Handover(self.options.staging_bytes, self._on_commit)
@@ -86,6 +87,14 @@ class Resharder:
         reshard would pay every pair's setup in the middle of serving)."""
         world, gather = dist.get_world_size(self.group), self._gather
         no_room = [e for e in gather(self._reserve_staging()) if e]
+        if no_room and self._auto_staging and self.options.staging_bytes > DEFAULT_STAGING:
+            # the default grown past 8 GiB does not fit on some rank: every rank takes 8 GiB (the budget
+            # must be the same everywhere: the layers' schedule depends on it), the larger block released
+            self.options = dataclasses.replace(self.options, staging_bytes=DEFAULT_STAGING)
+            self._handover = Handover(self.options.staging_bytes, self._on_commit)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            no_room = [e for e in gather(self._reserve_staging()) if e]
         if no_room:  # on every rank alike (a rank raising alone would leave the others in a collective)
             raise ValueError(no_room[0])
         layers = self.model.moe_layers

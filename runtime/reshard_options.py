@@ -7,7 +7,8 @@ From the environment of `moeplace serve` (every rank reads the same):
                              an operator trades reshard time for serving slowdown (BENCHMARKS.md has
                              the measured frontier; the default is chosen from it)
   MOEPLACE_RESHARD_STAGING   bytes of staging one GPU may hold for layers in flight (default: two layers
-                             of this GPU's slots, at least 8 GiB: any plan's layers then go two at a time)
+                             of this GPU's slots, at least 8 GiB: any plan's layers then go two at a time;
+                             8 GiB on every rank where the larger default does not fit one)
   MOEPLACE_RESHARD_COPY_ENGINE  1 (default): between GPUs of one node, peer copies through CUDA IPC
                              (copy engines: no SM runs a kernel for them), NCCL across nodes;
                              0: NCCL everywhere
