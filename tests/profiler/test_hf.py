@@ -1,101 +1,21 @@
-"""Hugging Face profiler: tiny random-weight models of every supported family, checked against routing
-recomputed here from the routers' input hidden states, one unpadded prompt at a time without a KV cache."""
+"""Hugging Face profiler: tiny random-weight models of every supported family
+(tests/support/hf_tiny_models.py), checked against routing recomputed here from the routers' input hidden
+states, one unpadded prompt at a time without a KV cache. What it refuses: test_hf_inputs.py."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    DeepseekV2Config,
-    DeepseekV3Config,
-    GptOssConfig,
-    LlamaConfig,
-    MixtralConfig,
-    OlmoeConfig,
-    PhimoeConfig,
-    Qwen2MoeConfig,
-    Qwen3MoeConfig,
-)
+from transformers import AutoModelForCausalLM
 
+from hf_tiny_models import FAMILIES, PROMPTS, routers_of, save_tiny_model
 from moeplace.profiler.hf import ENGINE, profile_hf_model
-from moeplace.profiler.prompts import read_prompt_file
 from moeplace.trace import load_native_trace, save_trace
-
-ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2, rope_parameters=ROPE)
-MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-           v_head_dim=16, moe_intermediate_size=32, n_shared_experts=1)
-# family -> (config, model layer ids of its MoE layers)
-FAMILIES = {
-    "deepseek_v3": (lambda: DeepseekV3Config(**{**COMMON, **MLA}, num_hidden_layers=3, first_k_dense_replace=1,
-                                             n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2),
-                    [1, 2]),
-    "deepseek_v2": (lambda: DeepseekV2Config(**{**COMMON, **MLA}, num_hidden_layers=3, first_k_dense_replace=1,
-                                             n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-                                             topk_method="group_limited_greedy"),
-                    [1, 2]),
-    "qwen3_moe": (lambda: Qwen3MoeConfig(**COMMON, head_dim=16, num_hidden_layers=3, mlp_only_layers=[1],
-                                         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
-                  [0, 2]),
-    "qwen2_moe": (lambda: Qwen2MoeConfig(**COMMON, num_hidden_layers=4, decoder_sparse_step=2, num_experts=8,
-                                         num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=32),
-                  [1, 3]),
-    "mixtral": (lambda: MixtralConfig(**COMMON, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2),
-                [0, 1]),
-    "olmoe": (lambda: OlmoeConfig(**COMMON, num_hidden_layers=2, num_experts=16, num_experts_per_tok=4),
-              [0, 1]),
-    "gpt_oss": (lambda: GptOssConfig(**COMMON, head_dim=16, num_hidden_layers=2, num_local_experts=8,
-                                     num_experts_per_tok=2, sliding_window=4,
-                                     layer_types=["sliding_attention", "full_attention"]),
-                [0, 1]),
-}
-# Lengths 1 to 30 bytes: batches of 2 pad most rows; the longest pass GPT-OSS's sliding window of 4.
-PROMPTS = ["a", "expert placement", "hello moe", "route me to the hottest gpu", "ok", "x" * 30, "tokens"]
-
-
-def routers_of(model) -> dict[int, torch.nn.Module]:
-    """Layer id -> router module, found by the attribute names the MoE blocks use (dense MLPs have neither)."""
-    found = {}
-    for i, layer in enumerate(model.model.layers):
-        router = getattr(layer.mlp, "router", None) or getattr(layer.mlp, "gate", None)
-        if router is not None:
-            found[i] = router
-    return found
-
-
-def save_tiny_model(family: str, out: Path) -> Path:
-    torch.manual_seed(sum(map(ord, family)))
-    model = AutoModelForCausalLM.from_config(FAMILIES[family][0]())
-    with torch.no_grad():
-        for router in routers_of(model).values():
-            # Logits of std ~1.6 rather than the init's ~0.2: far fewer near-ties among the experts.
-            router.weight.normal_(0.0, 0.2)
-            for name in ("e_score_correction_bias", "bias"):
-                if getattr(router, name, None) is not None:
-                    getattr(router, name).normal_(0.0, 0.1)
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    cache: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in cache:
-            cache[family] = save_tiny_model(family, tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return get
 
 
 def reference_topk(config, router: torch.nn.Module, logits_SE: torch.Tensor) -> torch.Tensor:
@@ -251,108 +171,3 @@ def test_cuda_profile_equals_cpu_profile(family, tiny_model):
     np.testing.assert_array_equal(cuda.counts_WLE, cpu.counts_WLE)
     assert token_rows(cuda.topk_ids_TLK) == token_rows(cpu.topk_ids_TLK)
     assert cuda.metadata["device"] == "cuda"
-
-
-# --- bad input ------------------------------------------------------------------------------------------
-
-
-def test_folder_that_is_not_a_model(tmp_path):
-    with pytest.raises(ValueError, match="model directory not found"):
-        profile_hf_model(tmp_path / "missing", ["hi"])
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ": no config.json"):
-        profile_hf_model(tmp_path, ["hi"])
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json: transformers cannot read it"):
-        profile_hf_model(tmp_path, ["hi"])
-
-
-def test_dense_and_unsupported_models_are_refused(tmp_path):
-    LlamaConfig(**COMMON, num_hidden_layers=1).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ValueError, match=r"llama is not a Mixture-of-Experts model \(model_type llama\)"):
-        profile_hf_model(tmp_path / "llama", ["hi"])
-    PhimoeConfig(**COMMON, num_hidden_layers=1).save_pretrained(tmp_path / "phimoe")
-    with pytest.raises(ValueError, match="model_type phimoe is a Mixture-of-Experts model .* not support"):
-        profile_hf_model(tmp_path / "phimoe", ["hi"])
-    dense = Qwen3MoeConfig(**COMMON, head_dim=16, num_hidden_layers=2, mlp_only_layers=[0, 1], num_experts=8)
-    AutoModelForCausalLM.from_config(dense).save_pretrained(tmp_path / "all-dense")
-    with pytest.raises(ValueError, match=r"is not a Mixture-of-Experts model \(model_type qwen3_moe, no MoE layers\)"):
-        profile_hf_model(tmp_path / "all-dense", ["hi"])
-    FAMILIES["mixtral"][0]().save_pretrained(tmp_path / "no-weights")
-    with pytest.raises(ValueError, match="no-weights: transformers cannot load the model"):
-        profile_hf_model(tmp_path / "no-weights", ["hi"])
-
-
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prompts": []}, "no prompts to profile"),
-    ({"sample_rate": 1.5}, r"sample_rate must be in \[0, 1\], got 1.5"),
-    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
-    ({"max_tokens": -1}, "max_tokens must be an integer >= 0, got -1"),
-    ({"device": "gpu0"}, "device 'gpu0' is not a torch device"),
-    ({"prompts": ["y" * 60], "max_tokens": 8}, "prompt 0: 60 tokens \\+ max_tokens 8 exceed .* 64"),
-])
-def test_bad_arguments(kwargs, message, tiny_model):
-    kwargs = {"prompts": ["hi"], **kwargs}
-    with pytest.raises(ValueError, match=message):
-        profile_hf_model(tiny_model("mixtral"), **kwargs)
-
-
-# --- prompt files ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("name", "text"), [
-    ("p.txt", "first prompt\n\n  second, with spaces  \r\nthird\n"),
-    ("p.json", json.dumps(["first prompt", {"prompt": "  second, with spaces  "}, {"text": "third"}])),
-    ("p.jsonl", '{"prompt": "first prompt"}\n\n"  second, with spaces  "\n{"text": "third", "id": 3}\n'),
-])
-def test_prompt_files(name, text, tmp_path):
-    (tmp_path / name).write_text(text)
-    assert read_prompt_file(tmp_path / name) == ["first prompt", "  second, with spaces  ", "third"]
-
-
-@pytest.mark.parametrize(("name", "text", "problem"), [
-    ("p.txt", "", "no prompts, the file is empty"),
-    ("p.txt", " \n\n\t\n", "no prompts, the file is empty"),
-    ("p.json", "[]", "no prompts, the JSON list is empty"),
-    ("p.json", '[\n"a",\n"b" "c"\n]', "line 3: not valid JSON"),
-    ("p.json", '{"prompt": "a"}', "expected a JSON list of prompts, got a JSON dict"),
-    ("p.json", '["a", 7]', "item 1: prompt must be a string, got int"),
-    ("p.json", '["a", {"question": "b"}]', "item 1: object has no \"prompt\" or \"text\" field"),
-    ("p.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', "line 2: prompt is empty"),
-    ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"\n', "line 3: not valid JSON"),
-])
-def test_bad_prompt_files(name, text, problem, tmp_path):
-    path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(ValueError, match=re.escape(f"{path}") + ".*" + re.escape(problem)):
-        read_prompt_file(path)
-
-
-def test_missing_and_binary_prompt_files(tmp_path):
-    with pytest.raises(ValueError, match="prompt file not found"):
-        read_prompt_file(tmp_path / "nope.txt")
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ValueError, match="bin.txt: not UTF-8 text"):
-        read_prompt_file(tmp_path / "bin.txt")
-
-
-def test_cli_profile_hf_model(tmp_path):
-    """`moeplace profile --hf-model DIR --prompts FILE -o trace` writes a trace; a dense model is one line + exit 1."""
-    from typer.testing import CliRunner
-
-    from moeplace.cli import app
-    from moeplace.readers import load_trace
-
-    model_dir = save_tiny_model("mixtral", tmp_path / "mixtral")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("hello experts\nthe GPU is hot\n")
-    out = tmp_path / "trace.safetensors"
-    runner = CliRunner(env={"COLUMNS": "200"})
-    result = runner.invoke(app, ["profile", "--hf-model", str(model_dir), "--prompts", str(prompts), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    trace = load_trace(out)
-    assert trace.metadata["engine"] == "transformers (offline)" and trace.counts_WLE.sum() > 0
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    bad = runner.invoke(app, ["profile", "--hf-model", str(model_dir), "--prompts", str(empty), "-o", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "Traceback" not in bad.output and "empty.txt" in bad.output
-    assert not (tmp_path / "x").exists()
