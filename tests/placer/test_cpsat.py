@@ -1,6 +1,7 @@
 """CP-SAT layer search, checked by a validator that knows nothing of the solver: every output is a
 legal packing, its hottest GPU load is recomputed from the shares, and tiny layers are compared with
-a brute-force enumeration of every packing."""
+a brute-force enumeration of every packing (the validator: tests/support/layer_packings.py). The
+traffic and move terms are tested in test_cpsat_terms.py."""
 
 from __future__ import annotations
 
@@ -12,57 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeplace.placer.cpsat import _max_excluding, improve_layer, swap_descent
-from moeplace.placer.greedy import pack_for_scenarios, replicate_for_scenarios
+from layer_packings import check, greedy, improve, make_problem, validate
+from moeplace.placer.cpsat import _max_excluding, swap_descent
 from moeplace.placer.layer import SCALE, LayerProblem, Packing
-
-
-def validate(problem: LayerProblem, gpu_experts_GS: np.ndarray) -> float:
-    """The specification of a layer packing; returns its hottest GPU load over all workloads
-    (mean GPU load = 1), recomputed from share_WE with plain numpy."""
-    G, S, E = problem.num_gpus, problem.slots_per_gpu, problem.num_experts
-    rows = np.asarray(gpu_experts_GS)
-    assert rows.shape == (G, S), f"{rows.shape} is not {G} GPUs x {S} slots"
-    assert ((rows >= 0) & (rows < E)).all(), rows
-    for g, row in enumerate(rows.tolist()):
-        assert len(set(row)) == S, f"GPU {g} holds two replicas of one expert: {row}"
-    count_E = np.bincount(rows.ravel(), minlength=E)
-    assert (count_E >= 1).all(), f"experts without a replica: {np.flatnonzero(count_E == 0)}"
-    np.testing.assert_array_equal(count_E, problem.replicas_E)
-    load_WG = np.zeros((problem.share_WE.shape[0], G))
-    for g in range(G):
-        for e in rows[g]:
-            load_WG[:, g] += problem.share_WE[:, e] * G / count_E[e]
-    return float(load_WG.max())
-
-
-def check(packing: Packing) -> float:
-    """Validate a solver's packing, and check its incremental bookkeeping against a fresh one."""
-    hottest = validate(packing.problem, packing.gpu_experts)
-    # integer loads round each replica by at most half a unit
-    assert abs(packing.hottest() / SCALE - hottest) <= packing.problem.slots_per_gpu / SCALE
-    fresh = Packing(packing.problem, packing.gpu_experts)
-    np.testing.assert_array_equal(fresh.load_WG, packing.load_WG)
-    np.testing.assert_array_equal(fresh.on_GE, packing.on_GE)
-    assert fresh.objective() == packing.objective()
-    assert hottest >= packing.problem.lower_bound() - 1e-4
-    return hottest
-
-
-def make_problem(share_WE, G, S, gpus_per_node=None, **kwargs) -> LayerProblem:
-    share_WE = np.asarray(share_WE, dtype=np.float64)
-    share_WE = share_WE / share_WE.sum(axis=1, keepdims=True)
-    replicas = replicate_for_scenarios(share_WE, G * S, max_replicas=G)
-    return LayerProblem(share_WE, replicas, G, gpus_per_node or G, S, **kwargs)
-
-
-def greedy(problem: LayerProblem, extra_cost_GE=None) -> Packing:
-    G, S = problem.num_gpus, problem.slots_per_gpu
-    return Packing(problem, pack_for_scenarios(problem.share_WE * G, problem.replicas_E, G, S, extra_cost_GE))
-
-
-def improve(packing: Packing, seconds: float = 0.3, seed: int = 0):
-    return improve_layer(packing, time.monotonic() + seconds, np.random.default_rng(seed))
 
 
 # ---------------------------------------------------------------- the validator itself
@@ -221,106 +174,3 @@ def test_brute_force_finds_what_greedy_misses():
     assert check(packing) == pytest.approx(1.0, abs=1e-4)
     assert packing.hottest() == brute_force_hottest(problem)
     assert sorted(map(sorted, packing.gpu_experts.tolist())) == [[0, 4, 5], [1, 2, 3]]
-
-
-# ---------------------------------------------------------------- traffic term
-
-
-def traffic_case(traffic_weight: float) -> LayerProblem:
-    # Experts 0-3 (home node 0) carry 0.2 each, experts 4-7 (home node 1) 0.05 each; 4 GPUs x 2 slots
-    # in 2 nodes. The only layouts with hottest 1.0 pair one heavy with one light expert per GPU,
-    # which sends two heavy experts (0.4 of the tokens) and two light ones (0.1) away from home.
-    return LayerProblem(
-        share_WE=np.array([[0.2] * 4 + [0.05] * 4]),
-        replicas_E=np.ones(8, dtype=np.int64),
-        num_gpus=4,
-        gpus_per_node=2,
-        slots_per_gpu=2,
-        home_node_E=np.array([0, 0, 0, 0, 1, 1, 1, 1]),
-        traffic_weight=traffic_weight,
-    )
-
-
-def test_traffic_weight_keeps_experts_home():
-    balanced = greedy(traffic_case(0.0))
-    assert improve(balanced, 5.0).status == "optimal"
-    assert check(balanced) == pytest.approx(1.0, abs=1e-4)
-    assert balanced.off_home_share() == pytest.approx(0.5)
-    assert balanced.traffic() == 0  # weight 0: the term is off
-
-    local = greedy(traffic_case(10.0))
-    assert improve(local, 5.0).status == "optimal"
-    assert local.off_home_share() == 0.0
-    assert check(local) == pytest.approx(1.6, abs=1e-4)  # every heavy expert on node 0's 2 GPUs
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_traffic_weight_lowers_off_home_share_on_random_layers(seed):
-    rng = np.random.default_rng(300 + seed)
-    E, G = 32, 8
-    share = rng.lognormal(0, 1, size=(2, E))
-    home = np.repeat(np.arange(2), E // 2)  # 4 groups of 8 experts, 2 per node
-    results = {}
-    for weight in (0.0, 5.0):
-        packing = greedy(make_problem(share, G, 5, 4, home_node_E=home, traffic_weight=weight))
-        improve(packing, 0.3, seed)
-        check(packing)
-        results[weight] = packing.off_home_share()
-    assert results[5.0] < results[0.0]
-
-
-# ---------------------------------------------------------------- move term
-
-
-def on_gpu(rows_GS: np.ndarray, E: int) -> np.ndarray:
-    on_GE = np.zeros((rows_GS.shape[0], E), dtype=bool)
-    np.put_along_axis(on_GE, rows_GS, True, axis=1)
-    return on_GE
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_balanced_old_packing_is_kept_on_a_whole_layer(seed):
-    rng = np.random.default_rng(400 + seed)
-    share = rng.dirichlet(np.ones(8), size=2)
-    best = greedy(make_problem(share, 4, 3))
-    assert improve(best, 5.0).status == "optimal"
-    # Relabel the GPUs: just as balanced, but not where the greedy would put anything.
-    old_rows = best.gpu_experts[::-1].copy()
-    problem = make_problem(share, 4, 3, old_on_GE=on_gpu(old_rows, 8), move_weight=10.0)
-    packing = greedy(problem)
-    assert improve(packing, 5.0).status == "optimal"
-    check(packing)
-    assert packing.moved() == 0
-    assert packing.hottest() == best.hottest()
-    assert [sorted(r) for r in packing.gpu_experts.tolist()] == [sorted(r) for r in old_rows.tolist()]
-
-
-@pytest.mark.parametrize("seed", range(2))
-def test_large_move_weight_keeps_an_old_layout_in_a_large_layer(seed):
-    rng = np.random.default_rng(500 + seed)
-    E, G, S = 40, 8, 6
-    share = rng.lognormal(0, 1, size=(3, E))
-    old = greedy(make_problem(share, G, S)).gpu_experts
-    problem = make_problem(share, G, S, 4, old_on_GE=on_gpu(old, E), move_weight=100.0)
-    packing = Packing(problem, old)
-    improve(packing, 0.3, seed)
-    check(packing)
-    assert packing.moved() == 0
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_move_weight_moves_no_more_than_none(seed):
-    rng = np.random.default_rng(600 + seed)
-    E, G, S = 32, 8, 5
-    old = greedy(make_problem(rng.lognormal(0, 1, size=(2, E)), G, S)).gpu_experts  # yesterday's load
-    share = rng.lognormal(0, 1, size=(2, E))  # today's
-    moved = {}
-    for weight in (0.0, 2.0):
-        problem = make_problem(share, G, S, 4, old_on_GE=on_gpu(old, E), move_weight=weight)
-        extra = problem.move_weight_int() / SCALE * ~problem.old_on_GE  # as solve() warm-starts
-        packing = greedy(problem, extra if weight else None)
-        improve(packing, 0.3, seed)
-        check(packing)
-        moved[weight] = packing.moved()
-    assert moved[2.0] <= moved[0.0]
-    assert moved[0.0] > 0
