@@ -1,6 +1,6 @@
 """A checkpoint's config.json, index and tensors, fuzzed: each ends in a valid model or a ValueError
 naming the file, fast, before anything large is allocated; `moeplace serve` refuses a bad config in
-one line. (The other files moeplace reads: tests/test_fuzz_files.py.)"""
+one line. (The other files moeplace reads: tests/test_fuzz_traces.py, test_fuzz_placements.py.)"""
 
 from __future__ import annotations
 
