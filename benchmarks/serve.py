@@ -30,7 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from full_loop import NO_MULTICAST, _cli, _device_name, _model, _trivial_placement  # noqa: E402
+from full_loop import NO_MULTICAST, _model, _trivial_placement  # noqa: E402
+from full_loop_steps import device_name, run_cli  # noqa: E402
 
 DEEPSEEK_LAYER_TOKENS_PER_GPU = 14_800 * 58 / 8  # published: 14.8k output tokens/s per 8-GPU node, 58 MoE layers
 CPU_SMOKE = dict(gpus=2, device="cpu", levels="4", graph_levels="4", prompt_tokens=24, max_tokens=6, level_seconds=4.0,
@@ -72,8 +73,8 @@ def run(args) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
                str(HERE / "serve_workers.py"), *[str(x) for pair in flags.items() for x in pair]]
     command += ["--cpu"] if args.device == "cpu" else []
-    _cli(command, env, work / "serve_workers.log")
-    results = {"date": str(date.today()), "device": _device_name(args.device), "argv": sys.argv,
+    run_cli(command, env, work / "serve_workers.log")
+    results = {"date": str(date.today()), "device": device_name(args.device), "argv": sys.argv,
                "model": str(model), "model_seconds": model_s, **json.loads(out.read_text())}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
