@@ -258,6 +258,7 @@ def main():
         return write_counts(args.traces, args.write_counts)
     if args.cpu_smoke:  # before moeplace.kernels is imported: Triton picks its interpreter at decoration
         os.environ["TRITON_INTERPRET"] = "1"
+        torch.manual_seed(0)  # the same operands every smoke run: its numerics checks are reproducible
     deadline = time.monotonic() + args.budget_s
     import triton
     dev = "cpu" if args.cpu_smoke else "cuda"

@@ -25,8 +25,16 @@ def test_cpu_smoke_writes_a_table_the_dispatcher_reads(tmp_path):
     assert entry is not None and entry.best.backend.value in ("triton", "triton_tma")
     measured = json.loads(rows.read_text())["rows"]
     assert not [r for r in measured if "error" in r], "every smoke candidate runs"
-    errs = [float(r["note"].split()[-1]) for r in measured if r.get("note", "").startswith("rel err")]
-    assert errs and max(errs) < 1e-5, "the interpreter sums exactly in fp32"
+    errs = {r["gemm"]: [] for r in measured}
+    for r in measured:
+        if r.get("note", "").startswith("rel err"):
+            errs[r["gemm"]].append(float(r["note"].split()[-1]))
+    plain = [e for gemm, found in errs.items() if "SwiGLU" not in gemm for e in found]
+    assert plain and max(plain) < 1e-5, "the interpreter sums exactly in fp32"
+    # SwiGLU outputs are requantised to FP8: another summation order may round one value to the next FP8
+    # step (3.6e-5 seen once with unseeded operands), so their bound is an FP8 flip's, not fp32's
+    swiglu = [e for gemm, found in errs.items() if "SwiGLU" in gemm for e in found]
+    assert swiglu and max(swiglu) < 1e-3
 
 
 def test_sweep_skips_what_cannot_fit_two_programs_and_keeps_what_can(monkeypatch):
