@@ -61,14 +61,30 @@ class Driver:
         return proto(fn.value)
 
     def reach(self, device: torch.device, peer: torch.device) -> bool:
-        """Peer access from `device`'s primary context (torch's) to `peer`'s memory, enabled now where the
-        GPUs allow it; whether they do. The calling thread's current context is restored."""
+        """Peer access between `device` and `peer` in both directions (their primary contexts, torch's),
+        enabled now where the GPUs allow it; whether they do.
+
+        Both directions, because torch maps a peer's IPC memory in the peer device's context of this
+        process: a copy from it into `device`'s memory spans both contexts, and with access enabled only
+        from `device` to `peer`, the driver staged every such copy through host memory, spinning the
+        calling thread (measured on 2xH200: 31 GB/s and ~0.5 ms of host time per 22 MB expert, against
+        350-380 GB/s and ~0.2 ms per layer with both; BENCHMARKS.md, live reshard, "both directions")."""
+        return self._enable(device, peer) is not None and self._enable(peer, device) is not None
+
+    def enabled(self, device: torch.device, peer: torch.device) -> bool:
+        """Whether `device`'s context already has peer access to `peer`'s memory (enabling it if not)."""
+        return self._enable(device, peer) == _PEER_ACCESS_ALREADY_ENABLED
+
+    def _enable(self, device: torch.device, peer: torch.device) -> int | None:
+        """Enable peer access from `device`'s primary context to `peer`'s memory: 0 (enabled now),
+        _PEER_ACCESS_ALREADY_ENABLED, or None where the GPUs cannot. The calling thread's current
+        context is restored."""
         can, dev, other_dev = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), device.index))
         _check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(other_dev), peer.index))
         _check("cuDeviceCanAccessPeer", self.lib.cuDeviceCanAccessPeer(ctypes.byref(can), dev, other_dev))
         if not can.value:
-            return False
+            return None
         saved, own, other = ctypes.c_void_p(), self._primary(device), self._primary(peer)
         _check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(saved)))
         _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(own))
@@ -78,7 +94,7 @@ class Driver:
                 _check("cuCtxEnablePeerAccess", status)
         finally:
             _check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(saved))
-        return True
+        return status
 
     def _primary(self, device: torch.device) -> ctypes.c_void_p:
         dev, ctx = ctypes.c_int(), ctypes.c_void_p()

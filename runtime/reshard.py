@@ -105,7 +105,7 @@ class Resharder:
             per_node = self.model.placement.topology.gpus_per_node
             peers = [p for p in range(world) if p != self.rank and p // per_node == self.rank // per_node]
             peer_copies = PeerCopies.open(self.device, {p: shared[p] for p in peers}, self.options.copy_streams,
-                                          self.options.copy_batch)
+                                          self.options.copy_batch, self.options.stream_priority)
         self.mover = LayerMover(layers, self.group, self.control, self.rank, self.options, checksums, peer_copies)
         with self._on_reshard_stream():
             self.mover.warm_up()
@@ -151,7 +151,7 @@ class Resharder:
             yield
             return
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
+            self._stream = torch.cuda.Stream(self.device, self.options.stream_priority)
         torch.cuda.set_device(self.device)
         with torch.cuda.stream(self._stream):
             yield

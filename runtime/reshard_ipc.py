@@ -72,15 +72,16 @@ class PeerCopies:
     an address here; peer access is enabled at construction): torch's cross-device `copy_` spends ~40 us
     of host time per copy on device switches and cross-stream events. Where the driver library cannot be
     loaded, torch's `copy_` does the copies (same result). streams: copy streams (the weights' copies go
-    round-robin over them); batch: one driver call per stream where the driver can."""
+    round-robin over them); batch: one driver call per stream where the driver can; priority: the copy
+    streams' (`ReshardOptions.stream_priority`)."""
 
     def __init__(self, device: torch.device, peers: dict[int, list[SlotWeights]], streams: int = 1,
-                 batch: bool = True) -> None:
+                 batch: bool = True, priority: int = 0) -> None:
         self.device, self.peers = device, peers
         self.driver = load_driver()
         self.batch = batch and self.driver is not None and self.driver.batch_fn is not None
-        # Peer access from this GPU (`open` enables it before mapping; here: already enabled, or the GPUs
-        # cannot reach each other and the copies go through host memory)
+        # Peer access between this GPU and each peer's, both ways (`open` enables it before mapping; here:
+        # already enabled, or the GPUs cannot reach each other and the copies go through host memory)
         self.direct = {p: self.driver.reach(device, slots[0].w13.device) if self.driver else False
                        for p, slots in peers.items()}
         for p in (p for p, direct in self.direct.items() if self.driver and not direct):
@@ -89,7 +90,7 @@ class PeerCopies:
         # The copies run on streams of their own, ordered after the reshard stream's work when posted:
         # on the reshard stream itself, a layer's checksum kernels would queue behind the next layer's
         # copies, and the link would idle while the host waits for both.
-        self.copy_streams = [torch.cuda.Stream(device) for _ in range(streams)]
+        self.copy_streams = [torch.cuda.Stream(device, priority) for _ in range(streams)]
         # torch's copy_ (no driver) issues a cross-device copy on the source device's current stream: a
         # side stream there too, or the copies would queue on that device's default stream in this process.
         self.streams = {p: torch.cuda.Stream(slots[0].w13.device) for p, slots in peers.items()}
@@ -102,18 +103,16 @@ class PeerCopies:
 
     @classmethod
     def open(cls, device: torch.device, shared: dict[int, list[list[tuple]]], streams: int = 1,
-             batch: bool = True) -> PeerCopies:
-        """Map each peer rank's shared slots (`share_slots`) and pull from them. Peer access from this GPU
-        to every other visible one is enabled first, so that the mappings exist with it (torch opens IPC
-        handles with lazy peer access; the benchmark, fast, had enabled it before mapping through its
-        reference copy). It did not change the server's slow copy calls (BENCHMARKS.md, live reshard,
-        20:36): without it, a GPU pair that has no peer access would stage the copies through the host."""
+             batch: bool = True, priority: int = 0) -> PeerCopies:
+        """Map each peer rank's shared slots (`share_slots`) and pull from them. Peer access between this
+        GPU and every other visible one, both ways (`Driver.reach`), is enabled first, so that the
+        mappings exist with it (torch opens IPC handles with lazy peer access)."""
         driver = load_driver()
         if driver is not None:
             for index in range(torch.cuda.device_count()):
                 if index != device.index:
                     driver.reach(device, torch.device("cuda", index))
-        return cls(device, {p: open_slots(handles) for p, handles in shared.items()}, streams, batch)
+        return cls(device, {p: open_slots(handles) for p, handles in shared.items()}, streams, batch, priority)
 
     def reaches(self, peer: int) -> bool:
         return peer in self.peers

@@ -75,11 +75,12 @@ class LayerMover:
         self.options, self.checksums, self.peer_copies = options, checksums, peer_copies
         self.device = moe_layers[0].w13_SFD.device
         self.expert_bytes = moe_layers[0].read_slot(0).nbytes
-        self.check_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        priority = options.stream_priority
+        self.check_stream = torch.cuda.Stream(self.device, priority) if self.device.type == "cuda" else None
         # a stream per layer in flight (two) for the watches: one shared stream would make a layer's
         # watch wait for the next layer's transfers too
-        self.watch_streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" \
-            else [None, None]
+        self.watch_streams = [torch.cuda.Stream(self.device, priority) for _ in range(2)] \
+            if self.device.type == "cuda" else [None, None]
         self.posts = 0
         # each layer's slot tensors as words, made once (installs write in place: the views stay valid)
         self.slot_words = [[as_words(t) for t in m.read_slot(slice(None)).tensors()] for m in moe_layers]

@@ -15,6 +15,9 @@ From the environment of `moeplace serve` (every rank reads the same):
   MOEPLACE_RESHARD_COPY_STREAMS  streams a rank's peer copies go round-robin over (default 1)
   MOEPLACE_RESHARD_COPY_BATCH  1 (default): a stream's peer copies of a pull in one driver call where the
                              driver has cuMemcpyBatchAsync (CUDA 12.8+); 0: one driver call per copy
+  MOEPLACE_RESHARD_PRIORITY  1 (default): the reshard's streams (copies, their gathers, checksums) run at
+                             high priority, so its small kernels pass a busy step's queued blocks; 0: the
+                             serving streams' priority
 """
 
 from __future__ import annotations
@@ -33,9 +36,8 @@ class ReshardOptions:
     """timeout_s > 0; rate_bytes_per_s >= 0 (0 = unlimited); staging_bytes > 0; chunk_experts >= 1:
     experts per peer posted together, the pieces whose checksums run as they land: under a rate limit
     the pacing granularity (8), unlimited a whole layer. Smaller pieces shorten the last layer's check
-    (~1 ms in the benchmark) but each costs the reshard thread more calls, and in a busy server a layer's
-    copy calls took ~75 ms of the thread's CPU inside the driver where the benchmark's process takes ~1 ms
-    (BENCHMARKS.md, live reshard, 20:07-20:27)."""
+    (~1 ms in the benchmark) but each costs the reshard thread more calls. high_priority: the reshard's
+    CUDA streams at the device's highest priority (`stream_priority`)."""
 
     timeout_s: float = 60.0
     rate_bytes_per_s: float = DEFAULT_RATE
@@ -44,6 +46,7 @@ class ReshardOptions:
     copy_engine: bool = True
     copy_streams: int = 1
     copy_batch: bool = True
+    high_priority: bool = True
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "staging_bytes", "chunk_experts", "copy_streams"):
@@ -51,6 +54,13 @@ class ReshardOptions:
                 raise ValueError(f"reshard option {name} must be > 0, got {getattr(self, name)}")
         if not self.rate_bytes_per_s >= 0 or not math.isfinite(self.rate_bytes_per_s):
             raise ValueError(f"reshard option rate_bytes_per_s must be >= 0, got {self.rate_bytes_per_s}")
+
+    @property
+    def stream_priority(self) -> int:
+        """The priority of the reshard's CUDA streams (lower is higher; torch maps -1 to the device's
+        highest): in a busy step the SMs are full, and a layer's gathers and checksum kernels, queued
+        at normal priority, waited for the step's blocks ahead of them."""
+        return -1 if self.high_priority else 0
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> ReshardOptions:
@@ -61,7 +71,8 @@ class ReshardOptions:
                   "staging_bytes": _whole(_number(env, "MOEPLACE_RESHARD_STAGING", math.nan, positive=True)),
                   "copy_engine": _flag(env, "MOEPLACE_RESHARD_COPY_ENGINE", default="1"),
                   "copy_streams": _count(env, "MOEPLACE_RESHARD_COPY_STREAMS", 1),
-                  "copy_batch": _flag(env, "MOEPLACE_RESHARD_COPY_BATCH", default="1")}
+                  "copy_batch": _flag(env, "MOEPLACE_RESHARD_COPY_BATCH", default="1"),
+                  "high_priority": _flag(env, "MOEPLACE_RESHARD_PRIORITY", default="1")}
         values.update(overrides)
         if values["rate_bytes_per_s"] > 0 and "chunk_experts" not in overrides:
             # pacing spreads chunks of 8 experts per peer (~350 MB at DeepSeek-V3 size, ~1 ms of NVLink),

@@ -104,6 +104,7 @@ STREAMS = "MOEPLACE_RESHARD_COPY_STREAMS must be a whole number from 1 to 16, go
     ({"MOEPLACE_RESHARD_COPY_STREAMS": "0"}, f"{STREAMS} '0'"),
     ({"MOEPLACE_RESHARD_COPY_STREAMS": "2.5"}, f"{STREAMS} '2.5'"),
     ({"MOEPLACE_RESHARD_COPY_BATCH": "2"}, "MOEPLACE_RESHARD_COPY_BATCH must be 0 or 1, got '2'"),
+    ({"MOEPLACE_RESHARD_PRIORITY": "high"}, "MOEPLACE_RESHARD_PRIORITY must be 0 or 1, got 'high'"),
 ])
 def test_bad_options_are_one_clear_error(env, message):
     with pytest.raises(ValueError, match=message):
@@ -120,6 +121,9 @@ def test_options_from_env():
     assert default.copy_streams == 1 and default.copy_batch
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_ENGINE": "0"}).copy_engine
     assert not ReshardOptions.from_env({"MOEPLACE_RESHARD_COPY_BATCH": "0"}).copy_batch
+    # the reshard's streams at high priority unless asked not to (torch: lower is higher)
+    assert default.stream_priority < 0
+    assert ReshardOptions.from_env({"MOEPLACE_RESHARD_PRIORITY": "0"}).stream_priority == 0
     # staging: unset, the Resharder sizes it for two layers of the GPU's slots (at least 8 GiB)
     assert default.staging_bytes is None
     assert ReshardOptions.from_env({"MOEPLACE_RESHARD_STAGING": "1e9"}).staging_bytes == 10**9
