@@ -33,8 +33,15 @@ class Handover:
     def reserve(self, nbytes: int) -> None:
         """Wait until installs free room for `nbytes` more (never for layers still in flight)."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._committed or
-                                self._bytes() + nbytes <= self.staging_bytes)
+            self._cond.wait_for(lambda: self._room(nbytes))
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether `reserve(nbytes)` would return at once."""
+        with self._cond:
+            return self._room(nbytes)
+
+    def _room(self, nbytes: int) -> bool:
+        return not self._committed or self._bytes() + nbytes <= self.staging_bytes
 
     def stage(self, row: int, staged: StagedLayer) -> None:
         with self._cond:

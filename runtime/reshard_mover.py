@@ -14,8 +14,12 @@ Per layer (numbers as in the plan's execution contract, runtime/reshard_plan.py)
              one all-reduce of "ok" over every rank (the failing rank's reason follows);
           6. hand over: the staged layer is installed by the serving thread at a step boundary.
 Layers are double-buffered: layer i+1 is posted before layer i finishes where the staging budget
-holds both on every rank, so the link never idles while a layer is checked, agreed and handed over.
-The schedule depends on the plan alone, so every rank runs the same control ops in the same order.
+holds both on every rank, so the link never idles while a layer is checked, agreed and handed over;
+but never where posting it would first wait for an earlier layer's install (a step boundary): layer
+i, transferred, would wait there too, unchecked, and miss that boundary's swap (measured in a loaded
+server: a step of ~50 ms lost per pair of layers). The plan decides, and where it cannot (room that
+installs free), one all-reduce of "room now" over every rank: every rank runs the same control ops in
+the same order.
 Both ends of a pair order its experts the same way (by the sender's slot), so a sender's
 contiguous rows land in the receiver's contiguous rows.
 """
@@ -124,7 +128,7 @@ class LayerMover:
         for i, row in enumerate(rows):
             if not posted:
                 posted.append(self._post(plan, row, target_LP, fault, handover, pacer, laps))
-            if i + 1 < len(rows) and overlap[i]:
+            if overlap.pair[i] and (overlap.free[i] or self._room_everywhere(plan, rows[i + 1], handover)):
                 posted.append(self._post(plan, rows[i + 1], target_LP, fault, handover, pacer, laps))
             error = self._finish(plan, posted.popleft(), fault, handover, laps)
             if error is not None:
@@ -139,7 +143,7 @@ class LayerMover:
         layer, share = int(plan.layers[row]), LayerShare.of(plan, self.rank, row)
         moe, n = self.moe_layers[row], len(share.staged_dst_N)
         pushed_N, pushed_spans = self._pushed(share)
-        handover.reserve((n + len(pushed_N)) * self.expert_bytes)
+        handover.reserve(self._staging_bytes(share))
         laps("swap_wait", row)  # for installs to free staging room (else ~0)
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
@@ -186,6 +190,18 @@ class LayerMover:
             if works else None
         laps("post", row)
         return _Posted(row, staged, expected_N, checks, outbox, watch, error or late)
+
+    def _staging_bytes(self, share: LayerShare) -> int:
+        """What a layer takes of the staging budget on this rank: its staged rows and send rows."""
+        return (len(share.staged_dst_N) + len(self._pushed(share)[0])) * self.expert_bytes
+
+    def _room_everywhere(self, plan: ReshardPlan, row: int, handover) -> bool:
+        """Whether every rank has staging room for `row` now, without waiting for an install."""
+        room = handover.has_room(self._staging_bytes(LayerShare.of(plan, self.rank, row)))
+        device = self.device if self.control is self.group else "cpu"
+        flag = torch.tensor([int(room)], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
+        return bool(int(flag))
 
     def _pulled(self, peer: int) -> bool:
         """From a peer this process maps (copy engines, both ways), the receiver pulls: no send posted."""

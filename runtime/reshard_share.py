@@ -1,5 +1,5 @@
 """`LayerShare`: one rank's part of one layer of a `ReshardPlan`, arranged for contiguous transfers;
-`overlaps`: which consecutive layers may be in flight together within the staging budget.
+`overlaps`: which consecutive layers may be in flight together within the staging budget (`Overlaps`).
 
 Pure numpy, like the plan. Both ends of a pair order its experts the same way (by the sender's slot),
 so the rows a sender gathers for a peer, taken as one block, land in the same order in the
@@ -72,12 +72,26 @@ def _spans(peer_X: np.ndarray, offset: int) -> tuple[tuple[int, ...], tuple[tupl
             tuple((offset + int(s), offset + int(s + c)) for s, c in zip(starts, counts)))
 
 
-def overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int, pushed: tuple) -> list[bool]:
-    """overlap[i]: rows[i + 1] is posted before rows[i] finishes, where both fit the staging budget
-    on every rank, send rows included: those of the links in `pushed` (a peer that pulls reads the
-    sender's slots, no send rows). The plan decides, so all ranks run the same schedule."""
+@dataclass(frozen=True)
+class Overlaps:
+    """Per position i of a job's rows: pair[i], rows[i + 1] may be posted before rows[i] finishes (both
+    fit the staging budget on every rank); free[i], it surely finds room then: rows[0..i + 1] all fit
+    together, so no earlier layer's install is needed. Where pair[i] holds and free[i] does not, the
+    ranks ask each other whether the room is there now (`LayerMover`)."""
+
+    pair: tuple[bool, ...]
+    free: tuple[bool, ...]
+
+
+def overlaps(plan: ReshardPlan, rows: list[int], expert_bytes: int, budget: int, pushed: tuple) -> Overlaps:
+    """The staging a layer takes on its busiest rank, send rows included: those of the links in `pushed`
+    (a peer that pulls reads the sender's slots, no send rows), against the budget. The plan decides,
+    so all ranks run the same schedule."""
     S, sent_LG = plan.topology.slots_per_gpu, np.zeros_like(plan.staging_slots_LG)
     x = np.isin(plan.kind_X, pushed)
     np.add.at(sent_LG, (plan.layer_X[x], plan.src_slot_X[x] // S), 1)
     staging = (plan.staging_slots_LG + sent_LG).max(axis=1) * expert_bytes
-    return [bool(staging[a] + staging[b] <= budget) for a, b in zip(rows, rows[1:])] + [False]
+    pair = [bool(staging[a] + staging[b] <= budget) for a, b in zip(rows, rows[1:])] + [False]
+    upto = np.cumsum([staging[r] for r in rows])
+    free = [bool(upto[i + 1] <= budget) for i in range(len(rows) - 1)] + [False]
+    return Overlaps(tuple(pair), tuple(free))
