@@ -198,10 +198,7 @@ class LayerMover:
     def _room_everywhere(self, plan: ReshardPlan, row: int, handover) -> bool:
         """Whether every rank has staging room for `row` now, without waiting for an install."""
         room = handover.has_room(self._staging_bytes(LayerShare.of(plan, self.rank, row)))
-        device = self.device if self.control is self.group else "cpu"
-        flag = torch.tensor([int(room)], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
-        return bool(int(flag))
+        return bool(self._reduce(int(room), dist.ReduceOp.MIN))
 
     def _pulled(self, peer: int) -> bool:
         """From a peer this process maps (copy engines, both ways), the receiver pulls: no send posted."""
@@ -305,11 +302,16 @@ class LayerMover:
 
     def _agree(self, error: str | None) -> str | None:
         """5. every rank learns whether all succeeded; the failing rank's message travels along."""
-        device = self.device if self.control is self.group else "cpu"
-        flag = torch.tensor([0 if error is None else self.rank + 1], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
-        if int(flag) == 0:
+        failed = self._reduce(0 if error is None else self.rank + 1, dist.ReduceOp.MAX)
+        if failed == 0:
             return None
         box = [error]
-        dist.broadcast_object_list(box, src=int(flag) - 1, group=self.control)
+        dist.broadcast_object_list(box, src=failed - 1, group=self.control)
         return box[0]
+
+    def _reduce(self, value: int, op) -> int:
+        """`value` reduced over every rank on the control group."""
+        device = self.device if self.control is self.group else "cpu"
+        flag = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=op, group=self.control)
+        return int(flag)
