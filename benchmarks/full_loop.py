@@ -111,8 +111,11 @@ def run(args) -> None:
     env = dict(os.environ, **NO_MULTICAST, PYTHONUNBUFFERED="1", COLUMNS="200")
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # G ranks share the cores; tiny tensors gain nothing from threads
+    # the server's reshard options come from the environment (runtime/reshard_options.py): kept with the run
+    options = {k: v for k, v in sorted(env.items()) if k.startswith("MOEPLACE_RESHARD_")}
     results = Results(json_path, {"date": str(date.today()), "argv": sys.argv, "gpus": args.gpus,
-                                  "device": device_name(args.device), "args": jsonable(vars(args))})
+                                  "device": device_name(args.device), "args": jsonable(vars(args)),
+                                  "reshard_env": options})
     slots = SLOTS // args.gpus
 
     # 1. p2p

@@ -65,8 +65,11 @@ def test_full_loop_benchmark_cpu_smoke(tmp_path):
     """benchmarks/full_loop.py on CPU, and with it full_loop_steps.py (its CLI runs, profiles, fixed answers)."""
     out = tmp_path / "full_loop.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "full_loop.py"), "run", "--cpu-smoke", "--workdir",
-                    str(tmp_path / "work"), "--json", str(out)], check=True, timeout=600)
+                    str(tmp_path / "work"), "--json", str(out)], check=True, timeout=600,
+                   env={**{k: v for k, v in os.environ.items() if not k.startswith("MOEPLACE_RESHARD_")},
+                        "MOEPLACE_RESHARD_PRIORITY": "0"})
     result = json.loads(out.read_text())
+    assert result["reshard_env"] == {"MOEPLACE_RESHARD_PRIORITY": "0"}  # the server's options, kept with the run
     assert result["load"]["failed"] == 0 and result["load"]["sent"] > 0
     assert result["reshard"]["experts_moved"] > 0
     assert {m["placement"] for m in result["moe_layer"]["results"]} == {"uniform", "before", "after"}
