@@ -143,7 +143,7 @@ class LayerMover:
         layer, share = int(plan.layers[row]), LayerShare.of(plan, self.rank, row)
         moe, n = self.moe_layers[row], len(share.staged_dst_N)
         pushed_N, pushed_spans = self._pushed(share)
-        handover.reserve(self._staging_bytes(share))
+        handover.reserve(self._staging_bytes(share, pushed_N))
         laps("swap_wait", row)  # for installs to free staging room (else ~0)
         buffers = SlotWeights.empty_like(moe.read_slot(0), n)
         outbox = SlotWeights.empty_like(moe.read_slot(0), len(pushed_N)) if len(pushed_N) else None
@@ -191,13 +191,14 @@ class LayerMover:
         laps("post", row)
         return _Posted(row, staged, expected_N, checks, outbox, watch, error or late)
 
-    def _staging_bytes(self, share: LayerShare) -> int:
+    def _staging_bytes(self, share: LayerShare, pushed_N: np.ndarray) -> int:
         """What a layer takes of the staging budget on this rank: its staged rows and send rows."""
-        return (len(share.staged_dst_N) + len(self._pushed(share)[0])) * self.expert_bytes
+        return (len(share.staged_dst_N) + len(pushed_N)) * self.expert_bytes
 
     def _room_everywhere(self, plan: ReshardPlan, row: int, handover) -> bool:
         """Whether every rank has staging room for `row` now, without waiting for an install."""
-        room = handover.has_room(self._staging_bytes(LayerShare.of(plan, self.rank, row)))
+        share = LayerShare.of(plan, self.rank, row)
+        room = handover.has_room(self._staging_bytes(share, self._pushed(share)[0]))
         return bool(self._reduce(int(room), dist.ReduceOp.MIN))
 
     def _pulled(self, peer: int) -> bool:

@@ -15,7 +15,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
 
 @pytest.mark.slow
 def test_cpu_smoke_writes_a_table_the_dispatcher_reads(tmp_path):
-    """benchmarks/kernels.py --cpu-smoke, and with it kernels_inputs.py (operands, baselines) and kernels_sweep.py."""
+    """benchmarks/kernels.py --cpu-smoke, and with it benchmarks/kernels_inputs.py
+    (operands, baselines) and benchmarks/kernels_sweep.py."""
     table, rows = tmp_path / "table.json", tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(BENCH), "--cpu-smoke", "--table", str(table), "--json", str(rows)],
                           capture_output=True, text=True, timeout=600)

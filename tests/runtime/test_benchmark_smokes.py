@@ -62,7 +62,7 @@ def test_reshard_benchmark_cpu_smoke(tmp_path):
 @pytest.mark.skipif(not DEFAULT_ROUTING_TRACE.exists(),
                     reason=f"needs {DEFAULT_ROUTING_TRACE} (../shared beside the checkout)")
 def test_full_loop_benchmark_cpu_smoke(tmp_path):
-    """benchmarks/full_loop.py on CPU, and with it full_loop_steps.py (its CLI runs, profiles, fixed answers)."""
+    """benchmarks/full_loop.py on CPU, and with it benchmarks/full_loop_steps.py (its CLI runs, profiles, fixed answers)."""
     out = tmp_path / "full_loop.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "full_loop.py"), "run", "--cpu-smoke", "--workdir",
                     str(tmp_path / "work"), "--json", str(out)], check=True, timeout=600,

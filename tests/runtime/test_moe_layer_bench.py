@@ -34,7 +34,7 @@ def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_run_smoke(tmp_path):
-    """benchmarks/moe_layer.py on CPU, and with it moe_layer_timing.py (time_steps, bandwidth, summaries)."""
+    """benchmarks/moe_layer.py on CPU, and with it benchmarks/moe_layer_timing.py (time_steps, bandwidth, summaries)."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
     data.mkdir()
