@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
 from kernels_inputs import blockwise_mm, fp8_weights, loop_baseline, sorted_rows  # noqa: E402
-from kernels_sweep import fits, occupancy_note, smem_estimate, sweep  # noqa: E402
+from kernels_sweep import fits, occupancy_note, smem_estimate, sweep, takes  # noqa: E402
 from kernels_timing import Rows, agreement, copy_bandwidth_gbs, graphed, print_summary, rel_err  # noqa: E402
 
 HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # datasheet, SXM parts
@@ -105,9 +105,8 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
         ref = grouped_gemm_ref(*ref_args)
     timings = {}
     for cfg in cands:
-        wide = cfg.block_n != 128 or cfg.block_m > 128
-        if kind is GemmKind.swiglu and cfg.backend is not Backend.torch_loop and wide:
-            continue  # one 128-channel group per tile (the fused quantisation); 256 rows of two accumulators spill
+        if not takes(kind, cfg):
+            continue
         if not fits(kind, cfg):
             kb = smem_estimate(kind, cfg) >> 10
             print(f"  {cfg.label}: skipped, {cfg.programs_per_sm} programs of ~{kb} KB do not fit an SM's shared memory")

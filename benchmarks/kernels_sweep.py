@@ -7,7 +7,7 @@ registers a thread, an 8-warp one only under 128. Registers and shared memory qu
 (Triton 3.6 on the H200, benchmarks/BENCHMARKS.md).
 """
 
-from moeplace.kernels.gemm_table import Backend, GemmConfig as C, GemmKind
+from moeplace.kernels.gemm_table import Backend, GemmConfig as C, GemmKind, gluon_takes
 
 TMA, PF = dict(backend=Backend.triton_tma), dict(prefetch_scales=True)
 SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024  # Hopper; as in moeplace.kernels.grouped_gemm_kernels
@@ -20,14 +20,25 @@ def smem_estimate(kind: GemmKind, cfg: C) -> int:
     64-column K steps s4 / s5 88 / 108 (88 / 108)."""
     swiglu = kind is GemmKind.swiglu
     stage = (cfg.block_m + cfg.block_n * (2 if swiglu else 1)) * cfg.block_k
+    if cfg.backend is Backend.gluon:  # its epilogue stores from the accumulator's registers
+        return cfg.num_stages * stage
     return cfg.num_stages * stage + cfg.block_m * cfg.block_n * (1 if swiglu else 2)
+
+
+def takes(kind: GemmKind, cfg: C) -> bool:
+    """Whether cfg's kernel can run this kind at all: the fused SwiGLU quantisation wants one 128-channel
+    group per tile (and 256 rows of two accumulators spill); the Gluon kernel's SwiGLU tiles split N over
+    two warpgroups."""
+    if kind is not GemmKind.swiglu or cfg.backend is Backend.torch_loop:
+        return True
+    return cfg.block_n == 128 and cfg.block_m <= 128 and (cfg.backend is not Backend.gluon or gluon_takes(cfg, True))
 
 
 def fits(kind: GemmKind, cfg: C) -> bool:
     """Whether cfg.programs_per_sm programs fit in one SM's shared memory (by the estimate). A persistent
     program that does not fit waits for another to exit: the grid then runs in two halves (59% of HBM for
     SwiGLU m64 s3 p2 in run 4, against 70-75% at one program)."""
-    if cfg.backend is not Backend.triton_tma or cfg.programs_per_sm == 1:
+    if not cfg.persistent or cfg.programs_per_sm == 1:
         return True
     return cfg.programs_per_sm * (smem_estimate(kind, cfg) + SMEM_RESERVED) <= SMEM_PER_SM
 
@@ -39,7 +50,8 @@ def sweep(rows_per_expert: float, smoke: bool) -> list[C]:
     loops = [C(backend=Backend.torch_loop)]  # 2-4 streams lost to one in run 3 (0.70-0.77x)
     if smoke:
         return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **TMA, **PF, programs_per_sm=2),
-                C(16, 128, 1, 4, 2, **TMA, warp_specialize=True), C(16, 128, 1, 4, 3, **TMA, **PF, block_k=64)]
+                C(16, 128, 1, 4, 2, **TMA, warp_specialize=True), C(16, 128, 1, 4, 3, **TMA, **PF, block_k=64),
+                C(64, 128, 1, 8, 2, backend=Backend.gluon)]  # on the CPU: the TMA kernel with its tile
     if rows_per_expert > 256:  # prefill at EP8: compute-bound
         return prefill_ep8() + loops
     if rows_per_expert > 64:  # prefill over all experts
@@ -56,7 +68,17 @@ def prefill_ep8() -> list[C]:
     program's wgmma wait with the other's loads and MMAs the way DeepGEMM's two consumer warpgroups do:
     +7% at down in run 5, -1% at gate/up. Lost in run 5: m128 n64 p2 (-19 to -25%) and every 64-column K
     step (-24 to -32%; SwiGLU's at s4 p2 -23%)."""
-    return [C(128, 128, 8, 8, 4, **TMA, **PF), C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2)]
+    return [C(128, 128, 8, 8, 4, **TMA, **PF), C(64, 128, 8, 4, 4, **TMA, **PF, programs_per_sm=2)] + gluon_tiles(8)
+
+
+def gluon_tiles(group_m: int) -> list[C]:
+    """The Gluon kernel's tiles (grouped_gemm_gluon.py; the promotion overlapped with the next K block's
+    wgmma): m128 on two warpgroups (248 registers, 32 KB a stage, one program an SM), m64 on one (247
+    registers: two programs fit at s4, 96 KB each), m64 with N split over two warpgroups (154 registers;
+    the only SwiGLU tile: 255 registers, 40 KB a stage). Registers from ptxas for sm_90a (Triton 3.6)."""
+    G = dict(backend=Backend.gluon)
+    return [C(128, 128, group_m, 8, s, **G) for s in (4, 5, 6)] + [C(64, 128, group_m, 4, 4, **G, programs_per_sm=2)] \
+        + [C(64, 128, group_m, 8, s, **G) for s in (4, 5)]
 
 
 def decode_ep8() -> list[C]:
@@ -67,7 +89,8 @@ def decode_ep8() -> list[C]:
     pointer kernel; after run 5: 64-column K steps, where two SwiGLU programs fit (88 KB) but run at 66%
     (s4) and 52% (s5), and the plain GEMMs lose 5-27 points at the same two programs per SM."""
     return [C(64, 128, 1, 4, 4, **TMA, **PF), C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2),
-            C(64, 128, 1, 8, 4, **TMA, **PF)]
+            C(64, 128, 1, 8, 4, **TMA, **PF), C(64, 128, 1, 4, 4, backend=Backend.gluon, programs_per_sm=2),
+            C(64, 128, 1, 8, 4, backend=Backend.gluon)]
 
 def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
     """What one program of this candidate's compiled kernel holds on the card, and how many fit an SM

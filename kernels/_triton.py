@@ -1,4 +1,4 @@
-"""Triton when it is installed; otherwise stand-ins, so that every kernel file still imports and its
+"""Triton (and its Gluon language) when installed; otherwise stand-ins, so that every kernel file still imports and its
 plain-torch `*_ref` stays usable (the runtime runs the references on machines without Triton)."""
 
 from types import SimpleNamespace
@@ -17,6 +17,16 @@ except ImportError:  # `pip install 'moeplace[kernels]'` brings it
     # Only what module-level code touches: the decorator and the `tl.constexpr` annotations.
     triton = SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=None)
+
+try:  # Gluon, Triton's explicit-layout language (Triton 3.5+): the Hopper kernel of grouped_gemm_gluon.py
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    HAS_GLUON = True
+except ImportError:
+    HAS_GLUON = False
+    gluon = SimpleNamespace(jit=triton.jit, constexpr_function=lambda f: f)
+    gl = SimpleNamespace(constexpr=None)
 
 
 def require_triton() -> None:

@@ -23,6 +23,9 @@ class Backend(str, enum.Enum):
     triton = "triton"  # one program per (m-tile, n-tile), pointer loads: the decode shapes' kernel
     triton_tma = "triton_tma"  # persistent grid, TMA-fed tiles, optionally warp-specialised
     torch_loop = "torch_loop"  # torch._scaled_mm (cuBLAS, block scales) per expert: reads counts on the host
+    # Hopper only (elsewhere the triton_tma kernel runs the same tile): persistent, TMA-fed, the block-scale
+    # promotion overlapped with the next K block's wgmma (grouped_gemm_gluon.py)
+    gluon = "gluon"
 
 
 class GemmKind(str, enum.Enum):
@@ -42,7 +45,7 @@ class GemmConfig:
     # its TTGIR keeps the loop attribute and makes no partitions)
     warp_specialize: bool = False
     prefetch_scales: bool = False  # Triton: load each K block's scales ahead of its promotion
-    # triton_tma only: persistent programs per SM. Triton 3.6 waits for each K block's wgmma before its
+    # triton_tma and gluon: persistent programs per SM. Triton 3.6 waits for each K block's wgmma before its
     # scale promotion; a second resident program can stream and multiply while the first waits (the
     # overlap DeepGEMM gets from two consumer warpgroups), where registers and shared memory let two fit
     programs_per_sm: int = 1
@@ -63,11 +66,20 @@ class GemmConfig:
             assert v > 0 and v & (v - 1) == 0, f"GemmConfig.{name} must be a power of two, got {v}"
         assert 1 <= self.streams <= 8, f"GemmConfig.streams must be in [1, 8], got {self.streams}"
         assert 1 <= self.programs_per_sm <= 4, f"GemmConfig.programs_per_sm must be in [1, 4], got {self.programs_per_sm}"
-        assert self.programs_per_sm == 1 or self.backend is Backend.triton_tma, \
-            f"GemmConfig.programs_per_sm={self.programs_per_sm} needs the persistent kernel (triton_tma)"
+        assert self.programs_per_sm == 1 or self.persistent, \
+            f"GemmConfig.programs_per_sm={self.programs_per_sm} needs a persistent kernel (triton_tma, gluon)"
         assert self.block_k in (64, 128), f"GemmConfig.block_k must be 64 or 128, got {self.block_k}"
         assert self.block_k == 128 or self.backend is Backend.triton_tma, \
             f"GemmConfig.block_k={self.block_k} needs the persistent kernel (triton_tma)"
+        if self.backend is Backend.gluon:  # a warpgroup's wgmma takes 64 rows; the promotion one scale block
+            assert self.block_n == 128 and self.block_m in (64, 128) and self.num_warps * 16 >= self.block_m, \
+                f"GemmConfig: the gluon kernel takes 64- or 128-row tiles of 128 columns on 4+ (128 rows: 8) " \
+                f"warps, got m{self.block_m} n{self.block_n} w{self.num_warps}"
+
+    @property
+    def persistent(self) -> bool:
+        """Whether a fixed grid of programs walks the tiles (so programs_per_sm means something)."""
+        return self.backend in (Backend.triton_tma, Backend.gluon)
 
     @property
     def label(self) -> str:
@@ -78,6 +90,13 @@ class GemmConfig:
         flags += f" k{self.block_k}" if self.block_k != 128 else ""
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
+
+
+def gluon_takes(cfg: GemmConfig, swiglu: bool) -> bool:
+    """Whether the gluon kernel's registers hold cfg's tile: an accumulator and two partials (plain), or two
+    accumulators and four partials under SwiGLU, which therefore needs N split over two warpgroups (m64 on
+    8 warps: 6 x 32 fp32 a thread)."""
+    return not swiglu or cfg.num_warps * 16 >= 2 * cfg.block_m
 
 
 def default_config(rows_per_expert: float) -> GemmConfig:

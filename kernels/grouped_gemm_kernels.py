@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moeplace.kernels._triton import HAS_TRITON, tl, triton
+from moeplace.kernels._triton import HAS_GLUON, HAS_TRITON, tl, triton
 from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
-from moeplace.kernels.gemm_table import GemmConfig
+from moeplace.kernels.gemm_table import Backend, GemmConfig
 
 if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -228,8 +228,9 @@ def tma_ready(a_MK: torch.Tensor, b_ENK: torch.Tensor) -> bool:
 
 def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
            cfg: GemmConfig, swiglu: bool, report: bool = False) -> Occupancy | None:
-    """Run one Triton grouped GEMM into c (and c_scale with the SwiGLU epilogue); TMA when cfg asks and the
-    operands allow it, else the pointer kernel. With `report` (the benchmark's probe), returns what one
+    """Run one Triton grouped GEMM into c (and c_scale with the SwiGLU epilogue): the Gluon kernel where cfg
+    asks for it on Hopper, the persistent TMA kernel where cfg asks for a persistent kernel and the operands
+    allow it, else the pointer kernel. With `report` (the benchmark's probe), returns what one
     program of it holds on an SM (None under the interpreter or for M = 0); else None."""
     (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
     assert N_out % cfg.block_n == 0, f"N={N_out} is not a multiple of block_n={cfg.block_n}"
@@ -237,10 +238,17 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
         return None
     # every expert adds at most one partly filled m-tile, and at most min(E, M) experts have rows
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
+    hopper = a_MK.is_cuda and torch.cuda.get_device_capability(a_MK.device)[0] == 9
+    if cfg.backend is Backend.gluon and HAS_GLUON and hopper and tma_ready(a_MK, b_ENK):
+        from moeplace.kernels.grouped_gemm_gluon import launch_gluon  # it imports this module's tile helpers
+        kernel = launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out, cfg,
+                              swiglu, _num_sms(a_MK.device))
+        return _occupancy(kernel, cfg.num_warps) if report else None
     common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                   SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    if cfg.backend.value == "triton_tma" and tma_ready(a_MK, b_ENK):
+    # the gluon kernel's tile elsewhere (not Hopper, no Gluon, operands TMA cannot read) runs in the TMA one
+    if cfg.persistent and tma_ready(a_MK, b_ENK):
         progs = min(_num_sms(a_MK.device) * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
         a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor(b_ENK, [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, cfg.block_k])

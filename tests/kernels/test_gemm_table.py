@@ -53,7 +53,7 @@ def test_config_rejects_a_tile_that_is_not_a_power_of_two():
         GemmConfig(backend="cutlass")
     with pytest.raises(AssertionError, match="GemmConfig.streams must be in \\[1, 8\\], got 0"):
         GemmConfig(backend="torch_loop", streams=0)
-    with pytest.raises(AssertionError, match="programs_per_sm=2 needs the persistent kernel"):
+    with pytest.raises(AssertionError, match="programs_per_sm=2 needs a persistent kernel"):
         GemmConfig(programs_per_sm=2)
     with pytest.raises(AssertionError, match="programs_per_sm must be in \\[1, 4\\], got 5"):
         GemmConfig(backend="triton_tma", programs_per_sm=5)

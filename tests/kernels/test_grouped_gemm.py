@@ -1,30 +1,10 @@
 import pytest
 import torch
 
-from moeplace.kernels.fp8_quant import quant_weight_blocks_ref
 from moeplace.kernels.gemm_table import Backend, GemmConfig
 from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8, grouped_gemm_swiglu_ref
-from moeplace.kernels.permute import moe_routing_plan_ref, permute_quant_ref
 
-
-def block_weights(E, N, K, gen):
-    """Random weights whose 128×128 blocks differ in magnitude (so a wrong block scale shows)."""
-    mag = 10.0 ** (torch.rand(E, N // 128, 1, K // 128, 1, generator=gen) * 2 - 1)
-    w = (torch.randn(E, N // 128, 128, K // 128, 128, generator=gen) * mag).view(E, N, K) / K**0.5
-    return w, *quant_weight_blocks_ref(w)
-
-
-def sorted_activations(ids, E, K_dim, gen, device):
-    """Routed rows of random tokens in the sorted layout; rows past the last expert are NaN, so a kernel
-    that reads them (or writes them) is caught."""
-    plan = moe_routing_plan_ref(ids, E)
-    x = (torch.randn(ids.shape[0], K_dim, generator=gen) * 2).to(torch.bfloat16).to(device)
-    a, s = permute_quant_ref(x, plan)
-    used = plan.expert_offsets_E1[-1].item()
-    a.view(torch.uint8)[used:] = 0x7F
-    s[used:] = float("nan")
-    return x, plan, a, s, used
-
+from gemm_operands import block_weights, sorted_activations
 
 TMA = Backend.triton_tma
 CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig(64, 256, 8, 4, 2),
@@ -37,7 +17,9 @@ CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig
            # 64-column K steps, two per 128-column scale block (K = 384: six steps over three blocks whose
            # weight scales differ by up to 100x, so a step that reads its neighbour block's scales fails)
            GemmConfig(16, 128, 2, 4, 2, backend=TMA, block_k=64),
-           GemmConfig(32, 256, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=2, block_k=64)]
+           GemmConfig(32, 256, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=2, block_k=64),
+           # the Gluon kernel on Hopper (grouped_gemm_gluon.py), its tile in the TMA kernel anywhere else
+           GemmConfig(64, 128, 2, 8, 2, backend=Backend.gluon)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
@@ -73,8 +55,9 @@ def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, 
                                  GemmConfig(16, 128, 1, 8, 2, backend=TMA, prefetch_scales=True, programs_per_sm=2),
                                  GemmConfig(16, 128, 1, 4, 2, backend=TMA, block_k=64),
                                  GemmConfig(64, 128, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=2,
-                                            block_k=64)],
-                         ids=["m16", "m64-tma", "m16-tma-w8-p2", "m16-tma-k64", "m64-tma-p2-k64"])
+                                            block_k=64),
+                                 GemmConfig(64, 128, 1, 8, 3, backend=Backend.gluon)],
+                         ids=["m16", "m64-tma", "m16-tma-w8-p2", "m16-tma-k64", "m64-tma-p2-k64", "m64-gluon-w8"])
 def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(30, 8, 16, local=10)
     _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row

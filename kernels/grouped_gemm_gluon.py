@@ -1,0 +1,287 @@
+"""The Hopper grouped FP8 GEMM in Gluon (Triton's explicit-layout language): the prefill kernel whose
+block-scale promotion runs while the tensor cores work on the next K block.
+
+Each 128-column K block kb of an expert e's rows adds its own product with its own scales,
+    acc += (a[:, kb] @ b[e][:, kb].T) · a_scale[row, kb] · b_scale[e, n // 128, kb],
+so the product of one block must be read out of the tensor cores before the next block's is added.
+Triton 3.6 compiles that as `wgmma`, `wait 0`, promotion FMAs, next `wgmma`: the tensor cores idle through
+every promotion (benchmarks/BENCHMARKS.md, issue 17, from the compiled code). Here the wait is placed by
+hand: block kb + 1's wgmma starts into a second partial accumulator before block kb's partial is waited
+for (`warpgroup_mma_wait(num_outstanding=...)` lets the newer one run) and promoted, so the promotion
+overlaps the tensor cores' work. What DeepGEMM gets from two ping-ponging consumer warpgroups, one
+warpgroup gets here from two partial accumulators (registers: accumulator + two partials; under SwiGLU
+twice that, so its tiles split N over two warpgroups).
+
+The loads run through a ring of STAGES shared-memory slots with one mbarrier each, fed by TMA STAGES - 1
+K blocks ahead of the tensor cores, across the tile boundaries of the persistent loop, so a tile's
+epilogue runs while the next tile's first blocks stream in. Tiles are found on the device from the
+expert offsets, as in the Triton kernels (no host sync; an empty expert costs nothing).
+Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from moeplace.kernels._triton import HAS_GLUON, gl, gluon, triton
+from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
+from moeplace.kernels.gemm_table import GemmConfig, gluon_takes
+from moeplace.kernels.grouped_gemm_kernels import _locate, _tile_coords
+
+if HAS_GLUON:
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # TMA's global-to-shared copy: `async_load` from Triton 3.7 on (3.9 refuses the old name), the same
+    # arguments under 3.6's `async_copy_global_to_shared` (the device machine's Triton)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # all of the program's threads meet: `barrier` in 3.9, `thread_barrier` in 3.6
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@gluon.constexpr_function
+def _acc_layout(BLOCK_M, BLOCK_N, num_warps):
+    """wgmma's accumulator layout: warps take 16-row slices of M (a warpgroup's four warps 64 rows), and
+    the warps M cannot use split N."""
+    warps_m = min(num_warps, BLOCK_M // 16)
+    warps_n = num_warps // warps_m
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n],
+                                     instr_shape=[16, BLOCK_N // warps_n, 32])
+
+
+@gluon.jit
+def _add(x, y):
+    return x + y
+
+
+@gluon.jit
+def _expert_tiles(off_ptr, E, E_P2: gl.constexpr, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """Per expert (vectors over E_P2): first row, end row, m-tiles, running end of the m-tiles."""
+    e_idx = gl.arange(0, E_P2, layout=layout)
+    lo = gl.load(off_ptr + e_idx, mask=e_idx < E, other=0)
+    hi = gl.load(off_ptr + e_idx + 1, mask=e_idx < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    return e_idx, lo, hi, tiles, gl.associative_scan(tiles, 0, _add)
+
+
+@gluon.jit
+def _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr,
+          BLOCK_M: gl.constexpr):
+    """This program's i-th tile: (expert, first row, expert's end row, n-tile)."""
+    tile_m, pid_n = _tile_coords(gl.program_id(0) + i * NUM_PROGS, num_m, n_tiles, GROUP_M)
+    e, m0, row_hi = _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M)
+    return e, m0, row_hi, pid_n
+
+
+@gluon.jit
+def _produce(p, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
+             a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready,
+             STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr, SWIGLU: gl.constexpr):
+    """Issue the TMA loads of this program's K step p (of `steps`, nk per tile) into slot p % STAGES, and
+    return the (first row, first weight row) of p's tile, found again at each tile's first step."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    live = p < steps
+    ks = p % nk
+    if live & (ks == 0):
+        e, m0, _, pid_n = _tile(p // nk, e_idx, lo, hi, tiles, tiles_end, num_m, N // BLOCK_N, NUM_PROGS,
+                                GROUP_M, BLOCK_M)
+        b_row = e * N_W + pid_n * BLOCK_N
+    slot = p % STAGES
+    bar = ready.index(slot)
+    if SWIGLU:
+        mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes, pred=live)
+        _tma_load(b_desc, [b_row + N, ks * BLOCK_K], bar, u_bufs.index(slot), live)
+    else:
+        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=live)
+    _tma_load(a_desc, [m0, ks * BLOCK_K], bar, a_bufs.index(slot), live)
+    _tma_load(b_desc, [b_row, ks * BLOCK_K], bar, b_bufs.index(slot), live)
+    return m0, b_row
+
+
+@gluon.jit
+def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
+                  stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
+                  E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr,
+                  SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    num_warps: gl.constexpr = gl.num_warps()
+    acc_l: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, num_warps)
+    rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    cols_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    vec_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    if SWIGLU:  # the up_proj rows of the same columns, N weight rows further
+        u_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    else:
+        u_bufs = b_bufs
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+
+    e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M, vec_l)
+    num_m = gl.max(tiles_end, 0)
+    n_tiles = N // BLOCK_N
+    total = num_m * n_tiles
+    pid = gl.program_id(0)
+    my_tiles = gl.maximum(total - pid + NUM_PROGS - 1, 0) // NUM_PROGS
+    nk = K // BLOCK_K
+    steps = my_tiles * nk
+
+    # fill the ring: K steps 0 .. STAGES - 1 of this program (across tiles where a tile is shorter)
+    pm0 = pid * 0
+    pb_row = pid * 0
+    for s in gl.static_range(STAGES):
+        pm0, pb_row = _produce(s, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
+                               a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
+
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    c = 0  # K steps consumed by this program
+    for i in range(my_tiles):
+        e, m0, row_hi, pid_n = _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS, GROUP_M,
+                                     BLOCK_M)
+        rows = m0 + gl.arange(0, BLOCK_M, layout=rows_l)
+        # rows past the expert's end read its last row's scales (in bounds); never stored
+        as_ptrs = as_ptr + gl.minimum(rows, row_hi - 1).to(gl.int64) * stride_asm
+        # BLOCK_N = 128: the tile's columns sit in one weight-scale block, one scale per K step
+        bs_ptrs = bs_ptr + e.to(gl.int64) * stride_bse + pid_n * stride_bsn
+        acc = zero
+        acc_up = zero
+
+        # K step 0 goes out first; each later step's wgmma goes out before the previous one is promoted
+        slot = c % STAGES
+        mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
+        cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
+                            is_async=True)
+        if SWIGLU:
+            cur_up = warpgroup_mma(a_bufs.index(slot), u_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
+                                   is_async=True)
+        else:
+            cur_up = cur
+        a_s = gl.load(as_ptrs)
+        b_s = gl.load(bs_ptrs)
+        u_s = gl.load(bs_ptrs + n_tiles * stride_bsn) if SWIGLU else b_s
+        for ks in range(1, nk):
+            slot = (c + 1) % STAGES
+            mbarrier.wait(ready.index(slot), ((c + 1) // STAGES) & 1)
+            nxt = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
+                                is_async=True)
+            if SWIGLU:
+                nxt_up = warpgroup_mma(a_bufs.index(slot), u_bufs.index(slot).permute((1, 0)), zero,
+                                       use_acc=False, is_async=True)
+                done, done_up = warpgroup_mma_wait(num_outstanding=2, deps=(cur, cur_up))
+                acc_up += done_up * (a_s * u_s)[:, None]
+                u_s = gl.load(bs_ptrs + n_tiles * stride_bsn + ks)
+                cur_up = nxt_up
+            else:
+                done = warpgroup_mma_wait(num_outstanding=1, deps=(cur,))
+            acc += done * (a_s * b_s)[:, None]
+            a_s = gl.load(as_ptrs + ks)
+            b_s = gl.load(bs_ptrs + ks)
+            cur = nxt
+            # step c's slot is read by no wgmma any more (every warp has waited for it): refill it
+            _cta_barrier()
+            pm0, pb_row = _produce(c + STAGES, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m,
+                                   N, N_W, a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS,
+                                   GROUP_M, SWIGLU)
+            c += 1
+        if SWIGLU:
+            done, done_up = warpgroup_mma_wait(num_outstanding=0, deps=(cur, cur_up))
+            acc_up += done_up * (a_s * u_s)[:, None]
+        else:
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
+        acc += done * (a_s * b_s)[:, None]
+        _cta_barrier()
+        pm0, pb_row = _produce(c + STAGES, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
+                               a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
+        c += 1
+
+        # epilogue, straight from the accumulator's registers (no shared-memory round trip)
+        rows64 = rows.to(gl.int64)
+        cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols_l)
+        stored = (rows < row_hi)[:, None]
+        if SWIGLU:  # SiLU(gate)·up, quantised per 128 channels: one group per row of the tile
+            q, q_scale = quant_rows(acc / (1.0 + gl.exp(-acc)) * acc_up, FP8_MAX, EPS)
+            gl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], q, mask=stored)
+            gl.store(cs_ptr + rows64 * stride_csm + pid_n, q_scale, mask=rows < row_hi)
+        else:
+            gl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=stored)
+
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+
+def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
+                 cfg: GemmConfig, swiglu: bool, num_sms: int):
+    """Run the Gluon kernel into c (and c_scale with the SwiGLU epilogue) on a Hopper GPU; returns the
+    compiled kernel. The operands must pass `grouped_gemm_kernels.tma_ready`."""
+    (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
+    assert gluon_takes(cfg, swiglu), f"the Gluon kernel's SwiGLU tiles split N over two warpgroups: {cfg.label}"
+    num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
+    progs = min(num_sms * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
+    a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, GROUP], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, GROUP], gl.float8e4nv)
+    a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP], a_layout)
+    b_desc = TensorDescriptor(b_ENK.view(E * N_w, K), [E * N_w, K], [b_ENK.stride(1), 1], [cfg.block_n, GROUP],
+                              b_layout)
+    return _gluon_kernel[(progs,)](
+        a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
+        a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E,
+        E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, STAGES=cfg.num_stages, SWIGLU=swiglu,
+        FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledGluon:
+    """The kernel compiled for Hopper (sm_90a) on any machine, no GPU needed: its PTX and ptxas's report."""
+
+    ptx: str
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+
+    def waits(self, outstanding: int) -> int:
+        """How many `wgmma.wait_group` in the PTX leave `outstanding` wgmma groups running."""
+        return self.ptx.count(f"wgmma.wait_group.sync.aligned {outstanding};")
+
+
+def compile_for_hopper(cfg: GemmConfig, swiglu: bool, experts: int = 32, programs: int = 132) -> CompiledGluon:
+    """Compile the kernel for sm_90a as `launch_gluon` would run cfg (the tests read the compiled code on a
+    machine without a GPU). Needs the compiler, not the interpreter: TRITON_INTERPRET must be unset when
+    this module is imported, or the Triton helpers it calls are interpreted functions."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(rows: int) -> str:
+        layout = gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv)
+        return f"tensordesc<fp8e4nv[{rows}, {GROUP}],{layout!r}>"
+
+    ints = ("N", "K", "N_W", "stride_asm", "stride_bse", "stride_bsn", "stride_cm", "stride_csm", "E")
+    signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
+                     c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
+    constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m, NUM_PROGS=programs,
+                     STAGES=cfg.num_stages, SWIGLU=swiglu, FP8_MAX=FP8_MAX, EPS=EPS)
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=cfg.num_warps))
+    ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", f"{tmp}/k.cubin"],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return CompiledGluon(ptx, kernel.metadata.shared, registers, spills)
