@@ -58,6 +58,11 @@ class GemmConfig:
     # than 128 at every shape measured on the H200 (run 5, benchmarks/BENCHMARKS.md): the wait and the
     # promotion come twice as often
     block_k: int = 128
+    # gluon only: K blocks one trip of its K loop takes, most of which overlap their promotion with the
+    # next block's wgmma (the last waits alone: no wgmma may run across the loop's back edge). More overlap
+    # but more registers: on sm_90a (Triton 3.6) 8 spills 7 registers a thread plain and 87 under SwiGLU,
+    # 2 none. The kernel takes the most up to this that divides K's scale blocks
+    unroll: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -71,6 +76,7 @@ class GemmConfig:
         assert self.block_k in (64, 128), f"GemmConfig.block_k must be 64 or 128, got {self.block_k}"
         assert self.block_k == 128 or self.backend is Backend.triton_tma, \
             f"GemmConfig.block_k={self.block_k} needs the persistent kernel (triton_tma)"
+        assert self.unroll in (1, 2, 4, 8), f"GemmConfig.unroll must be 1, 2, 4 or 8, got {self.unroll}"
         if self.backend is Backend.gluon:  # a warpgroup's wgmma takes 64 rows; the promotion one scale block
             assert self.block_n == 128 and self.block_m in (64, 128) and self.num_warps * 16 >= self.block_m, \
                 f"GemmConfig: the gluon kernel takes 64- or 128-row tiles of 128 columns on 4+ (128 rows: 8) " \
@@ -88,6 +94,7 @@ class GemmConfig:
         flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
         flags += f" p{self.programs_per_sm}" if self.programs_per_sm > 1 else ""
         flags += f" k{self.block_k}" if self.block_k != 128 else ""
+        flags += f" u{self.unroll}" if self.backend is Backend.gluon else ""
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
 

@@ -101,14 +101,72 @@ def _produce(p, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N,
 
 
 @gluon.jit
+def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr):
+    """Wait for K step c's operands and start its wgmma (gate's and up's under SwiGLU) into fresh partials
+    (zeros made here: a zero tile kept alive through the loop would hold 64 registers a thread)."""
+    BLOCK_M: gl.constexpr = a_bufs.shape[1]
+    BLOCK_N: gl.constexpr = b_bufs.shape[1]
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    slot = c % STAGES
+    mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
+    a = a_bufs.index(slot)
+    part = warpgroup_mma(a, b_bufs.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+    if SWIGLU:
+        part_up = warpgroup_mma(a, u_bufs.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+    else:
+        part_up = part
+    return part, part_up
+
+
+@gluon.jit
+def _wait(part, part_up, running: gl.constexpr, SWIGLU: gl.constexpr):
+    """The partials of an earlier step, once at most `running` wgmma groups still run (the newer step's)."""
+    if SWIGLU:
+        done, done_up = warpgroup_mma_wait(num_outstanding=running, deps=(part, part_up))
+    else:
+        done = warpgroup_mma_wait(num_outstanding=running, deps=(part,))
+        done_up = done
+    return done, done_up
+
+
+@gluon.jit
+def _promote(acc, acc_up, done, done_up, a_s, b_s, u_s, SWIGLU: gl.constexpr):
+    """Add one K block's partials with its scales: one FMA an element (a_s a row, b_s and u_s scalars)."""
+    acc += done * (a_s * b_s)[:, None]
+    if SWIGLU:
+        acc_up += done_up * (a_s * u_s)[:, None]
+    return acc, acc_up
+
+
+@gluon.jit
+def _scales(as_ptrs, bs_ptrs, up_scales, kb, SWIGLU: gl.constexpr):
+    """Scale block kb's scales: the tile's rows' (a vector), the weights' and the up_proj weights' (scalars);
+    loaded a step before the promotion that reads them."""
+    b_s = gl.load(bs_ptrs + kb)
+    return gl.load(as_ptrs + kb), b_s, (gl.load(bs_ptrs + up_scales + kb) if SWIGLU else b_s)
+
+
+@gluon.jit
+def _release(c, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W, a_desc, b_desc, a_bufs,
+             b_bufs, u_bufs, ready, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr,
+             SWIGLU: gl.constexpr):
+    """Step c's slot is read by no wgmma any more once every warp has waited for it: refill it with step
+    c + STAGES."""
+    _cta_barrier()
+    return _produce(c + STAGES, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W, a_desc,
+                    b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
+
+
+@gluon.jit
 def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
                   E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr,
-                  SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+                  UNROLL: gl.constexpr, SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     num_warps: gl.constexpr = gl.num_warps()
+    RUNNING: gl.constexpr = 2 if SWIGLU else 1  # wgmma groups a K step starts: gate's, and up's
     acc_l: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, num_warps)
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     cols_l: gl.constexpr = gl.SliceLayout(0, acc_l)
@@ -140,7 +198,6 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
         pm0, pb_row = _produce(s, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
                                a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
 
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
     c = 0  # K steps consumed by this program
     for i in range(my_tiles):
         e, m0, row_hi, pid_n = _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS, GROUP_M,
@@ -150,56 +207,35 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
         as_ptrs = as_ptr + gl.minimum(rows, row_hi - 1).to(gl.int64) * stride_asm
         # BLOCK_N = 128: the tile's columns sit in one weight-scale block, one scale per K step
         bs_ptrs = bs_ptr + e.to(gl.int64) * stride_bse + pid_n * stride_bsn
-        acc = zero
-        acc_up = zero
-
-        # K step 0 goes out first; each later step's wgmma goes out before the previous one is promoted
-        slot = c % STAGES
-        mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
-        cur = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
-                            is_async=True)
-        if SWIGLU:
-            cur_up = warpgroup_mma(a_bufs.index(slot), u_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
-                                   is_async=True)
-        else:
-            cur_up = cur
-        a_s = gl.load(as_ptrs)
-        b_s = gl.load(bs_ptrs)
-        u_s = gl.load(bs_ptrs + n_tiles * stride_bsn) if SWIGLU else b_s
-        for ks in range(1, nk):
-            slot = (c + 1) % STAGES
-            mbarrier.wait(ready.index(slot), ((c + 1) // STAGES) & 1)
-            nxt = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
-                                is_async=True)
-            if SWIGLU:
-                nxt_up = warpgroup_mma(a_bufs.index(slot), u_bufs.index(slot).permute((1, 0)), zero,
-                                       use_acc=False, is_async=True)
-                done, done_up = warpgroup_mma_wait(num_outstanding=2, deps=(cur, cur_up))
-                acc_up += done_up * (a_s * u_s)[:, None]
-                u_s = gl.load(bs_ptrs + n_tiles * stride_bsn + ks)
-                cur_up = nxt_up
-            else:
-                done = warpgroup_mma_wait(num_outstanding=1, deps=(cur,))
-            acc += done * (a_s * b_s)[:, None]
-            a_s = gl.load(as_ptrs + ks)
-            b_s = gl.load(bs_ptrs + ks)
-            cur = nxt
-            # step c's slot is read by no wgmma any more (every warp has waited for it): refill it
-            _cta_barrier()
-            pm0, pb_row = _produce(c + STAGES, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m,
-                                   N, N_W, a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS,
-                                   GROUP_M, SWIGLU)
-            c += 1
-        if SWIGLU:
-            done, done_up = warpgroup_mma_wait(num_outstanding=0, deps=(cur, cur_up))
-            acc_up += done_up * (a_s * u_s)[:, None]
-        else:
-            done = warpgroup_mma_wait(num_outstanding=0, deps=(cur,))
-        acc += done * (a_s * b_s)[:, None]
-        _cta_barrier()
-        pm0, pb_row = _produce(c + STAGES, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                               a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
-        c += 1
+        up_scales = n_tiles * stride_bsn  # SWIGLU: the up_proj rows' scale blocks, N rows further
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+        acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+        # Two sets of partials, 0 and 1, take alternate K blocks: each block's wgmma goes out before the
+        # previous block is waited for and promoted. No wgmma may still run where the loop jumps back
+        # (ptxas serialises every wgmma of a kernel that carries a running one across a loop's back edge:
+        # "C7514, non wgmma instructions reading accumulator registers"), so each trip of the loop takes
+        # UNROLL blocks and drains at its end: UNROLL - 1 of every UNROLL promotions overlap a wgmma.
+        a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 0, SWIGLU)
+        for j in range(0, nk // UNROLL):
+            g0, u0 = _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l, STAGES, SWIGLU)
+            for u in gl.static_range(UNROLL):
+                if u + 1 < UNROLL:  # the next block goes out into the other set, then this one is waited for
+                    if u % 2 == 0:
+                        g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, STAGES, SWIGLU)
+                        d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
+                    else:
+                        g0, u0 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, STAGES, SWIGLU)
+                        d, d_up = _wait(g1, u1, RUNNING, SWIGLU)
+                elif u % 2 == 0:
+                    d, d_up = _wait(g0, u0, 0, SWIGLU)
+                else:
+                    d, d_up = _wait(g1, u1, 0, SWIGLU)
+                acc, acc_up = _promote(acc, acc_up, d, d_up, a_s, b_s, u_s, SWIGLU)
+                a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(j * UNROLL + u + 1, nk - 1), SWIGLU)
+                pm0, pb_row = _release(c, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
+                                       a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M,
+                                       SWIGLU)
+                c += 1
 
         # epilogue, straight from the accumulator's registers (no shared-memory round trip)
         rows64 = rows.to(gl.int64)
@@ -215,6 +251,12 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
 
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
+
+
+def unroll_for(K: int, most: int) -> int:
+    """K blocks a trip of the kernel's K loop takes: the most, up to `most`, that divides K's scale blocks
+    (DeepSeek-V3's 7168 and 2048 have 56 and 16: any of 8, 4, 2)."""
+    return next(u for u in (8, 4, 2, 1) if u <= most and (K // GROUP) % u == 0)
 
 
 def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
@@ -233,7 +275,8 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
     return _gluon_kernel[(progs,)](
         a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
         a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E,
-        E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, STAGES=cfg.num_stages, SWIGLU=swiglu,
+        E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, STAGES=cfg.num_stages,
+        UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu,
         FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
 
 
@@ -245,13 +288,15 @@ class CompiledGluon:
     shared_bytes: int
     registers: int
     spill_bytes: int
+    serialised: bool  # ptxas's C7514: it made every wgmma of the kernel wait for the one before
 
     def waits(self, outstanding: int) -> int:
         """How many `wgmma.wait_group` in the PTX leave `outstanding` wgmma groups running."""
         return self.ptx.count(f"wgmma.wait_group.sync.aligned {outstanding};")
 
 
-def compile_for_hopper(cfg: GemmConfig, swiglu: bool, experts: int = 32, programs: int = 132) -> CompiledGluon:
+def compile_for_hopper(cfg: GemmConfig, swiglu: bool, K: int = 7168, experts: int = 32,
+                       programs: int = 132) -> CompiledGluon:
     """Compile the kernel for sm_90a as `launch_gluon` would run cfg (the tests read the compiled code on a
     machine without a GPU). Needs the compiler, not the interpreter: TRITON_INTERPRET must be unset when
     this module is imported, or the Triton helpers it calls are interpreted functions."""
@@ -271,7 +316,8 @@ def compile_for_hopper(cfg: GemmConfig, swiglu: bool, experts: int = 32, program
     signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
                      c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
     constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m, NUM_PROGS=programs,
-                     STAGES=cfg.num_stages, SWIGLU=swiglu, FP8_MAX=FP8_MAX, EPS=EPS)
+                     STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu, FP8_MAX=FP8_MAX,
+                     EPS=EPS)
     signature.update(dict.fromkeys(constants, "constexpr"))
     kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg.num_warps))
@@ -284,4 +330,4 @@ def compile_for_hopper(cfg: GemmConfig, swiglu: bool, experts: int = 32, program
                                 capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return CompiledGluon(ptx, kernel.metadata.shared, registers, spills)
+    return CompiledGluon(ptx, kernel.metadata.shared, registers, spills, "C7514" in report)
