@@ -73,14 +73,15 @@ def prefill_ep8() -> list[C]:
 
 def gluon_tiles(group_m: int) -> list[C]:
     """The Gluon kernel's tiles (grouped_gemm_gluon.py; the promotion overlapped with the next K block's
-    wgmma): m128 on two warpgroups (32 KB a stage, one program an SM), m64 on one (96 KB at s4: two programs
-    fit), m64 with N split over two warpgroups (the only SwiGLU tile, 40 KB a stage); each with 2, 4 or 8 K
-    blocks a loop trip (GemmConfig.unroll: more overlap, more registers; ptxas for sm_90a, Triton 3.6: all
-    at the 255-register cap, u8 spilling 28 bytes a thread plain and 348 under SwiGLU, u4 8-16 / 104)."""
-    G = dict(backend=Backend.gluon)
-    return [C(128, 128, group_m, 8, s, **G, unroll=u) for s in (4, 5) for u in (2, 4, 8)] \
-        + [C(64, 128, group_m, 4, 4, **G, programs_per_sm=2, unroll=u) for u in (2, 4, 8)] \
-        + [C(64, 128, group_m, 8, s, **G, unroll=u) for s in (4, 5) for u in (2, 4)]
+    wgmma): m128 on two warpgroups (32 KB a stage), m64 on one (16 KB; two programs an SM fit without a
+    producer warp), m64 with N split over two warpgroups (the only SwiGLU tile, 40 KB a stage); with a
+    producer warp (ws) or without, and 2 or 4 K blocks a loop trip (GemmConfig.unroll: more overlap, more
+    registers; ptxas for sm_90a, Triton 3.6: u4 spills 8-16 bytes a thread without ws, 364-704 with ws; u8
+    28-1740). Run 6a (BENCHMARKS.md): without ws, u4 and u8 lost to u2 at every tile."""
+    G, WS = dict(backend=Backend.gluon), dict(backend=Backend.gluon, warp_specialize=True)
+    return [C(128, 128, group_m, 8, s, **WS) for s in (4, 5, 6)] + [C(64, 128, group_m, 4, s, **WS) for s in (4, 6)] \
+        + [C(64, 128, group_m, 8, s, **WS) for s in (4, 5)] \
+        + [C(128, 128, group_m, 8, 4, **G), C(64, 128, group_m, 4, 4, **G, programs_per_sm=2), C(64, 128, group_m, 8, 5, **G)]
 
 
 def decode_ep8() -> list[C]:

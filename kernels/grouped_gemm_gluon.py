@@ -148,20 +148,61 @@ def _scales(as_ptrs, bs_ptrs, up_scales, kb, SWIGLU: gl.constexpr):
 
 @gluon.jit
 def _release(c, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W, a_desc, b_desc, a_bufs,
-             b_bufs, u_bufs, ready, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr,
-             SWIGLU: gl.constexpr):
-    """Step c's slot is read by no wgmma any more once every warp has waited for it: refill it with step
-    c + STAGES."""
-    _cta_barrier()
-    return _produce(c + STAGES, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W, a_desc,
-                    b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
+             b_bufs, u_bufs, ready, empty, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr,
+             SWIGLU: gl.constexpr, WS: gl.constexpr):
+    """Step c's slot is read by no wgmma any more once every warp has waited for it. With a producer warp
+    (WS), hand it back (one arrive, after the two warpgroups of an 8-warp consumer have met); else refill it
+    here with step c + STAGES."""
+    if WS:
+        if gl.num_warps() > 4:
+            _cta_barrier()
+        mbarrier.arrive(empty.index(c % STAGES))
+    else:
+        _cta_barrier()
+        m0, b_row = _produce(c + STAGES, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
+                             a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
+    return m0, b_row
 
 
 @gluon.jit
-def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
-                  stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
-                  E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr,
-                  UNROLL: gl.constexpr, SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+def _load_warp(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2: gl.constexpr,
+               GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr):
+    """The producer warp (WS): walks the program's tiles and K steps in the consumers' order, loading each
+    step into its slot once the consumers have handed the slot back."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    one_warp: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M, one_warp)
+    num_m = gl.max(tiles_end, 0)
+    n_tiles = N // BLOCK_N
+    my_tiles = gl.maximum(num_m * n_tiles - gl.program_id(0) + NUM_PROGS - 1, 0) // NUM_PROGS
+    p = 0
+    for i in range(my_tiles):
+        e, m0, _, pid_n = _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS, GROUP_M, BLOCK_M)
+        b_row = e * N_W + pid_n * BLOCK_N
+        for ks in range(K // BLOCK_K):
+            slot = p % STAGES
+            # a fresh barrier counts as having completed the phase before its first: round 0 passes
+            mbarrier.wait(empty.index(slot), ((p // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            if SWIGLU:
+                mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
+                _tma_load(b_desc, [b_row + N, ks * BLOCK_K], bar, u_bufs.index(slot))
+            else:
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            _tma_load(a_desc, [m0, ks * BLOCK_K], bar, a_bufs.index(slot))
+            _tma_load(b_desc, [b_row, ks * BLOCK_K], bar, b_bufs.index(slot))
+            p += 1
+
+
+@gluon.jit
+def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
+             N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2: gl.constexpr,
+             GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
+             SWIGLU: gl.constexpr, WS: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+    """The tensor-core warps: every tile's K steps and epilogue; without a producer warp (WS False) they
+    also issue the loads, STAGES steps ahead."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -170,33 +211,22 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
     acc_l: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, num_warps)
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     cols_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+
     vec_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    if SWIGLU:  # the up_proj rows of the same columns, N weight rows further
-        u_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    else:
-        u_bufs = b_bufs
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M, vec_l)
     num_m = gl.max(tiles_end, 0)
     n_tiles = N // BLOCK_N
-    total = num_m * n_tiles
     pid = gl.program_id(0)
-    my_tiles = gl.maximum(total - pid + NUM_PROGS - 1, 0) // NUM_PROGS
+    my_tiles = gl.maximum(num_m * n_tiles - pid + NUM_PROGS - 1, 0) // NUM_PROGS
     nk = K // BLOCK_K
     steps = my_tiles * nk
 
-    # fill the ring: K steps 0 .. STAGES - 1 of this program (across tiles where a tile is shorter)
-    pm0 = pid * 0
+    pm0 = pid * 0  # without a producer warp: the tile of the newest load (first row, first weight row)
     pb_row = pid * 0
-    for s in gl.static_range(STAGES):
-        pm0, pb_row = _produce(s, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                               a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
+    if not WS:  # fill the ring: K steps 0 .. STAGES - 1 of this program (across tiles where a tile is shorter)
+        for s in gl.static_range(STAGES):
+            pm0, pb_row = _produce(s, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
+                                   a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
 
     c = 0  # K steps consumed by this program
     for i in range(my_tiles):
@@ -233,8 +263,8 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
                 acc, acc_up = _promote(acc, acc_up, d, d_up, a_s, b_s, u_s, SWIGLU)
                 a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(j * UNROLL + u + 1, nk - 1), SWIGLU)
                 pm0, pb_row = _release(c, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                                       a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M,
-                                       SWIGLU)
+                                       a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, STAGES, NUM_PROGS,
+                                       GROUP_M, SWIGLU, WS)
                 c += 1
 
         # epilogue, straight from the accumulator's registers (no shared-memory round trip)
@@ -249,8 +279,46 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
             gl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                      mask=stored)
 
+
+@gluon.jit
+def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
+                  stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
+                  E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr,
+                  UNROLL: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                  FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    if SWIGLU:  # the up_proj rows of the same columns, N weight rows further
+        u_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    else:
+        u_bufs = b_bufs
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # slot loaded
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # slot free (WS)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    if WS:  # (tuples built inline: assigned to a name first, they lose their constexprs)
+        gl.warp_specialize([
+            (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
+                        N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
+                        NUM_PROGS, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+            (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
+                          NUM_PROGS, STAGES, SWIGLU)),
+        ], [1], [LOADER_REGS])
+    else:
+        _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
+                 N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M, NUM_PROGS, STAGES,
+                 UNROLL, SWIGLU, WS, FP8_MAX, EPS)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))
+
+
+# registers a thread of the producer warp keeps (setmaxnreg): its expert vectors (E/32 each) and loop state
+LOADER_REGS = 56
 
 
 def unroll_for(K: int, most: int) -> int:
@@ -276,7 +344,7 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
         a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
         a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E,
         E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, STAGES=cfg.num_stages,
-        UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu,
+        UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu, WS=cfg.warp_specialize, LOADER_REGS=LOADER_REGS,
         FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
 
 
@@ -316,8 +384,8 @@ def compile_for_hopper(cfg: GemmConfig, swiglu: bool, K: int = 7168, experts: in
     signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
                      c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
     constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m, NUM_PROGS=programs,
-                     STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu, FP8_MAX=FP8_MAX,
-                     EPS=EPS)
+                     STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu,
+                     WS=cfg.warp_specialize, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX, EPS=EPS)
     signature.update(dict.fromkeys(constants, "constexpr"))
     kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg.num_warps))

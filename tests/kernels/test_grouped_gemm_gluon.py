@@ -21,9 +21,10 @@ from gemm_operands import block_weights, sorted_activations
 
 G = dict(backend=Backend.gluon)
 # the benchmark's prefill tiles (benchmarks/kernels_sweep.py: gluon_tiles)
+WS = dict(backend=Backend.gluon, warp_specialize=True)  # a producer warp feeds the ring
 PLAIN = [GemmConfig(128, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 4, 4, **G, programs_per_sm=2),
-         GemmConfig(64, 128, 8, 8, 5, **G)]
-SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **G)]
+         GemmConfig(64, 128, 8, 8, 5, **G), GemmConfig(128, 128, 8, 8, 4, **WS), GemmConfig(64, 128, 8, 4, 6, **WS)]
+SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **WS)]
 
 # run in a fresh interpreter: the CPU test session sets TRITON_INTERPRET, under which the Triton helpers the
 # kernel calls are interpreted functions, which the compiler cannot take
@@ -47,8 +48,8 @@ def compiled(cfg: GemmConfig, swiglu: bool) -> dict:
 
 
 @pytest.mark.skipif(not HAS_GLUON, reason="Triton without Gluon (3.5+)")
-@pytest.mark.parametrize("cfg, swiglu", [(c, False) for c in PLAIN[:2]] + [(SWIGLU[0], True),
-                                                                          (replace(PLAIN[0], unroll=8), False)],
+@pytest.mark.parametrize("cfg, swiglu", [(c, False) for c in PLAIN[:2] + PLAIN[3:4]] + [(c, True) for c in SWIGLU]
+                         + [(replace(PLAIN[0], unroll=8), False)],
                          ids=lambda v: v.label.replace(" ", "-") if isinstance(v, GemmConfig) else str(v))
 def test_compiled_for_hopper_the_promotion_runs_beside_the_next_wgmma(cfg, swiglu):
     r = compiled(cfg, swiglu)
