@@ -77,11 +77,12 @@ def gluon_tiles(group_m: int) -> list[C]:
     producer warp), m64 with N split over two warpgroups (the only SwiGLU tile, 40 KB a stage); with a
     producer warp (ws) or without, and 2 or 4 K blocks a loop trip (GemmConfig.unroll: more overlap, more
     registers; ptxas for sm_90a, Triton 3.6: u4 spills 8-16 bytes a thread without ws, 364-704 with ws; u8
-    28-1740). Run 6a (BENCHMARKS.md): without ws, u4 and u8 lost to u2 at every tile."""
+    28-1740). Runs 6a-b (BENCHMARKS.md): u4 and u8 lost to u2 at every tile; without ws, every tile lost to
+    its ws twin (-6 to -20%); one m64 consumer (ws) lost to m128 (-9%)."""
     G, WS = dict(backend=Backend.gluon), dict(backend=Backend.gluon, warp_specialize=True)
-    return [C(128, 128, group_m, 8, s, **WS) for s in (4, 5, 6)] + [C(64, 128, group_m, 4, s, **WS) for s in (4, 6)] \
-        + [C(64, 128, group_m, 8, s, **WS) for s in (4, 5)] \
-        + [C(128, 128, group_m, 8, 4, **G), C(64, 128, group_m, 4, 4, **G, programs_per_sm=2), C(64, 128, group_m, 8, 5, **G)]
+    return [C(128, 128, group_m, 8, s, **WS) for s in (4, 5, 6)] + [C(64, 128, group_m, 4, 6, **WS)] \
+        + [C(64, 128, group_m, 4, s, **WS, programs_per_sm=2) for s in (3, 4)] \
+        + [C(64, 128, group_m, 8, s, **WS) for s in (4, 5)] + [C(128, 128, group_m, 8, 4, **G)]
 
 
 def decode_ep8() -> list[C]:

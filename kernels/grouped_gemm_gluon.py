@@ -65,12 +65,19 @@ def _expert_tiles(off_ptr, E, E_P2: gl.constexpr, BLOCK_M: gl.constexpr, layout:
 
 
 @gluon.jit
-def _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr,
+def _tile(cid, i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, STRIDE: gl.constexpr, GROUP_M: gl.constexpr,
           BLOCK_M: gl.constexpr):
-    """This program's i-th tile: (expert, first row, expert's end row, n-tile)."""
-    tile_m, pid_n = _tile_coords(gl.program_id(0) + i * NUM_PROGS, num_m, n_tiles, GROUP_M)
+    """Consumer cid's i-th tile (consumers take every STRIDE-th tile): (expert, first row, expert's end row,
+    n-tile)."""
+    tile_m, pid_n = _tile_coords(cid + i * STRIDE, num_m, n_tiles, GROUP_M)
     e, m0, row_hi = _locate(tile_m, e_idx, lo, hi, tiles, tiles_end, BLOCK_M)
     return e, m0, row_hi, pid_n
+
+
+@gluon.jit
+def _mine(total, cid, STRIDE: gl.constexpr):
+    """How many of `total` tiles consumer cid takes."""
+    return gl.maximum(total - cid + STRIDE - 1, 0) // STRIDE
 
 
 @gluon.jit
@@ -85,8 +92,8 @@ def _produce(p, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N,
     live = p < steps
     ks = p % nk
     if live & (ks == 0):
-        e, m0, _, pid_n = _tile(p // nk, e_idx, lo, hi, tiles, tiles_end, num_m, N // BLOCK_N, NUM_PROGS,
-                                GROUP_M, BLOCK_M)
+        e, m0, _, pid_n = _tile(gl.program_id(0), p // nk, e_idx, lo, hi, tiles, tiles_end, num_m, N // BLOCK_N,
+                                NUM_PROGS, GROUP_M, BLOCK_M)
         b_row = e * N_W + pid_n * BLOCK_N
     slot = p % STAGES
     bar = ready.index(slot)
@@ -101,13 +108,14 @@ def _produce(p, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N,
 
 
 @gluon.jit
-def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr):
+def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, RING: gl.constexpr, STAGES: gl.constexpr,
+           SWIGLU: gl.constexpr):
     """Wait for K step c's operands and start its wgmma (gate's and up's under SwiGLU) into fresh partials
     (zeros made here: a zero tile kept alive through the loop would hold 64 registers a thread)."""
     BLOCK_M: gl.constexpr = a_bufs.shape[1]
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
-    slot = c % STAGES
+    slot = RING * STAGES + c % STAGES
     mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
     a = a_bufs.index(slot)
     part = warpgroup_mma(a, b_bufs.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -148,15 +156,15 @@ def _scales(as_ptrs, bs_ptrs, up_scales, kb, SWIGLU: gl.constexpr):
 
 @gluon.jit
 def _release(c, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W, a_desc, b_desc, a_bufs,
-             b_bufs, u_bufs, ready, empty, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr,
-             SWIGLU: gl.constexpr, WS: gl.constexpr):
+             b_bufs, u_bufs, ready, empty, RING: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
+             GROUP_M: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr):
     """Step c's slot is read by no wgmma any more once every warp has waited for it. With a producer warp
     (WS), hand it back (one arrive, after the two warpgroups of an 8-warp consumer have met); else refill it
     here with step c + STAGES."""
     if WS:
         if gl.num_warps() > 4:
             _cta_barrier()
-        mbarrier.arrive(empty.index(c % STAGES))
+        mbarrier.arrive(empty.index(RING * STAGES + c % STAGES))
     else:
         _cta_barrier()
         m0, b_row = _produce(c + STAGES, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
@@ -165,44 +173,65 @@ def _release(c, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N,
 
 
 @gluon.jit
+def _load_step(ring: gl.constexpr, p, live, m0, b_row, ks, N, a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty,
+               STAGES: gl.constexpr, SWIGLU: gl.constexpr):
+    """Load K step ks of a tile (its p-th step on this ring) once the ring's consumer handed the slot back."""
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    slot = ring * STAGES + p % STAGES
+    # a fresh barrier counts as having completed the phase before its first: round 0 passes
+    mbarrier.wait(empty.index(slot), ((p // STAGES) & 1) ^ 1, pred=live)
+    bar = ready.index(slot)
+    if SWIGLU:
+        mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes, pred=live)
+        _tma_load(b_desc, [b_row + N, ks * BLOCK_K], bar, u_bufs.index(slot), live)
+    else:
+        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=live)
+    _tma_load(a_desc, [m0, ks * BLOCK_K], bar, a_bufs.index(slot), live)
+    _tma_load(b_desc, [b_row, ks * BLOCK_K], bar, b_bufs.index(slot), live)
+
+
+@gluon.jit
 def _load_warp(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2: gl.constexpr,
-               GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr):
-    """The producer warp (WS): walks the program's tiles and K steps in the consumers' order, loading each
-    step into its slot once the consumers have handed the slot back."""
+               GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
+               SWIGLU: gl.constexpr):
+    """The producer warp (WS): walks each consumer's tiles and K steps in that consumer's order, one step
+    for each consumer in turn, each into the consumer's own ring of slots."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    STRIDE: gl.constexpr = NUM_PROGS * CONSUMERS
     one_warp: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M, one_warp)
     num_m = gl.max(tiles_end, 0)
     n_tiles = N // BLOCK_N
-    my_tiles = gl.maximum(num_m * n_tiles - gl.program_id(0) + NUM_PROGS - 1, 0) // NUM_PROGS
+    first = gl.program_id(0) * CONSUMERS  # consumer 0's id; consumer 1 (if any) takes the next tile each time
     p = 0
-    for i in range(my_tiles):
-        e, m0, _, pid_n = _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS, GROUP_M, BLOCK_M)
+    for i in range(_mine(num_m * n_tiles, first, STRIDE)):  # consumer 0 has at least consumer 1's tiles
+        e, m0, _, pid_n = _tile(first, i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, STRIDE, GROUP_M, BLOCK_M)
         b_row = e * N_W + pid_n * BLOCK_N
+        if CONSUMERS == 2:
+            live1 = i < _mine(num_m * n_tiles, first + 1, STRIDE)
+            e1, m1, _, pid_n1 = _tile(first + 1, i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, STRIDE,
+                                      GROUP_M, BLOCK_M)
+            b_row1 = e1 * N_W + pid_n1 * BLOCK_N
         for ks in range(K // BLOCK_K):
-            slot = p % STAGES
-            # a fresh barrier counts as having completed the phase before its first: round 0 passes
-            mbarrier.wait(empty.index(slot), ((p // STAGES) & 1) ^ 1)
-            bar = ready.index(slot)
-            if SWIGLU:
-                mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes)
-                _tma_load(b_desc, [b_row + N, ks * BLOCK_K], bar, u_bufs.index(slot))
-            else:
-                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            _tma_load(a_desc, [m0, ks * BLOCK_K], bar, a_bufs.index(slot))
-            _tma_load(b_desc, [b_row, ks * BLOCK_K], bar, b_bufs.index(slot))
+            _load_step(0, p, True, m0, b_row, ks, N, a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, STAGES,
+                       SWIGLU)
+            if CONSUMERS == 2:
+                _load_step(1, p, live1, m1, b_row1, ks, N, a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty,
+                           STAGES, SWIGLU)
             p += 1
 
 
 @gluon.jit
 def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
              N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2: gl.constexpr,
-             GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
-             SWIGLU: gl.constexpr, WS: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
-    """The tensor-core warps: every tile's K steps and epilogue; without a producer warp (WS False) they
-    also issue the loads, STAGES steps ahead."""
+             GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr, RING: gl.constexpr,
+             STAGES: gl.constexpr, UNROLL: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr,
+             FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+    """A tensor-core warpgroup (or two): its tiles' K steps and epilogues. With a producer warp (WS) there
+    may be two such consumers in a program, each with its own tiles and ring (RING); without, the
+    consumer also issues the loads, STAGES steps ahead."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -217,7 +246,9 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
     num_m = gl.max(tiles_end, 0)
     n_tiles = N // BLOCK_N
     pid = gl.program_id(0)
-    my_tiles = gl.maximum(num_m * n_tiles - pid + NUM_PROGS - 1, 0) // NUM_PROGS
+    STRIDE: gl.constexpr = NUM_PROGS * CONSUMERS
+    cid = pid * CONSUMERS + RING
+    my_tiles = _mine(num_m * n_tiles, cid, STRIDE)
     nk = K // BLOCK_K
     steps = my_tiles * nk
 
@@ -230,7 +261,7 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
 
     c = 0  # K steps consumed by this program
     for i in range(my_tiles):
-        e, m0, row_hi, pid_n = _tile(i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, NUM_PROGS, GROUP_M,
+        e, m0, row_hi, pid_n = _tile(cid, i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, STRIDE, GROUP_M,
                                      BLOCK_M)
         rows = m0 + gl.arange(0, BLOCK_M, layout=rows_l)
         # rows past the expert's end read its last row's scales (in bounds); never stored
@@ -247,14 +278,14 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
         # UNROLL blocks and drains at its end: UNROLL - 1 of every UNROLL promotions overlap a wgmma.
         a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 0, SWIGLU)
         for j in range(0, nk // UNROLL):
-            g0, u0 = _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l, STAGES, SWIGLU)
+            g0, u0 = _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
             for u in gl.static_range(UNROLL):
                 if u + 1 < UNROLL:  # the next block goes out into the other set, then this one is waited for
                     if u % 2 == 0:
-                        g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, STAGES, SWIGLU)
+                        g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
                         d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
                     else:
-                        g0, u0 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, STAGES, SWIGLU)
+                        g0, u0 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
                         d, d_up = _wait(g1, u1, RUNNING, SWIGLU)
                 elif u % 2 == 0:
                     d, d_up = _wait(g0, u0, 0, SWIGLU)
@@ -263,8 +294,8 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
                 acc, acc_up = _promote(acc, acc_up, d, d_up, a_s, b_s, u_s, SWIGLU)
                 a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(j * UNROLL + u + 1, nk - 1), SWIGLU)
                 pm0, pb_row = _release(c, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                                       a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, STAGES, NUM_PROGS,
-                                       GROUP_M, SWIGLU, WS)
+                                       a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, RING, STAGES,
+                                       NUM_PROGS, GROUP_M, SWIGLU, WS)
                 c += 1
 
         # epilogue, straight from the accumulator's registers (no shared-memory round trip)
@@ -283,42 +314,59 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
 @gluon.jit
 def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
-                  E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, STAGES: gl.constexpr,
-                  UNROLL: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                  FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+                  E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr,
+                  STAGES: gl.constexpr, UNROLL: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr,
+                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    SLOTS: gl.constexpr = CONSUMERS * STAGES  # a ring of STAGES slots for each consumer
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [SLOTS, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [SLOTS, BLOCK_N, BLOCK_K], b_desc.layout)
     if SWIGLU:  # the up_proj rows of the same columns, N weight rows further
-        u_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        u_bufs = gl.allocate_shared_memory(b_desc.dtype, [SLOTS, BLOCK_N, BLOCK_K], b_desc.layout)
     else:
         u_bufs = b_bufs
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # slot loaded
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # slot free (WS)
-    for s in gl.static_range(STAGES):
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())  # slot loaded
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())  # slot free (WS)
+    for s in gl.static_range(SLOTS):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
-    if WS:  # (tuples built inline: assigned to a name first, they lose their constexprs)
+    # (partition arguments are tuples built inline: a tuple assigned to a name first loses its constexprs)
+    if WS and CONSUMERS == 2:  # two consumer warpgroups with their own tiles: one's gaps are the other's work
         gl.warp_specialize([
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, 0, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+            (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
+                        N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
+                        NUM_PROGS, CONSUMERS, 1, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
             (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
-                          NUM_PROGS, STAGES, SWIGLU)),
+                          NUM_PROGS, CONSUMERS, STAGES, SWIGLU)),
+        ], [gl.num_warps(), 1], [CONSUMER_REGS, LOADER_REGS])
+    elif WS:
+        gl.warp_specialize([
+            (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
+                        N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
+                        NUM_PROGS, CONSUMERS, 0, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+            (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
+                          NUM_PROGS, CONSUMERS, STAGES, SWIGLU)),
         ], [1], [LOADER_REGS])
     else:
         _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
-                 N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M, NUM_PROGS, STAGES,
-                 UNROLL, SWIGLU, WS, FP8_MAX, EPS)
-    for s in gl.static_range(STAGES):
+                 N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M, NUM_PROGS, CONSUMERS,
+                 0, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)
+    for s in gl.static_range(SLOTS):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
 
 # registers a thread of the producer warp keeps (setmaxnreg): its expert vectors (E/32 each) and loop state
 LOADER_REGS = 56
+# registers a thread of the second consumer warpgroup keeps (two consumers: GemmConfig.programs_per_sm = 2
+# with warp_specialize); the first gets what is left of the 64K: 232 (the producer warp's warpgroup takes
+# LOADER_REGS)
+CONSUMER_REGS = 224
 
 
 def unroll_for(K: int, most: int) -> int:
@@ -334,7 +382,11 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
     (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
     assert gluon_takes(cfg, swiglu), f"the Gluon kernel's SwiGLU tiles split N over two warpgroups: {cfg.label}"
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
+    # with a producer warp, programs_per_sm = 2 means two consumer warpgroups in one program, each with its
+    # own tiles and ring; without, two programs
+    consumers = cfg.programs_per_sm if cfg.warp_specialize else 1
     progs = min(num_sms * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
+    progs = -(-progs // consumers)
     a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, GROUP], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, GROUP], gl.float8e4nv)
     a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP], a_layout)
@@ -343,8 +395,9 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
     return _gluon_kernel[(progs,)](
         a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
         a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E,
-        E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, STAGES=cfg.num_stages,
-        UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu, WS=cfg.warp_specialize, LOADER_REGS=LOADER_REGS,
+        E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, CONSUMERS=consumers,
+        STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu, WS=cfg.warp_specialize,
+        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
         FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
 
 
@@ -383,9 +436,11 @@ def compile_for_hopper(cfg: GemmConfig, swiglu: bool, K: int = 7168, experts: in
     ints = ("N", "K", "N_W", "stride_asm", "stride_bse", "stride_bsn", "stride_cm", "stride_csm", "E")
     signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
                      c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
-    constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m, NUM_PROGS=programs,
-                     STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu,
-                     WS=cfg.warp_specialize, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX, EPS=EPS)
+    consumers = cfg.programs_per_sm if cfg.warp_specialize else 1
+    constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m, NUM_PROGS=programs // consumers,
+                     CONSUMERS=consumers, STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu,
+                     WS=cfg.warp_specialize, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX,
+                     EPS=EPS)
     signature.update(dict.fromkeys(constants, "constexpr"))
     kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg.num_warps))

@@ -23,7 +23,8 @@ G = dict(backend=Backend.gluon)
 # the benchmark's prefill tiles (benchmarks/kernels_sweep.py: gluon_tiles)
 WS = dict(backend=Backend.gluon, warp_specialize=True)  # a producer warp feeds the ring
 PLAIN = [GemmConfig(128, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 4, 4, **G, programs_per_sm=2),
-         GemmConfig(64, 128, 8, 8, 5, **G), GemmConfig(128, 128, 8, 8, 4, **WS), GemmConfig(64, 128, 8, 4, 6, **WS)]
+         GemmConfig(64, 128, 8, 8, 5, **G), GemmConfig(128, 128, 8, 8, 4, **WS), GemmConfig(64, 128, 8, 4, 6, **WS),
+         GemmConfig(64, 128, 8, 4, 3, **WS, programs_per_sm=2)]  # two consumer warpgroups, a ring each
 SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **WS)]
 
 # run in a fresh interpreter: the CPU test session sets TRITON_INTERPRET, under which the Triton helpers the
@@ -48,7 +49,8 @@ def compiled(cfg: GemmConfig, swiglu: bool) -> dict:
 
 
 @pytest.mark.skipif(not HAS_GLUON, reason="Triton without Gluon (3.5+)")
-@pytest.mark.parametrize("cfg, swiglu", [(c, False) for c in PLAIN[:2] + PLAIN[3:4]] + [(c, True) for c in SWIGLU]
+@pytest.mark.parametrize("cfg, swiglu", [(c, False) for c in PLAIN[:2] + PLAIN[3:4] + PLAIN[5:]]
+                         + [(c, True) for c in SWIGLU]
                          + [(replace(PLAIN[0], unroll=8), False)],
                          ids=lambda v: v.label.replace(" ", "-") if isinstance(v, GemmConfig) else str(v))
 def test_compiled_for_hopper_the_promotion_runs_beside_the_next_wgmma(cfg, swiglu):
@@ -56,14 +58,16 @@ def test_compiled_for_hopper_the_promotion_runs_beside_the_next_wgmma(cfg, swigl
     # in the K loop, the wait lets the newest block's wgmma groups run (gate and up under SwiGLU) while the
     # previous block is promoted; the only full drain is the last block of a tile, before its epilogue
     running, overlapped = 2 if swiglu else 1, unroll_for(7168, cfg.unroll) - 1
-    assert r["waits"][running] == overlapped, f"waits per number of wgmma groups left running: {r['waits']}"
-    assert r["waits"][0] == 1, f"waits per number of groups left running: {r['waits']}"
+    consumers = cfg.programs_per_sm if cfg.warp_specialize else 1  # each consumer warpgroup's code is its own
+    assert r["waits"][running] == overlapped * consumers, f"waits per number of wgmma groups left running: {r['waits']}"
+    assert r["waits"][0] == consumers, f"waits per number of groups left running: {r['waits']}"
     assert not r["serialised"], "ptxas serialises the kernel's wgmma (C7514)"
     if cfg.unroll == 2:  # (8 spills a few registers: GemmConfig.unroll)
         assert r["spills"] == 0, f"{r['spills']} bytes of registers spilled ({r['registers']} registers a thread)"
     # what the sweep counts on: all of the stages resident, and as many programs an SM as it asks for
     assert r["shared"] * cfg.programs_per_sm <= 227 * 1024, f"{r['shared']} bytes of shared memory"
-    assert cfg.programs_per_sm * cfg.num_warps * 32 * -(-r["registers"] // 8) * 8 <= 65536, f"{r['registers']} registers"
+    programs = 1 if cfg.warp_specialize else cfg.programs_per_sm  # ws: a program's consumers share the registers
+    assert programs * cfg.num_warps * 32 * -(-r["registers"] // 8) * 8 <= 65536, f"{r['registers']} registers"
 
 
 @pytest.mark.gpu
