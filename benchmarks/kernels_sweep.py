@@ -72,17 +72,15 @@ def prefill_ep8() -> list[C]:
 
 
 def gluon_tiles(group_m: int) -> list[C]:
-    """The Gluon kernel's tiles (grouped_gemm_gluon.py; the promotion overlapped with the next K block's
-    wgmma): m128 on two warpgroups (32 KB a stage), m64 on one (16 KB; two programs an SM fit without a
-    producer warp), m64 with N split over two warpgroups (the only SwiGLU tile, 40 KB a stage); with a
-    producer warp (ws) or without, and 2 or 4 K blocks a loop trip (GemmConfig.unroll: more overlap, more
-    registers; ptxas for sm_90a, Triton 3.6: u4 spills 8-16 bytes a thread without ws, 364-704 with ws; u8
-    28-1740). Runs 6a-b (BENCHMARKS.md): u4 and u8 lost to u2 at every tile; without ws, every tile lost to
-    its ws twin (-6 to -20%); one m64 consumer (ws) lost to m128 (-9%)."""
-    G, WS = dict(backend=Backend.gluon), dict(backend=Backend.gluon, warp_specialize=True)
-    return [C(128, 128, group_m, 8, s, **WS) for s in (4, 5, 6)] + [C(64, 128, group_m, 4, 6, **WS)] \
-        + [C(64, 128, group_m, 4, s, **WS, programs_per_sm=2) for s in (3, 4)] \
-        + [C(64, 128, group_m, 8, s, **WS) for s in (4, 5)] + [C(128, 128, group_m, 8, 4, **G)]
+    """The Gluon kernel's tiles (grouped_gemm_gluon.py: a producer warp; every promotion but a tile's last
+    beside a later K block's wgmma): m128 on two warpgroups (32 KB a stage), m64 on one (16 KB), two m64
+    consumers in a program (p2: their own tiles, a ring of 24 KB stages each), m64 with N split over two
+    warpgroups (the only SwiGLU tile, 40 KB a stage). Gone after run 6 (BENCHMARKS.md): the kernel without
+    a producer warp (6-20% slower than with) and 4 or 8 K blocks a loop trip (register spills)."""
+    G = dict(backend=Backend.gluon)
+    return [C(128, 128, group_m, 8, s, **G) for s in (4, 5, 6)] + [C(64, 128, group_m, 4, 6, **G)] \
+        + [C(64, 128, group_m, 4, s, **G, programs_per_sm=2) for s in (3, 4)] \
+        + [C(64, 128, group_m, 8, s, **G) for s in (4, 5)]
 
 
 def decode_ep8() -> list[C]:

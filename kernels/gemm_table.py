@@ -23,8 +23,8 @@ class Backend(str, enum.Enum):
     triton = "triton"  # one program per (m-tile, n-tile), pointer loads: the decode shapes' kernel
     triton_tma = "triton_tma"  # persistent grid, TMA-fed tiles, optionally warp-specialised
     torch_loop = "torch_loop"  # torch._scaled_mm (cuBLAS, block scales) per expert: reads counts on the host
-    # Hopper only (elsewhere the triton_tma kernel runs the same tile): persistent, TMA-fed, the block-scale
-    # promotion overlapped with the next K block's wgmma (grouped_gemm_gluon.py)
+    # Hopper only (elsewhere the triton_tma kernel runs the same tile): persistent, a producer warp feeding
+    # TMA loads, the block-scale promotion beside a later K block's wgmma (grouped_gemm_gluon.py)
     gluon = "gluon"
 
 
@@ -42,12 +42,14 @@ class GemmConfig:
     num_stages: int = 4
     backend: Backend = Backend.triton
     # triton_tma only: ask for Triton's automatic producer/consumer split (3.6 ignores it on sm_90 here:
-    # its TTGIR keeps the loop attribute and makes no partitions)
+    # its TTGIR keeps the loop attribute and makes no partitions). The gluon kernel always has its producer
+    # warp (without one it ran 6-20% slower: benchmarks/BENCHMARKS.md, run 6)
     warp_specialize: bool = False
     prefetch_scales: bool = False  # Triton: load each K block's scales ahead of its promotion
-    # triton_tma and gluon: persistent programs per SM. Triton 3.6 waits for each K block's wgmma before its
-    # scale promotion; a second resident program can stream and multiply while the first waits (the
-    # overlap DeepGEMM gets from two consumer warpgroups), where registers and shared memory let two fit
+    # triton_tma: persistent programs per SM. Triton 3.6 waits for each K block's wgmma before its scale
+    # promotion; a second resident program can stream and multiply while the first waits (the overlap
+    # DeepGEMM gets from two consumer warpgroups), where registers and shared memory let two fit. gluon:
+    # consumer warpgroups per program, each with its own tiles and ring of slots, one producer warp for both
     programs_per_sm: int = 1
     # torch_loop only: CUDA streams the experts' GEMMs are spread over, so one GEMM's last partial wave of
     # tiles overlaps the next one's first (torch_gemm.stream_lanes)
@@ -58,11 +60,6 @@ class GemmConfig:
     # than 128 at every shape measured on the H200 (run 5, benchmarks/BENCHMARKS.md): the wait and the
     # promotion come twice as often
     block_k: int = 128
-    # gluon only: K blocks one trip of its K loop takes, most of which overlap their promotion with the
-    # next block's wgmma (the last waits alone: no wgmma may run across the loop's back edge). More overlap
-    # but more registers: on sm_90a (Triton 3.6) 8 spills 7 registers a thread plain and 87 under SwiGLU,
-    # 2 none. The kernel takes the most up to this that divides K's scale blocks
-    unroll: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -76,11 +73,13 @@ class GemmConfig:
         assert self.block_k in (64, 128), f"GemmConfig.block_k must be 64 or 128, got {self.block_k}"
         assert self.block_k == 128 or self.backend is Backend.triton_tma, \
             f"GemmConfig.block_k={self.block_k} needs the persistent kernel (triton_tma)"
-        assert self.unroll in (1, 2, 4, 8), f"GemmConfig.unroll must be 1, 2, 4 or 8, got {self.unroll}"
         if self.backend is Backend.gluon:  # a warpgroup's wgmma takes 64 rows; the promotion one scale block
             assert self.block_n == 128 and self.block_m in (64, 128) and self.num_warps * 16 >= self.block_m, \
                 f"GemmConfig: the gluon kernel takes 64- or 128-row tiles of 128 columns on 4+ (128 rows: 8) " \
                 f"warps, got m{self.block_m} n{self.block_n} w{self.num_warps}"
+            # two consumers of 8 warps would need 2 x 256 threads x 192+ registers: more than an SM has
+            assert self.programs_per_sm == 1 or self.num_warps == 4, \
+                f"GemmConfig: two gluon consumers in a program take 4 warps each, got w{self.num_warps}"
 
     @property
     def persistent(self) -> bool:
@@ -94,7 +93,6 @@ class GemmConfig:
         flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
         flags += f" p{self.programs_per_sm}" if self.programs_per_sm > 1 else ""
         flags += f" k{self.block_k}" if self.block_k != 128 else ""
-        flags += f" u{self.unroll}" if self.backend is Backend.gluon else ""
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
 

@@ -1,21 +1,23 @@
 """The Hopper grouped FP8 GEMM in Gluon (Triton's explicit-layout language): the prefill kernel whose
-block-scale promotion runs while the tensor cores work on the next K block.
+block-scale promotion runs while the tensor cores work on a later K block.
 
 Each 128-column K block kb of an expert e's rows adds its own product with its own scales,
     acc += (a[:, kb] @ b[e][:, kb].T) · a_scale[row, kb] · b_scale[e, n // 128, kb],
 so the product of one block must be read out of the tensor cores before the next block's is added.
 Triton 3.6 compiles that as `wgmma`, `wait 0`, promotion FMAs, next `wgmma`: the tensor cores idle through
-every promotion (benchmarks/BENCHMARKS.md, issue 17, from the compiled code). Here the wait is placed by
-hand: block kb + 1's wgmma starts into a second partial accumulator before block kb's partial is waited
-for (`warpgroup_mma_wait(num_outstanding=...)` lets the newer one run) and promoted, so the promotion
-overlaps the tensor cores' work. What DeepGEMM gets from two ping-ponging consumer warpgroups, one
-warpgroup gets here from two partial accumulators (registers: accumulator + two partials; under SwiGLU
-twice that, so its tiles split N over two warpgroups).
+every promotion (benchmarks/BENCHMARKS.md, issue 17, from the compiled code). Here the waits are placed by
+hand: each K block's wgmma goes into a fresh partial accumulator, two sets of partials take alternate
+blocks, and a block is promoted while a later block's wgmma runs (`warpgroup_mma_wait(num_outstanding=...)`
+lets the newer one run). Registers: an accumulator and two partials a thread (under SwiGLU twice that,
+so its tiles split N over two warpgroups).
 
-The loads run through a ring of STAGES shared-memory slots with one mbarrier each, fed by TMA STAGES - 1
-K blocks ahead of the tensor cores, across the tile boundaries of the persistent loop, so a tile's
-epilogue runs while the next tile's first blocks stream in. Tiles are found on the device from the
-expert offsets, as in the Triton kernels (no host sync; an empty expert costs nothing).
+A producer warp (warp specialisation) walks the same tiles and streams their K blocks by TMA into a ring
+of STAGES shared-memory slots, STAGES blocks ahead of the tensor cores and across tile boundaries; the
+consumer warps hand each slot back through an mbarrier once its wgmma is done. With programs_per_sm = 2 a
+program holds two consumer warpgroups, each with its own tiles and ring, so that one's waits and
+epilogues are the other's tensor-core time (DeepGEMM's two math warpgroups; here they work on different
+tiles). Tiles are found on the device from the expert offsets, as in the Triton kernels (no host sync;
+an empty expert costs nothing).
 Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
 """
 
@@ -81,33 +83,6 @@ def _mine(total, cid, STRIDE: gl.constexpr):
 
 
 @gluon.jit
-def _produce(p, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-             a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready,
-             STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, GROUP_M: gl.constexpr, SWIGLU: gl.constexpr):
-    """Issue the TMA loads of this program's K step p (of `steps`, nk per tile) into slot p % STAGES, and
-    return the (first row, first weight row) of p's tile, found again at each tile's first step."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    live = p < steps
-    ks = p % nk
-    if live & (ks == 0):
-        e, m0, _, pid_n = _tile(gl.program_id(0), p // nk, e_idx, lo, hi, tiles, tiles_end, num_m, N // BLOCK_N,
-                                NUM_PROGS, GROUP_M, BLOCK_M)
-        b_row = e * N_W + pid_n * BLOCK_N
-    slot = p % STAGES
-    bar = ready.index(slot)
-    if SWIGLU:
-        mbarrier.expect(bar, a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes, pred=live)
-        _tma_load(b_desc, [b_row + N, ks * BLOCK_K], bar, u_bufs.index(slot), live)
-    else:
-        mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=live)
-    _tma_load(a_desc, [m0, ks * BLOCK_K], bar, a_bufs.index(slot), live)
-    _tma_load(b_desc, [b_row, ks * BLOCK_K], bar, b_bufs.index(slot), live)
-    return m0, b_row
-
-
-@gluon.jit
 def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, RING: gl.constexpr, STAGES: gl.constexpr,
            SWIGLU: gl.constexpr):
     """Wait for K step c's operands and start its wgmma (gate's and up's under SwiGLU) into fresh partials
@@ -138,11 +113,12 @@ def _wait(part, part_up, running: gl.constexpr, SWIGLU: gl.constexpr):
 
 
 @gluon.jit
-def _promote(acc, acc_up, done, done_up, a_s, b_s, u_s, SWIGLU: gl.constexpr):
-    """Add one K block's partials with its scales: one FMA an element (a_s a row, b_s and u_s scalars)."""
-    acc += done * (a_s * b_s)[:, None]
+def _promote(acc, acc_up, done, done_up, scale, scale_up, SWIGLU: gl.constexpr):
+    """Add one K block's partials with its scales (a row's activation scale times the weights'): one FMA
+    an element."""
+    acc += done * scale[:, None]
     if SWIGLU:
-        acc_up += done_up * (a_s * u_s)[:, None]
+        acc_up += done_up * scale_up[:, None]
     return acc, acc_up
 
 
@@ -155,21 +131,12 @@ def _scales(as_ptrs, bs_ptrs, up_scales, kb, SWIGLU: gl.constexpr):
 
 
 @gluon.jit
-def _release(c, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W, a_desc, b_desc, a_bufs,
-             b_bufs, u_bufs, ready, empty, RING: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
-             GROUP_M: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr):
-    """Step c's slot is read by no wgmma any more once every warp has waited for it. With a producer warp
-    (WS), hand it back (one arrive, after the two warpgroups of an 8-warp consumer have met); else refill it
-    here with step c + STAGES."""
-    if WS:
-        if gl.num_warps() > 4:
-            _cta_barrier()
-        mbarrier.arrive(empty.index(RING * STAGES + c % STAGES))
-    else:
+def _release(c, empty, RING: gl.constexpr, STAGES: gl.constexpr):
+    """Hand step c's slot back to the producer warp once no wgmma reads it: one arrive, after the two
+    warpgroups of an 8-warp consumer have met (each has waited for its own wgmma)."""
+    if gl.num_warps() > 4:
         _cta_barrier()
-        m0, b_row = _produce(c + STAGES, steps, nk, m0, b_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                             a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
-    return m0, b_row
+    mbarrier.arrive(empty.index(RING * STAGES + c % STAGES))
 
 
 @gluon.jit
@@ -194,7 +161,7 @@ def _load_step(ring: gl.constexpr, p, live, m0, b_row, ks, N, a_desc, b_desc, a_
 def _load_warp(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2: gl.constexpr,
                GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
                SWIGLU: gl.constexpr):
-    """The producer warp (WS): walks each consumer's tiles and K steps in that consumer's order, one step
+    """The producer warp: walks each consumer's tiles and K steps in that consumer's order, one step
     for each consumer in turn, each into the consumer's own ring of slots."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -227,11 +194,9 @@ def _load_warp(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N,
 def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
              N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2: gl.constexpr,
              GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr, RING: gl.constexpr,
-             STAGES: gl.constexpr, UNROLL: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr,
-             FP8_MAX: gl.constexpr, EPS: gl.constexpr):
-    """A tensor-core warpgroup (or two): its tiles' K steps and epilogues. With a producer warp (WS) there
-    may be two such consumers in a program, each with its own tiles and ring (RING); without, the
-    consumer also issues the loads, STAGES steps ahead."""
+             STAGES: gl.constexpr, SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+    """A consumer (one or two tensor-core warpgroups): its tiles' K steps and epilogues, from its ring of
+    slots (RING), which the producer warp fills."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -250,14 +215,6 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
     cid = pid * CONSUMERS + RING
     my_tiles = _mine(num_m * n_tiles, cid, STRIDE)
     nk = K // BLOCK_K
-    steps = my_tiles * nk
-
-    pm0 = pid * 0  # without a producer warp: the tile of the newest load (first row, first weight row)
-    pb_row = pid * 0
-    if not WS:  # fill the ring: K steps 0 .. STAGES - 1 of this program (across tiles where a tile is shorter)
-        for s in gl.static_range(STAGES):
-            pm0, pb_row = _produce(s, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                                   a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, STAGES, NUM_PROGS, GROUP_M, SWIGLU)
 
     c = 0  # K steps consumed by this program
     for i in range(my_tiles):
@@ -271,32 +228,31 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
         up_scales = n_tiles * stride_bsn  # SWIGLU: the up_proj rows' scale blocks, N rows further
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
         acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
-        # Two sets of partials, 0 and 1, take alternate K blocks: each block's wgmma goes out before the
-        # previous block is waited for and promoted. No wgmma may still run where the loop jumps back
-        # (ptxas serialises every wgmma of a kernel that carries a running one across a loop's back edge:
-        # "C7514, non wgmma instructions reading accumulator registers"), so each trip of the loop takes
-        # UNROLL blocks and drains at its end: UNROLL - 1 of every UNROLL promotions overlap a wgmma.
+        # Two sets of partials, 0 and 1, take the even and the odd K blocks, and every block is promoted
+        # while a later block's wgmma runs. No wgmma may still run where the loop jumps back (ptxas
+        # serialises every wgmma of a kernel that carries a running one across a loop's back edge: "C7514,
+        # non wgmma instructions reading accumulator registers"), so a trip ends with its odd block waited
+        # for but not promoted: the next trip promotes it while its even block's wgmma runs. The first trip
+        # promotes zeros; the tile's last block alone is promoted with no wgmma beside it.
         a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 0, SWIGLU)
-        for j in range(0, nk // UNROLL):
+        held = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)  # the previous trip's odd block, waited for
+        held_up = held
+        held_s = a_s * 0.0  # its scales (a row's times the weights'), zero before the first trip
+        held_us = held_s
+        for j in range(0, nk // 2):
             g0, u0 = _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
-            for u in gl.static_range(UNROLL):
-                if u + 1 < UNROLL:  # the next block goes out into the other set, then this one is waited for
-                    if u % 2 == 0:
-                        g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
-                        d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
-                    else:
-                        g0, u0 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
-                        d, d_up = _wait(g1, u1, RUNNING, SWIGLU)
-                elif u % 2 == 0:
-                    d, d_up = _wait(g0, u0, 0, SWIGLU)
-                else:
-                    d, d_up = _wait(g1, u1, 0, SWIGLU)
-                acc, acc_up = _promote(acc, acc_up, d, d_up, a_s, b_s, u_s, SWIGLU)
-                a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(j * UNROLL + u + 1, nk - 1), SWIGLU)
-                pm0, pb_row = _release(c, steps, nk, pm0, pb_row, e_idx, lo, hi, tiles, tiles_end, num_m, N, N_W,
-                                       a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, RING, STAGES,
-                                       NUM_PROGS, GROUP_M, SWIGLU, WS)
-                c += 1
+            acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
+            g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
+            d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
+            _release(c, empty, RING, STAGES)
+            acc, acc_up = _promote(acc, acc_up, d, d_up, a_s * b_s, a_s * u_s, SWIGLU)
+            a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 2 * j + 1, SWIGLU)
+            held, held_up = _wait(g1, u1, 0, SWIGLU)
+            _release(c + 1, empty, RING, STAGES)
+            held_s, held_us = a_s * b_s, a_s * u_s
+            a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(2 * j + 2, nk - 1), SWIGLU)
+            c += 2
+        acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
 
         # epilogue, straight from the accumulator's registers (no shared-memory round trip)
         rows64 = rows.to(gl.int64)
@@ -315,8 +271,8 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
 def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
                   E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr,
-                  STAGES: gl.constexpr, UNROLL: gl.constexpr, SWIGLU: gl.constexpr, WS: gl.constexpr,
-                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+                  STAGES: gl.constexpr, SWIGLU: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+                  FP8_MAX: gl.constexpr, EPS: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -328,34 +284,30 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
     else:
         u_bufs = b_bufs
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())  # slot loaded
-    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())  # slot free (WS)
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())  # slot handed back
     for s in gl.static_range(SLOTS):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     # (partition arguments are tuples built inline: a tuple assigned to a name first loses its constexprs)
-    if WS and CONSUMERS == 2:  # two consumer warpgroups with their own tiles: one's gaps are the other's work
+    if CONSUMERS == 2:  # two consumer warpgroups with their own tiles: one's gaps are the other's work
         gl.warp_specialize([
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, CONSUMERS, 0, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, 0, STAGES, SWIGLU, FP8_MAX, EPS)),
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, CONSUMERS, 1, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, 1, STAGES, SWIGLU, FP8_MAX, EPS)),
             (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
                           NUM_PROGS, CONSUMERS, STAGES, SWIGLU)),
         ], [gl.num_warps(), 1], [CONSUMER_REGS, LOADER_REGS])
-    elif WS:
+    else:
         gl.warp_specialize([
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, CONSUMERS, 0, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, 0, STAGES, SWIGLU, FP8_MAX, EPS)),
             (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
                           NUM_PROGS, CONSUMERS, STAGES, SWIGLU)),
         ], [1], [LOADER_REGS])
-    else:
-        _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
-                 N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M, NUM_PROGS, CONSUMERS,
-                 0, STAGES, UNROLL, SWIGLU, WS, FP8_MAX, EPS)
     for s in gl.static_range(SLOTS):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
@@ -363,30 +315,28 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
 
 # registers a thread of the producer warp keeps (setmaxnreg): its expert vectors (E/32 each) and loop state
 LOADER_REGS = 56
-# registers a thread of the second consumer warpgroup keeps (two consumers: GemmConfig.programs_per_sm = 2
-# with warp_specialize); the first gets what is left of the 64K: 232 (the producer warp's warpgroup takes
-# LOADER_REGS)
+# registers a thread of the second consumer warpgroup keeps (GemmConfig.programs_per_sm = 2); the first
+# gets what is left of the SM's 64K: 232 (the producer warp's warpgroup takes LOADER_REGS)
 CONSUMER_REGS = 224
 
 
-def unroll_for(K: int, most: int) -> int:
-    """K blocks a trip of the kernel's K loop takes: the most, up to `most`, that divides K's scale blocks
-    (DeepSeek-V3's 7168 and 2048 have 56 and 16: any of 8, 4, 2)."""
-    return next(u for u in (8, 4, 2, 1) if u <= most and (K // GROUP) % u == 0)
+def gluon_runs(K: int) -> bool:
+    """Whether the kernel takes this K: an even number of 128-column scale blocks (its K loop takes them two
+    at a time; DeepSeek-V3's 7168 and 2048 have 56 and 16)."""
+    return K % (2 * GROUP) == 0
 
 
 def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
                  cfg: GemmConfig, swiglu: bool, num_sms: int):
     """Run the Gluon kernel into c (and c_scale with the SwiGLU epilogue) on a Hopper GPU; returns the
-    compiled kernel. The operands must pass `grouped_gemm_kernels.tma_ready`."""
+    compiled kernel. The operands must pass `grouped_gemm_kernels.tma_ready`, and K `gluon_runs`."""
     (M, K), (E, N_w, _) = a_MK.shape, b_ENK.shape
+    assert gluon_runs(K), f"the Gluon kernel takes K blocks two at a time: K={K}"
     assert gluon_takes(cfg, swiglu), f"the Gluon kernel's SwiGLU tiles split N over two warpgroups: {cfg.label}"
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
-    # with a producer warp, programs_per_sm = 2 means two consumer warpgroups in one program, each with its
-    # own tiles and ring; without, two programs
-    consumers = cfg.programs_per_sm if cfg.warp_specialize else 1
-    progs = min(num_sms * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
-    progs = -(-progs // consumers)
+    # programs_per_sm = 2: two consumers (warpgroups with their own tiles and ring) in each program
+    consumers = cfg.programs_per_sm
+    progs = -(-min(num_sms * consumers, num_m_bound * (N_out // cfg.block_n)) // consumers)
     a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, GROUP], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, GROUP], gl.float8e4nv)
     a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, GROUP], a_layout)
@@ -396,8 +346,7 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
         a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
         a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E,
         E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, CONSUMERS=consumers,
-        STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu, WS=cfg.warp_specialize,
-        CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
+        STAGES=cfg.num_stages, SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
         FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
 
 
@@ -436,11 +385,9 @@ def compile_for_hopper(cfg: GemmConfig, swiglu: bool, K: int = 7168, experts: in
     ints = ("N", "K", "N_W", "stride_asm", "stride_bse", "stride_bsn", "stride_cm", "stride_csm", "E")
     signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
                      c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
-    consumers = cfg.programs_per_sm if cfg.warp_specialize else 1
-    constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m, NUM_PROGS=programs // consumers,
-                     CONSUMERS=consumers, STAGES=cfg.num_stages, UNROLL=unroll_for(K, cfg.unroll), SWIGLU=swiglu,
-                     WS=cfg.warp_specialize, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX,
-                     EPS=EPS)
+    constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m,
+                     NUM_PROGS=programs // cfg.programs_per_sm, CONSUMERS=cfg.programs_per_sm, STAGES=cfg.num_stages,
+                     SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX, EPS=EPS)
     signature.update(dict.fromkeys(constants, "constexpr"))
     kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=cfg.num_warps))

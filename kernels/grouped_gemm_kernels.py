@@ -239,7 +239,8 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
     # every expert adds at most one partly filled m-tile, and at most min(E, M) experts have rows
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
     hopper = a_MK.is_cuda and torch.cuda.get_device_capability(a_MK.device)[0] == 9
-    if cfg.backend is Backend.gluon and HAS_GLUON and hopper and tma_ready(a_MK, b_ENK):
+    if cfg.backend is Backend.gluon and HAS_GLUON and hopper and tma_ready(a_MK, b_ENK) and K % (2 * GROUP) == 0:
+        # (the Gluon kernel takes K blocks two at a time: grouped_gemm_gluon.gluon_runs)
         from moeplace.kernels.grouped_gemm_gluon import launch_gluon  # it imports this module's tile helpers
         kernel = launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out, cfg,
                               swiglu, _num_sms(a_MK.device))
@@ -247,7 +248,8 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
     common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                   SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    # the gluon kernel's tile elsewhere (not Hopper, no Gluon, operands TMA cannot read) runs in the TMA one
+    # the gluon kernel's tile elsewhere (not Hopper, no Gluon, operands TMA cannot read, an odd number of K
+    # blocks) runs in the TMA one
     if cfg.persistent and tma_ready(a_MK, b_ENK):
         progs = min(_num_sms(a_MK.device) * cfg.programs_per_sm, num_m_bound * (N_out // cfg.block_n))
         a_desc = TensorDescriptor(a_MK, [M, K], [a_MK.stride(0), 1], [cfg.block_m, cfg.block_k])

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,17 +15,14 @@ from moeplace.kernels._triton import HAS_GLUON
 from moeplace.kernels.gemm_table import Backend, GemmConfig
 from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8, \
     grouped_gemm_swiglu_ref
-from moeplace.kernels.grouped_gemm_gluon import unroll_for
 
 from gemm_operands import block_weights, sorted_activations
 
 G = dict(backend=Backend.gluon)
 # the benchmark's prefill tiles (benchmarks/kernels_sweep.py: gluon_tiles)
-WS = dict(backend=Backend.gluon, warp_specialize=True)  # a producer warp feeds the ring
-PLAIN = [GemmConfig(128, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 4, 4, **G, programs_per_sm=2),
-         GemmConfig(64, 128, 8, 8, 5, **G), GemmConfig(128, 128, 8, 8, 4, **WS), GemmConfig(64, 128, 8, 4, 6, **WS),
-         GemmConfig(64, 128, 8, 4, 3, **WS, programs_per_sm=2)]  # two consumer warpgroups, a ring each
-SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **WS)]
+PLAIN = [GemmConfig(128, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 4, 6, **G),
+         GemmConfig(64, 128, 8, 4, 3, **G, programs_per_sm=2)]  # two consumer warpgroups, a ring each
+SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **G)]
 
 # run in a fresh interpreter: the CPU test session sets TRITON_INTERPRET, under which the Triton helpers the
 # kernel calls are interpreted functions, which the compiler cannot take
@@ -49,25 +46,22 @@ def compiled(cfg: GemmConfig, swiglu: bool) -> dict:
 
 
 @pytest.mark.skipif(not HAS_GLUON, reason="Triton without Gluon (3.5+)")
-@pytest.mark.parametrize("cfg, swiglu", [(c, False) for c in PLAIN[:2] + PLAIN[3:4] + PLAIN[5:]]
-                         + [(c, True) for c in SWIGLU]
-                         + [(replace(PLAIN[0], unroll=8), False)],
+@pytest.mark.parametrize("cfg, swiglu", [(c, False) for c in PLAIN] + [(SWIGLU[0], True)],
                          ids=lambda v: v.label.replace(" ", "-") if isinstance(v, GemmConfig) else str(v))
 def test_compiled_for_hopper_the_promotion_runs_beside_the_next_wgmma(cfg, swiglu):
     r = compiled(cfg, swiglu)
-    # in the K loop, the wait lets the newest block's wgmma groups run (gate and up under SwiGLU) while the
-    # previous block is promoted; the only full drain is the last block of a tile, before its epilogue
-    running, overlapped = 2 if swiglu else 1, unroll_for(7168, cfg.unroll) - 1
-    consumers = cfg.programs_per_sm if cfg.warp_specialize else 1  # each consumer warpgroup's code is its own
-    assert r["waits"][running] == overlapped * consumers, f"waits per number of wgmma groups left running: {r['waits']}"
+    # in the K loop, one wait lets the odd block's wgmma groups run (gate and up under SwiGLU) while the even
+    # block is promoted; the other drains (the odd block is promoted beside the next trip's even wgmma)
+    running = 2 if swiglu else 1
+    consumers = cfg.programs_per_sm  # each consumer's code is its own
+    assert r["waits"][running] == consumers, f"waits per number of wgmma groups left running: {r['waits']}"
     assert r["waits"][0] == consumers, f"waits per number of groups left running: {r['waits']}"
     assert not r["serialised"], "ptxas serialises the kernel's wgmma (C7514)"
-    if cfg.unroll == 2:  # (8 spills a few registers: GemmConfig.unroll)
-        assert r["spills"] == 0, f"{r['spills']} bytes of registers spilled ({r['registers']} registers a thread)"
-    # what the sweep counts on: all of the stages resident, and as many programs an SM as it asks for
-    programs = 1 if cfg.warp_specialize else cfg.programs_per_sm  # ws: one program holds both consumers
-    assert r["shared"] * programs <= 227 * 1024, f"{r['shared']} bytes of shared memory"
-    assert programs * cfg.num_warps * 32 * -(-r["registers"] // 8) * 8 <= 65536, f"{r['registers']} registers"
+    # SwiGLU's tile holds six 32-register tensors a thread at the cap: ptxas spills a few (36 bytes, Triton
+    # 3.6); the plain tiles none
+    assert r["spills"] <= (64 if swiglu else 0), f"{r['spills']} bytes of registers spilled"
+    # one program an SM holds every ring (Hopper: up to 227 KB of shared memory a program)
+    assert r["shared"] <= 227 * 1024, f"{r['shared']} bytes of shared memory"
 
 
 @pytest.mark.gpu
@@ -108,3 +102,5 @@ def test_gluon_tiles_it_cannot_hold_are_refused():
         GemmConfig(32, 128, 1, 4, 4, **G)
     with pytest.raises(AssertionError, match="gluon kernel takes 64- or 128-row tiles of 128 columns"):
         GemmConfig(128, 128, 1, 4, 4, **G)
+    with pytest.raises(AssertionError, match="two gluon consumers in a program take 4 warps each"):
+        GemmConfig(128, 128, 1, 8, 4, **G, programs_per_sm=2)
