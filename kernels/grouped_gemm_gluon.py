@@ -51,6 +51,26 @@ def _acc_layout(BLOCK_M, BLOCK_N, num_warps):
                                      instr_shape=[16, BLOCK_N // warps_n, 32])
 
 
+@gluon.constexpr_function
+def _store_layout(BLOCK_N, elem_bits, num_warps):
+    """Rows of 16-byte segments: a thread stores 16 bytes of one row, a warp whole rows."""
+    vec = 128 // elem_bits
+    per_row = min(32, BLOCK_N // vec)
+    return gl.BlockedLayout([1, vec], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _store_tile(c_ptr, stride_cm, val, m0, row_hi, col0):
+    """Store the tile `val` at rows m0.. (those before row_hi) and columns col0.. of c."""
+    BLOCK_M: gl.constexpr = val.shape[0]
+    BLOCK_N: gl.constexpr = val.shape[1]
+    out_l: gl.constexpr = _store_layout(BLOCK_N, c_ptr.dtype.element_ty.primitive_bitwidth, gl.num_warps())
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_l))
+    cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_l))
+    gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], gl.convert_layout(val, out_l),
+             mask=(rows < row_hi)[:, None])
+
+
 @gluon.jit
 def _add(x, y):
     return x + y
@@ -254,17 +274,14 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
             c += 2
         acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
 
-        # epilogue, straight from the accumulator's registers (no shared-memory round trip)
-        rows64 = rows.to(gl.int64)
-        cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols_l)
-        stored = (rows < row_hi)[:, None]
+        # epilogue: through shared memory into 16-byte row segments (the accumulator's registers hold two
+        # neighbouring columns a thread, which would go out as 2-byte stores)
         if SWIGLU:  # SiLU(gate)·up, quantised per 128 channels: one group per row of the tile
             q, q_scale = quant_rows(acc / (1.0 + gl.exp(-acc)) * acc_up, FP8_MAX, EPS)
-            gl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], q, mask=stored)
-            gl.store(cs_ptr + rows64 * stride_csm + pid_n, q_scale, mask=rows < row_hi)
+            _store_tile(c_ptr, stride_cm, q, m0, row_hi, pid_n * BLOCK_N)
+            gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, q_scale, mask=rows < row_hi)
         else:
-            gl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                     mask=stored)
+            _store_tile(c_ptr, stride_cm, acc.to(c_ptr.dtype.element_ty), m0, row_hi, pid_n * BLOCK_N)
 
 
 @gluon.jit
