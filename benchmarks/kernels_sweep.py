@@ -75,11 +75,11 @@ def gluon_tiles(group_m: int) -> list[C]:
     stage, and 32 KB for the bf16 output tile), m64 on one (24 KB a stage), two m64
     consumers in a program (p2: their own tiles, a ring of 24 KB stages each), m64 with N split over two
     warpgroups (the only SwiGLU tile, 40 KB a stage). Gone after run 6 (BENCHMARKS.md): the kernel without
-    a producer warp (6-20% slower than with) and 4 or 8 K blocks a loop trip (register spills)."""
+    a producer warp (6-20% slower than with), 4 or 8 K blocks a loop trip (register spills), one m64
+    consumer a program (-9 to -16% against m128), two at s4 (out of shared memory with fp32 output)."""
     G = dict(backend=Backend.gluon)
-    return [C(128, 128, group_m, 8, s, **G) for s in (4, 5)] + [C(64, 128, group_m, 4, 6, **G)] \
-        + [C(64, 128, group_m, 4, s, **G, programs_per_sm=2) for s in (3, 4)] \
-        + [C(64, 128, group_m, 8, s, **G) for s in (4, 5)]
+    return [C(128, 128, g, 8, s, **G) for s in (4, 5) for g in (group_m, 2 * group_m)] \
+        + [C(64, 128, group_m, 4, 3, **G, programs_per_sm=2)] + [C(64, 128, group_m, 8, s, **G) for s in (4, 5)]
 
 
 def decode_ep8() -> list[C]:

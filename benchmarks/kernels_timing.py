@@ -94,7 +94,9 @@ def print_summary(all_rows, hbm, copy_gbs):
     for scen in dict.fromkeys(r["scenario"] for r in ok):
         for gemm in ("gate/up", "down", "gate/up+SwiGLU", "fused_moe"):
             rs = [r for r in ok if r["scenario"] == scen and r["gemm"] == gemm]
-            ours = [r for r in rs if not r["variant"].startswith("baseline")]
+            # a candidate whose numerics check failed is timed (its row says so) but never the best
+            ours = [r for r in rs if not r["variant"].startswith("baseline") and "REJECTED" not in r.get("note", "")
+                    and not r.get("note", "").startswith("check failed")]
             if not ours:
                 continue
             best = max(ours, key=lambda r: r["tflops"])

@@ -152,11 +152,12 @@ def _scales(as_ptrs, bs_ptrs, up_scales, kb, SWIGLU: gl.constexpr):
 
 @gluon.jit
 def _release(c, empty, RING: gl.constexpr, STAGES: gl.constexpr):
-    """Hand step c's slot back to the producer warp once no wgmma reads it: one arrive, after the two
-    warpgroups of an 8-warp consumer have met (each has waited for its own wgmma)."""
+    """Hand the slots of steps c and c + 1 back to the producer warp once no wgmma reads them: an arrive
+    each, after the two warpgroups of an 8-warp consumer have met (each has waited for its own wgmma)."""
     if gl.num_warps() > 4:
         _cta_barrier()
     mbarrier.arrive(empty.index(RING * STAGES + c % STAGES))
+    mbarrier.arrive(empty.index(RING * STAGES + (c + 1) % STAGES))
 
 
 @gluon.jit
@@ -264,11 +265,10 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
             acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
             g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
             d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
-            _release(c, empty, RING, STAGES)
             acc, acc_up = _promote(acc, acc_up, d, d_up, a_s * b_s, a_s * u_s, SWIGLU)
             a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 2 * j + 1, SWIGLU)
             held, held_up = _wait(g1, u1, 0, SWIGLU)
-            _release(c + 1, empty, RING, STAGES)
+            _release(c, empty, RING, STAGES)  # both of the trip's slots at once: one meeting of the warps
             held_s, held_us = a_s * b_s, a_s * u_s
             a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(2 * j + 2, nk - 1), SWIGLU)
             c += 2
