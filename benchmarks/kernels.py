@@ -90,7 +90,7 @@ def gemm_sweep(rows: Rows, kind, gemm, counts, w, w_s, cands, dev, hbm, deadline
     host); returns the TableEntry of winners and all timings, among candidates whose numerics pass
     `check_candidate` (None if none did)."""
     from moeplace.kernels.fp8_quant import dequant_rows_ref
-    from moeplace.kernels.gemm_table import Backend, GemmKind, TableEntry
+    from moeplace.kernels.gemm_table import Backend, GemmKind
     from moeplace.kernels.grouped_gemm import grouped_gemm_ref, grouped_gemm_swiglu_ref
     E, N, K = w.shape
     a, a_s, offsets = sorted_rows(counts, K, dev)

@@ -23,8 +23,6 @@ Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
 
 from dataclasses import dataclass
 
-import torch
-
 from moeplace.kernels._triton import HAS_GLUON, gl, gluon, triton
 from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
 from moeplace.kernels.gemm_table import GemmConfig, gluon_takes
@@ -225,7 +223,6 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
     RUNNING: gl.constexpr = 2 if SWIGLU else 1  # wgmma groups a K step starts: gate's, and up's
     acc_l: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, num_warps)
     rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
-    cols_l: gl.constexpr = gl.SliceLayout(0, acc_l)
 
     vec_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M, vec_l)
