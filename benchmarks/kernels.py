@@ -23,7 +23,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+if "--cpu-smoke" in sys.argv:  # before torch: a CUDA build of torch imports Triton, which then reads it
+    os.environ["TRITON_INTERPRET"] = "1"
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
 from kernels_inputs import blockwise_mm, fp8_weights, loop_baseline, sorted_rows  # noqa: E402
@@ -255,8 +257,7 @@ def main():
     args = ap.parse_args()
     if args.write_counts:
         return write_counts(args.traces, args.write_counts)
-    if args.cpu_smoke:  # before moeplace.kernels is imported: Triton picks its interpreter at decoration
-        os.environ["TRITON_INTERPRET"] = "1"
+    if args.cpu_smoke:  # (TRITON_INTERPRET is set above, before anything imports Triton)
         torch.manual_seed(0)  # the same operands every smoke run: its numerics checks are reproducible
     deadline = time.monotonic() + args.budget_s
     import triton

@@ -226,8 +226,12 @@ def expert_weights_by_logical(moe) -> list[torch.Tensor]:
     return [t[index] for t in (moe.w13_SFD, moe.w13_sinv_Sfd, moe.w2_SDF, moe.w2_sinv_Sdf)]
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                                   reason="needs a CUDA GPU")])]
+# the CPU path runs Triton's interpreter, which this module selects only where CUDA is absent (above): on a
+# GPU machine Triton compiles for the GPU and cannot take CPU tensors (seen on the H200, 2026-12-01)
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                        reason="CPU path: Triton's interpreter, machines without CUDA")),
+           pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA GPU")])]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install -e '.[dev,kernels]')")
