@@ -104,6 +104,18 @@ def gluon_takes(cfg: GemmConfig, swiglu: bool) -> bool:
     return not swiglu or cfg.num_warps * 16 >= 2 * cfg.block_m
 
 
+def gluon_runs(K: int) -> bool:
+    """Whether the gluon kernel takes this K: an even number of 128-column scale blocks (its K loop takes
+    them two at a time; DeepSeek-V3's 7168 and 2048 have 56 and 16)."""
+    return K % 256 == 0
+
+
+def gluon_warps(cfg: GemmConfig) -> int:
+    """Warps of one gluon program: its consumers', and a warpgroup for the producer warp (partitions are
+    given registers by the warpgroup; the PTX's .reqntid, checked by the compile test)."""
+    return cfg.num_warps * cfg.programs_per_sm + 4
+
+
 def default_config(rows_per_expert: float) -> GemmConfig:
     """Tiles from the H100 sweep in benchmarks/BENCHMARKS.md (each within ~2% of that shape's best)."""
     if rows_per_expert <= 16:  # decode over many experts: a few rows each, pure weight streaming

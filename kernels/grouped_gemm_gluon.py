@@ -21,11 +21,9 @@ an empty expert costs nothing).
 Dimensions: M = sorted rows, N = output features, K = reduction, E = experts.
 """
 
-from dataclasses import dataclass
-
 from moeplace.kernels._triton import HAS_GLUON, gl, gluon, triton
 from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
-from moeplace.kernels.gemm_table import GemmConfig, gluon_takes
+from moeplace.kernels.gemm_table import GemmConfig, gluon_runs, gluon_takes
 from moeplace.kernels.grouped_gemm_kernels import _locate, _tile_coords
 
 if HAS_GLUON:
@@ -334,12 +332,6 @@ LOADER_REGS = 56
 CONSUMER_REGS = 224
 
 
-def gluon_runs(K: int) -> bool:
-    """Whether the kernel takes this K: an even number of 128-column scale blocks (its K loop takes them two
-    at a time; DeepSeek-V3's 7168 and 2048 have 56 and 16)."""
-    return K % (2 * GROUP) == 0
-
-
 def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out: int,
                  cfg: GemmConfig, swiglu: bool, num_sms: int):
     """Run the Gluon kernel into c (and c_scale with the SwiGLU epilogue) on a Hopper GPU; returns the
@@ -362,56 +354,3 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
         E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, CONSUMERS=consumers,
         STAGES=cfg.num_stages, SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
         FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledGluon:
-    """The kernel compiled for Hopper (sm_90a) on any machine, no GPU needed: its PTX and ptxas's report."""
-
-    ptx: str
-    shared_bytes: int
-    registers: int
-    spill_bytes: int
-    serialised: bool  # ptxas's C7514: it made every wgmma of the kernel wait for the one before
-
-    def waits(self, outstanding: int) -> int:
-        """How many `wgmma.wait_group` in the PTX leave `outstanding` wgmma groups running."""
-        return self.ptx.count(f"wgmma.wait_group.sync.aligned {outstanding};")
-
-
-def compile_for_hopper(cfg: GemmConfig, swiglu: bool, K: int = 7168, experts: int = 32,
-                       programs: int = 132) -> CompiledGluon:
-    """Compile the kernel for sm_90a as `launch_gluon` would run cfg (the tests read the compiled code on a
-    machine without a GPU). Needs the compiler, not the interpreter: TRITON_INTERPRET must be unset when
-    this module is imported, or the Triton helpers it calls are interpreted functions."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    def desc(rows: int) -> str:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv)
-        return f"tensordesc<fp8e4nv[{rows}, {GROUP}],{layout!r}>"
-
-    ints = ("N", "K", "N_W", "stride_asm", "stride_bse", "stride_bsn", "stride_cm", "stride_csm", "E")
-    signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
-                     c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
-    constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m,
-                     NUM_PROGS=programs // cfg.programs_per_sm, CONSUMERS=cfg.programs_per_sm, STAGES=cfg.num_stages,
-                     SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX, EPS=EPS)
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=cfg.num_warps))
-    ptx = kernel.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        src = f"{tmp}/k.ptx"
-        with open(src, "w") as f:
-            f.write(ptx)
-        report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o", f"{tmp}/k.cubin"],
-                                capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return CompiledGluon(ptx, kernel.metadata.shared, registers, spills, "C7514" in report)

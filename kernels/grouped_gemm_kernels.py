@@ -12,7 +12,7 @@ import torch
 
 from moeplace.kernels._triton import HAS_GLUON, HAS_TRITON, tl, triton
 from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
-from moeplace.kernels.gemm_table import Backend, GemmConfig
+from moeplace.kernels.gemm_table import Backend, GemmConfig, gluon_runs, gluon_warps
 
 if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -239,12 +239,11 @@ def launch(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scal
     # every expert adds at most one partly filled m-tile, and at most min(E, M) experts have rows
     num_m_bound = triton.cdiv(M, cfg.block_m) + min(E, M)
     hopper = a_MK.is_cuda and torch.cuda.get_device_capability(a_MK.device)[0] == 9
-    if cfg.backend is Backend.gluon and HAS_GLUON and hopper and tma_ready(a_MK, b_ENK) and K % (2 * GROUP) == 0:
-        # (the Gluon kernel takes K blocks two at a time: grouped_gemm_gluon.gluon_runs)
+    if cfg.backend is Backend.gluon and HAS_GLUON and hopper and tma_ready(a_MK, b_ENK) and gluon_runs(K):
         from moeplace.kernels.grouped_gemm_gluon import launch_gluon  # it imports this module's tile helpers
         kernel = launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, c_scale, N_out, cfg,
                               swiglu, _num_sms(a_MK.device))
-        return _occupancy(kernel, cfg.num_warps) if report else None
+        return _occupancy(kernel, gluon_warps(cfg)) if report else None
     common = dict(E_P2=triton.next_power_of_2(E), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                   SWIGLU=swiglu, PREFETCH=cfg.prefetch_scales, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)

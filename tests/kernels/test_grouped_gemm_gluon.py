@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moeplace.kernels._triton import HAS_GLUON
-from moeplace.kernels.gemm_table import Backend, GemmConfig
+from moeplace.kernels.gemm_table import Backend, GemmConfig, gluon_warps
 from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8, \
     grouped_gemm_swiglu_ref
 
@@ -29,10 +29,10 @@ SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **G)]
 COMPILE = """
 import json, sys
 from moeplace.kernels.gemm_table import GemmConfig
-from moeplace.kernels.grouped_gemm_gluon import compile_for_hopper
+from moeplace.kernels.gluon_compiled import compile_for_hopper
 r = compile_for_hopper(GemmConfig(**json.loads(sys.argv[1])), sys.argv[2] == "swiglu")
 print(json.dumps(dict(shared=r.shared_bytes, registers=r.registers, spills=r.spill_bytes, serialised=r.serialised,
-                      waits=[r.waits(n) for n in range(3)])))
+                      threads=r.threads, waits=[r.waits(n) for n in range(3)])))
 """
 
 
@@ -62,6 +62,7 @@ def test_compiled_for_hopper_the_promotion_runs_beside_the_next_wgmma(cfg, swigl
     assert r["spills"] <= (128 if swiglu else 0), f"{r['spills']} bytes of registers spilled"
     # one program an SM holds every ring (Hopper: up to 227 KB of shared memory a program)
     assert r["shared"] <= 227 * 1024, f"{r['shared']} bytes of shared memory"
+    assert r["threads"] == 32 * gluon_warps(cfg), "the occupancy the benchmark reports counts these warps"
 
 
 @pytest.mark.gpu
