@@ -7,7 +7,7 @@ registers a thread, an 8-warp one only under 128. Registers and shared memory qu
 (Triton 3.6 on the H200, benchmarks/BENCHMARKS.md).
 """
 
-from moeplace.kernels.gemm_table import Backend, GemmConfig as C, GemmKind, gluon_takes
+from moeplace.kernels.gemm_table import Backend, GemmConfig as C, GemmKind, fuses_swiglu
 
 TMA, PF = dict(backend=Backend.triton_tma), dict(prefetch_scales=True)
 SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024  # Hopper; as in moeplace.kernels.grouped_gemm_kernels
@@ -24,12 +24,15 @@ def smem_estimate(kind: GemmKind, cfg: C) -> int:
 
 
 def takes(kind: GemmKind, cfg: C) -> bool:
-    """Whether cfg's kernel can run this kind at all: the fused SwiGLU quantisation wants one 128-channel
-    group per tile (and 256 rows of two accumulators spill); the Gluon kernel's SwiGLU tiles split N over
-    two warpgroups."""
+    """Whether cfg is a SwiGLU candidate (every config is a plain one): the fused SwiGLU quantisation wants
+    one 128-channel group per tile (and 256 rows of two accumulators spill); of the gluon tiles that cannot
+    fuse it (the plain GEMM in bf16, then the SwiGLU kernel, as the torch loop) only the split ones are timed,
+    the fastest plain tiles (run 7), to keep the sweep's time."""
     if kind is not GemmKind.swiglu or cfg.backend is Backend.torch_loop:
         return True
-    return cfg.block_n == 128 and cfg.block_m <= 128 and (cfg.backend is not Backend.gluon or gluon_takes(cfg, True))
+    if not fuses_swiglu(cfg):
+        return cfg.split_m
+    return cfg.block_n == 128 and cfg.block_m <= 128
 
 
 def fits(kind: GemmKind, cfg: C) -> bool:
@@ -49,7 +52,8 @@ def sweep(rows_per_expert: float, smoke: bool) -> list[C]:
     if smoke:
         return [C(16, 128, 2, 4, 2), C(32, 128, 1, 4, 2, **TMA, **PF, programs_per_sm=2),
                 C(16, 128, 1, 4, 2, **TMA, warp_specialize=True), C(16, 128, 1, 4, 3, **TMA, **PF, block_k=64),
-                C(64, 128, 1, 8, 2, backend=Backend.gluon)]  # on the CPU: the TMA kernel with its tile
+                C(64, 128, 1, 8, 2, backend=Backend.gluon),  # on the CPU: the TMA kernel with its tile
+                C(128, 128, 1, 8, 2, backend=Backend.gluon, split_m=True)]  # and SwiGLU after it (not fused)
     if rows_per_expert > 256:  # prefill at EP8: compute-bound
         return prefill_ep8() + loops
     if rows_per_expert > 64:  # prefill over all experts
@@ -72,13 +76,15 @@ def prefill_ep8() -> list[C]:
 def gluon_tiles(group_m: int) -> list[C]:
     """The Gluon kernel's tiles (grouped_gemm_gluon.py: a producer warp; every promotion but a tile's last
     beside a later K block's wgmma; the output tile through shared memory): m128 on two warpgroups (32 KB a
-    stage, and 32 KB for the bf16 output tile), m64 on one (24 KB a stage), two m64
+    stage, and 32 KB for the bf16 output tile), the same m128 tile in two 4-warp halves that share each
+    stage (split: 16 KB of output tile a half; no meeting of all 8 warps), m64 on one (24 KB a stage), two m64
     consumers in a program (p2: their own tiles, a ring of 24 KB stages each), m64 with N split over two
     warpgroups (the only SwiGLU tile, 40 KB a stage). Gone after run 6 (BENCHMARKS.md): the kernel without
     a producer warp (6-20% slower than with), 4 or 8 K blocks a loop trip (register spills), one m64
     consumer a program (-9 to -16% against m128), two at s4 (out of shared memory with fp32 output)."""
     G = dict(backend=Backend.gluon)
     return [C(128, 128, g, 8, s, **G) for s in (4, 5) for g in (group_m, 2 * group_m)] \
+        + [C(128, 128, g, 8, s, **G, split_m=True) for s in (4, 5) for g in (group_m, 2 * group_m)] \
         + [C(64, 128, group_m, 4, 3, **G, programs_per_sm=2)] + [C(64, 128, group_m, 8, s, **G) for s in (4, 5)]
 
 
@@ -102,7 +108,7 @@ def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
     from moeplace.kernels.grouped_gemm_kernels import launch
     if cfg.backend is Backend.torch_loop:
         return ""
-    swiglu = kind is GemmKind.swiglu
+    swiglu = kind is GemmKind.swiglu and fuses_swiglu(cfg)  # else the plain GEMM is the kernel probed
     M, N = a.shape[0], w.shape[1] // (2 if swiglu else 1)
     c = torch.empty(M, N, dtype=FP8 if swiglu else torch.bfloat16, device=a.device)
     c_s = torch.empty(M, N // 128, dtype=torch.float32, device=a.device) if swiglu else c

@@ -60,6 +60,10 @@ class GemmConfig:
     # than 128 at every shape measured on the H200 (run 5, benchmarks/BENCHMARKS.md): the wait and the
     # promotion come twice as often
     block_k: int = 128
+    # gluon, 128-row tiles on 8 warps: two 4-warp consumer partitions take 64 of each tile's rows and share
+    # its weight tile, each handing slots back on its own (no meeting of all 8 warps), and a half whose rows
+    # all lie past the expert's end skips its wgmma (grouped_gemm_gluon.py)
+    split_m: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -80,6 +84,9 @@ class GemmConfig:
             # two consumers of 8 warps would need 2 x 256 threads x 192+ registers: more than an SM has
             assert self.programs_per_sm == 1 or self.num_warps == 4, \
                 f"GemmConfig: two gluon consumers in a program take 4 warps each, got w{self.num_warps}"
+        assert not self.split_m or (self.backend is Backend.gluon and self.block_m == 128 and self.num_warps == 8
+                                    and self.programs_per_sm == 1), \
+            f"GemmConfig.split_m: two 64-row halves of a gluon m128 w8 tile, one program an SM, got {self.label}"
 
     @property
     def persistent(self) -> bool:
@@ -93,6 +100,7 @@ class GemmConfig:
         flags = " ws" * self.warp_specialize + " pf" * self.prefetch_scales
         flags += f" p{self.programs_per_sm}" if self.programs_per_sm > 1 else ""
         flags += f" k{self.block_k}" if self.block_k != 128 else ""
+        flags += " split" * self.split_m
         return (f"{self.backend.value} m{self.block_m} n{self.block_n} g{self.group_m} w{self.num_warps} "
                 f"s{self.num_stages}{flags}")
 
@@ -100,8 +108,16 @@ class GemmConfig:
 def gluon_takes(cfg: GemmConfig, swiglu: bool) -> bool:
     """Whether the gluon kernel's registers hold cfg's tile: an accumulator and two partials (plain), or two
     accumulators and four partials under SwiGLU, which therefore needs N split over two warpgroups (m64 on
-    8 warps: 6 x 32 fp32 a thread)."""
-    return not swiglu or cfg.num_warps * 16 >= 2 * cfg.block_m
+    8 warps: 6 x 32 fp32 a thread); not in two halves (split_m: each 4-warp half would hold 128 columns of
+    both)."""
+    return not swiglu or (cfg.num_warps * 16 >= 2 * cfg.block_m and not cfg.split_m)
+
+
+def fuses_swiglu(cfg: GemmConfig) -> bool:
+    """Whether cfg's kernel applies SiLU(gate)·up and the FP8 quantisation in its epilogue. Otherwise the
+    GEMM writes gate|up in bf16 and the SwiGLU kernel runs after it: the torch loop, and the gluon tiles
+    whose registers cannot hold gate and up (gluon_takes)."""
+    return cfg.backend is not Backend.torch_loop and (cfg.backend is not Backend.gluon or gluon_takes(cfg, True))
 
 
 def gluon_runs(K: int) -> bool:

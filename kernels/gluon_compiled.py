@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from moeplace.kernels._triton import gl, triton
 from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP
 from moeplace.kernels.gemm_table import GemmConfig
-from moeplace.kernels.grouped_gemm_gluon import CONSUMER_REGS, LOADER_REGS, _gluon_kernel
+from moeplace.kernels.grouped_gemm_gluon import CONSUMER_REGS, LOADER_REGS, _gluon_kernel, halves
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +46,12 @@ def compile_for_hopper(cfg: GemmConfig, swiglu: bool, K: int = 7168, experts: in
     signature = dict(a_desc=desc(cfg.block_m), as_ptr="*fp32", b_desc=desc(cfg.block_n), bs_ptr="*fp32",
                      c_ptr="*fp8e4nv" if swiglu else "*bf16", cs_ptr="*fp32", off_ptr="*i32", **dict.fromkeys(ints, "i32"))
     constants = dict(E_P2=triton.next_power_of_2(experts), GROUP_M=cfg.group_m,
-                     NUM_PROGS=programs // cfg.programs_per_sm, CONSUMERS=cfg.programs_per_sm, STAGES=cfg.num_stages,
+                     NUM_PROGS=programs // cfg.programs_per_sm, CONSUMERS=cfg.programs_per_sm, HALVES=halves(cfg),
+                     STAGES=cfg.num_stages,
                      SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX, EPS=EPS)
     signature.update(dict.fromkeys(constants, "constexpr"))
     kernel = triton.compile(GluonASTSource(_gluon_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=cfg.num_warps))
+                            options=dict(num_warps=cfg.num_warps // halves(cfg)))
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         src = f"{tmp}/k.ptx"

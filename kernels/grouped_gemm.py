@@ -17,7 +17,7 @@ import torch
 from moeplace.kernels._triton import require_triton
 from moeplace.kernels.fp8_quant import FP8, GROUP, dequant_rows_ref, dequant_weight_blocks_ref, \
     per_token_group_quant_fp8_ref
-from moeplace.kernels.gemm_table import Backend, GemmConfig, GemmKind, default_config, lookup
+from moeplace.kernels.gemm_table import Backend, GemmConfig, GemmKind, default_config, fuses_swiglu, lookup
 from moeplace.kernels.grouped_gemm_kernels import launch
 from moeplace.kernels.torch_gemm import grouped_gemm_torch, swiglu_quant
 
@@ -94,7 +94,8 @@ def grouped_gemm_swiglu_fp8(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, w13_E
     """Gate/up GEMM with SiLU(gate)·up and FP8 requantisation fused into the epilogue (no bf16 round trip):
     w13_E2FK [E, 2F, K] fp8 (rows [0, F) gate, [F, 2F) up) with w13_scale [E, 2F/128, K/128] →
     (g_MF [M, F] float8_e4m3fn, g_scale_MFb [M, F/128] float32), rows past the last expert unwritten.
-    The torch loop backend instead writes gate|up in bf16 and applies SiLU·up + quantisation after.
+    A config that does not fuse it (`fuses_swiglu`: the torch loop, the gluon tiles without room for gate
+    and up) instead writes gate|up in bf16 and applies SiLU·up + quantisation after.
     `expert_offsets_host` as in `grouped_gemm_fp8`."""
     require_triton()
     check_grouped_operands(a_MK, a_scale_MKb, w13_E2FK, w13_scale, expert_offsets_E1)
@@ -102,9 +103,9 @@ def grouped_gemm_swiglu_fp8(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, w13_E
     assert F2 % (2 * GROUP) == 0, f"w13_E2FK: 2F={F2} must be a multiple of {2 * GROUP}"
     host = expert_offsets_host is not None
     cfg = config or choose_config(GemmKind.swiglu, M, E, F2, K, a_MK.device, host_offsets=host)
-    if cfg.backend is Backend.torch_loop:
-        return swiglu_quant(grouped_gemm_torch(a_MK, a_scale_MKb, w13_E2FK, w13_scale, expert_offsets_E1,
-                                               offsets_host=expert_offsets_host, streams=cfg.streams))
+    if not fuses_swiglu(cfg):
+        return swiglu_quant(grouped_gemm_fp8(a_MK, a_scale_MKb, w13_E2FK, w13_scale, expert_offsets_E1,
+                                             torch.bfloat16, cfg, expert_offsets_host), expert_offsets_E1[E:])
     assert cfg.block_n == GROUP, f"the fused epilogue quantises one {GROUP}-channel group per tile: block_n={cfg.block_n}"
     g_MF = torch.empty(M, F2 // 2, dtype=FP8, device=a_MK.device)
     g_scale_MFb = torch.empty(M, F2 // 2 // GROUP, dtype=torch.float32, device=a_MK.device)

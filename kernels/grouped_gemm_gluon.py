@@ -99,16 +99,19 @@ def _mine(total, cid, STRIDE: gl.constexpr):
 
 
 @gluon.jit
-def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, RING: gl.constexpr, STAGES: gl.constexpr,
-           SWIGLU: gl.constexpr):
+def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, RING: gl.constexpr, HALF: gl.constexpr,
+           HALVES: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr):
     """Wait for K step c's operands and start its wgmma (gate's and up's under SwiGLU) into fresh partials
-    (zeros made here: a zero tile kept alive through the loop would hold 64 registers a thread)."""
-    BLOCK_M: gl.constexpr = a_bufs.shape[1]
+    (zeros made here: a zero tile kept alive through the loop would hold 64 registers a thread), on this
+    consumer's HALF of the tile's rows."""
+    BLOCK_M: gl.constexpr = a_bufs.shape[1] // HALVES
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
     slot = RING * STAGES + c % STAGES
     mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
     a = a_bufs.index(slot)
+    if HALVES == 2:
+        a = a.slice(HALF * BLOCK_M, BLOCK_M)
     part = warpgroup_mma(a, b_bufs.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
     if SWIGLU:
         part_up = warpgroup_mma(a, u_bufs.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -149,7 +152,8 @@ def _scales(as_ptrs, bs_ptrs, up_scales, kb, SWIGLU: gl.constexpr):
 @gluon.jit
 def _release(c, empty, RING: gl.constexpr, STAGES: gl.constexpr):
     """Hand the slots of steps c and c + 1 back to the producer warp once no wgmma reads them: an arrive
-    each, after the two warpgroups of an 8-warp consumer have met (each has waited for its own wgmma)."""
+    each, after the two warpgroups of an 8-warp consumer have met (each has waited for its own wgmma). A
+    slot read by two 4-warp halves (split_m) is handed back once both have arrived."""
     if gl.num_warps() > 4:
         _cta_barrier()
     mbarrier.arrive(empty.index(RING * STAGES + c % STAGES))
@@ -210,20 +214,24 @@ def _load_warp(a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N,
 @gluon.jit
 def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty, N, K,
              N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2: gl.constexpr,
-             GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr, RING: gl.constexpr,
-             STAGES: gl.constexpr, SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
-    """A consumer (one or two tensor-core warpgroups): its tiles' K steps and epilogues, from its ring of
-    slots (RING), which the producer warp fills."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+             GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr, HALVES: gl.constexpr,
+             PART: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr,
+             EPS: gl.constexpr):
+    """A consumer (one or two tensor-core warpgroups), the program's PART-th: its tiles' K steps and
+    epilogues, from its ring of slots, which the producer warp fills. With two consumers a program
+    (CONSUMERS = 2) PART is its tiles and ring; with a tile in two halves (HALVES = 2) the half of each
+    tile's rows it takes, from the one ring."""
+    TILE_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = TILE_M // HALVES  # this consumer's rows of a tile
+    RING: gl.constexpr = PART if CONSUMERS == 2 else 0
+    HALF: gl.constexpr = PART if HALVES == 2 else 0
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     num_warps: gl.constexpr = gl.num_warps()
-    RUNNING: gl.constexpr = 2 if SWIGLU else 1  # wgmma groups a K step starts: gate's, and up's
     acc_l: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, num_warps)
-    rows_l: gl.constexpr = gl.SliceLayout(1, acc_l)
 
     vec_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, BLOCK_M, vec_l)
+    e_idx, lo, hi, tiles, tiles_end = _expert_tiles(off_ptr, E, E_P2, TILE_M, vec_l)
     num_m = gl.max(tiles_end, 0)
     n_tiles = N // BLOCK_N
     pid = gl.program_id(0)
@@ -235,56 +243,81 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
     c = 0  # K steps consumed by this program
     for i in range(my_tiles):
         e, m0, row_hi, pid_n = _tile(cid, i, e_idx, lo, hi, tiles, tiles_end, num_m, n_tiles, STRIDE, GROUP_M,
-                                     BLOCK_M)
-        rows = m0 + gl.arange(0, BLOCK_M, layout=rows_l)
-        # rows past the expert's end read its last row's scales (in bounds); never stored
-        as_ptrs = as_ptr + gl.minimum(rows, row_hi - 1).to(gl.int64) * stride_asm
-        # BLOCK_N = 128: the tile's columns sit in one weight-scale block, one scale per K step
-        bs_ptrs = bs_ptr + e.to(gl.int64) * stride_bse + pid_n * stride_bsn
-        up_scales = n_tiles * stride_bsn  # SWIGLU: the up_proj rows' scale blocks, N rows further
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
-        acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
-        # Two sets of partials, 0 and 1, take the even and the odd K blocks, and every block is promoted
-        # while a later block's wgmma runs. No wgmma may still run where the loop jumps back (ptxas
-        # serialises every wgmma of a kernel that carries a running one across a loop's back edge: "C7514,
-        # non wgmma instructions reading accumulator registers"), so a trip ends with its odd block waited
-        # for but not promoted: the next trip promotes it while its even block's wgmma runs. The first trip
-        # promotes zeros; the tile's last block alone is promoted with no wgmma beside it.
-        a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 0, SWIGLU)
-        held = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)  # the previous trip's odd block, waited for
-        held_up = held
-        held_s = a_s * 0.0  # its scales (a row's times the weights'), zero before the first trip
-        held_us = held_s
-        for j in range(0, nk // 2):
-            g0, u0 = _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
-            acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
-            g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, STAGES, SWIGLU)
-            d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
-            acc, acc_up = _promote(acc, acc_up, d, d_up, a_s * b_s, a_s * u_s, SWIGLU)
-            a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 2 * j + 1, SWIGLU)
-            held, held_up = _wait(g1, u1, 0, SWIGLU)
-            _release(c, empty, RING, STAGES)  # both of the trip's slots at once: one meeting of the warps
-            held_s, held_us = a_s * b_s, a_s * u_s
-            a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(2 * j + 2, nk - 1), SWIGLU)
-            c += 2
-        acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
+                                     TILE_M)
+        m0 += HALF * BLOCK_M
+        if m0 < row_hi:
+            c = _tile_k_loop(c, m0, row_hi, pid_n, e, as_ptr, bs_ptr, c_ptr, cs_ptr, a_bufs, b_bufs, u_bufs, ready,
+                             empty, nk, n_tiles, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, acc_l,
+                             RING, HALF, HALVES, STAGES, SWIGLU, FP8_MAX, EPS)
+        else:  # no row of the expert in this half (HALVES = 2): its slots are handed back all the same
+            for j in range(0, nk // 2):
+                mbarrier.wait(ready.index(RING * STAGES + c % STAGES), (c // STAGES) & 1)
+                mbarrier.wait(ready.index(RING * STAGES + (c + 1) % STAGES), ((c + 1) // STAGES) & 1)
+                _release(c, empty, RING, STAGES)
+                c += 2
 
-        # epilogue: through shared memory into 16-byte row segments (the accumulator's registers hold two
-        # neighbouring columns a thread, which would go out as 2-byte stores)
-        if SWIGLU:  # SiLU(gate)·up, quantised per 128 channels: one group per row of the tile
-            q, q_scale = quant_rows(acc / (1.0 + gl.exp(-acc)) * acc_up, FP8_MAX, EPS)
-            _store_tile(c_ptr, stride_cm, q, m0, row_hi, pid_n * BLOCK_N)
-            gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, q_scale, mask=rows < row_hi)
-        else:
-            _store_tile(c_ptr, stride_cm, acc.to(c_ptr.dtype.element_ty), m0, row_hi, pid_n * BLOCK_N)
+
+@gluon.jit
+def _tile_k_loop(c, m0, row_hi, pid_n, e, as_ptr, bs_ptr, c_ptr, cs_ptr, a_bufs, b_bufs, u_bufs, ready, empty, nk,
+                 n_tiles, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, acc_l: gl.constexpr,
+                 RING: gl.constexpr, HALF: gl.constexpr, HALVES: gl.constexpr, STAGES: gl.constexpr,
+                 SWIGLU: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+    """One tile's (or half tile's) K steps from step c of the ring on, and its epilogue: rows m0.. (those
+    before row_hi) of expert e, n-tile pid_n. Returns the ring step after the tile's last."""
+    BLOCK_M: gl.constexpr = a_bufs.shape[1] // HALVES
+    BLOCK_N: gl.constexpr = b_bufs.shape[1]
+    RUNNING: gl.constexpr = 2 if SWIGLU else 1  # wgmma groups a K step starts: gate's, and up's
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
+    # rows past the expert's end read its last row's scales (in bounds); never stored
+    as_ptrs = as_ptr + gl.minimum(rows, row_hi - 1).to(gl.int64) * stride_asm
+    # BLOCK_N = 128: the tile's columns sit in one weight-scale block, one scale per K step
+    bs_ptrs = bs_ptr + e.to(gl.int64) * stride_bse + pid_n * stride_bsn
+    up_scales = n_tiles * stride_bsn  # SWIGLU: the up_proj rows' scale blocks, N rows further
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    # Two sets of partials, 0 and 1, take the even and the odd K blocks, and every block is promoted
+    # while a later block's wgmma runs. No wgmma may still run where the loop jumps back (ptxas
+    # serialises every wgmma of a kernel that carries a running one across a loop's back edge: "C7514,
+    # non wgmma instructions reading accumulator registers"), so a trip ends with its odd block waited
+    # for but not promoted: the next trip promotes it while its even block's wgmma runs. The first trip
+    # promotes zeros; the tile's last block alone is promoted with no wgmma beside it.
+    a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 0, SWIGLU)
+    held = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)  # the previous trip's odd block, waited for
+    held_up = held
+    held_s = a_s * 0.0  # its scales (a row's times the weights'), zero before the first trip
+    held_us = held_s
+    for j in range(0, nk // 2):
+        g0, u0 = _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, HALF, HALVES, STAGES, SWIGLU)
+        acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
+        g1, u1 = _issue(c + 1, a_bufs, b_bufs, u_bufs, ready, acc_l, RING, HALF, HALVES, STAGES,
+                        SWIGLU)
+        d, d_up = _wait(g0, u0, RUNNING, SWIGLU)
+        acc, acc_up = _promote(acc, acc_up, d, d_up, a_s * b_s, a_s * u_s, SWIGLU)
+        a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, 2 * j + 1, SWIGLU)
+        held, held_up = _wait(g1, u1, 0, SWIGLU)
+        _release(c, empty, RING, STAGES)  # both of the trip's slots at once: one meeting of the warps
+        held_s, held_us = a_s * b_s, a_s * u_s
+        a_s, b_s, u_s = _scales(as_ptrs, bs_ptrs, up_scales, gl.minimum(2 * j + 2, nk - 1), SWIGLU)
+        c += 2
+    acc, acc_up = _promote(acc, acc_up, held, held_up, held_s, held_us, SWIGLU)
+
+    # epilogue: through shared memory into 16-byte row segments (the accumulator's registers hold two
+    # neighbouring columns a thread, which would go out as 2-byte stores)
+    if SWIGLU:  # SiLU(gate)·up, quantised per 128 channels: one group per row of the tile
+        q, q_scale = quant_rows(acc / (1.0 + gl.exp(-acc)) * acc_up, FP8_MAX, EPS)
+        _store_tile(c_ptr, stride_cm, q, m0, row_hi, pid_n * BLOCK_N)
+        gl.store(cs_ptr + rows.to(gl.int64) * stride_csm + pid_n, q_scale, mask=rows < row_hi)
+    else:
+        _store_tile(c_ptr, stride_cm, acc.to(c_ptr.dtype.element_ty), m0, row_hi, pid_n * BLOCK_N)
+    return c
 
 
 @gluon.jit
 def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, N_W,
                   stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E,
                   E_P2: gl.constexpr, GROUP_M: gl.constexpr, NUM_PROGS: gl.constexpr, CONSUMERS: gl.constexpr,
-                  STAGES: gl.constexpr, SWIGLU: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-                  FP8_MAX: gl.constexpr, EPS: gl.constexpr):
+                  HALVES: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                  LOADER_REGS: gl.constexpr, FP8_MAX: gl.constexpr, EPS: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -299,16 +332,17 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())  # slot handed back
     for s in gl.static_range(SLOTS):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(empty.index(s), count=HALVES)  # each half of a split tile hands a slot back
     # (partition arguments are tuples built inline: a tuple assigned to a name first loses its constexprs)
-    if CONSUMERS == 2:  # two consumer warpgroups with their own tiles: one's gaps are the other's work
+    if CONSUMERS * HALVES == 2:  # two consumer warpgroups, with their own tiles or halves of one: one's gaps
+        # are the other's work
         gl.warp_specialize([
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, CONSUMERS, 0, STAGES, SWIGLU, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, HALVES, 0, STAGES, SWIGLU, FP8_MAX, EPS)),
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, CONSUMERS, 1, STAGES, SWIGLU, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, HALVES, 1, STAGES, SWIGLU, FP8_MAX, EPS)),
             (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
                           NUM_PROGS, CONSUMERS, STAGES, SWIGLU)),
         ], [gl.num_warps(), 1], [CONSUMER_REGS, LOADER_REGS])
@@ -316,7 +350,7 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
         gl.warp_specialize([
             (_consume, (a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_bufs, u_bufs, ready, empty,
                         N, K, N_W, stride_asm, stride_bse, stride_bsn, stride_cm, stride_csm, E, E_P2, GROUP_M,
-                        NUM_PROGS, CONSUMERS, 0, STAGES, SWIGLU, FP8_MAX, EPS)),
+                        NUM_PROGS, CONSUMERS, HALVES, 0, STAGES, SWIGLU, FP8_MAX, EPS)),
             (_load_warp, (a_desc, b_desc, a_bufs, b_bufs, u_bufs, ready, empty, off_ptr, N, K, N_W, E, E_P2, GROUP_M,
                           NUM_PROGS, CONSUMERS, STAGES, SWIGLU)),
         ], [1], [LOADER_REGS])
@@ -327,7 +361,7 @@ def _gluon_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, N, K, 
 
 # registers a thread of the producer warp keeps (setmaxnreg): its expert vectors (E/32 each) and loop state
 LOADER_REGS = 56
-# registers a thread of the second consumer warpgroup keeps (GemmConfig.programs_per_sm = 2); the first
+# registers a thread of the second consumer warpgroup keeps (programs_per_sm = 2, split_m); the first
 # gets what is left of the SM's 64K: 232 (the producer warp's warpgroup takes LOADER_REGS)
 CONSUMER_REGS = 224
 
@@ -352,5 +386,11 @@ def launch_gluon(a_MK, a_scale_MKb, b_ENK, b_scale_ENbKb, expert_offsets_E1, c, 
         a_desc, a_scale_MKb, b_desc, b_scale_ENbKb, c, c_scale, expert_offsets_E1, N_out, K, N_w,
         a_scale_MKb.stride(0), b_scale_ENbKb.stride(0), b_scale_ENbKb.stride(1), c.stride(0), c_scale.stride(0), E,
         E_P2=triton.next_power_of_2(E), GROUP_M=cfg.group_m, NUM_PROGS=progs, CONSUMERS=consumers,
-        STAGES=cfg.num_stages, SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
-        FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps)
+        HALVES=halves(cfg), STAGES=cfg.num_stages, SWIGLU=swiglu, CONSUMER_REGS=CONSUMER_REGS,
+        LOADER_REGS=LOADER_REGS, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=cfg.num_warps // halves(cfg))
+
+
+def halves(cfg: GemmConfig) -> int:
+    """Consumer partitions sharing each tile (split_m: two of 4 warps, 64 rows each); the launch's num_warps
+    is one partition's."""
+    return 2 if cfg.split_m else 1

@@ -152,12 +152,14 @@ def grouped_gemm_torch(a_MK: torch.Tensor, a_scale_MKb: torch.Tensor, b_ENK: tor
 
 
 @triton.jit
-def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, M, F, stride_hm, stride_qm, stride_sm,
+def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, end_ptr, M, F, stride_hm, stride_qm, stride_sm, HAS_END: tl.constexpr,
                          BLOCK_M: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # program (i, g): rows [i*BLOCK_M, (i+1)*BLOCK_M), output channel group g (gate cols g, up cols F + g)
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = g * GROUP + tl.arange(0, GROUP)
+    if HAS_END:
+        M = tl.minimum(M, tl.load(end_ptr))
     mask = (rows < M)[:, None]
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -167,9 +169,10 @@ def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, M, F, stride_hm, stride_qm, stride
     tl.store(s_ptr + rows * stride_sm + g, s, mask=rows < M)
 
 
-def swiglu_quant(h_M2F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_quant(h_M2F: torch.Tensor, rows_end: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU(gate)·up of a [M, 2F] gate|up product, quantised per 128 channels:
-    (g_MF [M, F] float8_e4m3fn, g_scale [M, F/128] float32)."""
+    (g_MF [M, F] float8_e4m3fn, g_scale [M, F/128] float32). `rows_end`: a one-element int32 tensor on the
+    device (the expert offsets' last), from which row on the outputs are left unwritten (no host sync)."""
     M, F2 = h_M2F.shape
     assert F2 % (2 * GROUP) == 0 and h_M2F.stride(1) == 1, f"h_M2F must be [M, 2F], 2F a multiple of 256: {F2}"
     g_MF = torch.empty(M, F2 // 2, dtype=FP8, device=h_M2F.device)
@@ -177,6 +180,7 @@ def swiglu_quant(h_M2F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     BLOCK_M = 16
     if M:
         _swiglu_quant_kernel[(triton.cdiv(M, BLOCK_M), F2 // 2 // GROUP)](
-            h_M2F, g_MF, g_scale, M, F2 // 2, h_M2F.stride(0), g_MF.stride(0), g_scale.stride(0),
-            BLOCK_M=BLOCK_M, GROUP=GROUP, FP8_MAX=FP8_MAX, EPS=EPS)
+            h_M2F, g_MF, g_scale, h_M2F if rows_end is None else rows_end, M, F2 // 2, h_M2F.stride(0),
+            g_MF.stride(0), g_scale.stride(0), HAS_END=rows_end is not None, BLOCK_M=BLOCK_M, GROUP=GROUP,
+            FP8_MAX=FP8_MAX, EPS=EPS)
     return g_MF, g_scale

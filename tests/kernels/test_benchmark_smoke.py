@@ -27,16 +27,20 @@ def test_cpu_smoke_writes_a_table_the_dispatcher_reads(tmp_path):
     assert entry is not None and entry.best.backend.value in ("triton", "triton_tma", "gluon")
     measured = json.loads(rows.read_text())["rows"]
     assert not [r for r in measured if "error" in r], "every smoke candidate runs"
-    errs = {r["gemm"]: [] for r in measured}
+    errs = {(r["gemm"], r["variant"].endswith(" split")): [] for r in measured}
     for r in measured:
         if r.get("note", "").startswith("rel err"):
-            errs[r["gemm"]].append(float(r["note"].split()[-1]))
-    plain = [e for gemm, found in errs.items() if "SwiGLU" not in gemm for e in found]
+            errs[r["gemm"], r["variant"].endswith(" split")].append(float(r["note"].split()[-1]))
+    plain = [e for (gemm, _), found in errs.items() if "SwiGLU" not in gemm for e in found]
     assert plain and max(plain) < 1e-5, "the interpreter sums exactly in fp32"
     # SwiGLU outputs are requantised to FP8: another summation order may round one value to the next FP8
-    # step (3.6e-5 seen once with unseeded operands), so their bound is an FP8 flip's, not fp32's
-    swiglu = [e for gemm, found in errs.items() if "SwiGLU" in gemm for e in found]
-    assert swiglu and max(swiglu) < 1e-3
+    # step (3.6e-5 seen once with unseeded operands), so their bound is an FP8 flip's, not fp32's; a config
+    # that does not fuse SwiGLU rounds gate|up to bf16 first, which flips a few percent of them (the bound
+    # the benchmark holds it to: 3e-2)
+    fused = [e for (gemm, split), found in errs.items() if "SwiGLU" in gemm and not split for e in found]
+    assert fused and max(fused) < 1e-3
+    unfused = [e for (gemm, split), found in errs.items() if "SwiGLU" in gemm and split for e in found]
+    assert unfused and max(unfused) < 3e-2
 
 
 def test_sweep_skips_what_cannot_fit_two_programs_and_keeps_what_can(monkeypatch):

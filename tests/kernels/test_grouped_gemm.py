@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moeplace.kernels.gemm_table import Backend, GemmConfig
+from moeplace.kernels.gemm_table import Backend, GemmConfig, fuses_swiglu
 from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8, grouped_gemm_swiglu_ref
 
 from gemm_operands import block_weights, sorted_activations
@@ -19,7 +19,8 @@ CONFIGS = [GemmConfig(16, 64, 1, 4, 2), GemmConfig(32, 128, 4, 4, 3), GemmConfig
            GemmConfig(16, 128, 2, 4, 2, backend=TMA, block_k=64),
            GemmConfig(32, 256, 1, 4, 3, backend=TMA, prefetch_scales=True, programs_per_sm=2, block_k=64),
            # the Gluon kernel on Hopper (grouped_gemm_gluon.py), its tile in the TMA kernel anywhere else
-           GemmConfig(64, 128, 2, 8, 2, backend=Backend.gluon)]
+           GemmConfig(64, 128, 2, 8, 2, backend=Backend.gluon),
+           GemmConfig(128, 128, 2, 8, 2, backend=Backend.gluon, split_m=True)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label.replace(" ", "-"))
@@ -56,8 +57,11 @@ def test_grouped_gemm_skewed_bf16_and_quantisation_error(gen, device, poisoned, 
                                  GemmConfig(16, 128, 1, 4, 2, backend=TMA, block_k=64),
                                  GemmConfig(64, 128, 1, 4, 4, backend=TMA, prefetch_scales=True, programs_per_sm=2,
                                             block_k=64),
-                                 GemmConfig(64, 128, 1, 8, 3, backend=Backend.gluon)],
-                         ids=["m16", "m64-tma", "m16-tma-w8-p2", "m16-tma-k64", "m64-tma-p2-k64", "m64-gluon-w8"])
+                                 GemmConfig(64, 128, 1, 8, 3, backend=Backend.gluon),
+                                 # not fused (no room for gate and up): the plain GEMM in bf16, then SwiGLU
+                                 GemmConfig(128, 128, 1, 8, 2, backend=Backend.gluon, split_m=True)],
+                         ids=["m16", "m64-tma", "m16-tma-w8-p2", "m16-tma-k64", "m64-tma-p2-k64", "m64-gluon-w8",
+                              "m128-gluon-split"])
 def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, rel_err, gemm_tol):
     ids, _ = routing(30, 8, 16, local=10)
     _, w13, w13_s = block_weights(10, 512, 256, gen)  # F = 256: two quantisation groups per row
@@ -65,13 +69,17 @@ def test_swiglu_epilogue_matches_float64(cfg, routing, gen, device, poisoned, re
     q, s = grouped_gemm_swiglu_fp8(a, a_s, w13.to(device), w13_s.to(device), plan.expert_offsets_E1, cfg)
     q_ref, s_ref = grouped_gemm_swiglu_ref(a, a_s, w13.to(device), w13_s.to(device), plan.expert_offsets_E1)
     assert s[used:].isnan().all() and q[used:].float().isnan().all(), "rows past the last expert must stay unwritten"
-    # fp32 (kernel) and float64 (reference) products can round to neighbouring fp8 values now and then
+    # fp32 (kernel) and float64 (reference) products can round to neighbouring fp8 values now and then; more
+    # often where gate|up is rounded to bf16 before SwiGLU (a config that does not fuse it: ~6% here)
     same = (q[:used].view(torch.uint8) == q_ref[:used].view(torch.uint8)).float().mean().item()
-    assert same > 0.98, f"only {same:.3f} of the fp8 bytes agree"
-    assert rel_err(s[:used], s_ref[:used]) < gemm_tol
+    fused = fuses_swiglu(cfg)
+    assert same > (0.98 if fused else 0.9), f"only {same:.3f} of the fp8 bytes agree"
+    assert rel_err(s[:used], s_ref[:used]) < (gemm_tol if fused else 1e-2)  # bf16: 2^-9 on gate and on up
     back = q[:used].double().view(used, 2, 128) * s[:used, :, None]
     back_ref = q_ref[:used].double().view(used, 2, 128) * s_ref[:used, :, None]
-    assert rel_err(back, back_ref) < 1e-2
+    # a one-step fp8 flip (6%) in ~6% of the elements unfused: ~1.5%, as the torch loop (the fp8 rounding of
+    # the exact value itself is up to 3% an element either way)
+    assert rel_err(back, back_ref) < (1e-2 if fused else 3e-2)
 
 
 def test_grouped_gemm_rejects_bad_operands(device):

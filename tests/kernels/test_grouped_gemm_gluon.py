@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from moeplace.kernels._triton import HAS_GLUON
-from moeplace.kernels.gemm_table import Backend, GemmConfig, gluon_warps
+from moeplace.kernels.gemm_table import Backend, GemmConfig, gluon_takes, gluon_warps
 from moeplace.kernels.grouped_gemm import grouped_gemm_fp8, grouped_gemm_ref, grouped_gemm_swiglu_fp8, \
     grouped_gemm_swiglu_ref
+from moeplace.kernels.grouped_gemm_gluon import halves
 
 from gemm_operands import block_weights, sorted_activations
 
 G = dict(backend=Backend.gluon)
 # the benchmark's prefill tiles (benchmarks/kernels_sweep.py: gluon_tiles)
 PLAIN = [GemmConfig(128, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 4, 6, **G),
-         GemmConfig(64, 128, 8, 4, 3, **G, programs_per_sm=2)]  # two consumer warpgroups, a ring each
+         GemmConfig(64, 128, 8, 4, 3, **G, programs_per_sm=2),  # two consumer warpgroups, a ring each
+         GemmConfig(128, 128, 8, 8, 5, **G, split_m=True)]  # two 4-warp halves of each tile, one ring
 SWIGLU = [GemmConfig(64, 128, 8, 8, 4, **G), GemmConfig(64, 128, 8, 8, 5, **G)]
 
 # run in a fresh interpreter: the CPU test session sets TRITON_INTERPRET, under which the Triton helpers the
@@ -53,7 +55,7 @@ def test_compiled_for_hopper_the_promotion_runs_beside_the_next_wgmma(cfg, swigl
     # in the K loop, one wait lets the odd block's wgmma groups run (gate and up under SwiGLU) while the even
     # block is promoted; the other drains (the odd block is promoted beside the next trip's even wgmma)
     running = 2 if swiglu else 1
-    consumers = cfg.programs_per_sm  # each consumer's code is its own
+    consumers = cfg.programs_per_sm * halves(cfg)  # each consumer's code is its own
     assert r["waits"][running] == consumers, f"waits per number of wgmma groups left running: {r['waits']}"
     assert r["waits"][0] == consumers, f"waits per number of groups left running: {r['waits']}"
     assert not r["serialised"], "ptxas serialises the kernel's wgmma (C7514)"
@@ -105,3 +107,9 @@ def test_gluon_tiles_it_cannot_hold_are_refused():
         GemmConfig(128, 128, 1, 4, 4, **G)
     with pytest.raises(AssertionError, match="two gluon consumers in a program take 4 warps each"):
         GemmConfig(128, 128, 1, 8, 4, **G, programs_per_sm=2)
+    with pytest.raises(AssertionError, match="split_m: two 64-row halves of a gluon m128 w8 tile"):
+        GemmConfig(64, 128, 1, 8, 4, **G, split_m=True)
+    with pytest.raises(AssertionError, match="split_m: two 64-row halves of a gluon m128 w8 tile"):
+        GemmConfig(128, 128, 1, 8, 4, backend=Backend.triton_tma, split_m=True)
+    # under SwiGLU a 4-warp half would hold gate and up for all 128 columns: the dispatcher never asks
+    assert not gluon_takes(GemmConfig(128, 128, 1, 8, 4, **G, split_m=True), swiglu=True)
