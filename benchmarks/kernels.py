@@ -30,7 +30,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
 from kernels_inputs import blockwise_mm, fp8_weights, loop_baseline, sorted_rows  # noqa: E402
 from kernels_sweep import fits, occupancy_note, smem_estimate, sweep, takes  # noqa: E402
-from kernels_timing import Rows, agreement, copy_bandwidth_gbs, graphed, print_summary, rel_err  # noqa: E402
+from kernels_timing import Rows, agreement, copy_bandwidth_gbs, graphed, print_summary, rel_err, stage_ms  # noqa: E402
 
 HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}  # datasheet, SXM parts
 TOPK, LAYER = 8, 30  # LAYER: a middle MoE layer; EP8 rank 0 holds its experts 0..31
@@ -198,6 +198,22 @@ def moe_rows(rows: Rows, counts, weights, chosen, graph: bool, dev, hbm, D) -> t
     eager = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, cfgs)  # noqa: E731
     device_ms = rows.add("fused_moe", f"end to end ({cfgs[0].label} | {cfgs[1].label})", eager, dev, flops, wbytes,
                          hbm)
+
+    def one_pass(mark):  # fused_moe's stages, as it issues them
+        p = moe_routing_plan(ids, E)
+        mark("plan")
+        a_, a_s_ = permute_quant(x, p)
+        mark("permute")
+        g_, g_s_ = grouped_gemm_swiglu_fp8(a_, a_s_, w13, w13_s, p.expert_offsets_E1, cfgs[0])
+        mark("gate/up+SwiGLU")
+        y_ = grouped_gemm_fp8(g_, g_s_, w2, w2_s, p.expert_offsets_E1, torch.bfloat16, cfgs[1])
+        mark("down")
+        unpermute_combine(y_, p, w)
+        mark("combine")
+    stages = stage_ms(one_pass, dev)
+    print("  fused_moe stages in one pass (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items())
+          + f"; sum {sum(stages.values()):.3f}", flush=True)
+    rows.all.append(dict(scenario=rows.scenario, gemm="fused_moe stages", variant="in one pass", stages_ms=stages))
     host_cfgs, host_ms = tuple(e.best_host for e in chosen), None
     if not graph and (host_cfgs != cfgs or dev == "cpu"):  # the smoke run takes this path too
         with_host = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, host_cfgs, host)  # noqa: E731

@@ -97,7 +97,8 @@ def decode_ep8() -> list[C]:
     (s4) and 52% (s5), and the plain GEMMs lose 5-27 points at the same two programs per SM."""
     return [C(64, 128, 1, 4, 4, **TMA, **PF), C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2),
             C(64, 128, 1, 8, 4, **TMA, **PF), C(64, 128, 1, 4, 3, backend=Backend.gluon, programs_per_sm=2),
-            C(64, 128, 1, 8, 4, backend=Backend.gluon)]
+            C(64, 128, 1, 8, 4, backend=Backend.gluon)] \
+        + [C(128, 128, 1, 8, s, backend=Backend.gluon, split_m=True) for s in (4, 5)]  # run 7: prefill's best
 
 def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
     """What one program of this candidate's compiled kernel holds on the card, and how many fit an SM

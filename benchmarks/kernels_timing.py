@@ -70,6 +70,33 @@ class Rows:
         return ms
 
 
+def stage_ms(run, dev, reps: int = 20) -> dict[str, float]:
+    """Milliseconds of each stage of one pass of `run`, median over `reps` passes: run(mark) calls
+    mark(name) as each stage's kernels are issued, and a stage's time runs from the previous mark to its own
+    (CUDA events on the GPU: in one pass, unlike each stage timed alone, a gap where the GPU waits for the
+    host counts; host clock in the CPU smoke, one pass)."""
+    cuda = dev != "cpu"
+    reps, warm = (reps, 3) if cuda else (1, 0)
+
+    def now():
+        if not cuda:
+            return time.perf_counter() * 1e3
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    times: dict[str, list[float]] = {}
+    for rep in range(reps + warm):
+        marks = [(None, now())]
+        run(lambda name: marks.append((name, now())))
+        if cuda:
+            torch.cuda.synchronize()
+        for (_, start), (name, end) in zip(marks, marks[1:]):
+            if rep >= warm:
+                times.setdefault(name, []).append(start.elapsed_time(end) if cuda else end - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def agreement(fn, ref_fn) -> str:
     """A note: how far fn's output is from ref_fn's (or why it could not run)."""
     try:

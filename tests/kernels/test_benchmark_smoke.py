@@ -27,6 +27,8 @@ def test_cpu_smoke_writes_a_table_the_dispatcher_reads(tmp_path):
     assert entry is not None and entry.best.backend.value in ("triton", "triton_tma", "gluon")
     measured = json.loads(rows.read_text())["rows"]
     assert not [r for r in measured if "error" in r], "every smoke candidate runs"
+    stages = [r["stages_ms"] for r in measured if r["gemm"] == "fused_moe stages"]
+    assert stages and all(list(s) == ["plan", "permute", "gate/up+SwiGLU", "down", "combine"] for s in stages)
     errs = {(r["gemm"], r["variant"].endswith(" split")): [] for r in measured}
     for r in measured:
         if r.get("note", "").startswith("rel err"):
