@@ -71,10 +71,10 @@ class Rows:
 
 
 def stage_ms(run, dev, reps: int = 20) -> dict[str, float]:
-    """Milliseconds of each stage of one pass of `run`, median over `reps` passes: run(mark) calls
-    mark(name) as each stage's kernels are issued, and a stage's time runs from the previous mark to its own
-    (CUDA events on the GPU: in one pass, unlike each stage timed alone, a gap where the GPU waits for the
-    host counts; host clock in the CPU smoke, one pass)."""
+    """Milliseconds of each stage of `run`, median over `reps` passes issued back to back (the host runs
+    ahead, as in the end-to-end timing): run(mark) calls mark(name) once a stage's kernels are issued, and a
+    stage's time runs from the previous mark to its own, the first stage's from the previous pass's last
+    (CUDA events; the host clock in the CPU smoke, one pass)."""
     cuda = dev != "cpu"
     reps, warm = (reps, 3) if cuda else (1, 0)
 
@@ -85,15 +85,17 @@ def stage_ms(run, dev, reps: int = 20) -> dict[str, float]:
         event.record()
         return event
 
-    times: dict[str, list[float]] = {}
-    for rep in range(reps + warm):
-        marks = [(None, now())]
+    marks = [(None, now())]
+    passes = []
+    for _ in range(reps + warm):
+        passes.append(len(marks))
         run(lambda name: marks.append((name, now())))
-        if cuda:
-            torch.cuda.synchronize()
-        for (_, start), (name, end) in zip(marks, marks[1:]):
-            if rep >= warm:
-                times.setdefault(name, []).append(start.elapsed_time(end) if cuda else end - start)
+    if cuda:
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {}
+    for i in range(passes[warm], len(marks)):
+        (_, start), (name, end) = marks[i - 1], marks[i]
+        times.setdefault(name, []).append(start.elapsed_time(end) if cuda else end - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
