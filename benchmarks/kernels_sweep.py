@@ -81,7 +81,9 @@ def gluon_tiles(group_m: int) -> list[C]:
     consumers in a program (p2: their own tiles, a ring of 24 KB stages each), m64 with N split over two
     warpgroups (the only SwiGLU tile, 40 KB a stage). Gone after run 6 (BENCHMARKS.md): the kernel without
     a producer warp (6-20% slower than with), 4 or 8 K blocks a loop trip (register spills), one m64
-    consumer a program (-9 to -16% against m128), two at s4 (out of shared memory with fp32 output)."""
+    consumer a program (-9 to -16% against m128), two at s4 (out of shared memory with fp32 output). Run 7:
+    the split tiles won every prefill GEMM (+2 to +18% over the same tile unsplit); split at s6 needs 256 KB
+    with the fp32 output of the numerics check."""
     G = dict(backend=Backend.gluon)
     return [C(128, 128, g, 8, s, **G) for s in (4, 5) for g in (group_m, 2 * group_m)] \
         + [C(128, 128, g, 8, s, **G, split_m=True) for s in (4, 5) for g in (group_m, 2 * group_m)] \
@@ -94,11 +96,11 @@ def decode_ep8() -> list[C]:
     stages fit one program per SM (w8 s4: 70.8-74.5%). Gone after run 4: m128 w8, s2, s3, m32 (mma.sync),
     n256 w8, p3 (a third 213-register 4-warp program never fits: 3 x 27K > 64K registers), n64, s5, the
     pointer kernel; after run 5: 64-column K steps, where two SwiGLU programs fit (88 KB) but run at 66%
-    (s4) and 52% (s5), and the plain GEMMs lose 5-27 points at the same two programs per SM."""
+    (s4) and 52% (s5), and the plain GEMMs lose 5-27 points at the same two programs per SM; after run 7: the
+    split gluon m128 tiles (62-66% plain, 46-64% SwiGLU unfused)."""
     return [C(64, 128, 1, 4, 4, **TMA, **PF), C(64, 128, 1, 4, 4, **TMA, **PF, programs_per_sm=2),
             C(64, 128, 1, 8, 4, **TMA, **PF), C(64, 128, 1, 4, 3, backend=Backend.gluon, programs_per_sm=2),
-            C(64, 128, 1, 8, 4, backend=Backend.gluon)] \
-        + [C(128, 128, 1, 8, s, backend=Backend.gluon, split_m=True) for s in (4, 5)]  # run 7: prefill's best
+            C(64, 128, 1, 8, 4, backend=Backend.gluon)]
 
 def occupancy_note(kind: GemmKind, cfg: C, a, a_s, w, w_s, offsets) -> str:
     """What one program of this candidate's compiled kernel holds on the card, and how many fit an SM
