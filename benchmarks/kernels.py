@@ -198,19 +198,7 @@ def moe_rows(rows: Rows, counts, weights, chosen, graph: bool, dev, hbm, D) -> t
     eager = lambda: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, cfgs)  # noqa: E731
     device_ms = rows.add("fused_moe", f"end to end ({cfgs[0].label} | {cfgs[1].label})", eager, dev, flops, wbytes,
                          hbm)
-
-    def one_pass(mark):  # fused_moe's stages, as it issues them
-        p = moe_routing_plan(ids, E)
-        mark("plan")
-        a_, a_s_ = permute_quant(x, p)
-        mark("permute")
-        g_, g_s_ = grouped_gemm_swiglu_fp8(a_, a_s_, w13, w13_s, p.expert_offsets_E1, cfgs[0])
-        mark("gate/up+SwiGLU")
-        y_ = grouped_gemm_fp8(g_, g_s_, w2, w2_s, p.expert_offsets_E1, torch.bfloat16, cfgs[1])
-        mark("down")
-        unpermute_combine(y_, p, w)
-        mark("combine")
-    stages = stage_ms(one_pass, dev)
+    stages = stage_ms(lambda mark: fused_moe(x, ids, w, w13, w13_s, w2, w2_s, cfgs, on_stage=mark), dev)
     print("  fused_moe stages in one pass (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items())
           + f"; sum {sum(stages.values()):.3f}", flush=True)
     rows.all.append(dict(scenario=rows.scenario, gemm="fused_moe stages", variant="in one pass", stages_ms=stages))

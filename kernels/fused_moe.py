@@ -10,7 +10,7 @@ w2_scale [E, D/128, F/128]. Dimensions: T = tokens, K = top-k, E = experts, D = 
 intermediate size, M = T*K sorted rows.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,21 +41,30 @@ def check_moe_operands(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, 
 def fused_moe(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
               w13_E2FD: torch.Tensor, w13_scale: torch.Tensor, w2_EDF: torch.Tensor, w2_scale: torch.Tensor,
               configs: tuple[GemmConfig, GemmConfig] | None = None,
-              expert_offsets_host: Sequence[int] | None = None) -> torch.Tensor:
+              expert_offsets_host: Sequence[int] | None = None,
+              on_stage: Callable[[str], None] | None = None) -> torch.Tensor:
     """x_TD [T, D] bf16, topk_ids_TK [T, K] int (-1 = not routed here), topk_weights_TK [T, K] float →
     out_TD [T, D] x's dtype: Σ_k w[t, k] · expert_{ids[t, k]}(x[t]); `configs` = (gate/up, down) tiles.
     `expert_offsets_host`: [E + 1] running sums of the rows routed to each expert, as host ints, where
     the caller knows them (it must: they are not checked against the ids); they spare the torch loop
-    backend its host sync (grouped_gemm_fp8)."""
+    backend its host sync (grouped_gemm_fp8). `on_stage(name)` is called as each stage's kernels are issued
+    (plan, permute, gate/up+SwiGLU, down, combine: the benchmark times the stages by it)."""
     require_triton()
     check_moe_operands(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale)
     up_cfg, down_cfg = configs or (None, None)
+    mark = on_stage or (lambda name: None)
     plan = moe_routing_plan(topk_ids_TK, w13_E2FD.shape[0])
+    mark("plan")
     a_MD, a_scale = permute_quant(x_TD, plan)
+    mark("permute")
     off, host = plan.expert_offsets_E1, expert_offsets_host
     g_MF, g_scale = grouped_gemm_swiglu_fp8(a_MD, a_scale, w13_E2FD, w13_scale, off, up_cfg, host)
+    mark("gate/up+SwiGLU")
     y_MD = grouped_gemm_fp8(g_MF, g_scale, w2_EDF, w2_scale, off, x_TD.dtype, down_cfg, host)
-    return unpermute_combine(y_MD, plan, topk_weights_TK)
+    mark("down")
+    out_TD = unpermute_combine(y_MD, plan, topk_weights_TK)
+    mark("combine")
+    return out_TD
 
 
 def fused_moe_ref(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,

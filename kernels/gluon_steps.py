@@ -79,6 +79,14 @@ def _mine(total, cid, STRIDE: gl.constexpr):
 
 
 @gluon.jit
+def _ready(c, ready, RING: gl.constexpr, STAGES: gl.constexpr):
+    """Wait until K step c's slot of the consumer's ring is loaded; returns the slot."""
+    slot = RING * STAGES + c % STAGES
+    mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
+    return slot
+
+
+@gluon.jit
 def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, RING: gl.constexpr, HALF: gl.constexpr,
            HALVES: gl.constexpr, STAGES: gl.constexpr, SWIGLU: gl.constexpr):
     """Wait for K step c's operands and start its wgmma (gate's and up's under SwiGLU) into fresh partials
@@ -87,8 +95,7 @@ def _issue(c, a_bufs, b_bufs, u_bufs, ready, acc_l: gl.constexpr, RING: gl.const
     BLOCK_M: gl.constexpr = a_bufs.shape[1] // HALVES
     BLOCK_N: gl.constexpr = b_bufs.shape[1]
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
-    slot = RING * STAGES + c % STAGES
-    mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
+    slot = _ready(c, ready, RING, STAGES)
     a = a_bufs.index(slot)
     if HALVES == 2:
         a = a.slice(HALF * BLOCK_M, BLOCK_M)

@@ -28,7 +28,7 @@ from moeplace.kernels._triton import HAS_GLUON, gl, gluon, triton
 from moeplace.kernels.fp8_quant import EPS, FP8_MAX, GROUP, quant_rows
 from moeplace.kernels.gemm_table import GemmConfig, gluon_runs, gluon_takes
 from moeplace.kernels.gluon_steps import _acc_layout, _expert_tiles, _issue, _load_step, _mine, _promote, \
-    _release, _scales, _store_tile, _tile, _wait
+    _ready, _release, _scales, _store_tile, _tile, _wait
 
 if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
@@ -108,8 +108,8 @@ def _consume(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, off_ptr, a_bufs, b_b
                              RING, HALF, HALVES, STAGES, SWIGLU, FP8_MAX, EPS)
         else:  # no row of the expert in this half (HALVES = 2): its slots are handed back all the same
             for j in range(0, nk // 2):
-                mbarrier.wait(ready.index(RING * STAGES + c % STAGES), (c // STAGES) & 1)
-                mbarrier.wait(ready.index(RING * STAGES + (c + 1) % STAGES), ((c + 1) // STAGES) & 1)
+                _ready(c, ready, RING, STAGES)
+                _ready(c + 1, ready, RING, STAGES)
                 _release(c, empty, RING, STAGES)
                 c += 2
 
